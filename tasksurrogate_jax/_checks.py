@@ -52,8 +52,8 @@ def check_masks(masks, name: str = "masks", *, num_tasks: int | None = None):
             f"{name} has {arr.shape[1]} task columns, expected {num_tasks} "
             "(the number of tasks the surrogate was fitted on)."
         )
-    if is_concrete(arr):
-        values = np.asarray(arr)
+    if is_concrete(masks):
+        values = np.asarray(masks, dtype=float)
         bad = ~((values == 0) | (values == 1))
         if bad.any():
             first = values[bad].flat[0]
@@ -85,8 +85,8 @@ def check_scores(scores, name: str = "scores", *, num_rows: int | None = None):
             f"{name} has {arr.shape[0]} rows but masks has {num_rows}: each subset "
             "needs exactly one row of scores."
         )
-    if is_concrete(arr):
-        finite = np.isfinite(np.asarray(arr))
+    if is_concrete(scores):
+        finite = np.isfinite(np.asarray(scores, dtype=float))
         if not finite.all():
             rows = np.unique(np.nonzero(~finite)[0])
             raise ValueError(

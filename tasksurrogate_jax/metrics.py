@@ -1,0 +1,129 @@
+"""Agreement between predicted and true scores, column-wise over targets.
+
+Arrays are ``[n, num_targets]`` (rows = subsets or tasks, columns = targets); 1-D
+inputs are one target. All functions are jittable.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tasksurrogate_jax._checks import as_float_array
+
+
+def _pair(x, y, names=("x", "y")):
+    x = as_float_array(x, names[0])
+    y = as_float_array(y, names[1])
+    if x.shape != y.shape:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must have the same shape, got {x.shape} and "
+            f"{y.shape}."
+        )
+    if x.ndim not in (1, 2) or x.shape[0] < 2:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be [n, num_targets] or [n] with n >= 2, "
+            f"got shape {x.shape}."
+        )
+    dtype = jnp.result_type(x, y)
+    return x.astype(dtype), y.astype(dtype)
+
+
+def rankdata(x, axis: int = 0) -> jax.Array:
+    """Ranks 1..n along ``axis``, ties getting their average rank (as scipy)."""
+    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+
+    def ranks_1d(v):
+        s = jnp.sort(v)
+        below = jnp.searchsorted(s, v, side="left")
+        at_or_below = jnp.searchsorted(s, v, side="right")
+        return (below + at_or_below + 1) / 2.0
+
+    flat = x.reshape(-1, x.shape[-1])
+    ranked = jax.vmap(ranks_1d)(flat).reshape(x.shape)
+    return jnp.moveaxis(ranked.astype(jnp.result_type(x.dtype, float)), -1, axis)
+
+
+def _pearson_columns(x, y):
+    xc = x - x.mean(axis=0)
+    yc = y - y.mean(axis=0)
+    denom = jnp.sqrt(jnp.sum(xc * xc, axis=0) * jnp.sum(yc * yc, axis=0))
+    # A constant column has no correlation: NaN, as scipy returns.
+    return jnp.where(denom > 0, jnp.sum(xc * yc, axis=0) / jnp.where(denom > 0, denom, 1), jnp.nan)
+
+
+def pearson(x, y) -> jax.Array:
+    """Pearson correlation per column: ``[num_targets]`` (scalar for 1-D input)."""
+    x, y = _pair(x, y)
+    return _pearson_columns(x, y)
+
+
+def spearman(x, y) -> jax.Array:
+    """Spearman correlation per column (average ranks for ties, as scipy).
+
+    Returns:
+      ``[num_targets]`` (a scalar for 1-D input); NaN for a constant column.
+    """
+    x, y = _pair(x, y)
+    return _pearson_columns(rankdata(x, 0), rankdata(y, 0))
+
+
+def mean_spearman(true, predicted) -> jax.Array:
+    """Mean over targets of the per-target Spearman across rows (NaNs ignored).
+
+    This is the held-out (LDS-style) score: rows are held-out subsets.
+    """
+    return jnp.nanmean(spearman(true, predicted))
+
+
+def normalized_error(true, predicted) -> jax.Array:
+    """Per-target ``MSE / Var(true)``: ``[num_targets]`` (0 = perfect, 1 = mean)."""
+    true, predicted = _pair(true, predicted, ("true", "predicted"))
+    mse = jnp.mean((predicted - true) ** 2, axis=0)
+    return mse / jnp.var(true, axis=0)
+
+
+def relative_error(estimate, truth) -> jax.Array:
+    """Elementwise ``|estimate - truth| / |truth|``."""
+    estimate, truth = _pair(estimate, truth, ("estimate", "truth"))
+    return jnp.abs(estimate - truth) / jnp.abs(truth)
+
+
+class LOOCorrelation(NamedTuple):
+    """Correlation of predicted with true leave-one-out effects across tasks.
+
+    Attributes:
+      per_target: ``[num_targets]`` correlation over the K tasks for each target.
+      mean: mean of ``per_target`` (NaNs ignored).
+      mean_target: correlation for the mean target (effects averaged over
+        targets first).
+    """
+
+    per_target: jax.Array
+    mean: jax.Array
+    mean_target: jax.Array
+
+
+def loo_correlation(predicted_effects, true_effects, *, method: str = "spearman"):
+    """Agreement of predicted and true LOO effects ``[num_tasks, num_targets]``.
+
+    Args:
+      predicted_effects: ``[num_tasks, num_targets]`` (or ``[num_tasks]``).
+      true_effects: same shape, e.g. ``F(s* - e_i) - F(s*)`` from retraining.
+      method: ``"spearman"`` or ``"pearson"``.
+
+    Returns:
+      ``LOOCorrelation``.
+    """
+    if method not in ("spearman", "pearson"):
+        raise ValueError(f"method must be 'spearman' or 'pearson', got {method!r}.")
+    predicted, true = _pair(predicted_effects, true_effects,
+                            ("predicted_effects", "true_effects"))
+    if predicted.ndim == 1:
+        predicted, true = predicted[:, None], true[:, None]
+    corr = spearman if method == "spearman" else pearson
+    per_target = corr(predicted, true)
+    mean_target = corr(predicted.mean(axis=1), true.mean(axis=1))
+    return LOOCorrelation(per_target, jnp.nanmean(per_target), mean_target)

@@ -1,0 +1,561 @@
+"""Surrogate models of subset scores: ``g(s) ≈ F(s)`` from ``(masks, scores)``.
+
+- ``fit_linear_surrogate``: ``g(s) = b + s @ coef`` by ridge regression, or the
+  minimum-norm least-squares solution when ``ridge=0`` (singular values below
+  ``rcond * s_max`` are dropped, as ``numpy.linalg.lstsq`` does).
+- ``fit_kernel_surrogate``: kernel ridge regression ``g(s) = k(s, S) @ alpha``,
+  ``alpha = (K + (ridge + jitter) I)^{-1} Y``; one Cholesky factor serves all
+  target columns.
+- ``select_kernel_hyperparameters``: cross-validation over a (gamma, ridge) grid,
+  closed-form leave-one-out (one eigendecomposition per gamma serves every ridge)
+  or k-fold.
+
+Fitted surrogates are immutable pytrees: they pass through ``jax.jit`` and
+``jax.vmap``, and ``surrogate.predict(masks)`` gives ``[n, num_targets]``.
+Scores are ``[num_subsets, num_targets]``; a 1-D ``scores`` is one target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tasksurrogate_jax import metrics
+from tasksurrogate_jax._checks import (
+    check_masks,
+    check_positive_int,
+    check_scores,
+    check_key,
+    is_concrete,
+)
+from tasksurrogate_jax.kernels import check_gamma, check_kernel_name, gram
+
+MIN_SUBSETS = 2
+MAX_JITTER_TRIES = 8
+
+
+def _pytree_dataclass(cls=None, *, meta=()):
+    """Frozen dataclass registered as a pytree; ``meta`` fields are static."""
+
+    def wrap(c):
+        c = dataclasses.dataclass(frozen=True)(c)
+        fields = [f.name for f in dataclasses.fields(c)]
+        return jax.tree_util.register_dataclass(
+            c, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta)
+        )
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _check_fit_inputs(masks, scores):
+    masks = check_masks(masks)
+    scores = check_scores(scores, num_rows=masks.shape[0])
+    if masks.shape[0] < MIN_SUBSETS:
+        raise ValueError(
+            f"masks must have at least {MIN_SUBSETS} subsets (rows) to fit a "
+            f"surrogate, got {masks.shape[0]}."
+        )
+    dtype = jnp.result_type(masks, scores)
+    return masks.astype(dtype), scores.astype(dtype)
+
+
+def _check_ridge(ridge, name="ridge", *, positive=False):
+    if isinstance(ridge, (bool, str)) or ridge is None:
+        raise TypeError(f"{name} must be a number, got {ridge!r}.")
+    if is_concrete(ridge):
+        values = np.asarray(ridge)
+        if not np.issubdtype(values.dtype, np.number):
+            raise TypeError(f"{name} must be a number, got {ridge!r}.")
+        bad = ~np.isfinite(values) | ((values <= 0) if positive else (values < 0))
+        if bad.any():
+            expected = "positive" if positive else "non-negative"
+            raise ValueError(f"{name} must be {expected} and finite, got {ridge!r}.")
+    return ridge
+
+
+# ----------------------------------------------------------------------------
+# Linear surrogate
+# ----------------------------------------------------------------------------
+
+
+@_pytree_dataclass
+class LinearSurrogate:
+    """``g(s) = intercept + s @ coef``.
+
+    Attributes:
+      coef: ``[num_tasks, num_targets]``.
+      intercept: ``[num_targets]`` (zeros without an intercept).
+    """
+
+    coef: jax.Array
+    intercept: jax.Array
+
+    @property
+    def num_tasks(self) -> int:
+        return self.coef.shape[0]
+
+    def predict(self, masks) -> jax.Array:
+        """Predicted scores ``[n, num_targets]`` for masks ``[n, num_tasks]``."""
+        masks = check_masks(masks, num_tasks=self.num_tasks)
+        return masks.astype(self.coef.dtype) @ self.coef + self.intercept
+
+
+def fit_linear_surrogate(
+    masks, scores, *, ridge=0.0, fit_intercept: bool = True, rcond=None
+) -> LinearSurrogate:
+    """Ridge regression of scores on masks, through one SVD.
+
+    Args:
+      masks: ``[num_subsets, num_tasks]`` of 0/1.
+      scores: ``[num_subsets, num_targets]``.
+      ridge: L2 penalty on ``coef`` (never on the intercept). ``0`` gives the
+        minimum-norm least-squares solution.
+      fit_intercept: centre masks and scores first and fit ``intercept``.
+        ``False`` is the reference protocol's least squares.
+      rcond: with ``ridge=0``, singular values below ``rcond * max(s)`` count as
+        zero; ``None`` means ``eps * max(num_subsets, num_tasks)`` as in NumPy.
+
+    Returns:
+      ``LinearSurrogate``.
+    """
+    masks, scores = _check_fit_inputs(masks, scores)
+    ridge = _check_ridge(ridge)
+    if rcond is None:
+        rcond = jnp.finfo(masks.dtype).eps * max(masks.shape)
+    return _fit_linear(masks, scores, jnp.asarray(ridge, masks.dtype),
+                       jnp.asarray(rcond, masks.dtype), fit_intercept)
+
+
+@partial(jax.jit, static_argnums=4)
+def _fit_linear(x, y, ridge, rcond, fit_intercept):
+    if fit_intercept:
+        x_mean, y_mean = x.mean(axis=0), y.mean(axis=0)
+        x, y = x - x_mean, y - y_mean
+    u, s, vt = jnp.linalg.svd(x, full_matrices=False)
+    kept = s > rcond * s[0]
+    safe_s = jnp.where(kept, s, 1.0)
+    inverse = jnp.where(
+        ridge > 0, s / (s * s + jnp.where(ridge > 0, ridge, 1.0)),
+        jnp.where(kept, 1.0 / safe_s, 0.0),
+    )
+    coef = vt.T @ (inverse[:, None] * (u.T @ y))
+    intercept = y_mean - x_mean @ coef if fit_intercept else jnp.zeros(y.shape[1], y.dtype)
+    return LinearSurrogate(coef=coef, intercept=intercept)
+
+
+# ----------------------------------------------------------------------------
+# Kernel surrogate
+# ----------------------------------------------------------------------------
+
+
+@_pytree_dataclass(meta=("kernel", "degree"))
+class KernelSurrogate:
+    """Kernel ridge regression over subset masks.
+
+    Targets may carry their own hyperparameters: target ``t`` uses width
+    ``gammas[gamma_index[t]]`` and penalty ``ridge[t]``.
+
+    Attributes:
+      train_masks: ``[num_subsets, num_tasks]`` masks the surrogate was fit on.
+      alpha: ``[num_subsets, num_targets]`` dual coefficients.
+      gammas: ``[num_gammas]`` distinct kernel widths.
+      gamma_index: ``[num_targets]`` int index into ``gammas``.
+      ridge: ``[num_targets]`` ridge penalty per target.
+      jitter: ``[num_targets]`` diagonal jitter actually added.
+      y_mean, y_scale: ``[num_targets]`` target standardisation (0 and 1 if off).
+      coef0: polynomial offset.
+      kernel: kernel name (static).
+      degree: polynomial degree (static).
+    """
+
+    train_masks: jax.Array
+    alpha: jax.Array
+    gammas: jax.Array
+    gamma_index: jax.Array
+    ridge: jax.Array
+    jitter: jax.Array
+    y_mean: jax.Array
+    y_scale: jax.Array
+    coef0: jax.Array
+    kernel: str = "rbf"
+    degree: int = 3
+
+    @property
+    def num_tasks(self) -> int:
+        return self.train_masks.shape[1]
+
+    @property
+    def gamma(self) -> jax.Array:
+        """``[num_targets]`` kernel width of each target."""
+        return self.gammas[self.gamma_index]
+
+    def predict(self, masks, *, block_size: int | None = None) -> jax.Array:
+        """Predicted scores ``[n, num_targets]`` for masks ``[n, num_tasks]``."""
+        masks = check_masks(masks, num_tasks=self.num_tasks)
+        masks = masks.astype(self.alpha.dtype)
+
+        def one_gamma(g):
+            k = gram(masks, self.train_masks, kernel=self.kernel, gamma=g,
+                     degree=self.degree, coef0=self.coef0, block_size=block_size)
+            return k @ self.alpha
+
+        if self.gammas.shape[0] == 1:
+            raw = one_gamma(self.gammas[0])
+        else:
+            per_gamma = jax.lax.map(one_gamma, self.gammas)  # [G, n, T]
+            raw = jnp.take_along_axis(
+                per_gamma, self.gamma_index[None, None, :], axis=0
+            )[0]
+        return raw * self.y_scale + self.y_mean
+
+
+def fit_kernel_surrogate(
+    masks, scores, *, kernel: str = "rbf", gamma=None, ridge=1e-2,
+    degree: int = 3, coef0: float = 1.0, jitter: float = 1e-8,
+    standardize: bool = False,
+) -> KernelSurrogate:
+    """Kernel ridge regression of scores on masks.
+
+    Args:
+      masks: ``[num_subsets, num_tasks]`` of 0/1.
+      scores: ``[num_subsets, num_targets]``.
+      kernel: ``"rbf"`` (default), ``"laplacian"``, ``"polynomial"``, ``"linear"``.
+      gamma: kernel width, positive; ``None`` = ``1 / num_tasks`` (reference
+        code). A ``[num_targets]`` array gives each target its own (concrete
+        values only, e.g. from ``select_kernel_hyperparameters``).
+      ridge: non-negative penalty; scalar or ``[num_targets]`` like ``gamma``.
+      degree, coef0: polynomial kernel parameters.
+      jitter: added to the diagonal with ``ridge``; if the Cholesky factor is
+        not finite, the jitter grows tenfold up to 8 times before a
+        ``ValueError``.
+      standardize: centre and scale each target column before the fit (the
+        prediction is mapped back). Off by default, as in the reference code.
+
+    Returns:
+      ``KernelSurrogate``.
+    """
+    masks, scores = _check_fit_inputs(masks, scores)
+    kernel = check_kernel_name(kernel)
+    gamma = check_gamma(gamma, masks.shape[1])
+    ridge = _check_ridge(ridge)
+    _check_ridge(jitter, "jitter")
+    dtype = masks.dtype
+    num_targets = scores.shape[1]
+    y_mean, y_scale = _standardization(scores, standardize)
+    y = (scores - y_mean) / y_scale
+    gamma_arr, ridge_arr = jnp.asarray(gamma, dtype), jnp.asarray(ridge, dtype)
+    for name, arr in (("gamma", gamma_arr), ("ridge", ridge_arr)):
+        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != num_targets):
+            raise ValueError(
+                f"{name} must be a scalar or have shape [num_targets]=({num_targets},)"
+                f", got shape {arr.shape}."
+            )
+    coef0 = jnp.asarray(coef0, dtype)
+    jitter = jnp.asarray(jitter, dtype)
+
+    if gamma_arr.ndim == 0 and ridge_arr.ndim == 0:
+        alpha, used_jitter, ok = _fit_kernel_single(
+            masks, y, gamma_arr, ridge_arr, coef0, jitter, kernel, degree)
+        _raise_if_not_factored(ok, ridge_arr, used_jitter)
+        return KernelSurrogate(
+            train_masks=masks, alpha=alpha, gammas=gamma_arr[None],
+            gamma_index=jnp.zeros(num_targets, jnp.int32),
+            ridge=jnp.full(num_targets, ridge_arr), jitter=jnp.full(num_targets, used_jitter),
+            y_mean=y_mean, y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
+
+    # Per-target hyperparameters: one factorisation per distinct (gamma, ridge).
+    if not (is_concrete(gamma_arr) and is_concrete(ridge_arr)):
+        raise TypeError(
+            "per-target gamma or ridge arrays must be concrete (not traced inside "
+            "jit); pass scalars to fit under jit."
+        )
+    gamma_t = np.broadcast_to(np.asarray(gamma_arr), (num_targets,))
+    ridge_t = np.broadcast_to(np.asarray(ridge_arr), (num_targets,))
+    gammas, gamma_index = np.unique(gamma_t, return_inverse=True)
+    alpha = jnp.zeros_like(y)
+    jitter_t = jnp.zeros(num_targets, dtype)
+    for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist()))):
+        cols = np.nonzero((gamma_t == g) & (ridge_t == r))[0]
+        a, used, ok = _fit_kernel_single(
+            masks, y[:, cols], jnp.asarray(g, dtype), jnp.asarray(r, dtype), coef0,
+            jitter, kernel, degree)
+        _raise_if_not_factored(ok, r, used)
+        alpha = alpha.at[:, cols].set(a)
+        jitter_t = jitter_t.at[cols].set(used)
+    return KernelSurrogate(
+        train_masks=masks, alpha=alpha, gammas=jnp.asarray(gammas, dtype),
+        gamma_index=jnp.asarray(gamma_index.reshape(-1), jnp.int32),
+        ridge=jnp.asarray(ridge_t, dtype), jitter=jitter_t, y_mean=y_mean,
+        y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
+
+
+def _standardization(scores, standardize):
+    num_targets = scores.shape[1]
+    if not standardize:
+        return jnp.zeros(num_targets, scores.dtype), jnp.ones(num_targets, scores.dtype)
+    scale = scores.std(axis=0)
+    return scores.mean(axis=0), jnp.where(scale > 0, scale, 1.0)
+
+
+@partial(jax.jit, static_argnums=(6, 7))
+def _fit_kernel_single(masks, y, gamma, ridge, coef0, jitter, kernel, degree):
+    """Solves ``(K + (ridge + jitter) I) alpha = y`` by Cholesky, growing jitter."""
+    k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
+    chol, used_jitter, ok = _cholesky_with_jitter(k, ridge, jitter)
+    alpha = jax.scipy.linalg.cho_solve((chol, True), y)
+    return alpha, used_jitter, ok
+
+
+def _cholesky_with_jitter(k, shift, jitter):
+    """Cholesky of ``k + (shift + jitter) I``; jitter x10 while not finite."""
+    eye = jnp.eye(k.shape[0], dtype=k.dtype)
+    floor = jnp.finfo(k.dtype).eps * jnp.maximum(jnp.trace(k) / k.shape[0], 1.0)
+
+    def factor(j):
+        return jnp.linalg.cholesky(k + (shift + j) * eye)
+
+    def failed(chol):
+        return ~jnp.all(jnp.isfinite(chol))
+
+    def body(state):
+        _, j, tries = state
+        j = jnp.maximum(10.0 * j, floor)
+        return factor(j), j, tries + 1
+
+    state = (factor(jitter), jitter, 0)
+    chol, used, _ = jax.lax.while_loop(
+        lambda s: failed(s[0]) & (s[2] < MAX_JITTER_TRIES), body, state)
+    return chol, used, ~failed(chol)
+
+
+def _factor_error(ridge, jitter) -> ValueError:
+    return ValueError(
+        "the kernel matrix could not be factored: K + (ridge + jitter) I is not "
+        f"positive definite even with jitter grown to {float(jitter):.3g} "
+        f"(ridge={float(ridge):.3g}). Use a positive-definite kernel (rbf, "
+        "laplacian) or a larger ridge."
+    )
+
+
+def _raise_if_not_factored(ok, ridge, jitter):
+    if is_concrete(ok):
+        if not bool(ok):
+            raise _factor_error(ridge, jitter)
+        return
+
+    def check(ok_value, ridge_value, jitter_value):
+        # Host copies first: calling jax ops inside a callback can deadlock.
+        if not np.asarray(ok_value).all():
+            raise _factor_error(np.asarray(ridge_value).max(),
+                                np.asarray(jitter_value).max())
+
+    jax.debug.callback(check, ok, ridge, jitter)
+
+
+def predict(surrogate, masks) -> jax.Array:
+    """``surrogate.predict(masks)`` for any fitted surrogate: ``[n, num_targets]``."""
+    if not isinstance(surrogate, (LinearSurrogate, KernelSurrogate)):
+        raise TypeError(
+            "surrogate must be a LinearSurrogate or KernelSurrogate, got "
+            f"{type(surrogate).__name__}."
+        )
+    return surrogate.predict(masks)
+
+
+# ----------------------------------------------------------------------------
+# Hyperparameter selection
+# ----------------------------------------------------------------------------
+
+
+@_pytree_dataclass(meta=("criterion", "method"))
+class HyperparameterSearch:
+    """Result of ``select_kernel_hyperparameters``.
+
+    Attributes:
+      gamma: chosen width: a scalar, or ``[num_targets]`` with ``per_target``.
+      ridge: chosen penalty, shaped like ``gamma``.
+      gammas: ``[num_gammas]`` grid.
+      ridges: ``[num_ridges]`` grid.
+      table: ``[num_gammas, num_ridges, num_targets]`` criterion per target.
+      mean_table: ``[num_gammas, num_ridges]`` criterion averaged over targets.
+      criterion: ``"mse"`` (lower is better) or ``"spearman"`` (higher is better).
+      method: ``"loo"`` or ``"kfold"``.
+    """
+
+    gamma: jax.Array
+    ridge: jax.Array
+    gammas: jax.Array
+    ridges: jax.Array
+    table: jax.Array
+    mean_table: jax.Array
+    criterion: str
+    method: str
+
+
+def default_gamma_grid(num_tasks: int) -> np.ndarray:
+    """Six widths around the reference ``1 / num_tasks``: ``2^{-2..3} / num_tasks``."""
+    return 2.0 ** np.arange(-2, 4) / num_tasks
+
+
+def default_ridge_grid() -> np.ndarray:
+    """Six penalties ``10^{-4..1}``."""
+    return 10.0 ** np.arange(-4, 2)
+
+
+def select_kernel_hyperparameters(
+    masks, scores, *, kernel: str = "rbf", gammas=None, ridges=None,
+    method: Literal["loo", "kfold"] = "loo", num_folds: int = 5, key=None,
+    criterion: Literal["mse", "spearman"] = "mse", per_target: bool = False,
+    degree: int = 3, coef0: float = 1.0, standardize: bool = False,
+) -> HyperparameterSearch:
+    """Cross-validates kernel ridge regression over a (gamma, ridge) grid.
+
+    ``method="loo"`` is exact leave-one-out in closed form: for each gamma,
+    ``K = Q diag(l) Q^T`` once, then for every ridge ``A = (K + ridge I)^{-1}``
+    gives the held-out residuals ``(A y)_i / A_ii`` without refitting.
+    ``method="kfold"`` refits on each training fold (one eigendecomposition
+    per fold and gamma serves every ridge) and averages the per-fold criterion,
+    as scikit-learn's ``GridSearchCV`` does. Folds are contiguous as in
+    scikit-learn's ``KFold``; pass ``key`` to shuffle rows first.
+
+    With ``standardize=True`` targets are standardised; for ``"loo"`` with the
+    statistics of all rows, for ``"kfold"`` with those of each training fold.
+
+    Args:
+      masks: ``[num_subsets, num_tasks]``.
+      scores: ``[num_subsets, num_targets]``.
+      kernel, degree, coef0: as in ``fit_kernel_surrogate``.
+      gammas: grid of widths (default ``default_gamma_grid``).
+      ridges: grid of positive penalties (default ``default_ridge_grid``).
+      method: ``"loo"`` or ``"kfold"``.
+      num_folds: folds for ``"kfold"``.
+      key: optional PRNG key to shuffle rows before splitting into folds.
+      criterion: ``"mse"`` (mean squared error of held-out predictions,
+        averaged over targets) or ``"spearman"`` (Spearman between held-out
+        predictions and truth, averaged over targets).
+      per_target: choose a setting per target instead of one for all.
+      standardize: see above.
+
+    Returns:
+      ``HyperparameterSearch``; feed ``gamma`` and ``ridge`` to
+      ``fit_kernel_surrogate``.
+    """
+    masks, scores = _check_fit_inputs(masks, scores)
+    kernel = check_kernel_name(kernel)
+    if method not in ("loo", "kfold"):
+        raise ValueError(f"method must be 'loo' or 'kfold', got {method!r}.")
+    if criterion not in ("mse", "spearman"):
+        raise ValueError(f"criterion must be 'mse' or 'spearman', got {criterion!r}.")
+    dtype = masks.dtype
+    num_subsets = masks.shape[0]
+    gammas = default_gamma_grid(masks.shape[1]) if gammas is None else gammas
+    ridges = default_ridge_grid() if ridges is None else ridges
+    gammas = jnp.atleast_1d(jnp.asarray(check_gamma(gammas, 1, "gammas"), dtype))
+    ridges = jnp.atleast_1d(jnp.asarray(_check_ridge(ridges, "ridges", positive=True),
+                                        dtype))
+    if gammas.ndim != 1 or ridges.ndim != 1:
+        raise ValueError("gammas and ridges must be 1-D grids.")
+    coef0 = jnp.asarray(coef0, dtype)
+
+    if method == "loo":
+        if num_subsets < 3:
+            raise ValueError(
+                f"masks must have at least 3 subsets for leave-one-out, got {num_subsets}."
+            )
+        y_mean, y_scale = _standardization(scores, standardize)
+        table = _loo_table(masks, (scores - y_mean) / y_scale, gammas, ridges, coef0,
+                           kernel, degree, criterion)
+    else:
+        num_folds = check_positive_int(num_folds, "num_folds", minimum=2)
+        if num_folds > num_subsets // 2:
+            raise ValueError(
+                f"num_folds={num_folds} needs at least {2 * num_folds} subsets (two "
+                f"per fold), got {num_subsets}."
+            )
+        order = np.arange(num_subsets)
+        if key is not None:
+            order = np.asarray(jax.random.permutation(check_key(key), num_subsets))
+        folds = np.array_split(order, num_folds)
+        tables = []
+        for fold in folds:
+            train = np.setdiff1d(order, fold, assume_unique=True)
+            tables.append(_kfold_table(
+                masks[train], scores[train], masks[fold], scores[fold], gammas, ridges,
+                coef0, kernel, degree, criterion, standardize))
+        table = jnp.mean(jnp.stack(tables), axis=0)
+
+    better = jnp.nanargmin if criterion == "mse" else jnp.nanargmax
+    mean_table = jnp.nanmean(table, axis=-1)
+    num_ridges = ridges.shape[0]
+    if per_target:
+        flat = table.reshape(-1, table.shape[-1])
+        best = better(flat, axis=0)
+        gamma, ridge = gammas[best // num_ridges], ridges[best % num_ridges]
+    else:
+        best = better(mean_table.reshape(-1))
+        gamma, ridge = gammas[best // num_ridges], ridges[best % num_ridges]
+    return HyperparameterSearch(gamma=gamma, ridge=ridge, gammas=gammas, ridges=ridges,
+                                table=table, mean_table=mean_table,
+                                criterion=criterion, method=method)
+
+
+def _criterion_values(truth, predicted, criterion):
+    """``[num_targets]`` held-out criterion."""
+    if criterion == "mse":
+        return jnp.mean((predicted - truth) ** 2, axis=0)
+    return metrics.spearman(truth, predicted)
+
+
+@partial(jax.jit, static_argnums=(5, 6, 7))
+def _loo_table(masks, y, gammas, ridges, coef0, kernel, degree, criterion):
+    """``[num_gammas, num_ridges, num_targets]`` closed-form LOO criterion."""
+
+    def per_gamma(gamma):
+        k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
+        evals, evecs = jnp.linalg.eigh(k)
+        evals = jnp.maximum(evals, 0.0)
+        projected = evecs.T @ y  # [m, T]
+        sq_evecs = evecs * evecs
+
+        def per_ridge(ridge):
+            inv = 1.0 / (evals + ridge)
+            a_y = evecs @ (inv[:, None] * projected)
+            a_diag = sq_evecs @ inv
+            loo_prediction = y - a_y / a_diag[:, None]
+            return _criterion_values(y, loo_prediction, criterion)
+
+        return jax.lax.map(per_ridge, ridges)
+
+    return jax.lax.map(per_gamma, gammas)
+
+
+@partial(jax.jit, static_argnums=(7, 8, 9, 10))
+def _kfold_table(train_masks, train_y, val_masks, val_y, gammas, ridges, coef0, kernel,
+                 degree, criterion, standardize):
+    """``[num_gammas, num_ridges, num_targets]`` criterion on one validation fold."""
+    y_mean, y_scale = _standardization(train_y, standardize)
+    y = (train_y - y_mean) / y_scale
+    val_y = (val_y - y_mean) / y_scale
+
+    def per_gamma(gamma):
+        k = gram(train_masks, train_masks, kernel=kernel, gamma=gamma, degree=degree,
+                 coef0=coef0)
+        k_val = gram(val_masks, train_masks, kernel=kernel, gamma=gamma, degree=degree,
+                     coef0=coef0)
+        evals, evecs = jnp.linalg.eigh(k)
+        evals = jnp.maximum(evals, 0.0)
+        projected = evecs.T @ y
+        val_evecs = k_val @ evecs
+
+        def per_ridge(ridge):
+            prediction = val_evecs @ (projected / (evals + ridge)[:, None])
+            return _criterion_values(val_y, prediction, criterion)
+
+        return jax.lax.map(per_ridge, ridges)
+
+    return jax.lax.map(per_gamma, gammas)
