@@ -58,7 +58,7 @@ def check_masks(masks, name: str = "masks", *, num_tasks: int | None = None):
         if bad.any():
             first = values[bad].flat[0]
             raise ValueError(
-                f"{name} must hold only 0 and 1, found {first!r} "
+                f"{name} must hold only 0 and 1, found {float(first):g} "
                 f"({int(bad.sum())} entries are not 0/1)."
             )
     return arr

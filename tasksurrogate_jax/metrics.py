@@ -51,7 +51,8 @@ def _pearson_columns(x, y):
     yc = y - y.mean(axis=0)
     denom = jnp.sqrt(jnp.sum(xc * xc, axis=0) * jnp.sum(yc * yc, axis=0))
     # A constant column has no correlation: NaN, as scipy returns.
-    return jnp.where(denom > 0, jnp.sum(xc * yc, axis=0) / jnp.where(denom > 0, denom, 1), jnp.nan)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    return jnp.where(denom > 0, jnp.sum(xc * yc, axis=0) / safe, jnp.nan)
 
 
 def pearson(x, y) -> jax.Array:

@@ -27,10 +27,10 @@ import numpy as np
 
 from tasksurrogate_jax import metrics
 from tasksurrogate_jax._checks import (
+    check_key,
     check_masks,
     check_positive_int,
     check_scores,
-    check_key,
     is_concrete,
 )
 from tasksurrogate_jax.kernels import check_gamma, check_kernel_name, gram
@@ -144,7 +144,10 @@ def _fit_linear(x, y, ridge, rcond, fit_intercept):
         jnp.where(kept, 1.0 / safe_s, 0.0),
     )
     coef = vt.T @ (inverse[:, None] * (u.T @ y))
-    intercept = y_mean - x_mean @ coef if fit_intercept else jnp.zeros(y.shape[1], y.dtype)
+    if fit_intercept:
+        intercept = y_mean - x_mean @ coef
+    else:
+        intercept = jnp.zeros(y.shape[1], y.dtype)
     return LinearSurrogate(coef=coef, intercept=intercept)
 
 
@@ -265,7 +268,8 @@ def fit_kernel_surrogate(
         return KernelSurrogate(
             train_masks=masks, alpha=alpha, gammas=gamma_arr[None],
             gamma_index=jnp.zeros(num_targets, jnp.int32),
-            ridge=jnp.full(num_targets, ridge_arr), jitter=jnp.full(num_targets, used_jitter),
+            ridge=jnp.full(num_targets, ridge_arr),
+            jitter=jnp.full(num_targets, used_jitter),
             y_mean=y_mean, y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
 
     # Per-target hyperparameters: one factorisation per distinct (gamma, ridge).
@@ -279,7 +283,7 @@ def fit_kernel_surrogate(
     gammas, gamma_index = np.unique(gamma_t, return_inverse=True)
     alpha = jnp.zeros_like(y)
     jitter_t = jnp.zeros(num_targets, dtype)
-    for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist()))):
+    for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist(), strict=True))):
         cols = np.nonzero((gamma_t == g) & (ridge_t == r))[0]
         a, used, ok = _fit_kernel_single(
             masks, y[:, cols], jnp.asarray(g, dtype), jnp.asarray(r, dtype), coef0,
@@ -465,7 +469,8 @@ def select_kernel_hyperparameters(
     if method == "loo":
         if num_subsets < 3:
             raise ValueError(
-                f"masks must have at least 3 subsets for leave-one-out, got {num_subsets}."
+                "masks must have at least 3 subsets for leave-one-out, got "
+                f"{num_subsets}."
             )
         y_mean, y_scale = _standardization(scores, standardize)
         table = _loo_table(masks, (scores - y_mean) / y_scale, gammas, ridges, coef0,

@@ -1,0 +1,75 @@
+import chex
+import numpy as np
+import pytest
+import scipy.stats
+
+from tasksurrogate_jax import metrics
+
+RNG = np.random.default_rng(1)
+
+
+class CorrelationTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_spearman_with_ties_matches_scipy(self):
+        x = RNG.integers(0, 4, (40, 6)).astype(float)  # many ties
+        y = RNG.normal(size=(40, 6)).round(1)
+        ours = self.variant(metrics.spearman)(x, y)
+        ref = [scipy.stats.spearmanr(x[:, j], y[:, j]).statistic for j in range(6)]
+        np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_pearson_matches_scipy(self):
+        x, y = RNG.normal(size=(2, 30, 4))
+        ours = self.variant(metrics.pearson)(x, y)
+        ref = [scipy.stats.pearsonr(x[:, j], y[:, j]).statistic for j in range(4)]
+        np.testing.assert_allclose(ours, ref, rtol=1e-12)
+
+
+def test_rankdata_matches_scipy_average_method():
+    x = RNG.integers(0, 5, (17, 3)).astype(float)
+    np.testing.assert_array_equal(metrics.rankdata(x, axis=0),
+                                  scipy.stats.rankdata(x, axis=0))
+    np.testing.assert_array_equal(metrics.rankdata(x, axis=1),
+                                  scipy.stats.rankdata(x, axis=1))
+
+
+def test_spearman_of_constant_column_is_nan_and_mean_ignores_it():
+    x = np.stack([np.arange(5.0), np.ones(5)], axis=1)
+    y = np.stack([np.arange(5.0), np.arange(5.0)], axis=1)
+    rho = np.asarray(metrics.spearman(x, y))
+    assert rho[0] == pytest.approx(1.0) and np.isnan(rho[1])
+    assert float(metrics.mean_spearman(x, y)) == pytest.approx(1.0)
+
+
+def test_normalized_and_relative_error():
+    true = RNG.normal(size=(50, 3))
+    pred = true + RNG.normal(scale=0.1, size=(50, 3))
+    expected = ((pred - true) ** 2).mean(0) / true.var(0)
+    np.testing.assert_allclose(metrics.normalized_error(true, pred), expected)
+    np.testing.assert_allclose(metrics.normalized_error(true, true.mean(0) +
+                                                        0 * true), 1.0)
+    np.testing.assert_allclose(metrics.relative_error(pred, true),
+                               np.abs(pred - true) / np.abs(true))
+
+
+def test_loo_correlation_per_target_mean_and_mean_target():
+    true = RNG.normal(size=(25, 8))
+    pred = true + RNG.normal(scale=0.5, size=(25, 8))
+    out = metrics.loo_correlation(pred, true)
+    ref = [scipy.stats.spearmanr(pred[:, j], true[:, j]).statistic for j in range(8)]
+    np.testing.assert_allclose(out.per_target, ref, rtol=1e-12)
+    assert float(out.mean) == pytest.approx(np.mean(ref))
+    ref_mean = scipy.stats.spearmanr(pred.mean(1), true.mean(1)).statistic
+    assert float(out.mean_target) == pytest.approx(ref_mean)
+    pearson = metrics.loo_correlation(pred, true, method="pearson")
+    assert float(pearson.mean_target) == pytest.approx(
+        scipy.stats.pearsonr(pred.mean(1), true.mean(1)).statistic)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.spearman(np.zeros((5, 2)), np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="n >= 2"):
+        metrics.pearson(np.zeros((1, 2)), np.zeros((1, 2)))
+    with pytest.raises(ValueError, match="method must be"):
+        metrics.loo_correlation(np.zeros((4, 2)), np.zeros((4, 2)), method="kendall")

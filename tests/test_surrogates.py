@@ -1,0 +1,307 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.kernel_ridge import KernelRidge
+from sklearn.linear_model import Ridge
+
+from tasksurrogate_jax import metrics, surrogates
+from tasksurrogate_jax.kernels import KERNELS
+
+RNG = np.random.default_rng(0)
+NUM_TASKS = 8
+
+
+def make_data(m=60, num_targets=5, num_tasks=NUM_TASKS, seed=0):
+    rng = np.random.default_rng(seed)
+    masks = rng.integers(0, 2, (m, num_tasks)).astype(float)
+    w = rng.normal(size=(num_tasks, num_targets))
+    pair = rng.normal(size=(num_targets,))
+    scores = masks @ w + pair * (masks[:, 0] * masks[:, 1])[:, None] + 0.1 * rng.normal(
+        size=(m, num_targets))
+    return masks, scores
+
+
+MASKS, SCORES = make_data()
+NEW = RNG.integers(0, 2, (17, NUM_TASKS)).astype(float)
+KERNEL_PARAMS = {"rbf": {"gamma": 0.2}, "laplacian": {"gamma": 0.3},
+                 "polynomial": {"gamma": 0.1, "degree": 2, "coef0": 1.0},
+                 "linear": {}}
+
+
+class KernelSurrogateTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_matches_sklearn_kernel_ridge_for_every_kernel(self):
+        for kernel in KERNELS:
+            params = KERNEL_PARAMS[kernel]
+            ridge = 0.5
+
+            def fit_predict(masks, scores, new, kernel=kernel, params=params,
+                            ridge=ridge):
+                fitted = surrogates.fit_kernel_surrogate(
+                    masks, scores, kernel=kernel, ridge=ridge, jitter=0.0, **params)
+                return fitted.predict(new)
+
+            ours = self.variant(fit_predict)(MASKS, SCORES, NEW)
+            ref = KernelRidge(alpha=ridge, kernel=kernel, **params).fit(
+                MASKS, SCORES).predict(NEW)
+            np.testing.assert_allclose(ours, ref, rtol=1e-9, atol=1e-9,
+                                       err_msg=kernel)
+
+
+def test_standardized_fit_matches_sklearn_on_standardized_targets():
+    mean, std = SCORES.mean(0), SCORES.std(0)
+    fitted = surrogates.fit_kernel_surrogate(MASKS, SCORES, ridge=0.1, gamma=0.2,
+                                             jitter=0.0, standardize=True)
+    ref = KernelRidge(alpha=0.1, kernel="rbf", gamma=0.2).fit(
+        MASKS, (SCORES - mean) / std).predict(NEW) * std + mean
+    np.testing.assert_allclose(fitted.predict(NEW), ref, rtol=1e-9)
+
+
+def test_per_target_hyperparameters_equal_separate_fits():
+    gamma = np.array([0.1, 0.4, 0.1, 0.4, 0.2])
+    ridge = np.array([1e-2, 1e-2, 1.0, 1e-2, 0.3])
+    fitted = surrogates.fit_kernel_surrogate(MASKS, SCORES, gamma=gamma, ridge=ridge)
+    assert fitted.gammas.shape == (3,)
+    np.testing.assert_allclose(fitted.gamma, gamma)
+    predicted = fitted.predict(NEW)
+    for t in range(SCORES.shape[1]):
+        single = surrogates.fit_kernel_surrogate(MASKS, SCORES[:, t], gamma=gamma[t],
+                                                 ridge=ridge[t])
+        np.testing.assert_allclose(predicted[:, t], single.predict(NEW)[:, 0],
+                                   rtol=1e-10)
+    jitted = jax.jit(lambda s, x: s.predict(x))(fitted, NEW)
+    np.testing.assert_allclose(jitted, predicted, rtol=1e-12)
+
+
+def test_fitted_surrogates_are_pytrees_that_pass_through_jit_without_retracing():
+    kernel = surrogates.fit_kernel_surrogate(MASKS, SCORES)
+    linear = surrogates.fit_linear_surrogate(MASKS, SCORES)
+
+    @jax.jit
+    @chex.assert_max_traces(n=2)
+    def predict(surrogate, masks):
+        return surrogate.predict(masks)
+
+    for surrogate in (kernel, linear):
+        np.testing.assert_allclose(predict(surrogate, NEW),
+                                   surrogates.predict(surrogate, NEW), rtol=1e-12)
+    refit = surrogates.fit_kernel_surrogate(MASKS, SCORES + 1.0)
+    predict(refit, NEW)  # same structure: no new trace
+    leaves = jax.tree_util.tree_leaves(kernel)
+    assert all(isinstance(leaf, jax.Array) for leaf in leaves)
+    doubled = jax.tree_util.tree_map(lambda a: a, kernel)
+    assert doubled.kernel == "rbf"
+
+
+def test_jitter_grows_until_the_factor_is_finite():
+    duplicated = np.concatenate([MASKS[:10]] * 3)
+    scores = np.concatenate([SCORES[:10]] * 3)
+    fitted = surrogates.fit_kernel_surrogate(duplicated, scores, ridge=0.0,
+                                             jitter=0.0)
+    assert float(fitted.jitter[0]) > 0
+    assert np.all(np.isfinite(fitted.predict(NEW)))
+
+
+def test_factorization_failure_raises_clear_error_eagerly_and_under_jit():
+    kwargs = {"kernel": "polynomial", "gamma": 1.0, "coef0": -1.0, "degree": 3,
+              "ridge": 0.0}
+    with pytest.raises(ValueError, match="could not be factored"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES, **kwargs)
+    fit = jax.jit(lambda m, s: surrogates.fit_kernel_surrogate(m, s, **kwargs).alpha)
+    with pytest.raises(Exception, match="could not be factored"):
+        jax.block_until_ready(fit(MASKS, SCORES))
+
+
+class LinearSurrogateTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_no_intercept_min_norm_matches_numpy_lstsq_on_rank_deficient_masks(self):
+        masks = np.concatenate([MASKS, MASKS[:, :2]], axis=1)  # repeated columns
+        fit = self.variant(lambda m, s: surrogates.fit_linear_surrogate(
+            m, s, fit_intercept=False))
+        fitted = fit(masks, SCORES)
+        ref = np.linalg.lstsq(masks, SCORES, rcond=None)[0]
+        np.testing.assert_allclose(fitted.coef, ref, rtol=1e-8, atol=1e-10)
+        np.testing.assert_array_equal(fitted.intercept, 0.0)
+
+    def test_intercept_least_squares_matches_lstsq_with_a_ones_column(self):
+        fitted = surrogates.fit_linear_surrogate(MASKS, SCORES)
+        design = np.concatenate([np.ones((MASKS.shape[0], 1)), MASKS], axis=1)
+        ref = np.linalg.lstsq(design, SCORES, rcond=None)[0]
+        np.testing.assert_allclose(fitted.intercept, ref[0], rtol=1e-9)
+        np.testing.assert_allclose(fitted.coef, ref[1:], rtol=1e-9, atol=1e-12)
+
+    def test_ridge_matches_sklearn_ridge(self):
+        for fit_intercept in (True, False):
+            fitted = surrogates.fit_linear_surrogate(MASKS, SCORES, ridge=2.0,
+                                                     fit_intercept=fit_intercept)
+            ref = Ridge(alpha=2.0, fit_intercept=fit_intercept).fit(MASKS, SCORES)
+            np.testing.assert_allclose(fitted.predict(NEW), ref.predict(NEW),
+                                       rtol=1e-9)
+
+
+def explicit_loo(masks, scores, gamma, ridge):
+    predictions = np.zeros_like(scores)
+    for i in range(masks.shape[0]):
+        keep = np.arange(masks.shape[0]) != i
+        model = KernelRidge(alpha=ridge, kernel="rbf", gamma=gamma).fit(
+            masks[keep], scores[keep])
+        predictions[i] = model.predict(masks[i:i + 1])[0]
+    return predictions
+
+
+GAMMAS = np.array([0.05, 0.2, 0.8])
+RIDGES = np.array([1e-3, 1e-1, 1.0])
+
+
+@pytest.mark.parametrize("criterion", ["mse", "spearman"])
+def test_closed_form_loo_equals_explicit_refits(criterion):
+    masks, scores = MASKS[:30], SCORES[:30]
+    search = surrogates.select_kernel_hyperparameters(
+        masks, scores, gammas=GAMMAS, ridges=RIDGES, method="loo",
+        criterion=criterion)
+    assert search.table.shape == (3, 3, scores.shape[1])
+    for a, gamma in enumerate(GAMMAS):
+        for b, ridge in enumerate(RIDGES):
+            held_out = explicit_loo(masks, scores, gamma, ridge)
+            if criterion == "mse":
+                ref = ((held_out - scores) ** 2).mean(0)
+            else:
+                ref = metrics.spearman(scores, held_out)
+            np.testing.assert_allclose(search.table[a, b], ref, rtol=1e-7,
+                                       atol=1e-9)
+    best = np.unravel_index(
+        (np.argmin if criterion == "mse" else np.argmax)(search.mean_table), (3, 3))
+    assert float(search.gamma) == GAMMAS[best[0]]
+    assert float(search.ridge) == RIDGES[best[1]]
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_kfold_equals_explicit_refits_per_fold(standardize):
+    masks, scores = MASKS[:43], SCORES[:43]  # unequal folds, like sklearn's KFold
+    search = surrogates.select_kernel_hyperparameters(
+        masks, scores, gammas=GAMMAS, ridges=RIDGES, method="kfold", num_folds=4,
+        standardize=standardize)
+    folds = np.array_split(np.arange(43), 4)
+    for a, gamma in enumerate(GAMMAS):
+        for b, ridge in enumerate(RIDGES):
+            per_fold = []
+            for fold in folds:
+                train = np.setdiff1d(np.arange(43), fold)
+                y = scores[train]
+                mean, std = (y.mean(0), y.std(0)) if standardize else (0.0, 1.0)
+                model = KernelRidge(alpha=ridge, kernel="rbf", gamma=gamma).fit(
+                    masks[train], (y - mean) / std)
+                residual = model.predict(masks[fold]) - (scores[fold] - mean) / std
+                per_fold.append((residual ** 2).mean(0))
+            np.testing.assert_allclose(search.table[a, b], np.mean(per_fold, 0),
+                                       rtol=1e-7)
+
+
+def test_kfold_with_key_shuffles_reproducibly():
+    kwargs = {"gammas": GAMMAS, "ridges": RIDGES, "method": "kfold"}
+    a = surrogates.select_kernel_hyperparameters(MASKS, SCORES, key=jax.random.key(1),
+                                                 **kwargs)
+    b = surrogates.select_kernel_hyperparameters(MASKS, SCORES, key=jax.random.key(1),
+                                                 **kwargs)
+    c = surrogates.select_kernel_hyperparameters(MASKS, SCORES, **kwargs)
+    np.testing.assert_array_equal(a.table, b.table)
+    assert not np.allclose(a.table, c.table)
+
+
+def test_per_target_selection_picks_the_best_cell_of_each_column():
+    search = surrogates.select_kernel_hyperparameters(
+        MASKS, SCORES, gammas=GAMMAS, ridges=RIDGES, per_target=True)
+    assert search.gamma.shape == (SCORES.shape[1],)
+    for t in range(SCORES.shape[1]):
+        a, b = np.unravel_index(np.argmin(search.table[..., t]), (3, 3))
+        assert search.gamma[t] == GAMMAS[a] and search.ridge[t] == RIDGES[b]
+    fitted = surrogates.fit_kernel_surrogate(MASKS, SCORES, gamma=search.gamma,
+                                             ridge=search.ridge)
+    assert fitted.predict(NEW).shape == (NEW.shape[0], SCORES.shape[1])
+
+
+def test_kernel_surrogate_captures_an_interaction_the_linear_one_misses():
+    masks = np.asarray(jnp.asarray(RNG.integers(0, 2, (200, 6)), float))
+    xor = (masks[:, 0] != masks[:, 1]).astype(float)[:, None]
+    train, test = slice(0, 150), slice(150, None)
+    kernel = surrogates.fit_kernel_surrogate(masks[train], xor[train], gamma=0.5,
+                                             ridge=1e-3)
+    linear = surrogates.fit_linear_surrogate(masks[train], xor[train])
+    kernel_error = metrics.normalized_error(xor[test], kernel.predict(masks[test]))
+    linear_error = metrics.normalized_error(xor[test], linear.predict(masks[test]))
+    assert float(kernel_error[0]) < 0.05 < 0.9 < float(linear_error[0])
+
+
+# --- bad input: one test each -------------------------------------------------
+
+
+def test_masks_that_are_not_binary():
+    with pytest.raises(ValueError, match="masks must hold only 0 and 1, found 0.5"):
+        surrogates.fit_kernel_surrogate(MASKS * 0.5, SCORES)
+
+
+def test_non_finite_scores():
+    bad = SCORES.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match=r"scores must be finite.*rows \[3\]"):
+        surrogates.fit_linear_surrogate(MASKS, bad)
+
+
+def test_mismatched_rows():
+    with pytest.raises(ValueError, match="scores has 59 rows but masks has 60"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES[:-1])
+    with pytest.raises(ValueError, match="scores has 59 rows but masks has 60"):
+        jax.jit(surrogates.fit_kernel_surrogate)(MASKS, SCORES[:-1])
+
+
+def test_different_num_tasks_at_predict_time():
+    fitted = surrogates.fit_kernel_surrogate(MASKS, SCORES)
+    with pytest.raises(ValueError, match="has 5 task columns, expected 8"):
+        fitted.predict(NEW[:, :5])
+    with pytest.raises(ValueError, match="has 5 task columns, expected 8"):
+        jax.jit(lambda s, x: s.predict(x))(fitted, NEW[:, :5])
+    linear = surrogates.fit_linear_surrogate(MASKS, SCORES)
+    with pytest.raises(ValueError, match="has 5 task columns, expected 8"):
+        linear.predict(NEW[:, :5])
+
+
+def test_too_few_subsets():
+    with pytest.raises(ValueError, match="at least 2 subsets"):
+        surrogates.fit_kernel_surrogate(MASKS[:1], SCORES[:1])
+    with pytest.raises(ValueError, match="num_folds=5 needs at least 10 subsets"):
+        surrogates.select_kernel_hyperparameters(MASKS[:8], SCORES[:8],
+                                                 method="kfold")
+
+
+def test_unknown_kernel_name():
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES, kernel="gaussian")
+
+
+def test_non_positive_gamma():
+    with pytest.raises(ValueError, match="gamma must be positive"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES, gamma=0.0)
+    with pytest.raises(ValueError, match="gammas must be positive"):
+        surrogates.select_kernel_hyperparameters(MASKS, SCORES, gammas=[0.1, -1.0])
+
+
+def test_negative_ridge():
+    with pytest.raises(ValueError, match="ridge must be non-negative"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES, ridge=-1.0)
+    with pytest.raises(ValueError, match="ridge must be non-negative"):
+        surrogates.fit_linear_surrogate(MASKS, SCORES, ridge=-1.0)
+    with pytest.raises(ValueError, match="ridges must be positive"):
+        surrogates.select_kernel_hyperparameters(MASKS, SCORES, ridges=[0.0, 1.0])
+
+
+def test_bad_selection_options():
+    with pytest.raises(ValueError, match="method must be 'loo' or 'kfold'"):
+        surrogates.select_kernel_hyperparameters(MASKS, SCORES, method="gcv")
+    with pytest.raises(ValueError, match="criterion must be 'mse' or 'spearman'"):
+        surrogates.select_kernel_hyperparameters(MASKS, SCORES, criterion="r2")
+    with pytest.raises(ValueError, match=r"gamma must be a scalar or have shape"):
+        surrogates.fit_kernel_surrogate(MASKS, SCORES, gamma=np.ones(3))
+    with pytest.raises(TypeError, match="must be a LinearSurrogate or"):
+        surrogates.predict("model", NEW)
