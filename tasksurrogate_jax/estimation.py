@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from tasksurrogate_jax import metrics, retraining
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import (
     TargetData,
@@ -405,3 +406,67 @@ def _check_finite_features(features, which):
             f"non-finite {which} features (gradients) at examples {rows}: check θ* "
             "and the inputs (e.g. a diverged model)."
         )
+
+
+class EstimationCheck(NamedTuple):
+    """Estimated against real fine-tuning from ``θ*`` on the same subsets.
+
+    Attributes:
+      estimated: ``[m, T]`` estimated scores ``F̂(s)``.
+      exact: ``[m, T]`` scores after fine-tuning from ``θ*`` on each subset.
+      relative_error: ``[m]`` ``|mean_t F̂ - mean_t F| / |mean_t F|``: the error
+        on the target-task score (the mean over target columns).
+      column_relative_error: ``[m]`` ``mean_t |F̂_t - F_t| / |F_t|``: per column,
+        then averaged (large where single losses are near zero).
+      spearman: ``[T]`` Spearman of ``F̂`` against ``F`` across subsets.
+      param_shift: ``[m]`` ``||θ_s - θ*|| / ||θ*||`` of the fine-tuned models.
+    """
+
+    estimated: jax.Array
+    exact: jax.Array
+    relative_error: jax.Array
+    column_relative_error: jax.Array
+    spearman: jax.Array
+    param_shift: jax.Array
+
+
+def check_estimation(
+    estimated, masks, *, params, data: TaskData, target: TargetData, spec, key,
+    **retrain_kwargs,
+) -> EstimationCheck:
+    """Fine-tunes from ``θ*`` on each subset and compares with the estimates.
+
+    Args:
+      estimated: ``[m, T]`` estimated scores for ``masks``.
+      masks: ``[m, num_tasks]``.
+      params: ``θ*``.
+      data, target: as for :func:`estimate_scores`.
+      spec: the fine-tuning program (``retraining.make_train_spec``).
+      key: PRNG key of the fine-tuning runs.
+      **retrain_kwargs: passed to ``retraining.retrain`` (``chunk_size``,
+        ``store_dir``, ``progress``, ...).
+
+    Returns:
+      :class:`EstimationCheck`.
+    """
+    estimated = jnp.asarray(estimated)
+    if estimated.ndim != 2 or estimated.shape != (masks.shape[0], target.num_targets):
+        raise ValueError(
+            f"estimated must be [num_subsets, num_targets]=({masks.shape[0]}, "
+            f"{target.num_targets}), got shape {estimated.shape}."
+        )
+    result = retraining.retrain(masks, data=data, target=target, spec=spec, key=key,
+                                init_params=params, return_params=True,
+                                **retrain_kwargs)
+    exact = result.losses
+    base_norm = otu.tree_norm(params)
+    shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(result.params)
+    mean_est, mean_exact = estimated.mean(axis=1), exact.mean(axis=1)
+    return EstimationCheck(
+        estimated=estimated,
+        exact=exact,
+        relative_error=jnp.abs(mean_est - mean_exact) / jnp.abs(mean_exact),
+        column_relative_error=metrics.relative_error(estimated, exact).mean(axis=1),
+        spearman=metrics.spearman(exact, estimated),
+        param_shift=shift / base_norm,
+    )
