@@ -7,8 +7,39 @@ are ``[num_subsets, num_targets]`` (lower = better, e.g. target losses).
 
 __version__ = "0.1.0"
 
-from tasksurrogate_jax import kernels, metrics, subsets, surrogates
+from tasksurrogate_jax import (
+    data,
+    estimation,
+    kernels,
+    linearize,
+    metrics,
+    projection,
+    retraining,
+    store,
+    subsets,
+    surrogates,
+    workloads,
+)
+from tasksurrogate_jax.data import (
+    TargetData,
+    TaskData,
+    make_target_data,
+    make_task_data,
+    mask_to_weights,
+)
+from tasksurrogate_jax.estimation import (
+    EstimationCheck,
+    EstimationResult,
+    SolverSettings,
+    check_estimation,
+    estimate_scores,
+)
 from tasksurrogate_jax.kernels import KERNELS, gram
+from tasksurrogate_jax.linearize import (
+    per_example_grads,
+    per_task_sums,
+    projected_jacobians,
+)
 from tasksurrogate_jax.metrics import (
     LOOCorrelation,
     loo_correlation,
@@ -19,6 +50,14 @@ from tasksurrogate_jax.metrics import (
     relative_error,
     spearman,
 )
+from tasksurrogate_jax.projection import Projection, make_projection
+from tasksurrogate_jax.retraining import (
+    RetrainResult,
+    TrainSpec,
+    make_train_spec,
+    retrain,
+)
+from tasksurrogate_jax.store import ChunkStore
 from tasksurrogate_jax.subsets import (
     all_masks,
     bernoulli_masks,
@@ -35,14 +74,47 @@ from tasksurrogate_jax.surrogates import (
     predict,
     select_kernel_hyperparameters,
 )
+from tasksurrogate_jax.workloads import Workload, modular_workload
 
 __all__ = [
     "__version__",
     # modules
+    "data",
+    "estimation",
     "kernels",
+    "linearize",
     "metrics",
+    "projection",
+    "retraining",
+    "store",
     "subsets",
     "surrogates",
+    "workloads",
+    # data and workloads
+    "TargetData",
+    "TaskData",
+    "Workload",
+    "make_target_data",
+    "make_task_data",
+    "mask_to_weights",
+    "modular_workload",
+    # retraining and storage
+    "ChunkStore",
+    "RetrainResult",
+    "TrainSpec",
+    "make_train_spec",
+    "retrain",
+    # projection, linearization, estimation
+    "EstimationCheck",
+    "EstimationResult",
+    "Projection",
+    "SolverSettings",
+    "check_estimation",
+    "estimate_scores",
+    "make_projection",
+    "per_example_grads",
+    "per_task_sums",
+    "projected_jacobians",
     # subsets
     "all_masks",
     "bernoulli_masks",

@@ -50,7 +50,7 @@ def check_masks(masks, name: str = "masks", *, num_tasks: int | None = None):
     if num_tasks is not None and arr.shape[1] != num_tasks:
         raise ValueError(
             f"{name} has {arr.shape[1]} task columns, expected {num_tasks} "
-            "(the number of tasks the surrogate was fitted on)."
+            "(the number of tasks)."
         )
     if is_concrete(masks):
         values = np.asarray(masks, dtype=float)

@@ -1,0 +1,79 @@
+"""The workload interface: a subset-score oracle over K tasks with T targets.
+
+Everything downstream (surrogates, attribution, pipeline) sees a workload only
+through this interface:
+
+- ``num_tasks``, ``task_names``: the K training tasks (mask columns);
+- ``num_targets``, ``target_description``: the T target columns of the scores;
+- ``exact_scores(masks, *, key) -> [num_subsets, num_targets]``: the true
+  ``F(s)`` (retraining, re-prompting, ...);
+- ``estimated_scores(masks, *, key) -> [num_subsets, num_targets]``: the
+  first-order estimate without retraining (METHOD.md section 3);
+- ``presets``: named configurations (``"cpu"`` small, ``"paper"`` full size).
+
+Scores are losses: lower is better, and the LOO effect of task ``i`` is
+``F(s* - e_i) - F(s*)``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import jax
+
+from tasksurrogate_jax._checks import check_masks
+
+
+class Workload(abc.ABC):
+    """Base class of the workloads (see the module docstring)."""
+
+    name: ClassVar[str] = "workload"
+    presets: ClassVar[Mapping[str, Any]] = {}
+
+    @property
+    @abc.abstractmethod
+    def task_names(self) -> tuple[str, ...]:
+        """The K task names, in mask-column order."""
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_names)
+
+    @property
+    @abc.abstractmethod
+    def num_targets(self) -> int:
+        """T, the number of score columns."""
+
+    @property
+    @abc.abstractmethod
+    def target_description(self) -> str:
+        """What the T score columns are."""
+
+    @abc.abstractmethod
+    def exact_scores(self, masks, *, key, **kwargs) -> jax.Array:
+        """True subset scores ``[num_subsets, num_targets]`` (lower = better)."""
+
+    def estimated_scores(self, masks, *, key=None, **kwargs) -> jax.Array:
+        """First-order estimates of the subset scores, without retraining.
+
+        Raises:
+          NotImplementedError: always, for now.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__}.estimated_scores is not implemented yet: the "
+            "gradient-based estimation of F(s) without retraining (METHOD.md "
+            "section 3) is added by the estimation issue. Use exact_scores "
+            "(retraining) meanwhile."
+        )
+
+    def check_masks(self, masks, name: str = "masks") -> jax.Array:
+        """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""
+        shape = getattr(masks, "shape", None)
+        if shape is not None and len(shape) == 2 and shape[1] != self.num_tasks:
+            raise ValueError(
+                f"{name} has {shape[1]} task columns (shape {tuple(shape)}), "
+                f"expected num_tasks={self.num_tasks} for workload {self.name!r}."
+            )
+        return check_masks(masks, name, num_tasks=self.num_tasks)
