@@ -129,6 +129,13 @@ def linearized_examples(
       :class:`Linearized`.
     """
     _check_output_mode(output_mode)
+    return _linearized_examples(apply_fn, params, inputs, labels, projection,
+                                output_mode, batch_size)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _linearized_examples(apply_fn, params, inputs, labels, projection, output_mode,
+                         batch_size):
     logits = _chunked_apply(apply_fn, params, inputs, batch_size)
     if output_mode == "logits":
         features = projected_jacobians(apply_fn, params, inputs, projection=projection,
@@ -299,13 +306,15 @@ def estimate_scores(
         raise ValueError("key is required for the projection (or set proj_dim=None).")
     projection = make_projection(key, proj_dim, kind=projection_kind,
                                  num_params=num_parameters(params))
-    train = linearized_examples(apply_fn, params, data.inputs, data.labels,
-                                projection=projection, output_mode=output_mode,
-                                batch_size=batch_size)
+    # Training and target examples in one compiled pass, then split.
+    n = data.inputs.shape[0]
+    both = linearized_examples(
+        apply_fn, params, jnp.concatenate([data.inputs, target.inputs]),
+        jnp.concatenate([data.labels, target.labels]), projection=projection,
+        output_mode=output_mode, batch_size=batch_size)
+    train = Linearized(*(x[:n] for x in both))
+    tgt = Linearized(*(x[n:] for x in both))
     _check_finite_features(train.features, "training")
-    tgt = linearized_examples(apply_fn, params, target.inputs, target.labels,
-                              projection=projection, output_mode=output_mode,
-                              batch_size=batch_size)
     _check_finite_features(tgt.features, "target")
 
     results = []

@@ -1,11 +1,12 @@
 """Random projections ``P in R^{p x d}`` of parameter pytrees, never built whole.
 
-``P`` maps the p parameters of a pytree to d dimensions. Its rows are generated
-block by block: leaf ``l`` (in ``jax.tree_util`` order) and block ``b`` of
-``PROJECTION_BLOCK`` consecutive entries of that flattened leaf get the key
-``fold_in(fold_in(key, l), b)``. So the matrix depends only on the key, the
-kind, ``proj_dim`` and the parameter structure, never on how callers chunk
-their examples, and memory stays at one ``[PROJECTION_BLOCK, d]`` block.
+``P`` maps the p parameters of a pytree to d dimensions. The parameters are
+ordered as ``jax.flatten_util.ravel_pytree`` orders them (leaves in
+``jax.tree_util`` order, each raveled), and the rows of P are generated block
+by block: block ``b`` of ``PROJECTION_BLOCK`` consecutive rows gets the key
+``fold_in(key, b)``. So the matrix depends only on the key, the kind,
+``proj_dim`` and the parameter structure, never on how callers chunk their
+examples, and P itself never exists beyond one ``[PROJECTION_BLOCK, d]`` block.
 
 Entries are ``N(0, 1/d)`` (``"gaussian"``) or ``±1/sqrt(d)`` (``"rademacher"``),
 so ``E[P P^T] = I`` and inner products are preserved in expectation
@@ -66,10 +67,9 @@ def num_parameters(params) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
-def _block(projection: Projection, leaf_index: int, block_index, dtype):
-    """Rows ``[PROJECTION_BLOCK, proj_dim]`` of P for one block of one leaf."""
-    key = jax.random.fold_in(jax.random.fold_in(projection.key, leaf_index),
-                             block_index)
+def _block(projection: Projection, block_index, dtype):
+    """Rows ``[PROJECTION_BLOCK, proj_dim]`` of P for one block of parameters."""
+    key = jax.random.fold_in(projection.key, block_index)
     shape = (PROJECTION_BLOCK, projection.proj_dim)
     scale = 1.0 / math.sqrt(projection.proj_dim)
     if projection.kind == "gaussian":
@@ -77,11 +77,15 @@ def _block(projection: Projection, leaf_index: int, block_index, dtype):
     return jax.random.rademacher(key, shape, dtype) * scale
 
 
-def _blocked(flat, size):
-    """``[n, size]`` -> ``[num_blocks, n, PROJECTION_BLOCK]`` (zero padded)."""
-    num_blocks = -(-size // PROJECTION_BLOCK)
-    padded = jnp.pad(flat, ((0, 0), (0, num_blocks * PROJECTION_BLOCK - size)))
-    return padded.reshape(flat.shape[0], num_blocks, PROJECTION_BLOCK).swapaxes(0, 1)
+def _flatten(tree, batch_dims):
+    """Leaves raveled and concatenated: ``[n, p]`` (``n = 1`` without batch)."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if not leaves:
+        raise ValueError("tree has no leaves to project.")
+    n = leaves[0].shape[0] if batch_dims else 1
+    dtype = jnp.result_type(*leaves)
+    return jnp.concatenate([leaf.reshape(n, -1).astype(dtype) for leaf in leaves],
+                           axis=1)
 
 
 @functools.partial(jax.jit, static_argnames="batch_dims")
@@ -99,21 +103,18 @@ def project(projection: Projection, tree, *, batch_dims: int = 0) -> jax.Array:
     """
     if batch_dims not in (0, 1):
         raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims}.")
-    leaves = jax.tree_util.tree_leaves(tree)
-    if not leaves:
-        raise ValueError("tree has no leaves to project.")
-    n = leaves[0].shape[0] if batch_dims else 1
-    dtype = jnp.result_type(*leaves)
-    out = jnp.zeros((n, projection.proj_dim), dtype)
-    for index, leaf in enumerate(leaves):
-        flat = leaf.reshape(n, -1).astype(dtype)
-        blocks = _blocked(flat, flat.shape[1])
+    flat = _flatten(tree, batch_dims)
+    n, size = flat.shape
+    num_blocks = -(-size // PROJECTION_BLOCK)
+    padded = jnp.pad(flat, ((0, 0), (0, num_blocks * PROJECTION_BLOCK - size)))
+    blocks = padded.reshape(n, num_blocks, PROJECTION_BLOCK).swapaxes(0, 1)
 
-        def step(acc, xs, index=index):
-            block_index, block = xs
-            return acc + block @ _block(projection, index, block_index, dtype), None
+    def step(acc, xs):
+        block_index, block = xs
+        return acc + block @ _block(projection, block_index, flat.dtype), None
 
-        out, _ = jax.lax.scan(step, out, (jnp.arange(blocks.shape[0]), blocks))
+    out = jnp.zeros((n, projection.proj_dim), flat.dtype)
+    out, _ = jax.lax.scan(step, out, (jnp.arange(num_blocks), blocks))
     return out if batch_dims else out[0]
 
 
@@ -135,19 +136,19 @@ def unproject(projection: Projection, w, like) -> object:
             f"w must be [proj_dim] or [n, proj_dim] with proj_dim="
             f"{projection.proj_dim}, got shape {w.shape}."
         )
-    batched = w.ndim == 2
-    w2 = w if batched else w[None]
+    w2 = w if w.ndim == 2 else w[None]
     leaves, treedef = jax.tree_util.tree_flatten(like)
-    out = []
-    for index, leaf in enumerate(leaves):
-        size = math.prod(leaf.shape)
-        num_blocks = -(-size // PROJECTION_BLOCK)
-
-        def block_rows(block_index, index=index, dtype=leaf.dtype):
-            return w2.astype(dtype) @ _block(projection, index, block_index, dtype).T
-
-        rows = jax.lax.map(block_rows, jnp.arange(num_blocks))  # [nb, n, B]
-        flat = rows.swapaxes(0, 1).reshape(w2.shape[0], -1)[:, :size]
-        shaped = flat.reshape((w2.shape[0],) + tuple(leaf.shape))
-        out.append(shaped if batched else shaped[0])
+    dtype = jnp.result_type(*leaves)
+    size = sum(math.prod(leaf.shape) for leaf in leaves)
+    num_blocks = -(-size // PROJECTION_BLOCK)
+    rows = jax.lax.map(
+        lambda b: w2.astype(dtype) @ _block(projection, b, dtype).T,
+        jnp.arange(num_blocks))  # [num_blocks, n, PROJECTION_BLOCK]
+    flat = rows.swapaxes(0, 1).reshape(w2.shape[0], -1)[:, :size]
+    out, offset = [], 0
+    for leaf in leaves:
+        count = math.prod(leaf.shape)
+        piece = flat[:, offset:offset + count].reshape((-1,) + tuple(leaf.shape))
+        out.append((piece if w.ndim == 2 else piece[0]).astype(leaf.dtype))
+        offset += count
     return jax.tree_util.tree_unflatten(treedef, out)

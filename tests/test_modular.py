@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from tasksurrogate_jax.subsets import leave_one_out_masks
@@ -73,10 +74,30 @@ def test_tiny_preset_trains_above_chance_and_masks_matter():
         res.losses)
 
 
-def test_estimated_scores_not_implemented_yet():
+@pytest.mark.slow
+def test_estimated_scores_linearize_around_the_full_data_model():
     w = modular_workload("tiny")
-    with pytest.raises(NotImplementedError, match="estimation issue"):
-        w.estimated_scores(jnp.ones((1, 25)), key=jax.random.key(0))
+    key = jax.random.key(0)
+    masks = leave_one_out_masks(w.num_tasks)[:4]
+    theta = w.base_params(key=key)
+    assert w.base_params(key=key) is theta  # trained once per key
+    # A huge ridge pins the update to zero: the estimate is the loss at θ*.
+    pinned = w.estimated_scores(masks, key=key, proj_dim=16, ridge=1e6)
+    logits = w.apply_fn(theta, w.target.inputs)
+    at_theta = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                               w.target.labels)
+    np.testing.assert_allclose(pinned, np.broadcast_to(at_theta, pinned.shape),
+                               rtol=1e-4, atol=1e-6)
+    # θ* is the exact full-data model: the same program and key.
+    exact_full = w.exact_scores(masks[:1], key=key, progress=False)
+    np.testing.assert_allclose(exact_full[0], at_theta, rtol=1e-5, atol=1e-6)
+    result = w.estimate(masks, key=key, proj_dim=16, ridge=1e-2)
+    assert result.scores.shape == (4, w.num_targets)
+    assert np.isfinite(result.scores).all() and (result.scores >= 0).all()
+    assert float(result.grad_norm.max()) < 1e-6
+    assert not np.allclose(result.scores[1], result.scores[2])  # masks matter
+    again = w.estimated_scores(masks, key=key, proj_dim=16, ridge=1e-2)
+    np.testing.assert_array_equal(again, result.scores)
 
 
 def test_bad_input():

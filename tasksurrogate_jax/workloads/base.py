@@ -55,18 +55,10 @@ class Workload(abc.ABC):
     def exact_scores(self, masks, *, key, **kwargs) -> jax.Array:
         """True subset scores ``[num_subsets, num_targets]`` (lower = better)."""
 
-    def estimated_scores(self, masks, *, key=None, **kwargs) -> jax.Array:
-        """First-order estimates of the subset scores, without retraining.
-
-        Raises:
-          NotImplementedError: always, for now.
-        """
-        raise NotImplementedError(
-            f"{type(self).__name__}.estimated_scores is not implemented yet: the "
-            "gradient-based estimation of F(s) without retraining (METHOD.md "
-            "section 3) is added by the estimation issue. Use exact_scores "
-            "(retraining) meanwhile."
-        )
+    @abc.abstractmethod
+    def estimated_scores(self, masks, *, key, **kwargs) -> jax.Array:
+        """First-order estimates ``[num_subsets, num_targets]`` of the subset
+        scores, without retraining (METHOD.md section 3)."""
 
     def check_masks(self, masks, name: str = "masks") -> jax.Array:
         """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""

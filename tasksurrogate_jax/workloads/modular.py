@@ -39,6 +39,7 @@ from tasksurrogate_jax.data import (
     make_target_data,
     make_task_data,
 )
+from tasksurrogate_jax.estimation import estimate_scores
 from tasksurrogate_jax.retraining import (
     RetrainResult,
     TrainSpec,
@@ -222,6 +223,7 @@ class ModularWorkload(Workload):
                 f"heads={c.heads}."
             )
         self.config = c
+        self._base_params = {}
 
         tokens, labels = modular_examples(c.p, c.operation)
         order = np.asarray(
@@ -332,6 +334,62 @@ class ModularWorkload(Workload):
           ``[num_subsets, num_targets]`` losses.
         """
         return self.retrain(masks, key=key, **kwargs).losses
+
+    def base_params(self, *, key):
+        """``θ*``: the model trained on all tasks with ``key`` (cached per key).
+
+        The same program and key as ``exact_scores(ones, key=key)``, so the
+        estimates linearize around the model whose ``F(s*)`` the ground truth
+        reports.
+        """
+        cache_key = np.asarray(jax.random.key_data(key)).tobytes()
+        if cache_key not in self._base_params:
+            full = np.ones((1, self.num_tasks), np.float32)
+            result = self.retrain(full, key=key, return_params=True, progress=False)
+            self._base_params[cache_key] = jax.tree_util.tree_map(
+                lambda leaf: leaf[0], result.params)
+        return self._base_params[cache_key]
+
+    def finetune_spec(self, *, num_steps: int | None = None,
+                      learning_rate: float | None = None) -> TrainSpec:
+        """The training program for fine-tuning from ``θ*`` (the estimation check).
+
+        Defaults: a quarter of the preset's steps at the preset's learning rate,
+        other settings unchanged.
+        """
+        c = self.config
+        return make_train_spec(
+            apply_fn=self.apply_fn,
+            optimizer=optax.adamw(
+                c.learning_rate if learning_rate is None else learning_rate,
+                b1=c.b1, b2=c.b2, weight_decay=c.weight_decay),
+            num_steps=max(1, c.num_steps // 4) if num_steps is None else num_steps,
+            batch_size=c.batch_size,
+        )
+
+    def estimate(self, masks, *, key, base_params=None, **kwargs):
+        """First-order estimates with diagnostics (:func:`estimation.estimate_scores`).
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``.
+          key: PRNG key: ``θ*`` is :meth:`base_params` of ``key`` unless
+            ``base_params`` is given; the projection uses ``fold_in(key, 1)``.
+          base_params: ``θ*`` to linearize around.
+          **kwargs: ``proj_dim``, ``ridge``, ``output_mode``, ``settings``,
+            ``projection_kind``, ``batch_size``, ``chunk_size``.
+
+        Returns:
+          :class:`~tasksurrogate_jax.estimation.EstimationResult`.
+        """
+        masks = self.check_masks(masks)
+        params = self.base_params(key=key) if base_params is None else base_params
+        return estimate_scores(self.apply_fn, params, self.data, self.target, masks,
+                               key=jax.random.fold_in(key, 1), **kwargs)
+
+    def estimated_scores(self, masks, *, key, base_params=None, **kwargs) -> jax.Array:
+        """Estimated per-target test cross-entropy ``[num_subsets, num_targets]``,
+        without retraining (see :meth:`estimate`)."""
+        return self.estimate(masks, key=key, base_params=base_params, **kwargs).scores
 
     def accuracy(self, params) -> jax.Array:
         """Mean target accuracy of one set of parameters."""
