@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax import metrics, retraining
 from tasksurrogate_jax._checks import check_positive_int
@@ -322,13 +323,20 @@ def estimate_scores(
         chunk = _pad_rows(weights[start:start + chunk_size], chunk_size)
         sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
                             settings=settings)
-        delta_norm = jax.vmap(
-            lambda w: otu.tree_norm(unproject(projection, w, params)))(sol.w)
+        delta_norm = _update_norms(projection, sol.w, params)
         results.append((target_losses(tgt, sol.w, output_mode), sol.grad_norm,
                         sol.iterations, delta_norm))
     m = weights.shape[0]
     return EstimationResult(*(jnp.concatenate(parts)[:m] for parts in zip(*results,
                                                                           strict=True)))
+
+
+@jax.jit
+def _update_norms(projection, w, params):
+    """``[m]`` norms ``||P w_j||`` of the parameter updates."""
+    update = unproject(projection, w, params)
+    return jnp.sqrt(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
+                        for leaf in jax.tree_util.tree_leaves(update)))
 
 
 def _pad_rows(rows, size):
@@ -351,21 +359,24 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
 
     f_lin_train = linearize(lambda p, x: outputs_fn(p, x, data.labels), params)
     f_lin_target = linearize(lambda p, x: outputs_fn(p, x, target.labels), params)
-    zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+    # The update lives in one flat vector: optax's state lookups must not meet
+    # the attributes of framework containers (e.g. ``nnx.Param.value``).
+    flat_params, unravel = ravel_pytree(params)
+    zero = jnp.zeros_like(flat_params)
 
     @jax.jit
     def solve_chunk(chunk):
         def one(omega):
             def objective(delta):
-                losses = example_losses(f_lin_train(delta, data.inputs), data.labels,
-                                        output_mode)
-                penalty = 0.5 * ridge * otu.tree_vdot(delta, delta)
+                losses = example_losses(f_lin_train(unravel(delta), data.inputs),
+                                        data.labels, output_mode)
+                penalty = 0.5 * ridge * jnp.sum(delta * delta)
                 return jnp.sum(omega * losses) / jnp.sum(omega) + penalty
 
             sol = _minimize(objective, zero, settings)
-            scores = example_losses(f_lin_target(sol.w, target.inputs), target.labels,
-                                    output_mode)
-            return scores, sol.grad_norm, sol.iterations, otu.tree_norm(sol.w)
+            scores = example_losses(f_lin_target(unravel(sol.w), target.inputs),
+                                    target.labels, output_mode)
+            return scores, sol.grad_norm, sol.iterations, jnp.linalg.norm(sol.w)
 
         return jax.lax.map(one, chunk)
 

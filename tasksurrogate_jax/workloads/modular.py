@@ -351,18 +351,22 @@ class ModularWorkload(Workload):
         return self._base_params[cache_key]
 
     def finetune_spec(self, *, num_steps: int | None = None,
-                      learning_rate: float | None = None) -> TrainSpec:
+                      learning_rate: float | None = None,
+                      weight_decay: float = 0.0) -> TrainSpec:
         """The training program for fine-tuning from ``θ*`` (the estimation check).
 
-        Defaults: a quarter of the preset's steps at the preset's learning rate,
-        other settings unchanged.
+        Defaults: a gentle fine-tune that stays near ``θ*``, where the
+        first-order model is meant to hold: a quarter of the preset's steps at a
+        tenth of its learning rate, no weight decay (which would pull every
+        subset's model towards zero, something the linearized model does not
+        represent); batch size and betas as in the preset.
         """
         c = self.config
         return make_train_spec(
             apply_fn=self.apply_fn,
             optimizer=optax.adamw(
-                c.learning_rate if learning_rate is None else learning_rate,
-                b1=c.b1, b2=c.b2, weight_decay=c.weight_decay),
+                c.learning_rate / 10 if learning_rate is None else learning_rate,
+                b1=c.b1, b2=c.b2, weight_decay=weight_decay),
             num_steps=max(1, c.num_steps // 4) if num_steps is None else num_steps,
             batch_size=c.batch_size,
         )
