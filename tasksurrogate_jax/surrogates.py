@@ -18,6 +18,7 @@ Scores are ``[num_subsets, num_targets]``; a 1-D ``scores`` is one target.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from functools import partial
 from typing import Literal
 
@@ -272,7 +273,9 @@ def fit_kernel_surrogate(
             jitter=jnp.full(num_targets, used_jitter),
             y_mean=y_mean, y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
 
-    # Per-target hyperparameters: one factorisation per distinct (gamma, ridge).
+    # Per-target hyperparameters: one factorisation per distinct (gamma, ridge),
+    # each solved for every column (fixed shapes: one compilation), keeping the
+    # columns of that group.
     if not (is_concrete(gamma_arr) and is_concrete(ridge_arr)):
         raise TypeError(
             "per-target gamma or ridge arrays must be concrete (not traced inside "
@@ -284,13 +287,13 @@ def fit_kernel_surrogate(
     alpha = jnp.zeros_like(y)
     jitter_t = jnp.zeros(num_targets, dtype)
     for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist(), strict=True))):
-        cols = np.nonzero((gamma_t == g) & (ridge_t == r))[0]
+        group = jnp.asarray((gamma_t == g) & (ridge_t == r))
         a, used, ok = _fit_kernel_single(
-            masks, y[:, cols], jnp.asarray(g, dtype), jnp.asarray(r, dtype), coef0,
-            jitter, kernel, degree)
+            masks, y, jnp.asarray(g, dtype), jnp.asarray(r, dtype), coef0, jitter,
+            kernel, degree)
         _raise_if_not_factored(ok, r, used)
-        alpha = alpha.at[:, cols].set(a)
-        jitter_t = jitter_t.at[cols].set(used)
+        alpha = jnp.where(group[None, :], a, alpha)
+        jitter_t = jnp.where(group, used, jitter_t)
     return KernelSurrogate(
         train_masks=masks, alpha=alpha, gammas=jnp.asarray(gammas, dtype),
         gamma_index=jnp.asarray(gamma_index.reshape(-1), jnp.int32),
@@ -466,6 +469,8 @@ def select_kernel_hyperparameters(
         raise ValueError("gammas and ridges must be 1-D grids.")
     coef0 = jnp.asarray(coef0, dtype)
 
+    _warn_if_ridge_below_precision(masks, gammas, ridges, coef0, kernel, degree)
+
     if method == "loo":
         if num_subsets < 3:
             raise ValueError(
@@ -507,6 +512,28 @@ def select_kernel_hyperparameters(
     return HyperparameterSearch(gamma=gamma, ridge=ridge, gammas=gammas, ridges=ridges,
                                 table=table, mean_table=mean_table,
                                 criterion=criterion, method=method)
+
+
+def _warn_if_ridge_below_precision(masks, gammas, ridges, coef0, kernel, degree):
+    """Warns when a grid ridge is below the eigendecomposition's rounding error.
+
+    The closed forms divide by ``eigenvalue + ridge``; eigenvalues are only
+    known to about ``eps * trace(K)``, so smaller ridges give unreliable
+    criterion values (seen in float32: tens of percent off).
+    """
+    def trace(gamma):
+        diag = jax.vmap(lambda x: gram(x[None], x[None], kernel=kernel, gamma=gamma,
+                                       degree=degree, coef0=coef0)[0, 0])(masks)
+        return jnp.sum(jnp.abs(diag))
+
+    resolution = 10 * jnp.finfo(masks.dtype).eps * max(
+        float(trace(g)) for g in gammas)
+    if float(jnp.min(ridges)) < resolution:
+        warnings.warn(
+            f"ridges holds values below {resolution:.2g}, the rounding error of the "
+            f"{masks.dtype} eigenvalues of this kernel matrix: their criterion "
+            "values are unreliable. Use float64 (jax_enable_x64) or larger ridges.",
+            RuntimeWarning, stacklevel=3)
 
 
 def _criterion_values(truth, predicted, criterion):

@@ -1,3 +1,5 @@
+import warnings
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -305,3 +307,15 @@ def test_bad_selection_options():
         surrogates.fit_kernel_surrogate(MASKS, SCORES, gamma=np.ones(3))
     with pytest.raises(TypeError, match="must be a LinearSurrogate or"):
         surrogates.predict("model", NEW)
+
+
+def test_selection_warns_when_a_ridge_is_below_float32_precision():
+    masks32 = np.asarray(MASKS, np.float32)
+    scores32 = np.asarray(SCORES, np.float32)
+    with pytest.warns(RuntimeWarning, match="rounding error of the float32"):
+        surrogates.select_kernel_hyperparameters(masks32, scores32, gammas=[0.1],
+                                                 ridges=[1e-6, 1.0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        surrogates.select_kernel_hyperparameters(MASKS, SCORES, gammas=[0.1],
+                                                 ridges=[1e-6, 1.0])
