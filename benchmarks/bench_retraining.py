@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import resource
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from _common import environment, write_json
 
 from tasksurrogate_jax.retraining import retrain_chunk, retrain_one
 from tasksurrogate_jax.subsets import fixed_size_masks
@@ -148,10 +147,7 @@ def main():
           f"loss {max_rel_mean:.2e} (spread over subsets "
           f"{result['mean_loss_spread_over_subsets']:.3g}); peak RSS "
           f"{result['peak_rss_bytes'] / 2**20:.0f} MiB")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print("wrote", out)
+    print("wrote", write_json(args.out, {**result, "environment": environment()}))
 
 
 if __name__ == "__main__":

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
 import platform
 import time
-from pathlib import Path
 
 import jax
 import numpy as np
+from _common import environment, write_json
 
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.modular import block_task_ids, modular_workload
@@ -102,10 +101,7 @@ def main():
             print(f"{k:36s} {v}")
     print("config", summary["config"])
     print("LOO effects (mean target loss):", np.round(mean_effect, 4).tolist())
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=2))
-    print("wrote", out)
+    print("wrote", write_json(args.out, {**summary, "environment": environment()}))
 
 
 if __name__ == "__main__":
