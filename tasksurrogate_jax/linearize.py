@@ -144,8 +144,8 @@ def per_task_sums(per_example, task_ids, num_tasks: int):
     Args:
       per_example: ``[n, ...]`` array or pytree of arrays (e.g. projected
         per-example gradients ``[n, d]``).
-      task_ids: ``[n]`` ints in ``[0, num_tasks)``; padding rows may use
-        ``num_tasks`` or more and are dropped.
+      task_ids: ``[n]`` ints in ``[0, num_tasks)``; padding rows (``-1``, as in
+        ``TaskData``, or any id outside that range) are dropped.
       num_tasks: K.
 
     Returns:
