@@ -425,10 +425,12 @@ def select_kernel_hyperparameters(
     ``method="loo"`` is exact leave-one-out in closed form: for each gamma,
     ``K = Q diag(l) Q^T`` once, then for every ridge ``A = (K + ridge I)^{-1}``
     gives the held-out residuals ``(A y)_i / A_ii`` without refitting.
-    ``method="kfold"`` refits on each training fold (one eigendecomposition
-    per fold and gamma serves every ridge) and averages the per-fold criterion,
-    as scikit-learn's ``GridSearchCV`` does. Folds are contiguous as in
-    scikit-learn's ``KFold``; pass ``key`` to shuffle rows first.
+    ``method="kfold"`` gives the exact held-out predictions of a refit on each
+    training fold, but from the same per-gamma eigendecomposition of the full
+    kernel matrix (block formula ``e_V = (A_VV)^{-1} (A y)_V``), and averages
+    the per-fold criterion, as scikit-learn's ``GridSearchCV`` does. Folds are
+    contiguous as in scikit-learn's ``KFold``; pass ``key`` to shuffle rows
+    first.
 
     With ``standardize=True`` targets are standardised; for ``"loo"`` with the
     statistics of all rows, for ``"kfold"`` with those of each training fold.
@@ -490,14 +492,9 @@ def select_kernel_hyperparameters(
         order = np.arange(num_subsets)
         if key is not None:
             order = np.asarray(jax.random.permutation(check_key(key), num_subsets))
-        folds = np.array_split(order, num_folds)
-        tables = []
-        for fold in folds:
-            train = np.setdiff1d(order, fold, assume_unique=True)
-            tables.append(_kfold_table(
-                masks[train], scores[train], masks[fold], scores[fold], gammas, ridges,
-                coef0, kernel, degree, criterion, standardize))
-        table = jnp.mean(jnp.stack(tables), axis=0)
+        folds = [jnp.asarray(fold) for fold in np.array_split(order, num_folds)]
+        table = _kfold_table(masks, scores, folds, gammas, ridges, coef0, kernel,
+                             degree, criterion, standardize)
 
     better = jnp.nanargmin if criterion == "mse" else jnp.nanargmax
     mean_table = jnp.nanmean(table, axis=-1)
@@ -543,14 +540,19 @@ def _criterion_values(truth, predicted, criterion):
     return metrics.spearman(truth, predicted)
 
 
+def _spectrum(masks, gamma, coef0, kernel, degree):
+    """Eigenvalues (clipped at 0) and eigenvectors of the kernel matrix."""
+    k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
+    evals, evecs = jnp.linalg.eigh(k)
+    return jnp.maximum(evals, 0.0), evecs
+
+
 @partial(jax.jit, static_argnums=(5, 6, 7))
 def _loo_table(masks, y, gammas, ridges, coef0, kernel, degree, criterion):
     """``[num_gammas, num_ridges, num_targets]`` closed-form LOO criterion."""
 
     def per_gamma(gamma):
-        k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
-        evals, evecs = jnp.linalg.eigh(k)
-        evals = jnp.maximum(evals, 0.0)
+        evals, evecs = _spectrum(masks, gamma, coef0, kernel, degree)
         projected = evecs.T @ y  # [m, T]
         sq_evecs = evecs * evecs
 
@@ -566,27 +568,48 @@ def _loo_table(masks, y, gammas, ridges, coef0, kernel, degree, criterion):
     return jax.lax.map(per_gamma, gammas)
 
 
-@partial(jax.jit, static_argnums=(7, 8, 9, 10))
-def _kfold_table(train_masks, train_y, val_masks, val_y, gammas, ridges, coef0, kernel,
-                 degree, criterion, standardize):
-    """``[num_gammas, num_ridges, num_targets]`` criterion on one validation fold."""
-    y_mean, y_scale = _standardization(train_y, standardize)
-    y = (train_y - y_mean) / y_scale
-    val_y = (val_y - y_mean) / y_scale
+@partial(jax.jit, static_argnums=(6, 7, 8, 9))
+def _kfold_table(masks, y, folds, gammas, ridges, coef0, kernel, degree, criterion,
+                 standardize):
+    """``[num_gammas, num_ridges, num_targets]`` criterion averaged over folds.
+
+    Exact refits without refitting: with ``A = (K + ridge I)^{-1}`` of the full
+    kernel matrix, the residuals on fold V of the model fit on the other rows
+    are ``e_V = (A_VV)^{-1} (A y)_V``. Standardising with the training rows'
+    statistics is an affine change of ``y``: ``A`` applied to a column of ones
+    gives the shift. One eigendecomposition per gamma serves every fold and
+    ridge.
+    """
+    num_subsets = y.shape[0]
+    stats = []
+    for fold in folds:
+        count = num_subsets - fold.shape[0]
+        if standardize:
+            mean = (y.sum(0) - y[fold].sum(0)) / count
+            second = ((y * y).sum(0) - (y[fold] ** 2).sum(0)) / count
+            scale = jnp.sqrt(jnp.maximum(second - mean * mean, 0.0))
+            stats.append((mean, jnp.where(scale > 0, scale, 1.0)))
+        else:
+            stats.append(_standardization(y, False))
+    rhs = jnp.concatenate([y, jnp.ones((num_subsets, 1), y.dtype)], axis=1)
 
     def per_gamma(gamma):
-        k = gram(train_masks, train_masks, kernel=kernel, gamma=gamma, degree=degree,
-                 coef0=coef0)
-        k_val = gram(val_masks, train_masks, kernel=kernel, gamma=gamma, degree=degree,
-                     coef0=coef0)
-        evals, evecs = jnp.linalg.eigh(k)
-        evals = jnp.maximum(evals, 0.0)
-        projected = evecs.T @ y
-        val_evecs = k_val @ evecs
+        evals, evecs = _spectrum(masks, gamma, coef0, kernel, degree)
+        projected = evecs.T @ rhs
 
         def per_ridge(ridge):
-            prediction = val_evecs @ (projected / (evals + ridge)[:, None])
-            return _criterion_values(val_y, prediction, criterion)
+            inv = 1.0 / (evals + ridge)
+            a_rhs = evecs @ (inv[:, None] * projected)
+            a_y, a_one = a_rhs[:, :-1], a_rhs[:, -1]
+            values = []
+            for fold, (mean, scale) in zip(folds, stats, strict=True):
+                rows = evecs[fold]
+                a_vv = (rows * inv) @ rows.T
+                shifted = (a_y[fold] - a_one[fold][:, None] * mean) / scale
+                residual = jax.scipy.linalg.solve(a_vv, shifted, assume_a="pos")
+                truth = (y[fold] - mean) / scale
+                values.append(_criterion_values(truth, truth - residual, criterion))
+            return jnp.mean(jnp.stack(values), axis=0)
 
         return jax.lax.map(per_ridge, ridges)
 
