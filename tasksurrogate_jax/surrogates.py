@@ -516,8 +516,12 @@ def _warn_if_ridge_below_precision(masks, gammas, ridges, coef0, kernel, degree)
 
     The closed forms divide by ``eigenvalue + ridge``; eigenvalues are only
     known to about ``eps * trace(K)``, so smaller ridges give unreliable
-    criterion values (seen in float32: tens of percent off).
+    criterion values (seen in float32: tens of percent off). Skipped under
+    ``jit`` (the values are not known at trace time).
     """
+    if not (is_concrete(masks) and is_concrete(gammas) and is_concrete(ridges)):
+        return
+
     def trace(gamma):
         diag = jax.vmap(lambda x: gram(x[None], x[None], kernel=kernel, gamma=gamma,
                                        degree=degree, coef0=coef0)[0, 0])(masks)

@@ -201,6 +201,16 @@ def test_kfold_equals_explicit_refits_per_fold(standardize):
                                        rtol=1e-7)
 
 
+@pytest.mark.parametrize("method", ["loo", "kfold"])
+def test_selection_runs_under_jit(method):
+    kwargs = {"gammas": GAMMAS, "ridges": RIDGES, "method": method}
+    eager = surrogates.select_kernel_hyperparameters(MASKS, SCORES, **kwargs)
+    jitted = jax.jit(lambda m, s: surrogates.select_kernel_hyperparameters(
+        m, s, **kwargs))(MASKS, SCORES)
+    np.testing.assert_allclose(jitted.table, eager.table, rtol=1e-10)
+    assert float(jitted.gamma) == float(eager.gamma)
+
+
 def test_kfold_with_key_shuffles_reproducibly():
     kwargs = {"gammas": GAMMAS, "ridges": RIDGES, "method": "kfold"}
     a = surrogates.select_kernel_hyperparameters(MASKS, SCORES, key=jax.random.key(1),
