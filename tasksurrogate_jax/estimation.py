@@ -169,12 +169,37 @@ def subset_objective(w, weights, train: Linearized, ridge, output_mode):
     return jnp.sum(weights * losses) / jnp.sum(weights) + 0.5 * ridge * jnp.sum(w * w)
 
 
-def _minimize(objective, w0, settings: SolverSettings):
-    """Minimises a smooth convex ``objective`` from ``w0``; returns a Solution."""
+def subset_hessian(w, weights, train: Linearized, ridge, output_mode):
+    """Exact Hessian ``[d, d]`` of :func:`subset_objective`, in closed form.
+
+    Cross-entropy is ``Φ_n^T (diag(p_n) - p_n p_n^T) Φ_n`` per example on
+    logits (``n C d²`` multiply-adds, a quarter of what ``jax.hessian`` spends)
+    and ``σ(m)(1 - σ(m)) φ_n φ_n^T`` on margins.
+    """
+    outputs = _linear_outputs(train, w)
+    omega = weights / jnp.sum(weights)
+    if output_mode == "logits":
+        probs = jax.nn.softmax(outputs, axis=-1)  # [n, C]
+        weighted = train.features * (omega[:, None] * probs)[..., None]
+        mean_feature = jnp.einsum("nc,ncd->nd", probs, train.features)
+        curvature = (jnp.einsum("ncd,nce->de", weighted, train.features)
+                     - jnp.einsum("n,nd,ne->de", omega, mean_feature, mean_feature))
+    else:
+        sig = jax.nn.sigmoid(outputs)
+        curvature = jnp.einsum("n,nd,ne->de", omega * sig * (1 - sig),
+                               train.features, train.features)
+    return curvature + ridge * jnp.eye(w.shape[0], dtype=w.dtype)
+
+
+def _minimize(objective, w0, settings: SolverSettings, hessian_fn=None):
+    """Minimises a smooth convex ``objective`` from ``w0``; returns a Solution.
+
+    Newton uses ``hessian_fn(w)`` when given, else ``jax.hessian(objective)``.
+    """
     grad_fn = jax.grad(objective)
 
     if settings.solver == "newton":
-        hessian_fn = jax.hessian(objective)
+        hessian_fn = jax.hessian(objective) if hessian_fn is None else hessian_fn
 
         def cond(state):
             _, g, it = state
@@ -229,7 +254,10 @@ def solve_subsets(train: Linearized, weights, *, ridge, output_mode: str,
     def one(omega):
         objective = functools.partial(subset_objective, weights=omega, train=train,
                                       ridge=ridge, output_mode=output_mode)
-        return _minimize(objective, jnp.zeros(d, train.features.dtype), settings)
+        hessian = functools.partial(subset_hessian, weights=omega, train=train,
+                                    ridge=ridge, output_mode=output_mode)
+        return _minimize(objective, jnp.zeros(d, train.features.dtype), settings,
+                         hessian)
 
     return jax.vmap(one)(weights)
 

@@ -111,6 +111,19 @@ def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
         assert objective(np.asarray(solution.w[j])) <= ref.fun + 1e-12
 
 
+@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+def test_closed_form_hessian_equals_jax_hessian(output_mode):
+    projection = proj.make_projection(jax.random.key(4), 6)
+    train = est.linearized_examples(softmax_regression, PARAMS, DATA.inputs,
+                                    DATA.labels, projection=projection,
+                                    output_mode=output_mode)
+    weights = mask_to_weights(MASKS[2], DATA.task_ids)
+    w = jnp.asarray(RNG.normal(size=6))
+    ours = est.subset_hessian(w, weights, train, 0.3, output_mode)
+    ref = jax.hessian(est.subset_objective)(w, weights, train, 0.3, output_mode)
+    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="proj_dim must be >= 1"):
         est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
