@@ -346,17 +346,22 @@ def estimate_scores(
     _check_finite_features(train.features, "training")
     _check_finite_features(tgt.features, "target")
 
-    results = []
-    for start in range(0, weights.shape[0], chunk_size):
-        chunk = _pad_rows(weights[start:start + chunk_size], chunk_size)
+    def solve_chunk(chunk):
         sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
                             settings=settings)
-        delta_norm = _update_norms(projection, sol.w, params)
-        results.append((target_losses(tgt, sol.w, output_mode), sol.grad_norm,
-                        sol.iterations, delta_norm))
+        return (target_losses(tgt, sol.w, output_mode), sol.grad_norm,
+                sol.iterations, _update_norms(projection, sol.w, params))
+
+    return _over_chunks(solve_chunk, weights, chunk_size)
+
+
+def _over_chunks(solve_chunk, weights, chunk_size) -> EstimationResult:
+    """Runs ``solve_chunk`` on padded chunks of ``weights`` rows; concatenates."""
+    parts = [solve_chunk(_pad_rows(weights[start:start + chunk_size], chunk_size))
+             for start in range(0, weights.shape[0], chunk_size)]
     m = weights.shape[0]
-    return EstimationResult(*(jnp.concatenate(parts)[:m] for parts in zip(*results,
-                                                                          strict=True)))
+    return EstimationResult(*(jnp.concatenate(columns)[:m]
+                              for columns in zip(*parts, strict=True)))
 
 
 @jax.jit
@@ -408,13 +413,7 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
 
         return jax.lax.map(one, chunk)
 
-    parts = []
-    for start in range(0, weights.shape[0], chunk_size):
-        parts.append(solve_chunk(_pad_rows(weights[start:start + chunk_size],
-                                           chunk_size)))
-    m = weights.shape[0]
-    return EstimationResult(*(jnp.concatenate(p)[:m] for p in zip(*parts,
-                                                                  strict=True)))
+    return _over_chunks(solve_chunk, weights, chunk_size)
 
 
 def _check_output_mode(output_mode):
