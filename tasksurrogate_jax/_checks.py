@@ -50,7 +50,7 @@ def check_masks(masks, name: str = "masks", *, num_tasks: int | None = None):
     if num_tasks is not None and arr.shape[1] != num_tasks:
         raise ValueError(
             f"{name} has {arr.shape[1]} task columns, expected {num_tasks} "
-            "(the number of tasks)."
+            f"(num_tasks={num_tasks}); got shape {tuple(arr.shape)}."
         )
     if is_concrete(masks):
         values = np.asarray(masks, dtype=float)
@@ -103,6 +103,14 @@ def check_positive_int(value, name: str, *, minimum: int = 1) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}.")
     return int(value)
+
+
+def as_typed_key(key, name: str = "key") -> jax.Array:
+    """Validates ``key`` (see :func:`check_key`) and returns a typed key."""
+    key = check_key(key, name)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return key
+    return jax.random.wrap_key_data(key)
 
 
 def check_key(key, name: str = "key") -> jax.Array:

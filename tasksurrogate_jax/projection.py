@@ -22,7 +22,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from tasksurrogate_jax._checks import check_key, check_positive_int
+from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 
 PROJECTION_BLOCK = 2048
 KINDS = ("rademacher", "gaussian")
@@ -48,9 +48,7 @@ class Projection:
 def make_projection(key, proj_dim: int, *, kind: str = "rademacher",
                     num_params: int | None = None) -> Projection:
     """Validated :class:`Projection`; ``num_params`` bounds ``proj_dim`` above."""
-    key = check_key(key)
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
+    key = as_typed_key(key)
     proj_dim = check_positive_int(proj_dim, "proj_dim")
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}.")

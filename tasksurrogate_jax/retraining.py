@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tasksurrogate_jax._checks import check_key, check_positive_int
+from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -317,18 +317,6 @@ def choose_chunk_size(
     return -(-num_subsets // num_chunks)
 
 
-def _key_data(key) -> list[int]:
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    return np.asarray(key).ravel().tolist()
-
-
-def _as_typed_key(key):
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return key
-    return jax.random.wrap_key_data(key)
-
-
 def retrain(
     masks,
     *,
@@ -391,9 +379,8 @@ def retrain(
             f"spec must be a TrainSpec (make_train_spec), got {type(spec).__name__}."
         )
     check_target_matches(data, target)
-    masks = _check_mask_width(masks, data.num_tasks)
     masks = check_nonempty_masks(masks, data)
-    key = _as_typed_key(check_key(key))
+    key = as_typed_key(key)
     if (init_fn is None) == (init_params is None):
         raise ValueError(
             "give exactly one of init_fn (train from scratch) and init_params "
@@ -448,7 +435,7 @@ def retrain(
             "masks": array_digest(np.asarray(masks)),
             "data": array_digest(data.inputs, data.labels, data.task_ids),
             "target": array_digest(target.inputs, target.labels),
-            "key": _key_data(key),
+            "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
             "seeds": seeds,
             "init": "init_fn" if init_params is None else array_digest(*param_leaves),
             "num_steps": spec.num_steps,
@@ -526,16 +513,6 @@ def _row_keys(key, rows):
 @functools.partial(jax.jit, static_argnames=("init_fn",))
 def _init_rows(keys, *, init_fn):
     return jax.vmap(init_fn)(keys)
-
-
-def _check_mask_width(masks, num_tasks: int):
-    shape = np.shape(masks)
-    if len(shape) == 2 and shape[1] != num_tasks:
-        raise ValueError(
-            f"masks has {shape[1]} task columns (shape {tuple(shape)}), expected "
-            f"num_tasks={num_tasks} (the number of tasks in data)."
-        )
-    return masks
 
 
 def _stored_chunk_size(store_dir) -> int | None:

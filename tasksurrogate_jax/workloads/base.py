@@ -62,10 +62,4 @@ class Workload(abc.ABC):
 
     def check_masks(self, masks, name: str = "masks") -> jax.Array:
         """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""
-        shape = getattr(masks, "shape", None)
-        if shape is not None and len(shape) == 2 and shape[1] != self.num_tasks:
-            raise ValueError(
-                f"{name} has {shape[1]} task columns (shape {tuple(shape)}), "
-                f"expected num_tasks={self.num_tasks} for workload {self.name!r}."
-            )
         return check_masks(masks, name, num_tasks=self.num_tasks)

@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -342,6 +342,7 @@ class ModularWorkload(Workload):
         estimates linearize around the model whose ``F(s*)`` the ground truth
         reports.
         """
+        key = as_typed_key(key)
         cache_key = np.asarray(jax.random.key_data(key)).tobytes()
         if cache_key not in self._base_params:
             full = np.ones((1, self.num_tasks), np.float32)
