@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import platform
@@ -42,6 +43,12 @@ def environment() -> dict:
         "load_average": list(os.getloadavg()),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def parse_overrides(items: Sequence[str]) -> dict:
+    """``["field=value", ...]`` (values as Python literals) -> ``{field: value}``."""
+    pairs = (item.split("=", 1) for item in items)
+    return {key: ast.literal_eval(value) for key, value in pairs}
 
 
 def time_call(

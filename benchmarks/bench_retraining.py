@@ -22,14 +22,13 @@ analysis of each compiled program, peak process RSS).
 from __future__ import annotations
 
 import argparse
-import ast
 import platform
 import resource
 import time
 
 import jax
 import numpy as np
-from _common import environment, write_json
+from _common import environment, parse_overrides, write_json
 
 from tasksurrogate_jax.retraining import retrain_chunk, retrain_one
 from tasksurrogate_jax.subsets import fixed_size_masks
@@ -59,7 +58,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
     ap.add_argument("--out", default="benchmarks/results/bench_retraining.json")
     args = ap.parse_args()
-    overrides = {k: ast.literal_eval(v) for k, v in (s.split("=", 1) for s in args.set)}
+    overrides = parse_overrides(args.set)
 
     w = modular_workload(args.preset, **overrides)
     K, m = w.num_tasks, args.num_subsets

@@ -14,13 +14,12 @@ Extra ``--set field=value`` pairs override preset fields (for tuning).
 from __future__ import annotations
 
 import argparse
-import ast
 import platform
 import time
 
 import jax
 import numpy as np
-from _common import environment, write_json
+from _common import environment, parse_overrides, write_json
 
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.modular import block_task_ids, modular_workload
@@ -36,10 +35,7 @@ def main():
     ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
     ap.add_argument("--out", default="benchmarks/results/modular_cpu_preset.json")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.set:
-        k, v = item.split("=", 1)
-        overrides[k] = ast.literal_eval(v)
+    overrides = parse_overrides(args.set)
 
     t0 = time.perf_counter()
     w = modular_workload(args.preset, **overrides)
