@@ -120,7 +120,13 @@ def check_key(key, name: str = "key") -> jax.Array:
             f"{name} must be a JAX PRNG key (jax.random.key(seed)), got "
             f"{type(key).__name__}."
         )
-    arr = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    try:
+        arr = key if isinstance(key, jax.Array) else jnp.asarray(key)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a JAX PRNG key (jax.random.key(seed)), got "
+            f"{type(key).__name__}."
+        ) from None
     typed = jnp.issubdtype(arr.dtype, jax.dtypes.prng_key)
     if not typed and not (arr.dtype == jnp.uint32 and arr.shape == (2,)):
         raise TypeError(

@@ -1,0 +1,152 @@
+"""Task attributions and interactions read off a fitted surrogate ``g(s) ≈ F(s)``.
+
+Scores ``F`` are target *losses* (lower is better). Every attribution here has
+one sign convention: **positive = the task helps the target** (removing it, or
+leaving it out of a coalition, raises the predicted loss). All functions return
+per-target arrays; average over the last axis for the mean target.
+
+- :func:`loo_scores`: ``ĝ(1 − e_i) − ĝ(1)``, ``[K, T]``, comparable with the
+  true leave-one-out effects ``F(1 − e_i) − F(1)``. For a linear surrogate this
+  is ``−coef`` exactly.
+- :func:`interaction_matrix`: ``ĝ(1) − ĝ(1−e_i) − ĝ(1−e_j) + ĝ(1−e_i−e_j)``,
+  ``[K, K, T]``, zero on the diagonal and identically zero for a linear
+  surrogate. It is (effect of removing i when j is already gone) minus (effect
+  of removing i when j is there): positive when i and j are substitutes (each
+  matters more without the other), negative when they are complements.
+- :func:`banzhaf_values`, :func:`shapley_values`: the game ``v(s) = −ĝ(s)``,
+  estimated by sampling coalitions (Banzhaf: uniform over subsets; Shapley:
+  random orders), vmapped over samples and chunked. They query the surrogate
+  on subsets of every size, far from the near-full subsets it was usually fit
+  on; read them as properties of the surrogate.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax.subsets import leave_one_out_masks
+from tasksurrogate_jax.surrogates import KernelSurrogate, LinearSurrogate
+
+
+def _check_surrogate(surrogate):
+    if not isinstance(surrogate, (LinearSurrogate, KernelSurrogate)):
+        raise TypeError(
+            "surrogate must be a LinearSurrogate or KernelSurrogate, got "
+            f"{type(surrogate).__name__}."
+        )
+    return surrogate.num_tasks
+
+
+def _dtype(surrogate):
+    return (surrogate.coef if isinstance(surrogate, LinearSurrogate)
+            else surrogate.alpha).dtype
+
+
+def loo_scores(surrogate) -> jax.Array:
+    """Predicted leave-one-out effects ``ĝ(1 − e_i) − ĝ(1)``: ``[K, T]``."""
+    num_tasks = _check_surrogate(surrogate)
+    if isinstance(surrogate, LinearSurrogate):
+        return -surrogate.coef
+    masks = leave_one_out_masks(num_tasks, dtype=_dtype(surrogate))
+    predictions = surrogate.predict(masks)
+    return predictions[1:] - predictions[0]
+
+
+def interaction_matrix(surrogate) -> jax.Array:
+    """Pairwise interactions ``ĝ(1) − ĝ(1−e_i) − ĝ(1−e_j) + ĝ(1−e_i−e_j)``.
+
+    Returns:
+      ``[K, K, T]``, symmetric in the first two axes, zero on the diagonal.
+    """
+    num_tasks = _check_surrogate(surrogate)
+    if isinstance(surrogate, LinearSurrogate):
+        return jnp.zeros((num_tasks, num_tasks, surrogate.coef.shape[1]),
+                         surrogate.coef.dtype)
+    eye = jnp.eye(num_tasks, dtype=_dtype(surrogate))
+    pairs = 1.0 - jnp.clip(eye[:, None, :] + eye[None, :, :], 0.0, 1.0)  # [K, K, K]
+    both = surrogate.predict(pairs.reshape(num_tasks * num_tasks, num_tasks))
+    both = both.reshape(num_tasks, num_tasks, -1)
+    single = jnp.diagonal(both, axis1=0, axis2=1).T  # ĝ(1 − e_i): [K, T]
+    full = surrogate.predict(jnp.ones((1, num_tasks), eye.dtype))[0]
+    out = full - single[:, None, :] - single[None, :, :] + both
+    return out * (1.0 - eye)[:, :, None]
+
+
+def _sampled_mean(values_fn, keys, batch_size):
+    """Mean over samples of ``values_fn(key) -> [K, T]``, in chunks."""
+    values = jax.lax.map(values_fn, keys, batch_size=batch_size)
+    return values.mean(axis=0)
+
+
+def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
+                   batch_size: int = 64) -> jax.Array:
+    """Banzhaf values of ``v(s) = −ĝ(s)``: ``E_s[ĝ(s − e_i) − ĝ(s + e_i)]``.
+
+    The other tasks of ``s`` are in with probability 1/2 each; each sample ``s``
+    serves every task i (paired evaluations with i out and in).
+
+    Args:
+      surrogate: a fitted surrogate.
+      key: PRNG key.
+      num_samples: coalitions drawn.
+      batch_size: samples evaluated per vmapped chunk (memory).
+
+    Returns:
+      ``[K, T]``.
+    """
+    num_tasks = _check_surrogate(surrogate)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    dtype = _dtype(surrogate)
+    eye = jnp.eye(num_tasks, dtype=dtype)
+
+    def one(sample_key):
+        s = jax.random.bernoulli(sample_key, 0.5, (num_tasks,)).astype(dtype)
+        without = s[None, :] * (1.0 - eye)  # row i: s with task i out
+        with_task = jnp.maximum(without, eye)  # row i: s with task i in
+        scores = surrogate.predict(jnp.concatenate([without, with_task]))
+        return scores[:num_tasks] - scores[num_tasks:]
+
+    keys = jax.random.split(as_typed_key(key), num_samples)
+    return _sampled_mean(one, keys, batch_size)
+
+
+def shapley_values(surrogate, *, key, num_samples: int = 1000,
+                   batch_size: int = 64) -> jax.Array:
+    """Shapley values of ``v(s) = −ĝ(s)`` by sampling task orders.
+
+    For a random order, adding the tasks one by one from the empty set, task i's
+    contribution is ``ĝ(before i) − ĝ(before i + e_i)``. Each order gives all K
+    contributions from K + 1 predictions, and they sum to ``ĝ(∅) − ĝ(1)``
+    (efficiency holds for every sample, hence for the estimate).
+
+    Args:
+      surrogate: a fitted surrogate.
+      key: PRNG key.
+      num_samples: orders drawn.
+      batch_size: orders evaluated per vmapped chunk (memory).
+
+    Returns:
+      ``[K, T]``.
+    """
+    num_tasks = _check_surrogate(surrogate)
+    num_samples = check_positive_int(num_samples, "num_samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    dtype = _dtype(surrogate)
+    # prefixes[k] holds the first k tasks of the order (in order positions).
+    prefixes = jnp.tril(jnp.ones((num_tasks + 1, num_tasks), dtype), k=-1)
+
+    def one(sample_key):
+        order = jax.random.permutation(sample_key, num_tasks)
+        masks = jnp.zeros_like(prefixes).at[:, order].set(prefixes)
+        scores = surrogate.predict(masks)  # [K + 1, T]
+        contributions = scores[:-1] - scores[1:]  # by position in the order
+        return jnp.zeros_like(contributions).at[order].set(contributions)
+
+    keys = jax.random.split(as_typed_key(key), num_samples)
+    return _sampled_mean(one, keys, batch_size)
+
+
+__all__ = ["banzhaf_values", "interaction_matrix", "loo_scores", "shapley_values"]
