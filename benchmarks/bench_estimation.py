@@ -61,6 +61,9 @@ def main():
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="default: workload.finetune_spec() (a quarter of the "
                          "preset's steps)")
+    ap.add_argument("--finetune-lr", type=float, default=None,
+                    help="default: workload.finetune_spec() (a tenth of the "
+                         "preset's learning rate)")
     ap.add_argument("--sweep-proj-dims", type=int, nargs="*", default=[32, 128, 512])
     ap.add_argument("--sweep-ridges", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--full-space-subsets", type=int, default=16)
@@ -84,7 +87,8 @@ def main():
         masks, key=key, base_params=theta, chunk_size=chunk, **options))
 
     # Ground truth: fine-tuning from θ* on every subset (vmapped chunks).
-    spec = workload.finetune_spec(num_steps=args.finetune_steps)
+    spec = workload.finetune_spec(num_steps=args.finetune_steps,
+                                   learning_rate=args.finetune_lr)
     start = time.perf_counter()
     check = estimation.check_estimation(
         estimate.scores, masks, params=theta, data=workload.data,

@@ -74,10 +74,12 @@ def interaction_matrix(surrogate) -> jax.Array:
     return out * (1.0 - eye)[:, :, None]
 
 
-def _sampled_mean(values_fn, keys, batch_size):
-    """Mean over samples of ``values_fn(key) -> [K, T]``, in chunks."""
-    values = jax.lax.map(values_fn, keys, batch_size=batch_size)
-    return values.mean(axis=0)
+def _sampled_mean(values_fn, key, num_samples, batch_size):
+    """Mean over ``num_samples`` keys of ``values_fn(key) -> [K, T]``, in chunks."""
+    num_samples = check_positive_int(num_samples, "num_samples")
+    batch_size = check_positive_int(batch_size, "batch_size")
+    keys = jax.random.split(as_typed_key(key), num_samples)
+    return jax.lax.map(values_fn, keys, batch_size=batch_size).mean(axis=0)
 
 
 def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
@@ -97,8 +99,6 @@ def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
       ``[K, T]``.
     """
     num_tasks = _check_surrogate(surrogate)
-    num_samples = check_positive_int(num_samples, "num_samples")
-    batch_size = check_positive_int(batch_size, "batch_size")
     dtype = _dtype(surrogate)
     eye = jnp.eye(num_tasks, dtype=dtype)
 
@@ -109,8 +109,7 @@ def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
         scores = surrogate.predict(jnp.concatenate([without, with_task]))
         return scores[:num_tasks] - scores[num_tasks:]
 
-    keys = jax.random.split(as_typed_key(key), num_samples)
-    return _sampled_mean(one, keys, batch_size)
+    return _sampled_mean(one, key, num_samples, batch_size)
 
 
 def shapley_values(surrogate, *, key, num_samples: int = 1000,
@@ -132,8 +131,6 @@ def shapley_values(surrogate, *, key, num_samples: int = 1000,
       ``[K, T]``.
     """
     num_tasks = _check_surrogate(surrogate)
-    num_samples = check_positive_int(num_samples, "num_samples")
-    batch_size = check_positive_int(batch_size, "batch_size")
     dtype = _dtype(surrogate)
     # prefixes[k] holds the first k tasks of the order (in order positions).
     prefixes = jnp.tril(jnp.ones((num_tasks + 1, num_tasks), dtype), k=-1)
@@ -145,8 +142,7 @@ def shapley_values(surrogate, *, key, num_samples: int = 1000,
         contributions = scores[:-1] - scores[1:]  # by position in the order
         return jnp.zeros_like(contributions).at[order].set(contributions)
 
-    keys = jax.random.split(as_typed_key(key), num_samples)
-    return _sampled_mean(one, keys, batch_size)
+    return _sampled_mean(one, key, num_samples, batch_size)
 
 
 __all__ = ["banzhaf_values", "interaction_matrix", "loo_scores", "shapley_values"]
