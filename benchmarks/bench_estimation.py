@@ -27,6 +27,7 @@ import optax
 from _common import REPO_ROOT, environment, format_table, write_json
 
 from tasksurrogate_jax import estimation, metrics
+from tasksurrogate_jax.projection import num_parameters
 from tasksurrogate_jax.subsets import fixed_size_masks
 from tasksurrogate_jax.workloads.modular import modular_workload
 
@@ -58,12 +59,19 @@ def main():
     ap.add_argument("--ridge", type=float, default=1e-3)
     ap.add_argument("--output-mode", default="logits",
                     choices=estimation.OUTPUT_MODES)
+    ap.add_argument("--solver", default="newton", choices=estimation.SOLVERS)
+    ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--finetune-steps", type=int, default=None,
                     help="default: workload.finetune_spec() (a quarter of the "
                          "preset's steps)")
     ap.add_argument("--finetune-lr", type=float, default=None,
                     help="default: workload.finetune_spec() (a tenth of the "
                          "preset's learning rate)")
+    ap.add_argument("--finetune-proximal", type=float, default=0.0,
+                    help="μ > 0: fine-tune on L_s + μ/2 ||θ − θ*||² (full batch, "
+                         "learning rate decayed to 0) and give every estimate "
+                         "the matching ridge, μ p / d projected and μ in the "
+                         "full space (--ridge and --sweep-ridges are ignored)")
     ap.add_argument("--sweep-proj-dims", type=int, nargs="*", default=[32, 128, 512])
     ap.add_argument("--sweep-ridges", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2])
     ap.add_argument("--full-space-subsets", type=int, default=16)
@@ -76,8 +84,20 @@ def main():
                              workload.num_tasks, subset_size=workload.num_tasks - 3)
     theta, base_seconds = timed(lambda: workload.base_params(key=key))
     theta_norm = float(optax.tree_utils.tree_norm(theta))
+    mu = args.finetune_proximal
+    num_params = num_parameters(theta)
+
+    def ridges(proj_dim):
+        """The ridges to try at one projection dimension (None: full space)."""
+        if mu > 0:
+            return [mu if proj_dim is None else mu * num_params / proj_dim]
+        return args.sweep_ridges
+
+    if mu > 0:
+        args.ridge = ridges(args.proj_dim)[0]
+    settings = estimation.SolverSettings(args.solver, max_iter=args.max_iter)
     options = {"proj_dim": args.proj_dim, "ridge": args.ridge,
-               "output_mode": args.output_mode}
+               "output_mode": args.output_mode, "settings": settings}
 
     # Estimation: compile on a first call with the same chunk shape, then time.
     chunk = min(64, args.num_subsets)
@@ -87,8 +107,13 @@ def main():
         masks, key=key, base_params=theta, chunk_size=chunk, **options))
 
     # Ground truth: fine-tuning from θ* on every subset (vmapped chunks).
-    spec = workload.finetune_spec(num_steps=args.finetune_steps,
-                                   learning_rate=args.finetune_lr)
+    if mu > 0:
+        spec = workload.finetune_spec(
+            num_steps=args.finetune_steps, learning_rate=args.finetune_lr,
+            proximal=mu, anchor=theta, batch_size=None, decay_to_zero=True)
+    else:
+        spec = workload.finetune_spec(num_steps=args.finetune_steps,
+                                      learning_rate=args.finetune_lr)
     start = time.perf_counter()
     check = estimation.check_estimation(
         estimate.scores, masks, params=theta, data=workload.data,
@@ -116,16 +141,16 @@ def main():
 
     sweep = []
     for proj_dim in args.sweep_proj_dims:
-        for ridge in args.sweep_ridges:
+        for ridge in ridges(proj_dim):
             result, seconds = timed(lambda p=proj_dim, r=ridge: workload.estimate(
                 masks, key=key, base_params=theta, chunk_size=chunk, proj_dim=p,
-                ridge=r, output_mode=args.output_mode).scores)
+                ridge=r, output_mode=args.output_mode, settings=settings).scores)
             sweep.append({"mode": "projected", "proj_dim": proj_dim, "ridge": ridge,
                           "seconds": seconds,
                           **errors(np.asarray(result), exact)})
     few = args.full_space_subsets
     if few:
-        for ridge in args.sweep_ridges:
+        for ridge in ridges(None):
             result, seconds = timed(lambda r=ridge: workload.estimate(
                 masks[:few], key=key, base_params=theta, chunk_size=few,
                 proj_dim=None, ridge=r, output_mode=args.output_mode,
@@ -136,9 +161,12 @@ def main():
                           **errors(np.asarray(result), exact[:few])})
             projected = workload.estimate(masks[:few], key=key, base_params=theta,
                                           chunk_size=few, proj_dim=args.proj_dim,
-                                          ridge=ridge, output_mode=args.output_mode)
+                                          ridge=args.ridge if mu > 0 else ridge,
+                                          output_mode=args.output_mode,
+                                          settings=settings)
             sweep.append({"mode": f"projected ({few} subsets)",
-                          "proj_dim": args.proj_dim, "ridge": ridge,
+                          "proj_dim": args.proj_dim,
+                          "ridge": args.ridge if mu > 0 else ridge,
                           **errors(np.asarray(projected.scores), exact[:few])})
     print("\nError against fine-tuning, by projection dimension and ridge:\n")
     print(format_table(sweep, ["mode", "proj_dim", "ridge", "seconds",

@@ -8,18 +8,29 @@ are ``[num_subsets, num_targets]`` (lower = better, e.g. target losses).
 __version__ = "0.1.0"
 
 from tasksurrogate_jax import (
+    attribution,
+    baselines,
     data,
     estimation,
     kernels,
     linearize,
     metrics,
+    pipeline,
     projection,
+    report,
     retraining,
     store,
     subsets,
     surrogates,
     workloads,
 )
+from tasksurrogate_jax.attribution import (
+    banzhaf_values,
+    interaction_matrix,
+    loo_scores,
+    shapley_values,
+)
+from tasksurrogate_jax.baselines import influence_scores, tracin_scores, trak_scores
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -50,6 +61,7 @@ from tasksurrogate_jax.metrics import (
     relative_error,
     spearman,
 )
+from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
 from tasksurrogate_jax.projection import Projection, make_projection
 from tasksurrogate_jax.retraining import (
     RetrainResult,
@@ -79,12 +91,16 @@ from tasksurrogate_jax.workloads import Workload, modular_workload
 __all__ = [
     "__version__",
     # modules
+    "attribution",
+    "baselines",
     "data",
     "estimation",
     "kernels",
     "linearize",
     "metrics",
+    "pipeline",
     "projection",
+    "report",
     "retraining",
     "store",
     "subsets",
@@ -132,6 +148,17 @@ __all__ = [
     "fit_linear_surrogate",
     "predict",
     "select_kernel_hyperparameters",
+    # attribution and baselines
+    "banzhaf_values",
+    "influence_scores",
+    "interaction_matrix",
+    "loo_scores",
+    "shapley_values",
+    "tracin_scores",
+    "trak_scores",
+    # the end-to-end run
+    "PipelineConfig",
+    "run_pipeline",
     # metrics
     "LOOCorrelation",
     "loo_correlation",

@@ -353,7 +353,9 @@ class ModularWorkload(Workload):
 
     def finetune_spec(self, *, num_steps: int | None = None,
                       learning_rate: float | None = None,
-                      weight_decay: float = 0.0) -> TrainSpec:
+                      weight_decay: float = 0.0, proximal: float = 0.0,
+                      anchor=None, batch_size: int | None | str = "preset",
+                      decay_to_zero: bool = False) -> TrainSpec:
         """The training program for fine-tuning from ``θ*`` (the estimation check).
 
         Defaults: a gentle fine-tune that stays near ``θ*``, where the
@@ -361,15 +363,32 @@ class ModularWorkload(Workload):
         tenth of its learning rate, no weight decay (which would pull every
         subset's model towards zero, something the linearized model does not
         represent); batch size and betas as in the preset.
+
+        Args:
+          num_steps, learning_rate, weight_decay: AdamW settings.
+          proximal: ``μ ≥ 0``: minimise ``L_s(θ) + μ/2 ||θ − anchor||²``, the
+            problem whose first-order version the estimation solves with
+            ``ridge = μ`` in the full space (``μ p / d`` after a projection
+            to d dimensions, since ``PᵀP ≈ (p/d) I``).
+          anchor: ``θ*`` for ``proximal > 0``.
+          batch_size: ``"preset"``, an int, or ``None`` (full batch).
+          decay_to_zero: decay the learning rate linearly to 0 (to converge).
         """
         c = self.config
+        lr = c.learning_rate / 10 if learning_rate is None else learning_rate
+        num_steps = max(1, c.num_steps // 4) if num_steps is None else num_steps
+        if decay_to_zero:
+            lr = optax.linear_schedule(lr, 0.0, num_steps)
+        optimizer = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=weight_decay)
+        if proximal < 0:
+            raise ValueError(f"proximal must be >= 0, got {proximal}.")
+        if proximal > 0:
+            if anchor is None:
+                raise ValueError("anchor (θ*) is required with proximal > 0.")
+            optimizer = optax.chain(_pull_towards(anchor, proximal), optimizer)
         return make_train_spec(
-            apply_fn=self.apply_fn,
-            optimizer=optax.adamw(
-                c.learning_rate / 10 if learning_rate is None else learning_rate,
-                b1=c.b1, b2=c.b2, weight_decay=weight_decay),
-            num_steps=max(1, c.num_steps // 4) if num_steps is None else num_steps,
-            batch_size=c.batch_size,
+            apply_fn=self.apply_fn, optimizer=optimizer, num_steps=num_steps,
+            batch_size=c.batch_size if batch_size == "preset" else batch_size,
         )
 
     def estimate(self, masks, *, key, base_params=None, **kwargs):
@@ -400,6 +419,20 @@ class ModularWorkload(Workload):
         """Mean target accuracy of one set of parameters."""
         logits = self.apply_fn(params, self.target.inputs)
         return jnp.mean(jnp.argmax(logits, -1) == self.target.labels)
+
+
+def _pull_towards(anchor, strength: float) -> optax.GradientTransformation:
+    """Adds ``strength · (θ − anchor)`` to the gradients: the gradient of
+    ``strength/2 ||θ − anchor||²`` added to the loss."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("the proximal term needs the parameters.")
+        pulled = jax.tree.map(lambda g, p, a: g + strength * (p - a),
+                              updates, params, anchor)
+        return pulled, state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def modular_workload(preset: str = "cpu", **overrides) -> ModularWorkload:

@@ -1,0 +1,114 @@
+"""The ``tasksurrogate`` command.
+
+    tasksurrogate list
+    tasksurrogate run modular --preset cpu [--out DIR] [--seed 0]
+        [--num-subsets 96] [--num-heldout 32] [--proj-dim 128]
+        [--baselines influence tracin trak] [--set num_steps=300 ...]
+
+``run`` prints the table, writes ``results.json`` and the plots to ``--out``
+(default ``results/<workload>-<preset>-seed<seed>``) and resumes from what a
+previous run with the same configuration left there. Bad arguments print one
+line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+
+from tasksurrogate_jax.pipeline import (
+    BASELINES,
+    WORKLOADS,
+    PipelineConfig,
+    check_config,
+    run_pipeline,
+)
+from tasksurrogate_jax.report import summary, write_report
+
+
+def _override(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    return name, parsed
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PipelineConfig()
+    parser = argparse.ArgumentParser(
+        prog="tasksurrogate", description="Task attribution with kernel surrogates.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the workloads and their presets")
+    run = sub.add_parser("run", help="run the attribution pipeline on a workload")
+    run.add_argument("workload", help=f"one of {sorted(WORKLOADS)}")
+    run.add_argument("--preset", default=defaults.preset)
+    run.add_argument("--out", default=None,
+                     help="output folder (default results/<workload>-<preset>-"
+                          "seed<seed>); rerunning resumes from it")
+    run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--num-subsets", type=int, default=defaults.num_subsets,
+                     help="random subsets to fit the surrogates on")
+    run.add_argument("--num-heldout", type=int, default=defaults.num_heldout)
+    run.add_argument("--drop", type=int, default=defaults.drop,
+                     help="tasks dropped from each random subset")
+    run.add_argument("--proj-dim", type=int, default=defaults.proj_dim)
+    run.add_argument("--estimation-ridge", type=float,
+                     default=defaults.estimation_ridge)
+    run.add_argument("--output-mode", default=defaults.output_mode,
+                     choices=("margin", "logits"))
+    run.add_argument("--cv-method", default=defaults.cv_method,
+                     choices=("loo", "kfold"))
+    run.add_argument("--cv-criterion", default=defaults.cv_criterion,
+                     choices=("mse", "spearman"))
+    run.add_argument("--baselines", nargs="*", default=list(defaults.baselines),
+                     choices=BASELINES)
+    run.add_argument("--influence-damping", type=float,
+                     default=defaults.influence_damping)
+    run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
+    run.add_argument("--value-samples", type=int, default=defaults.value_samples)
+    run.add_argument("--set", dest="overrides", type=_override, action="append",
+                     default=[], metavar="FIELD=VALUE",
+                     help="change a workload configuration field (repeatable)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for name, (_, presets) in WORKLOADS.items():
+            print(f"{name}: presets {', '.join(presets)}")
+        return 0
+
+    config = PipelineConfig(
+        workload=args.workload, preset=args.preset, seed=args.seed,
+        num_subsets=args.num_subsets, num_heldout=args.num_heldout, drop=args.drop,
+        proj_dim=args.proj_dim, estimation_ridge=args.estimation_ridge,
+        output_mode=args.output_mode, cv_method=args.cv_method,
+        cv_criterion=args.cv_criterion, baselines=tuple(args.baselines),
+        influence_damping=args.influence_damping, trak_proj_dim=args.trak_proj_dim,
+        value_samples=args.value_samples, overrides=tuple(args.overrides))
+    out = args.out or f"results/{args.workload}-{args.preset}-seed{args.seed}"
+    log = (lambda line: None) if args.quiet else (
+        lambda line: print(line, file=sys.stderr, flush=True))
+    try:
+        check_config(config)
+        # Bad workload fields and a folder of another configuration raise here,
+        # before any training.
+        results = run_pipeline(config, out_dir=out, log=log, progress=not args.quiet)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))  # one line on stderr, exit status 2
+    print(summary(results))
+    paths = write_report(results, out)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""One end-to-end attribution run on a workload, resumable from its folder.
+
+Stages (each timed; the expensive ones stored as they finish and reused by a
+rerun with the same configuration):
+
+1. ``base``: ``θ*``, the model trained on all tasks.
+2. ``loo``: exact scores of the full set and of every leave-one-out set, the
+   ground truth ``F(1 − e_i) − F(1)`` (retraining; chunks stored).
+3. ``subsets``: ``num_subsets + num_heldout`` random subsets, each dropping
+   ``drop`` tasks (the paper's protocol); exact scores (chunks stored).
+4. ``estimated``: first-order estimates of the same subsets' scores from
+   ``θ*`` (no retraining).
+5. ``baselines``: influence functions, TracIn and TRAK at ``θ*``.
+6. surrogates (linear, kernel with cross-validated ``(γ, λ)``) on the exact
+   and on the estimated scores of the fitting subsets; attribution; metrics.
+
+All randomness derives from ``jax.random.key(config.seed)``. The results are a
+plain dict (see :func:`run_pipeline`), written by :mod:`report`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from tasksurrogate_jax import attribution, baselines, metrics, surrogates
+from tasksurrogate_jax.store import ChunkStore
+from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
+from tasksurrogate_jax.workloads.modular import modular_workload
+
+WORKLOADS: dict[str, tuple[Callable, dict]] = {
+    "modular": (modular_workload, MODULAR_PRESETS),
+}
+BASELINES = ("influence", "tracin", "trak")
+STAGES = ("base", "loo", "subsets", "estimated", "baselines")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Everything that determines a run's results (JSON-able).
+
+    Attributes:
+      workload: a name in :data:`WORKLOADS`.
+      preset: the workload's preset.
+      seed: the run's PRNG seed.
+      num_subsets: random subsets the surrogates are fit on.
+      num_heldout: random subsets held out to evaluate them.
+      drop: tasks dropped from each random subset.
+      proj_dim: projection dimension of the estimation.
+      estimation_ridge: ridge of the per-subset linearized problems.
+      output_mode: ``"margin"`` or ``"logits"`` (see :mod:`estimation`).
+      cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
+      cv_criterion: ``"mse"`` or ``"spearman"``.
+      baselines: names in :data:`BASELINES` to compute.
+      influence_damping: ``λ`` of ``(H + λI)^{-1}``.
+      influence_hessian: ``"gauss_newton"`` (positive semi-definite, safe for
+        conjugate gradients on non-convex models) or ``"exact"``.
+      trak_proj_dim: projection dimension of TRAK's features.
+      value_samples: sampled coalitions for the kernel surrogate's Banzhaf
+        values (0 = skip).
+      chunk_size: subsets per retraining chunk (each finished chunk is stored).
+      overrides: workload configuration fields to change (e.g. ``num_steps``).
+    """
+
+    workload: str = "modular"
+    preset: str = "cpu"
+    seed: int = 0
+    num_subsets: int = 96
+    num_heldout: int = 32
+    drop: int = 3
+    proj_dim: int = 128
+    estimation_ridge: float = 10.0
+    output_mode: str = "margin"
+    cv_method: str = "loo"
+    cv_criterion: str = "mse"
+    baselines: tuple[str, ...] = BASELINES
+    influence_damping: float = 1e-2
+    influence_hessian: str = "gauss_newton"
+    trak_proj_dim: int = 512
+    value_samples: int = 1000
+    chunk_size: int = 32
+    overrides: tuple[tuple[str, object], ...] = ()
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["baselines"] = list(self.baselines)
+        out["overrides"] = {k: v for k, v in self.overrides}
+        return out
+
+
+def check_config(config: PipelineConfig) -> PipelineConfig:
+    """Validates names and counts; raises ``ValueError`` naming the field."""
+    if not isinstance(config, PipelineConfig):
+        raise TypeError(
+            f"config must be a PipelineConfig, got {type(config).__name__}.")
+    if config.workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
+                         f"{config.workload!r}.")
+    presets = WORKLOADS[config.workload][1]
+    if config.preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)} for workload "
+                         f"{config.workload!r}, got {config.preset!r}.")
+    if config.num_subsets < 4:
+        raise ValueError("num_subsets must be >= 4 to fit and cross-validate the "
+                         f"surrogates, got {config.num_subsets}.")
+    if config.num_heldout < 3:
+        raise ValueError("num_heldout must be >= 3 for a held-out Spearman, got "
+                         f"{config.num_heldout}.")
+    unknown = sorted(set(config.baselines) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"baselines must be among {BASELINES}, got {unknown}.")
+    if config.influence_hessian not in baselines.HESSIANS:
+        raise ValueError(f"influence_hessian must be one of {baselines.HESSIANS}, "
+                         f"got {config.influence_hessian!r}.")
+    for name in ("proj_dim", "trak_proj_dim", "drop", "chunk_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if config.value_samples < 0:
+        raise ValueError(f"value_samples must be >= 0, got {config.value_samples}.")
+    return config
+
+
+def make_workload(config: PipelineConfig):
+    """The configured workload."""
+    factory, _ = WORKLOADS[config.workload]
+    return factory(config.preset, **dict(config.overrides))
+
+
+class _Stages:
+    """Stage outputs stored in ``out/stages`` (one npz per finished stage)."""
+
+    def __init__(self, out_dir: Path | None, config: dict, log: Callable):
+        self.store = None if out_dir is None else ChunkStore(out_dir / "stages", config)
+        self.log = log
+        self.seconds: dict[str, float] = {}
+
+    def run(self, name: str, compute: Callable[[], dict]) -> dict:
+        index = STAGES.index(name)
+        if self.store is not None and self.store.has_chunk(index):
+            arrays = self.store.load_chunk(index)
+            self.seconds[name] = float(arrays.pop("_seconds"))
+            self.log(f"[{name}] reused from {self.store.chunk_path(index)}")
+            return arrays
+        self.log(f"[{name}] ...")
+        start = time.perf_counter()
+        arrays = {k: np.asarray(v) for k, v in compute().items()}
+        self.seconds[name] = time.perf_counter() - start
+        self.log(f"[{name}] done in {self.seconds[name]:.1f} s")
+        if self.store is not None:
+            self.store.save_chunk(index, {**arrays, "_seconds": self.seconds[name]})
+        return arrays
+
+    def timed(self, name: str, compute: Callable):
+        start = time.perf_counter()
+        out = compute()
+        self.seconds[name] = time.perf_counter() - start
+        return out
+
+
+def _params_arrays(params) -> dict:
+    return {f"leaf_{i:04d}": leaf for i, leaf in enumerate(jax.tree.leaves(params))}
+
+
+def _params_from_arrays(arrays: dict, like):
+    leaves = [arrays[f"leaf_{i:04d}"] for i in range(len(jax.tree.leaves(like)))]
+    return jax.tree.unflatten(jax.tree.structure(like), leaves)
+
+
+def _fit_surrogates(fit_masks, fit_scores, config: PipelineConfig) -> dict:
+    """Linear (least squares) and kernel (CV-selected) surrogates, plus the search."""
+    linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
+    search = surrogates.select_kernel_hyperparameters(
+        fit_masks, fit_scores, method=config.cv_method, criterion=config.cv_criterion,
+        key=jax.random.key(config.seed))
+    kernel = surrogates.fit_kernel_surrogate(
+        fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge))
+    return {"linear": linear, "kernel": kernel, "search": search}
+
+
+def _loo_metrics(effects, true_effects) -> dict:
+    spear = metrics.loo_correlation(effects, true_effects, method="spearman")
+    pear = metrics.loo_correlation(effects, true_effects, method="pearson")
+    return {"loo_spearman": float(spear.mean),
+            "loo_spearman_mean_target": float(spear.mean_target),
+            "loo_pearson": float(pear.mean),
+            "loo_pearson_mean_target": float(pear.mean_target)}
+
+
+def _heldout_metrics(surrogate, masks, true_scores) -> dict:
+    predicted = np.asarray(surrogate.predict(masks))
+    return {"heldout_spearman": float(metrics.mean_spearman(true_scores, predicted)),
+            "heldout_spearman_mean_target": float(metrics.spearman(
+                true_scores.mean(1), predicted.mean(1))),
+            # Pooled over targets (sum of MSEs / sum of variances): targets whose
+            # held-out scores barely vary would dominate a mean of ratios.
+            "normalized_error": float(np.mean((predicted - true_scores) ** 2)
+                                      / np.mean(np.var(true_scores, axis=0))),
+            "_heldout_predicted_mean": predicted.mean(1)}
+
+
+def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
+                 progress: bool = True) -> dict:
+    """Runs every stage and returns the results.
+
+    Args:
+      config: the :class:`PipelineConfig`.
+      out_dir: folder for stored stages and retraining chunks (resume); ``None``
+        keeps nothing on disk. A folder of another configuration is refused.
+      log: called with one line per stage.
+      progress: progress bars on the retraining stages.
+
+    Returns:
+      A dict with ``config``, ``task_names``, ``target_description``,
+      ``methods`` (per method: ``effects`` ``[K]`` on the mean target, LOO
+      Spearman/Pearson per target and on the mean target, and held-out Spearman
+      and normalized error for surrogates), ``true_effects`` ``[K]``,
+      ``interactions`` ``[K, K]`` (kernel surrogate on exact scores, mean
+      target), ``heldout`` (true and predicted mean-target scores),
+      ``estimation`` (errors of the estimates against the exact scores),
+      ``surrogate_hyperparameters`` and ``seconds`` per stage.
+    """
+    config = check_config(config)
+    out_dir = None if out_dir is None else Path(out_dir)
+    stages = _Stages(out_dir, config.to_json(), log)
+    workload = stages.timed("workload", lambda: make_workload(config))
+    key = jax.random.key(config.seed)
+    k_base, k_subsets, k_est, k_trak, k_values = jax.random.split(key, 5)
+    num_tasks = workload.num_tasks
+    if config.drop >= num_tasks:
+        raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
+                         f"{config.drop}.")
+
+    def retrained(name, masks):
+        store_dir = None if out_dir is None else out_dir / "retraining" / name
+        return {"scores": workload.exact_scores(
+            masks, key=k_base, store_dir=store_dir, chunk_size=config.chunk_size,
+            progress=progress)}
+
+    like = workload.init_fn(k_base)
+    theta = _params_from_arrays(stages.run(
+        "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
+
+    loo_masks = leave_one_out_masks(num_tasks)
+    loo = stages.run("loo", lambda: retrained("loo", loo_masks))
+    true_effects = loo["scores"][1:] - loo["scores"][0]  # [K, T]
+
+    masks = np.asarray(fixed_size_masks(k_subsets, config.num_subsets +
+                                        config.num_heldout, num_tasks,
+                                        subset_size=num_tasks - config.drop,
+                                        unique=True))
+    fit_masks, heldout_masks = masks[:config.num_subsets], masks[config.num_subsets:]
+    exact = stages.run("subsets", lambda: retrained("subsets", masks))
+    exact_scores = exact["scores"]
+    estimated = stages.run("estimated", lambda: {"scores": workload.estimated_scores(
+        masks, key=k_est, base_params=theta, proj_dim=config.proj_dim,
+        ridge=config.estimation_ridge, output_mode=config.output_mode)})
+    estimated_scores = estimated["scores"]
+
+    def compute_baselines():
+        out = {}
+        args = (workload.apply_fn, theta, workload.data, workload.target)
+        loss_fn = workload.spec.loss_fn
+        if "influence" in config.baselines:
+            out["influence"] = baselines.influence_scores(
+                *args, loss_fn=loss_fn, damping=config.influence_damping,
+                hessian=config.influence_hessian)
+        if "tracin" in config.baselines:
+            out["tracin"] = baselines.tracin_scores(
+                workload.apply_fn, [theta], *args[2:], loss_fn=loss_fn)
+        if "trak" in config.baselines:
+            out["trak"] = baselines.trak_scores(
+                *args, key=k_trak, proj_dim=config.trak_proj_dim, loss_fn=loss_fn)
+        return out
+
+    baseline_effects = stages.run("baselines", compute_baselines)
+
+    fits = stages.timed("surrogates", lambda: {
+        "exact": _fit_surrogates(fit_masks, exact_scores[:config.num_subsets], config),
+        "estimated": _fit_surrogates(fit_masks,
+                                     estimated_scores[:config.num_subsets], config)})
+
+    heldout_true = exact_scores[config.num_subsets:]
+    methods, heldout_predicted = {}, {}
+    for scores_name, fitted in fits.items():
+        for kind in ("linear", "kernel"):
+            surrogate = fitted[kind]
+            name = f"{kind} surrogate ({scores_name})"
+            effects = np.asarray(attribution.loo_scores(surrogate))
+            held = _heldout_metrics(surrogate, heldout_masks, heldout_true)
+            heldout_predicted[name] = held.pop("_heldout_predicted_mean")
+            methods[name] = {"effects": effects.mean(1),
+                             **_loo_metrics(effects, true_effects), **held}
+    for name, effects in baseline_effects.items():
+        methods[name] = {"effects": effects.mean(1),
+                         **_loo_metrics(effects, true_effects)}
+
+    kernel_exact = fits["exact"]["kernel"]
+    interactions = stages.timed("attribution", lambda: np.asarray(
+        attribution.interaction_matrix(kernel_exact)).mean(-1))
+    if config.value_samples:
+        banzhaf = stages.timed("attribution_values", lambda: np.asarray(
+            attribution.banzhaf_values(kernel_exact, key=k_values,
+                                       num_samples=config.value_samples)))
+        methods["kernel surrogate (exact), Banzhaf"] = {
+            "effects": banzhaf.mean(1), **_loo_metrics(banzhaf, true_effects)}
+
+    fit_true = exact_scores[:config.num_subsets]
+    fit_est = estimated_scores[:config.num_subsets]
+    estimation = {
+        "mean_relative_error": float(np.mean(
+            metrics.relative_error(fit_est, fit_true))),
+        "mean_target_relative_error": float(np.mean(metrics.relative_error(
+            fit_est.mean(1), fit_true.mean(1)))),
+        "spearman_across_subsets": float(metrics.mean_spearman(fit_true, fit_est)),
+        "spearman_mean_target": float(metrics.spearman(fit_true.mean(1),
+                                                       fit_est.mean(1))),
+    }
+    hyper = {scores_name: {"gamma": float(f["search"].gamma),
+                           "ridge": float(f["search"].ridge)}
+             for scores_name, f in fits.items()}
+    return {
+        "config": config.to_json(),
+        "task_names": list(workload.task_names),
+        "target_description": workload.target_description,
+        "num_targets": int(workload.num_targets),
+        "full_set_loss": float(loo["scores"][0].mean()),
+        "true_effects": true_effects.mean(1),
+        "methods": methods,
+        "interactions": interactions,
+        "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
+        "estimation": estimation,
+        "surrogate_hyperparameters": hyper,
+        "seconds": stages.seconds,
+    }
+
+
+__all__ = ["BASELINES", "WORKLOADS", "PipelineConfig", "check_config",
+           "make_workload", "run_pipeline"]

@@ -1,0 +1,89 @@
+"""The pipeline, its report and the ``tasksurrogate`` command on the tiny preset."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tasksurrogate_jax import cli, pipeline
+
+TINY = ["run", "modular", "--preset", "tiny", "--num-subsets", "8",
+        "--num-heldout", "4", "--value-samples", "50", "--proj-dim", "16",
+        "--trak-proj-dim", "32", "--set", "num_steps=40", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert cli.main([*TINY, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.slow
+def test_cli_runs_end_to_end_and_writes_the_report(first_run, capsys):
+    results = json.loads((first_run / "results.json").read_text())
+    for name in ("loo_effects.png", "interactions.png", "heldout.png"):
+        assert (first_run / name).stat().st_size > 1000
+    num_tasks = len(results["task_names"])
+    assert num_tasks == 25
+    expected = {f"{kind} surrogate ({scores})" for kind in ("linear", "kernel")
+                for scores in ("exact", "estimated")}
+    expected |= {"influence", "tracin", "trak", "kernel surrogate (exact), Banzhaf"}
+    assert set(results["methods"]) == expected
+    for name, values in results["methods"].items():
+        assert len(values["effects"]) == num_tasks
+        assert -1 <= values["loo_spearman"] <= 1, name
+        if "surrogate" in name and "Banzhaf" not in name:
+            assert -1 <= values["heldout_spearman"] <= 1, name
+    assert np.asarray(results["interactions"]).shape == (num_tasks, num_tasks)
+    assert len(results["heldout"]["true"]) == 4
+    assert set(results["seconds"]) >= set(pipeline.STAGES)
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stored_stage_and_gives_the_same_results(first_run):
+    before = json.loads((first_run / "results.json").read_text())
+    lines = []
+    config = pipeline.PipelineConfig(
+        preset="tiny", num_subsets=8, num_heldout=4, value_samples=50, proj_dim=16,
+        trak_proj_dim=32, overrides=(("num_steps", 40),))
+    results = pipeline.run_pipeline(config, out_dir=first_run, log=lines.append,
+                                    progress=False)
+    assert sum("reused" in line for line in lines) == len(pipeline.STAGES)
+    for name, values in before["methods"].items():
+        np.testing.assert_allclose(results["methods"][name]["effects"],
+                                   values["effects"], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_folder_of_another_configuration_is_refused(first_run, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*TINY, "--out", str(first_run), "--seed", "1"])
+    assert exit_info.value.code == 2
+    assert "different configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "workload must be one of ['modular']"),
+    (["run", "modular", "--preset", "huge"], "preset must be one of"),
+    (["run", "modular", "--num-subsets", "2"], "num_subsets must be >= 4"),
+    (["run", "modular", "--num-heldout", "1"], "num_heldout must be >= 3"),
+    (["run", "modular", "--drop", "25", "--set", "num_steps=1"],
+     "drop must be < the workload's 25 tasks"),
+    (["run", "modular", "--set", "widht=3"], "unknown ModularConfig fields"),
+    (["run", "modular", "--set", "width"], "expected FIELD=VALUE"),
+])
+def test_bad_arguments_exit_with_status_2_and_a_message(args, message, capsys,
+                                                        tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*args, "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_list_and_the_installed_entry_point():
+    done = subprocess.run([sys.executable, "-m", "tasksurrogate_jax.cli", "list"],
+                          capture_output=True, text=True, check=True)
+    assert "modular: presets paper, cpu, tiny" in done.stdout
