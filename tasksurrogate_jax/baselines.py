@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import jax
@@ -86,6 +87,7 @@ from tasksurrogate_jax.retraining import softmax_cross_entropy
 
 HESSIANS = ("exact", "gauss_newton")
 SOLVERS = ("cg", "dense")
+CG_WARN_RESIDUAL = 1e-2
 TRAK_FEATURES = ("margin", "outputs", "loss")
 
 
@@ -119,7 +121,9 @@ def influence_scores(
         right-hand sides; needs ``H + λI`` positive definite) or ``"dense"``
         (builds the ``[p, p]`` matrix and solves exactly; small models).
       cg_max_iter: CG iteration cap.
-      cg_tol: CG relative residual tolerance (``||r|| <= cg_tol ||b||``).
+      cg_tol: CG relative residual tolerance (``||r|| <= cg_tol ||b||``). CG
+        returns its best iterate (see :func:`conjugate_gradients`) and a
+        ``RuntimeWarning`` says when that is above ``CG_WARN_RESIDUAL``.
       batch_size: training / target examples per chunk.
 
     Returns:
@@ -135,9 +139,15 @@ def influence_scores(
     if (isinstance(cg_tol, bool) or not isinstance(cg_tol, (int, float, np.number))
             or not (math.isfinite(cg_tol) and cg_tol > 0)):
         raise ValueError(f"cg_tol must be a positive number, got {cg_tol!r}.")
-    scores = _influence(apply_fn, loss_fn, params, data, target, damping,
-                        float(cg_tol), hessian=hessian, solver=solver,
-                        cg_max_iter=cg_max_iter, batch_size=batch_size)
+    scores, residual = _influence(apply_fn, loss_fn, params, data, target, damping,
+                                  float(cg_tol), hessian=hessian, solver=solver,
+                                  cg_max_iter=cg_max_iter, batch_size=batch_size)
+    if float(residual) > CG_WARN_RESIDUAL:
+        warnings.warn(
+            f"conjugate gradients stopped at a relative residual of "
+            f"{float(residual):.2g} (> {CG_WARN_RESIDUAL}); the influence scores are "
+            "approximate: increase damping or cg_max_iter, or use float64 "
+            "(jax_enable_x64).", RuntimeWarning, stacklevel=2)
     return _check_finite(scores, "influence scores",
                          "increase damping, or use hessian='gauss_newton'")
 
@@ -370,8 +380,8 @@ def _influence(apply_fn, loss_fn, params, data, target, damping, cg_tol, *,
                                          total)
         matrix = matrix + damping * jnp.eye(flat.size, dtype=dtype)
 
-        def solve(rhs):  # [r, p] -> [r, p]
-            return jnp.linalg.solve(matrix, rhs.T).T
+        def solve(rhs):  # [r, p] -> ([r, p], [r] residuals)
+            return jnp.linalg.solve(matrix, rhs.T).T, jnp.zeros(rhs.shape[0], dtype)
     else:
         if hessian == "exact":
             def hvp(v):
@@ -382,16 +392,59 @@ def _influence(apply_fn, loss_fn, params, data, target, damping, cg_tol, *,
                                         chunks, total)
 
         def one(b):
-            x, _ = jax.scipy.sparse.linalg.cg(
-                lambda v: hvp(v) + damping * v, b, tol=cg_tol, atol=0.0,
-                maxiter=cg_max_iter)
-            return x
+            return conjugate_gradients(lambda v: hvp(v) + damping * v, b,
+                                       tol=cg_tol, max_iter=cg_max_iter)
 
         solve = jax.vmap(one)
 
     if data.num_tasks <= target_grads.shape[0]:
-        return solve(task_grads) @ target_grads.T
-    return task_grads @ solve(target_grads).T
+        solved, residuals = solve(task_grads)
+        return solved @ target_grads.T, jnp.max(residuals)
+    solved, residuals = solve(target_grads)
+    return task_grads @ solved.T, jnp.max(residuals)
+
+
+def conjugate_gradients(matvec: Callable, b, *, tol, max_iter: int):
+    """Solves ``A x = b`` (A symmetric positive definite) by conjugate gradients,
+    robust to float32 breakdown.
+
+    Stops when the residual is below ``tol * ||b||``, after ``max_iter`` steps,
+    or on breakdown (``pᵀAp ≤ 0`` or a non-finite value, which rounding produces
+    on ill-conditioned systems once the iterates stop improving), and returns the
+    iterate with the smallest residual seen, never a diverged one.
+
+    Returns:
+      ``(x, relative_residual)``: ``[p]`` and the scalar ``||r|| / ||b||`` of
+      the returned iterate (from the CG recurrence).
+    """
+    b_norm2 = jnp.vdot(b, b)
+    stop2 = (tol ** 2) * b_norm2
+
+    def cond(state):
+        k, _, _, _, rs, _, _, broken = state
+        return (k < max_iter) & ~broken & (rs > stop2)
+
+    def body(state):
+        k, x, r, p, rs, best_x, best_rs, _ = state
+        ap = matvec(p)
+        pap = jnp.vdot(p, ap)
+        ok = jnp.isfinite(pap) & (pap > 0)
+        alpha = rs / jnp.where(ok, pap, 1.0)
+        x_new = x + alpha * p
+        r_new = r - alpha * ap
+        rs_new = jnp.vdot(r_new, r_new)
+        ok = ok & jnp.isfinite(rs_new)
+        better = ok & (rs_new < best_rs)
+        best_x = jnp.where(better, x_new, best_x)
+        best_rs = jnp.where(better, rs_new, best_rs)
+        p_new = r_new + (rs_new / jnp.where(ok, rs, 1.0)) * p
+        return (k + 1, x_new, r_new, p_new, rs_new, best_x, best_rs, ~ok)
+
+    zeros = jnp.zeros_like(b)
+    state = (0, zeros, b, b, b_norm2, zeros, b_norm2, jnp.asarray(False))
+    state = jax.lax.while_loop(cond, body, state)
+    best_x, best_rs = state[5], state[6]
+    return best_x, jnp.sqrt(best_rs / jnp.where(b_norm2 > 0, b_norm2, 1.0))
 
 
 def _gauss_newton_vp(apply_fn, loss_fn, params, v, unravel, chunks, total):

@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                      default=defaults.influence_damping)
     run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
     run.add_argument("--value-samples", type=int, default=defaults.value_samples)
+    run.add_argument("--no-replicate", action="store_true",
+                     help="skip the second-seed LOO retraining (the ground "
+                          "truth's reproducibility)")
     run.add_argument("--set", dest="overrides", type=_override, action="append",
                      default=[], metavar="FIELD=VALUE",
                      help="change a workload configuration field (repeatable)")
@@ -93,7 +96,8 @@ def main(argv=None) -> int:
         output_mode=args.output_mode, cv_method=args.cv_method,
         cv_criterion=args.cv_criterion, baselines=tuple(args.baselines),
         influence_damping=args.influence_damping, trak_proj_dim=args.trak_proj_dim,
-        value_samples=args.value_samples, overrides=tuple(args.overrides))
+        value_samples=args.value_samples, replicate_loo=not args.no_replicate,
+        overrides=tuple(args.overrides))
     out = args.out or f"results/{args.workload}-{args.preset}-seed{args.seed}"
     log = (lambda line: None) if args.quiet else (
         lambda line: print(line, file=sys.stderr, flush=True))

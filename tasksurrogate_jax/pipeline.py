@@ -5,7 +5,9 @@ rerun with the same configuration):
 
 1. ``base``: ``θ*``, the model trained on all tasks.
 2. ``loo``: exact scores of the full set and of every leave-one-out set, the
-   ground truth ``F(1 − e_i) − F(1)`` (retraining; chunks stored).
+   ground truth ``F(1 − e_i) − F(1)`` (retraining; chunks stored);
+   ``loo_replicate``: the same with another seed, the ground truth's own
+   reproducibility.
 3. ``subsets``: ``num_subsets + num_heldout`` random subsets, each dropping
    ``drop`` tasks (the paper's protocol); exact scores (chunks stored).
 4. ``estimated``: first-order estimates of the same subsets' scores from
@@ -24,12 +26,13 @@ import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
 
 from tasksurrogate_jax import attribution, baselines, metrics, surrogates
-from tasksurrogate_jax.store import ChunkStore
+from tasksurrogate_jax.store import ChunkStore, config_hash
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
 from tasksurrogate_jax.workloads.modular import modular_workload
@@ -38,7 +41,6 @@ WORKLOADS: dict[str, tuple[Callable, dict]] = {
     "modular": (modular_workload, MODULAR_PRESETS),
 }
 BASELINES = ("influence", "tracin", "trak")
-STAGES = ("base", "loo", "subsets", "estimated", "baselines")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +66,8 @@ class PipelineConfig:
       trak_proj_dim: projection dimension of TRAK's features.
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
         values (0 = skip).
+      replicate_loo: retrain the LOO sets with another seed too: how well the
+        ground truth agrees with itself (the ceiling of every method).
       chunk_size: subsets per retraining chunk (each finished chunk is stored).
       overrides: workload configuration fields to change (e.g. ``num_steps``).
     """
@@ -80,10 +84,11 @@ class PipelineConfig:
     cv_method: str = "loo"
     cv_criterion: str = "mse"
     baselines: tuple[str, ...] = BASELINES
-    influence_damping: float = 1e-2
+    influence_damping: float = 1.0
     influence_hessian: str = "gauss_newton"
     trak_proj_dim: int = 512
     value_samples: int = 1000
+    replicate_loo: bool = True
     chunk_size: int = 32
     overrides: tuple[tuple[str, object], ...] = ()
 
@@ -132,28 +137,56 @@ def make_workload(config: PipelineConfig):
     return factory(config.preset, **dict(config.overrides))
 
 
+# The configuration fields each stage's result depends on. A run folder holds
+# one workload identity (refused otherwise); within it, each stage is stored
+# under a hash of its own fields, so changing, say, the influence damping
+# recomputes the baselines only, and earlier settings stay reusable.
+IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides")
+STAGE_FIELDS = {
+    "base": (),
+    "loo": ("chunk_size",),
+    "loo_replicate": ("chunk_size",),
+    "subsets": ("num_subsets", "num_heldout", "drop", "chunk_size"),
+    "estimated": ("num_subsets", "num_heldout", "drop", "proj_dim",
+                  "estimation_ridge", "output_mode"),
+    "baselines": ("baselines", "influence_damping", "influence_hessian",
+                  "trak_proj_dim"),
+}
+
+
 class _Stages:
-    """Stage outputs stored in ``out/stages`` (one npz per finished stage)."""
+    """Stage outputs stored under ``out/stages`` (one npz per finished stage)."""
 
     def __init__(self, out_dir: Path | None, config: dict, log: Callable):
-        self.store = None if out_dir is None else ChunkStore(out_dir / "stages", config)
-        self.log = log
+        self.out_dir, self.config, self.log = out_dir, config, log
+        identity = {k: config[k] for k in IDENTITY_FIELDS}
+        if out_dir is not None:  # refuses a folder of another workload identity
+            ChunkStore(out_dir / "stages", identity)
         self.seconds: dict[str, float] = {}
 
+    def folder(self, parent: str, name: str) -> Path | None:
+        """``out/<parent>/<name>-<hash of the stage's fields>``, or ``None``."""
+        if self.out_dir is None:
+            return None
+        fields = {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]}
+        return self.out_dir / parent / f"{name}-{config_hash(fields)[:12]}"
+
     def run(self, name: str, compute: Callable[[], dict]) -> dict:
-        index = STAGES.index(name)
-        if self.store is not None and self.store.has_chunk(index):
-            arrays = self.store.load_chunk(index)
+        folder = self.folder("stages", name)
+        store = None if folder is None else ChunkStore(
+            folder, {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]})
+        if store is not None and store.has_chunk(0):
+            arrays = store.load_chunk(0)
             self.seconds[name] = float(arrays.pop("_seconds"))
-            self.log(f"[{name}] reused from {self.store.chunk_path(index)}")
+            self.log(f"[{name}] reused from {store.chunk_path(0)}")
             return arrays
         self.log(f"[{name}] ...")
         start = time.perf_counter()
         arrays = {k: np.asarray(v) for k, v in compute().items()}
         self.seconds[name] = time.perf_counter() - start
         self.log(f"[{name}] done in {self.seconds[name]:.1f} s")
-        if self.store is not None:
-            self.store.save_chunk(index, {**arrays, "_seconds": self.seconds[name]})
+        if store is not None:
+            store.save_chunk(0, {**arrays, "_seconds": self.seconds[name]})
         return arrays
 
     def timed(self, name: str, compute: Callable):
@@ -175,9 +208,14 @@ def _params_from_arrays(arrays: dict, like):
 def _fit_surrogates(fit_masks, fit_scores, config: PipelineConfig) -> dict:
     """Linear (least squares) and kernel (CV-selected) surrogates, plus the search."""
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
+    # Ridges below the rounding error of the kernel's eigenvalues (about
+    # eps * trace = eps * m for the RBF kernel) give meaningless CV errors.
+    ridges = surrogates.default_ridge_grid()
+    eps = np.finfo(np.asarray(fit_scores).dtype).eps
+    ridges = ridges[ridges >= 10 * eps * fit_masks.shape[0]]
     search = surrogates.select_kernel_hyperparameters(
         fit_masks, fit_scores, method=config.cv_method, criterion=config.cv_criterion,
-        key=jax.random.key(config.seed))
+        ridges=ridges, key=jax.random.key(config.seed))
     kernel = surrogates.fit_kernel_surrogate(
         fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge))
     return {"linear": linear, "kernel": kernel, "search": search}
@@ -204,9 +242,36 @@ def _heldout_metrics(surrogate, masks, true_scores) -> dict:
             "_heldout_predicted_mean": predicted.mean(1)}
 
 
-def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
-                 progress: bool = True) -> dict:
-    """Runs every stage and returns the results.
+class RunScores(NamedTuple):
+    """Everything a run computes before the surrogates (see :func:`collect`).
+
+    Attributes:
+      workload: the workload object.
+      theta: ``θ*``.
+      loo_scores: ``[K + 1, T]`` exact scores of the full set then each LOO set.
+      replicate_loo_scores: the same with another seed, or ``None``.
+      masks: ``[num_subsets + num_heldout, K]`` random subsets (fitting rows
+        first).
+      exact: ``[num_subsets + num_heldout, T]`` their exact scores.
+      estimated: ``[num_subsets + num_heldout, T]`` their first-order estimates.
+      baselines: ``{name: [K, T]}`` baseline LOO-effect predictions.
+      seconds: ``{stage: seconds}`` (stored stages report their first run).
+    """
+
+    workload: Any
+    theta: Any
+    loo_scores: np.ndarray
+    replicate_loo_scores: np.ndarray | None
+    masks: np.ndarray
+    exact: np.ndarray
+    estimated: np.ndarray
+    baselines: dict
+    seconds: dict
+
+
+def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
+            progress: bool = True) -> RunScores:
+    """Runs the expensive stages (stored under ``out_dir``, reused on rerun).
 
     Args:
       config: the :class:`PipelineConfig`.
@@ -216,30 +281,23 @@ def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
       progress: progress bars on the retraining stages.
 
     Returns:
-      A dict with ``config``, ``task_names``, ``target_description``,
-      ``methods`` (per method: ``effects`` ``[K]`` on the mean target, LOO
-      Spearman/Pearson per target and on the mean target, and held-out Spearman
-      and normalized error for surrogates), ``true_effects`` ``[K]``,
-      ``interactions`` ``[K, K]`` (kernel surrogate on exact scores, mean
-      target), ``heldout`` (true and predicted mean-target scores),
-      ``estimation`` (errors of the estimates against the exact scores),
-      ``surrogate_hyperparameters`` and ``seconds`` per stage.
+      :class:`RunScores`.
     """
     config = check_config(config)
     out_dir = None if out_dir is None else Path(out_dir)
     stages = _Stages(out_dir, config.to_json(), log)
     workload = stages.timed("workload", lambda: make_workload(config))
     key = jax.random.key(config.seed)
-    k_base, k_subsets, k_est, k_trak, k_values = jax.random.split(key, 5)
+    k_base, k_subsets, k_est, k_trak, k_replicate = jax.random.split(key, 5)
     num_tasks = workload.num_tasks
     if config.drop >= num_tasks:
         raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
                          f"{config.drop}.")
 
-    def retrained(name, masks):
-        store_dir = None if out_dir is None else out_dir / "retraining" / name
+    def retrained(name, masks, key=k_base):
+        store_dir = stages.folder("retraining", name)
         return {"scores": workload.exact_scores(
-            masks, key=k_base, store_dir=store_dir, chunk_size=config.chunk_size,
+            masks, key=key, store_dir=store_dir, chunk_size=config.chunk_size,
             progress=progress)}
 
     like = workload.init_fn(k_base)
@@ -247,20 +305,20 @@ def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
         "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
 
     loo_masks = leave_one_out_masks(num_tasks)
-    loo = stages.run("loo", lambda: retrained("loo", loo_masks))
-    true_effects = loo["scores"][1:] - loo["scores"][0]  # [K, T]
+    loo = stages.run("loo", lambda: retrained("loo", loo_masks))["scores"]
+    replicate = None
+    if config.replicate_loo:
+        replicate = stages.run("loo_replicate", lambda: retrained(
+            "loo_replicate", loo_masks, key=k_replicate))["scores"]
 
     masks = np.asarray(fixed_size_masks(k_subsets, config.num_subsets +
                                         config.num_heldout, num_tasks,
                                         subset_size=num_tasks - config.drop,
                                         unique=True))
-    fit_masks, heldout_masks = masks[:config.num_subsets], masks[config.num_subsets:]
-    exact = stages.run("subsets", lambda: retrained("subsets", masks))
-    exact_scores = exact["scores"]
+    exact = stages.run("subsets", lambda: retrained("subsets", masks))["scores"]
     estimated = stages.run("estimated", lambda: {"scores": workload.estimated_scores(
         masks, key=k_est, base_params=theta, proj_dim=config.proj_dim,
-        ridge=config.estimation_ridge, output_mode=config.output_mode)})
-    estimated_scores = estimated["scores"]
+        ridge=config.estimation_ridge, output_mode=config.output_mode)})["scores"]
 
     def compute_baselines():
         out = {}
@@ -279,13 +337,39 @@ def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
         return out
 
     baseline_effects = stages.run("baselines", compute_baselines)
+    return RunScores(workload, theta, loo, replicate, masks, exact, estimated,
+                     baseline_effects, stages.seconds)
 
-    fits = stages.timed("surrogates", lambda: {
-        "exact": _fit_surrogates(fit_masks, exact_scores[:config.num_subsets], config),
-        "estimated": _fit_surrogates(fit_masks,
-                                     estimated_scores[:config.num_subsets], config)})
 
-    heldout_true = exact_scores[config.num_subsets:]
+def evaluate(config: PipelineConfig, run: RunScores) -> dict:
+    """Surrogates, attribution and metrics from collected scores (cheap).
+
+    Returns:
+      A dict with ``config``, ``task_names``, ``target_description``,
+      ``methods`` (per method: ``effects`` ``[K]`` on the mean target, LOO
+      Spearman/Pearson per target and on the mean target, and held-out Spearman
+      and normalized error for surrogates), ``true_effects`` ``[K]``,
+      ``interactions`` ``[K, K]`` (kernel surrogate on exact scores, mean
+      target), ``heldout`` (true and predicted mean-target scores),
+      ``estimation`` (errors of the estimates against the exact scores),
+      ``surrogate_hyperparameters`` and ``seconds`` per stage.
+    """
+    seconds = dict(run.seconds)
+
+    def timed(name, compute):
+        start = time.perf_counter()
+        out = compute()
+        seconds[name] = time.perf_counter() - start
+        return out
+
+    m = config.num_subsets
+    true_effects = run.loo_scores[1:] - run.loo_scores[0]  # [K, T]
+    fit_masks, heldout_masks = run.masks[:m], run.masks[m:]
+    fits = timed("surrogates", lambda: {
+        "exact": _fit_surrogates(fit_masks, run.exact[:m], config),
+        "estimated": _fit_surrogates(fit_masks, run.estimated[:m], config)})
+
+    heldout_true = run.exact[m:]
     methods, heldout_predicted = {}, {}
     for scores_name, fitted in fits.items():
         for kind in ("linear", "kernel"):
@@ -296,22 +380,26 @@ def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
             heldout_predicted[name] = held.pop("_heldout_predicted_mean")
             methods[name] = {"effects": effects.mean(1),
                              **_loo_metrics(effects, true_effects), **held}
-    for name, effects in baseline_effects.items():
+    for name, effects in run.baselines.items():
         methods[name] = {"effects": effects.mean(1),
                          **_loo_metrics(effects, true_effects)}
 
     kernel_exact = fits["exact"]["kernel"]
-    interactions = stages.timed("attribution", lambda: np.asarray(
+    interactions = timed("attribution", lambda: np.asarray(
         attribution.interaction_matrix(kernel_exact)).mean(-1))
     if config.value_samples:
-        banzhaf = stages.timed("attribution_values", lambda: np.asarray(
-            attribution.banzhaf_values(kernel_exact, key=k_values,
-                                       num_samples=config.value_samples)))
+        banzhaf = timed("attribution_values", lambda: np.asarray(
+            attribution.banzhaf_values(
+                kernel_exact, key=jax.random.fold_in(jax.random.key(config.seed), 9),
+                num_samples=config.value_samples)))
         methods["kernel surrogate (exact), Banzhaf"] = {
             "effects": banzhaf.mean(1), **_loo_metrics(banzhaf, true_effects)}
+    if run.replicate_loo_scores is not None:
+        replicate = run.replicate_loo_scores[1:] - run.replicate_loo_scores[0]
+        methods["LOO retraining, another seed"] = {
+            "effects": replicate.mean(1), **_loo_metrics(replicate, true_effects)}
 
-    fit_true = exact_scores[:config.num_subsets]
-    fit_est = estimated_scores[:config.num_subsets]
+    fit_true, fit_est = run.exact[:m], run.estimated[:m]
     estimation = {
         "mean_relative_error": float(np.mean(
             metrics.relative_error(fit_est, fit_true))),
@@ -324,21 +412,30 @@ def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
     hyper = {scores_name: {"gamma": float(f["search"].gamma),
                            "ridge": float(f["search"].ridge)}
              for scores_name, f in fits.items()}
+    workload = run.workload
     return {
         "config": config.to_json(),
         "task_names": list(workload.task_names),
         "target_description": workload.target_description,
         "num_targets": int(workload.num_targets),
-        "full_set_loss": float(loo["scores"][0].mean()),
+        "full_set_loss": float(run.loo_scores[0].mean()),
         "true_effects": true_effects.mean(1),
         "methods": methods,
         "interactions": interactions,
         "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
         "estimation": estimation,
         "surrogate_hyperparameters": hyper,
-        "seconds": stages.seconds,
+        "seconds": seconds,
     }
 
 
-__all__ = ["BASELINES", "WORKLOADS", "PipelineConfig", "check_config",
-           "make_workload", "run_pipeline"]
+def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
+                 progress: bool = True) -> dict:
+    """:func:`collect` then :func:`evaluate`: the results dict of a whole run."""
+    config = check_config(config)
+    return evaluate(config, collect(config, out_dir=out_dir, log=log,
+                                    progress=progress))
+
+
+__all__ = ["BASELINES", "STAGE_FIELDS", "WORKLOADS", "PipelineConfig", "RunScores",
+           "check_config", "collect", "evaluate", "make_workload", "run_pipeline"]

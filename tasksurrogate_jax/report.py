@@ -4,11 +4,12 @@ Input is the dict returned by :func:`tasksurrogate_jax.pipeline.run_pipeline`.
 Plots (matplotlib, headless):
 
 - ``loo_effects.png``: predicted vs true leave-one-out effects on the mean
-  target, one panel per method (predictions rescaled per method: only the
-  order and the correlation are comparable across methods);
+  target, one panel per method (each on its own scale: only the order and
+  the correlation compare across methods);
 - ``interactions.png``: the kernel surrogate's pairwise interaction heatmap
   with task names;
-- ``heldout.png``: predicted vs true held-out subset scores per surrogate.
+- ``heldout.png``: predicted vs true held-out subset scores (mean target) per
+  surrogate, with the diagonal.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def write_plots(results: dict, out_dir) -> list[Path]:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
     for ax, (name, values) in zip(axes.flat, methods.items(), strict=False):
         _scatter(ax, true, np.asarray(values["effects"]),
-                 f"{name}\nSpearman {values['loo_spearman_mean_target']:.2f}",
+                 f"{name}\nSpearman (mean target) "
+                 f"{values['loo_spearman_mean_target']:.2f}",
                  "true LOO effect", "predicted")
     for ax in axes.flat[len(methods):]:
         ax.axis("off")
@@ -140,11 +142,17 @@ def write_plots(results: dict, out_dir) -> list[Path]:
     predicted = held["predicted"]
     fig, axes = plt.subplots(1, len(predicted), figsize=(4 * len(predicted), 3.6),
                              squeeze=False)
+    true_held = np.asarray(held["true"])
     for ax, (name, values) in zip(axes.flat, predicted.items(), strict=True):
-        _scatter(ax, np.asarray(held["true"]), np.asarray(values),
-                 f"{name}\nheld-out Spearman "
-                 f"{methods[name]['heldout_spearman_mean_target']:.2f}",
-                 "true held-out loss", "predicted")
+        values = np.asarray(values)
+        ax.scatter(true_held, values, s=14)
+        lo = float(min(true_held.min(), values.min()))
+        hi = float(max(true_held.max(), values.max()))
+        ax.plot([lo, hi], [lo, hi], color="0.7", lw=0.8)
+        ax.set_title(f"{name}\nSpearman (mean target) "
+                     f"{methods[name]['heldout_spearman_mean_target']:.2f}", fontsize=9)
+        ax.set_xlabel("true held-out loss (mean target)", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
     fig.tight_layout()
     paths.append(out_dir / "heldout.png")
     fig.savefig(paths[-1], dpi=110)

@@ -394,3 +394,20 @@ def test_non_finite_scores_are_reported():
     with pytest.raises(ValueError, match="influence scores are not finite"):
         bl.influence_scores(linear_model, broken, DATA, TARGET, damping=1e-2,
                             solver="dense")
+
+
+def test_conjugate_gradients_solves_spd_systems_and_survives_breakdown():
+    rng = np.random.default_rng(5)
+    a = rng.normal(size=(12, 12))
+    spd = a @ a.T + 0.5 * np.eye(12)
+    b = rng.normal(size=12)
+    x, residual = bl.conjugate_gradients(lambda v: jnp.asarray(spd) @ v,
+                                                jnp.asarray(b), tol=1e-10, max_iter=100)
+    np.testing.assert_allclose(x, np.linalg.solve(spd, b), rtol=1e-7, atol=1e-9)
+    assert float(residual) < 1e-9
+    # Indefinite: p^T A p <= 0 at some step; the best finite iterate comes back.
+    indefinite = np.diag([1.0, -1.0, 2.0])
+    x, residual = bl.conjugate_gradients(
+        lambda v: jnp.asarray(indefinite) @ v, jnp.asarray([1.0, 1.0, 0.0]),
+        tol=1e-12, max_iter=50)
+    assert np.all(np.isfinite(np.asarray(x))) and 0 < float(residual) <= 1.0

@@ -112,10 +112,12 @@ def test_bad_input():
     with pytest.raises(ValueError, match="num_targets must be <="):
         modular_workload("tiny", num_targets=10_000)
     w = modular_workload("tiny")
-    with pytest.raises(ValueError, match=r"masks has 24 task columns.*num_tasks=25"):
-        w.exact_scores(jnp.ones((2, 24)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"masks has 15 task columns.*num_tasks=16"):
+        w.exact_scores(jnp.ones((2, 15)), key=jax.random.key(0))
     with pytest.raises(ValueError, match="keep no training examples"):
-        w.exact_scores(jnp.zeros((1, 25)), key=jax.random.key(0))
+        w.exact_scores(jnp.zeros((1, 16)), key=jax.random.key(0))
+    with pytest.raises(ValueError, match=r"grid=5 with p=11 leaves tasks \[4, 9,"):
+        modular_workload("tiny", grid=5)
 
 
 def test_presets_are_listed():

@@ -1,5 +1,6 @@
 """The pipeline, its report and the ``tasksurrogate`` command on the tiny preset."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -27,10 +28,11 @@ def test_cli_runs_end_to_end_and_writes_the_report(first_run, capsys):
     for name in ("loo_effects.png", "interactions.png", "heldout.png"):
         assert (first_run / name).stat().st_size > 1000
     num_tasks = len(results["task_names"])
-    assert num_tasks == 25
+    assert num_tasks == 16
     expected = {f"{kind} surrogate ({scores})" for kind in ("linear", "kernel")
                 for scores in ("exact", "estimated")}
-    expected |= {"influence", "tracin", "trak", "kernel surrogate (exact), Banzhaf"}
+    expected |= {"influence", "tracin", "trak", "kernel surrogate (exact), Banzhaf",
+                 "LOO retraining, another seed"}
     assert set(results["methods"]) == expected
     for name, values in results["methods"].items():
         assert len(values["effects"]) == num_tasks
@@ -39,7 +41,7 @@ def test_cli_runs_end_to_end_and_writes_the_report(first_run, capsys):
             assert -1 <= values["heldout_spearman"] <= 1, name
     assert np.asarray(results["interactions"]).shape == (num_tasks, num_tasks)
     assert len(results["heldout"]["true"]) == 4
-    assert set(results["seconds"]) >= set(pipeline.STAGES)
+    assert set(results["seconds"]) >= set(pipeline.STAGE_FIELDS)
 
 
 @pytest.mark.slow
@@ -51,14 +53,23 @@ def test_rerun_reuses_every_stored_stage_and_gives_the_same_results(first_run):
         trak_proj_dim=32, overrides=(("num_steps", 40),))
     results = pipeline.run_pipeline(config, out_dir=first_run, log=lines.append,
                                     progress=False)
-    assert sum("reused" in line for line in lines) == len(pipeline.STAGES)
+    assert sum("reused" in line for line in lines) == len(pipeline.STAGE_FIELDS)
     for name, values in before["methods"].items():
         np.testing.assert_allclose(results["methods"][name]["effects"],
                                    values["effects"], rtol=1e-6, atol=1e-9)
+    # Another damping: only the baselines stage is recomputed.
+    lines.clear()
+    other = dataclasses.replace(config, influence_damping=3.0)
+    results = pipeline.run_pipeline(other, out_dir=first_run, log=lines.append,
+                                    progress=False)
+    recomputed = [line for line in lines if line.endswith("...")]
+    assert recomputed == ["[baselines] ..."], lines
+    assert not np.allclose(results["methods"]["influence"]["effects"],
+                           before["methods"]["influence"]["effects"])
 
 
 @pytest.mark.slow
-def test_a_folder_of_another_configuration_is_refused(first_run, capsys):
+def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main([*TINY, "--out", str(first_run), "--seed", "1"])
     assert exit_info.value.code == 2
@@ -70,8 +81,8 @@ def test_a_folder_of_another_configuration_is_refused(first_run, capsys):
     (["run", "modular", "--preset", "huge"], "preset must be one of"),
     (["run", "modular", "--num-subsets", "2"], "num_subsets must be >= 4"),
     (["run", "modular", "--num-heldout", "1"], "num_heldout must be >= 3"),
-    (["run", "modular", "--drop", "25", "--set", "num_steps=1"],
-     "drop must be < the workload's 25 tasks"),
+    (["run", "modular", "--preset", "tiny", "--drop", "16"],
+     "drop must be < the workload's 16 tasks"),
     (["run", "modular", "--set", "widht=3"], "unknown ModularConfig fields"),
     (["run", "modular", "--set", "width"], "expected FIELD=VALUE"),
 ])

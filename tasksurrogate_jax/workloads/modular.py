@@ -112,9 +112,9 @@ PRESETS: dict[str, ModularConfig] = {
         p=41, depth=1, width=32, heads=4, mlp_ratio=4, learning_rate=3e-3,
         weight_decay=1.0, batch_size=128, num_steps=600,
     ),
-    # For tests: trains above chance in a few seconds.
+    # For tests: trains above chance in a few seconds; 16 tasks.
     "tiny": ModularConfig(
-        p=11, depth=1, width=16, heads=2, mlp_ratio=2, learning_rate=1e-2,
+        p=11, grid=4, depth=1, width=16, heads=2, mlp_ratio=2, learning_rate=1e-2,
         weight_decay=0.0, batch_size=None, num_steps=150,
     ),
 }
@@ -232,6 +232,13 @@ class ModularWorkload(Workload):
         num_train = int(round(c.train_fraction * c.p * c.p))
         train, test = order[:num_train], order[num_train:]
         task_ids = block_task_ids(tokens[train], p=c.p, grid=c.grid)
+        empty = np.nonzero(np.bincount(task_ids, minlength=c.grid * c.grid) == 0)[0]
+        if empty.size:
+            raise ValueError(
+                f"grid={c.grid} with p={c.p} leaves tasks {empty.tolist()} without "
+                f"training examples (blocks of ceil(p / grid) = {c.block} values); "
+                "choose a grid whose last block is not empty."
+            )
         block = c.block
         names = tuple(
             f"a[{i * block},{min((i + 1) * block, c.p)})"

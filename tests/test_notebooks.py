@@ -1,0 +1,62 @@
+"""Executes notebooks/quickstart.ipynb end to end in its quick mode.
+
+The notebook runs in a separate kernel process, in a temporary working
+directory, with ``TASKSURROGATE_QUICK=1`` (the ``tiny`` preset, few subsets) and
+the CPU backend. The kernel is this interpreter's ipykernel: a ``python3``
+kernel spec pointing at ``sys.executable`` is put first on ``JUPYTER_PATH``, so
+a ``python3`` spec of another environment (e.g. one installed with ``--user``)
+cannot take its place.
+"""
+
+from pathlib import Path
+
+import nbformat
+from ipykernel.kernelspec import write_kernel_spec
+from nbclient import NotebookClient
+
+NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")
+
+
+def _text(outputs) -> str:
+    parts = []
+    for out in outputs:
+        if out.get("output_type") == "stream":
+            parts.append(out.get("text", ""))
+        elif "data" in out:
+            parts.append(out["data"].get("text/plain", ""))
+    return "".join(parts)
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert all(not cell.get("outputs") for cell in nb.cells
+               if cell.cell_type == "code"), "stored outputs: clear them"
+
+    write_kernel_spec(tmp_path / "jupyter" / "kernels" / "python3")
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    # The kernel inherits this process's environment.
+    monkeypatch.setenv("TASKSURROGATE_QUICK", "1")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    work = tmp_path / "work"
+    work.mkdir()
+    client = NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(work)}})
+    client.execute()  # raises CellExecutionError on the first failing cell
+
+    outputs = [out for cell in nb.cells if cell.cell_type == "code"
+               for out in cell.outputs]
+    assert not [out for out in outputs if out.get("output_type") == "error"]
+    text = _text(outputs)
+    assert "| method |" in text
+    assert "| kernel surrogate (exact) |" in text
+    assert "Most helpful tasks" in text
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == len(PLOTS)
+
+    out_dir = work / "results" / "quickstart-quick"
+    assert (out_dir / "results.json").stat().st_size > 0
+    for name in PLOTS:
+        assert (out_dir / name).stat().st_size > 1000, name
