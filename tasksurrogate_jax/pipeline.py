@@ -208,11 +208,10 @@ def _params_from_arrays(arrays: dict, like):
 def _fit_surrogates(fit_masks, fit_scores, config: PipelineConfig) -> dict:
     """Linear (least squares) and kernel (CV-selected) surrogates, plus the search."""
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
-    # Ridges below the rounding error of the kernel's eigenvalues (about
-    # eps * trace = eps * m for the RBF kernel) give meaningless CV errors.
-    ridges = surrogates.default_ridge_grid()
-    eps = np.finfo(np.asarray(fit_scores).dtype).eps
-    ridges = ridges[ridges >= 10 * eps * fit_masks.shape[0]]
+    # Ridges below the rounding error of the kernel's eigenvalues give
+    # meaningless CV errors.
+    ridges = surrogates.default_ridge_grid(fit_masks.shape[0],
+                                           np.asarray(fit_scores).dtype)
     search = surrogates.select_kernel_hyperparameters(
         fit_masks, fit_scores, method=config.cv_method, criterion=config.cv_criterion,
         ridges=ridges, key=jax.random.key(config.seed))

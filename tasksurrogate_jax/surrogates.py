@@ -409,9 +409,14 @@ def default_gamma_grid(num_tasks: int) -> np.ndarray:
     return 2.0 ** np.arange(-2, 4) / num_tasks
 
 
-def default_ridge_grid() -> np.ndarray:
-    """Six penalties ``10^{-4..1}``."""
-    return 10.0 ** np.arange(-4, 2)
+def default_ridge_grid(num_subsets: int | None = None, dtype=None) -> np.ndarray:
+    """Six penalties ``10^{-4..1}``; given ``num_subsets`` and a float ``dtype``,
+    only those above the rounding error of an RBF kernel matrix's eigenvalues
+    (``10 eps m``, the threshold of the precision warning)."""
+    grid = 10.0 ** np.arange(-4, 2)
+    if num_subsets is None or dtype is None:
+        return grid
+    return grid[grid >= 10 * np.finfo(dtype).eps * num_subsets]
 
 
 def select_kernel_hyperparameters(

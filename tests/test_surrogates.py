@@ -329,3 +329,15 @@ def test_selection_warns_when_a_ridge_is_below_float32_precision():
         warnings.simplefilter("error")
         surrogates.select_kernel_hyperparameters(MASKS, SCORES, gammas=[0.1],
                                                  ridges=[1e-6, 1.0])
+
+
+def test_default_ridge_grid_drops_ridges_below_float32_precision():
+    np.testing.assert_allclose(surrogates.default_ridge_grid(), 10.0 ** np.arange(-4, 2))
+    assert surrogates.default_ridge_grid(100, np.float64).size == 6
+    kept = surrogates.default_ridge_grid(100, np.float32)  # threshold 1.2e-4
+    np.testing.assert_allclose(kept, 10.0 ** np.arange(-3, 2))
+    masks = np.random.default_rng(0).integers(0, 2, (100, 8)).astype(np.float32)
+    scores = masks @ np.arange(8, dtype=np.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no precision warning with this grid
+        surrogates.select_kernel_hyperparameters(masks, scores, ridges=kept)
