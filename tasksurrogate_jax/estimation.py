@@ -467,6 +467,10 @@ class EstimationCheck(NamedTuple):
         then averaged (large where single losses are near zero).
       spearman: ``[T]`` Spearman of ``F̂`` against ``F`` across subsets.
       param_shift: ``[m]`` ``||θ_s - θ*|| / ||θ*||`` of the fine-tuned models.
+      first_order: ``[m, T]`` target losses of the first-order model at the
+        *fine-tuned* update, ``f(θ*) + J (θ_s − θ*)`` (logits linearized):
+        how far the linearization itself is off where fine-tuning went,
+        whatever the solver does.
     """
 
     estimated: jax.Array
@@ -475,6 +479,7 @@ class EstimationCheck(NamedTuple):
     column_relative_error: jax.Array
     spearman: jax.Array
     param_shift: jax.Array
+    first_order: jax.Array
 
 
 def check_estimation(
@@ -508,6 +513,11 @@ def check_estimation(
     exact = result.losses
     base_norm = otu.tree_norm(params)
     shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(result.params)
+    linear_apply = linearize(spec.apply_fn, params)
+    first_order = jax.lax.map(
+        lambda tuned: spec.loss_fn(linear_apply(otu.tree_sub(tuned, params),
+                                                target.inputs), target.labels),
+        result.params)
     mean_est, mean_exact = estimated.mean(axis=1), exact.mean(axis=1)
     return EstimationCheck(
         estimated=estimated,
@@ -516,4 +526,5 @@ def check_estimation(
         column_relative_error=metrics.relative_error(estimated, exact).mean(axis=1),
         spearman=metrics.spearman(exact, estimated),
         param_shift=shift / base_norm,
+        first_order=first_order,
     )

@@ -190,10 +190,15 @@ class _Stages:
         return arrays
 
     def timed(self, name: str, compute: Callable):
-        start = time.perf_counter()
-        out = compute()
-        self.seconds[name] = time.perf_counter() - start
-        return out
+        return _timed(self.seconds, name, compute)
+
+
+def _timed(seconds: dict, name: str, compute: Callable):
+    """``compute()``, its wall time recorded in ``seconds[name]``."""
+    start = time.perf_counter()
+    out = compute()
+    seconds[name] = time.perf_counter() - start
+    return out
 
 
 def _params_arrays(params) -> dict:
@@ -356,10 +361,7 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
     seconds = dict(run.seconds)
 
     def timed(name, compute):
-        start = time.perf_counter()
-        out = compute()
-        seconds[name] = time.perf_counter() - start
-        return out
+        return _timed(seconds, name, compute)
 
     m = config.num_subsets
     true_effects = run.loo_scores[1:] - run.loo_scores[0]  # [K, T]

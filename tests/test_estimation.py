@@ -51,6 +51,9 @@ def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     assert float(check.relative_error.max()) < 1e-5
     assert float(check.column_relative_error.max()) < 1e-5
     np.testing.assert_allclose(check.spearman, 1.0)
+    # Linear in its parameters: the first-order model at the fine-tuned update
+    # is the fine-tuned model.
+    np.testing.assert_allclose(check.first_order, check.exact, rtol=1e-9, atol=1e-12)
     # The fine-tuned update has the norm the estimator reports (one minimiser:
     # ridge 0 leaves the shift of all logits free, plain GD from θ* does not
     # move along it, and neither does L-BFGS from zero).

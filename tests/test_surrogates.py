@@ -332,7 +332,8 @@ def test_selection_warns_when_a_ridge_is_below_float32_precision():
 
 
 def test_default_ridge_grid_drops_ridges_below_float32_precision():
-    np.testing.assert_allclose(surrogates.default_ridge_grid(), 10.0 ** np.arange(-4, 2))
+    np.testing.assert_allclose(surrogates.default_ridge_grid(),
+                               10.0 ** np.arange(-4, 2))
     assert surrogates.default_ridge_grid(100, np.float64).size == 6
     kept = surrogates.default_ridge_grid(100, np.float32)  # threshold 1.2e-4
     np.testing.assert_allclose(kept, 10.0 ** np.arange(-3, 2))
