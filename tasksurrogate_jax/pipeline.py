@@ -82,7 +82,7 @@ class PipelineConfig:
     estimation_ridge: float = 10.0
     output_mode: str = "margin"
     cv_method: str = "loo"
-    cv_criterion: str = "mse"
+    cv_criterion: str = "spearman"
     baselines: tuple[str, ...] = BASELINES
     influence_damping: float = 1.0
     influence_hessian: str = "gauss_newton"
