@@ -69,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=BASELINES)
     run.add_argument("--influence-damping", type=float,
                      default=defaults.influence_damping)
+    run.add_argument("--influence-hessian", default=defaults.influence_hessian,
+                     choices=("gauss_newton", "exact"))
+    run.add_argument("--chunk-size", type=int, default=defaults.chunk_size,
+                     help="subsets per retraining chunk (each stored when done)")
     run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
     run.add_argument("--value-samples", type=int, default=defaults.value_samples)
     run.add_argument("--no-replicate", action="store_true",
@@ -95,7 +99,9 @@ def main(argv=None) -> int:
         proj_dim=args.proj_dim, estimation_ridge=args.estimation_ridge,
         output_mode=args.output_mode, cv_method=args.cv_method,
         cv_criterion=args.cv_criterion, baselines=tuple(args.baselines),
-        influence_damping=args.influence_damping, trak_proj_dim=args.trak_proj_dim,
+        influence_damping=args.influence_damping,
+        influence_hessian=args.influence_hessian, trak_proj_dim=args.trak_proj_dim,
+        chunk_size=args.chunk_size,
         value_samples=args.value_samples, replicate_loo=not args.no_replicate,
         overrides=tuple(args.overrides))
     out = args.out or f"results/{args.workload}-{args.preset}-seed{args.seed}"
