@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ast
-import json
 import os
 import platform
 import time
@@ -12,6 +10,8 @@ from pathlib import Path
 
 import jax
 import numpy as np
+
+from tasksurrogate_jax import cli, report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Environment variables that set the thread counts of XLA and the BLAS libraries.
@@ -46,9 +46,9 @@ def environment() -> dict:
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
-    """``["field=value", ...]`` (values as Python literals) -> ``{field: value}``."""
-    pairs = (item.split("=", 1) for item in items)
-    return {key: ast.literal_eval(value) for key, value in pairs}
+    """``["field=value", ...]`` -> ``{field: value}``, parsed as the command's
+    ``--set`` is (Python literals, else strings)."""
+    return dict(cli.parse_override(item) for item in items)
 
 
 def time_call(
@@ -90,20 +90,9 @@ def strip_results(record: dict) -> dict:
 
 
 def write_json(path: str | Path, payload: dict) -> Path:
-    """Writes ``payload`` as indented JSON, creating parent folders."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, default=_json_default) + "\n")
-    return path
-
-
-def _json_default(value):
-    if isinstance(value, (np.generic, jax.Array)):
-        array = np.asarray(value)
-        return array.item() if array.ndim == 0 else array.tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+    """Writes ``payload`` as indented JSON (arrays as lists, non-finite as null),
+    creating parent folders: the package's own writer."""
+    return report.write_json(payload, path)
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

@@ -78,11 +78,12 @@ from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
 from tasksurrogate_jax.estimation import margin
 from tasksurrogate_jax.linearize import (
+    chunked_vmap,
     per_example_grads,
     per_task_sums,
     projected_jacobians,
 )
-from tasksurrogate_jax.projection import make_projection, num_parameters
+from tasksurrogate_jax.projection import make_projection, num_parameters, ravel_rows
 from tasksurrogate_jax.retraining import softmax_cross_entropy
 
 HESSIANS = ("exact", "gauss_newton")
@@ -279,23 +280,6 @@ def _example_loss(apply_fn, loss_fn):
     return lambda p, x, y: loss_fn(apply_fn(p, x[None]), y[None])[0]
 
 
-def _ravel_rows(tree) -> jax.Array:
-    """A pytree with a leading ``n`` axis -> ``[n, p]`` (``ravel_pytree`` order)."""
-    leaves = jax.tree_util.tree_leaves(tree)
-    n = leaves[0].shape[0]
-    dtype = jnp.result_type(*leaves)
-    return jnp.concatenate([leaf.reshape(n, -1).astype(dtype) for leaf in leaves],
-                           axis=1)
-
-
-def _map(fn, xs, batch_size):
-    """``vmap(fn)`` over the leading axis of ``xs``, in chunks of ``batch_size``."""
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    if batch_size is None or batch_size >= n:
-        return jax.vmap(fn)(xs)
-    return jax.lax.map(fn, xs, batch_size=batch_size)
-
-
 def _chunk(x, batch_size, fill=None):
     """``[n, ...]`` -> ``[num_chunks, batch_size, ...]``, padding the last chunk
     with copies of row 0 (or ``fill``)."""
@@ -337,11 +321,11 @@ def _gradients(apply_fn, loss_fn, params, data, target, chunks, batch_size):
     example_loss = _example_loss(apply_fn, loss_fn)
 
     def chunk_task_sums(x, y, ids, w):
-        grads = _ravel_rows(per_example_grads(example_loss, params, x, y))
+        grads = ravel_rows(per_example_grads(example_loss, params, x, y))
         return jax.ops.segment_sum(grads, ids, num_segments=data.num_tasks)
 
     task = _scan_sum(chunk_task_sums, chunks)
-    tgt = _ravel_rows(per_example_grads(example_loss, params, target.inputs,
+    tgt = ravel_rows(per_example_grads(example_loss, params, target.inputs,
                                         target.labels, batch_size=batch_size))
     return task, tgt
 
@@ -524,17 +508,17 @@ def _trak(apply_fn, loss_fn, params, data, target, projection, damping, *,
             return jnp.ones_like(h)
 
     def features_of(inputs, labels):  # Φ [n, C_h, d], ψ [n, d]
-        h = _map(lambda xy: output(params, *xy), (inputs, labels), batch_size)
+        h = chunked_vmap(lambda xy: output(params, *xy), (inputs, labels), batch_size)
         if features != "outputs":
             grads = per_example_grads(lambda p, x, y: output(p, x, y)[0], params,
                                       inputs, labels, projection=projection,
                                       batch_size=batch_size)
-            phi = (grads if projection is not None else _ravel_rows(grads))[:, None]
+            phi = (grads if projection is not None else ravel_rows(grads))[:, None]
         elif projection is not None:
             phi = projected_jacobians(apply_fn, params, inputs,
                                       projection=projection, batch_size=batch_size)
         else:
-            phi = _map(lambda x: _ravel_rows(jax.jacrev(
+            phi = chunked_vmap(lambda x: ravel_rows(jax.jacrev(
                 lambda p: apply_fn(p, x[None])[0])(params)), inputs, batch_size)
         return phi, jnp.einsum("nc,ncd->nd", jax.vmap(dloss)(h, labels), phi)
 

@@ -27,7 +27,8 @@ from tasksurrogate_jax.pipeline import (
 from tasksurrogate_jax.report import summary, write_report
 
 
-def _override(text: str) -> tuple[str, object]:
+def parse_override(text: str) -> tuple[str, object]:
+    """``"field=value"`` -> ``(field, value)``: a Python literal, else the string."""
     name, sep, value = text.partition("=")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected FIELD=VALUE, got {text!r}")
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-replicate", action="store_true",
                      help="skip the second-seed LOO retraining (the ground "
                           "truth's reproducibility)")
-    run.add_argument("--set", dest="overrides", type=_override, action="append",
+    run.add_argument("--set", dest="overrides", type=parse_override, action="append",
                      default=[], metavar="FIELD=VALUE",
                      help="change a workload configuration field (repeatable)")
     run.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -36,7 +36,7 @@ def _one(apply_fn):
     return lambda params, x: apply_fn(params, x[None])[0]
 
 
-def _chunked(fn, xs, batch_size):
+def chunked_vmap(fn, xs, batch_size):
     """``vmap(fn)`` over the leading axis of ``xs`` in chunks of ``batch_size``."""
     n = jax.tree_util.tree_leaves(xs)[0].shape[0]
     if batch_size is None or batch_size >= n:
@@ -68,7 +68,7 @@ def per_example_grads(
         grad = jax.grad(loss_fn)(params, *xy)
         return grad if projection is None else project(projection, grad)
 
-    return _chunked(one, (inputs, labels), batch_size)
+    return chunked_vmap(one, (inputs, labels), batch_size)
 
 
 def projected_jacobians(
@@ -105,7 +105,7 @@ def projected_jacobians(
             jac = jax.jacrev(f)(params, x)  # leaves [C, *leaf_shape]
             return project(projection, jac, batch_dims=1)
 
-        return _chunked(one, inputs, batch_size)
+        return chunked_vmap(one, inputs, batch_size)
 
     tangents = unproject(projection, jnp.eye(projection.proj_dim), params)
 
@@ -115,7 +115,7 @@ def projected_jacobians(
 
         return jax.vmap(jvp)(tangents).T  # [C, d]
 
-    return _chunked(one_forward, inputs, batch_size)
+    return chunked_vmap(one_forward, inputs, batch_size)
 
 
 def linearize(apply_fn: Callable, params):

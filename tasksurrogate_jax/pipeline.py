@@ -164,17 +164,19 @@ class _Stages:
             ChunkStore(out_dir / "stages", identity)
         self.seconds: dict[str, float] = {}
 
+    def fields(self, name: str) -> dict:
+        """The configuration fields stage ``name`` depends on."""
+        return {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]}
+
     def folder(self, parent: str, name: str) -> Path | None:
         """``out/<parent>/<name>-<hash of the stage's fields>``, or ``None``."""
         if self.out_dir is None:
             return None
-        fields = {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]}
-        return self.out_dir / parent / f"{name}-{config_hash(fields)[:12]}"
+        return self.out_dir / parent / f"{name}-{config_hash(self.fields(name))[:12]}"
 
     def run(self, name: str, compute: Callable[[], dict]) -> dict:
         folder = self.folder("stages", name)
-        store = None if folder is None else ChunkStore(
-            folder, {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]})
+        store = None if folder is None else ChunkStore(folder, self.fields(name))
         if store is not None and store.has_chunk(0):
             arrays = store.load_chunk(0)
             self.seconds[name] = float(arrays.pop("_seconds"))
@@ -304,7 +306,7 @@ def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
             masks, key=key, store_dir=store_dir, chunk_size=config.chunk_size,
             progress=progress)}
 
-    like = workload.init_fn(k_base)
+    like = jax.eval_shape(workload.init_fn, k_base)  # structure only
     theta = _params_from_arrays(stages.run(
         "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
 

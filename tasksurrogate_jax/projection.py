@@ -75,8 +75,9 @@ def _block(projection: Projection, block_index, dtype):
     return jax.random.rademacher(key, shape, dtype) * scale
 
 
-def _flatten(tree, batch_dims):
-    """Leaves raveled and concatenated: ``[n, p]`` (``n = 1`` without batch)."""
+def ravel_rows(tree, batch_dims: int = 1) -> jax.Array:
+    """Leaves raveled and concatenated in ``ravel_pytree`` order: ``[n, p]``
+    for a leading ``n`` axis (``batch_dims=1``), ``[1, p]`` without one."""
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         raise ValueError("tree has no leaves to project.")
@@ -101,7 +102,7 @@ def project(projection: Projection, tree, *, batch_dims: int = 0) -> jax.Array:
     """
     if batch_dims not in (0, 1):
         raise ValueError(f"batch_dims must be 0 or 1, got {batch_dims}.")
-    flat = _flatten(tree, batch_dims)
+    flat = ravel_rows(tree, batch_dims)
     n, size = flat.shape
     num_blocks = -(-size // PROJECTION_BLOCK)
     padded = jnp.pad(flat, ((0, 0), (0, num_blocks * PROJECTION_BLOCK - size)))
