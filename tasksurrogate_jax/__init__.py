@@ -19,6 +19,7 @@ from tasksurrogate_jax import (
     projection,
     report,
     retraining,
+    selection,
     store,
     subsets,
     surrogates,
@@ -69,6 +70,11 @@ from tasksurrogate_jax.retraining import (
     make_train_spec,
     retrain,
 )
+from tasksurrogate_jax.selection import (
+    SelectionResult,
+    select_subset,
+    surrogate_objective,
+)
 from tasksurrogate_jax.store import ChunkStore
 from tasksurrogate_jax.subsets import (
     all_masks,
@@ -86,7 +92,13 @@ from tasksurrogate_jax.surrogates import (
     predict,
     select_kernel_hyperparameters,
 )
-from tasksurrogate_jax.workloads import Workload, modular_workload
+from tasksurrogate_jax.workloads import (
+    ICLWorkload,
+    PromptScorer,
+    Workload,
+    icl_workload,
+    modular_workload,
+)
 
 __all__ = [
     "__version__",
@@ -102,6 +114,7 @@ __all__ = [
     "projection",
     "report",
     "retraining",
+    "selection",
     "store",
     "subsets",
     "surrogates",
@@ -109,7 +122,10 @@ __all__ = [
     # data and workloads
     "TargetData",
     "TaskData",
+    "ICLWorkload",
+    "PromptScorer",
     "Workload",
+    "icl_workload",
     "make_target_data",
     "make_task_data",
     "mask_to_weights",
@@ -148,12 +164,15 @@ __all__ = [
     "fit_linear_surrogate",
     "predict",
     "select_kernel_hyperparameters",
-    # attribution and baselines
+    # attribution, selection and baselines
+    "SelectionResult",
     "banzhaf_values",
     "influence_scores",
     "interaction_matrix",
     "loo_scores",
+    "select_subset",
     "shapley_values",
+    "surrogate_objective",
     "tracin_scores",
     "trak_scores",
     # the end-to-end run

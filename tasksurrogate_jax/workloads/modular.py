@@ -47,6 +47,7 @@ from tasksurrogate_jax.retraining import (
     retrain,
 )
 from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.transformer import TransformerBlock
 
 OPERATIONS = ("add", "quad")
 
@@ -141,22 +142,6 @@ def block_task_ids(tokens, *, p: int, grid: int) -> np.ndarray:
     return ((tokens[:, 0] // block) * grid + tokens[:, 1] // block).astype(np.int32)
 
 
-class _Block(nnx.Module):
-    def __init__(self, width: int, heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
-        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
-        self.attn = nnx.MultiHeadAttention(
-            num_heads=heads, in_features=width, decode=False, keep_rngs=False,
-            rngs=rngs,
-        )
-        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
-        self.fc1 = nnx.Linear(width, mlp_ratio * width, rngs=rngs)
-        self.fc2 = nnx.Linear(mlp_ratio * width, width, rngs=rngs)
-
-    def __call__(self, x, mask):
-        x = x + self.attn(self.ln1(x), mask=mask)
-        return x + self.fc2(jax.nn.relu(self.fc1(self.ln2(x))))
-
-
 class ModularTransformer(nnx.Module):
     """Decoder-only transformer: tokens ``[batch, 3]`` -> logits ``[batch, p]``.
 
@@ -170,7 +155,8 @@ class ModularTransformer(nnx.Module):
             0.02 * jax.random.normal(rngs.params(), (3, c.width), jnp.float32)
         )
         self.blocks = nnx.List(
-            [_Block(c.width, c.heads, c.mlp_ratio, rngs=rngs) for _ in range(c.depth)]
+            [TransformerBlock(c.width, c.heads, c.mlp_ratio, rngs=rngs)
+             for _ in range(c.depth)]
         )
         self.ln_f = nnx.LayerNorm(c.width, rngs=rngs)
         self.unembed = nnx.Linear(c.width, c.p, rngs=rngs)

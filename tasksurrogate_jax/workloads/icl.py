@@ -1,0 +1,801 @@
+"""In-context learning: demonstrations as tasks (METHOD.md sections 3, 5, 6).
+
+The attribution problem is the paper's: a pool of K candidate demonstrations
+(the tasks), T target queries, and prompts made of the demonstrations a mask
+selects. A prompt lists its demonstrations in increasing pool order, then the
+query; ``F(s)`` per query is the cross-entropy of the query's label given the
+prompt (over the label logits at the prompt's last position). Nothing is
+retrained: each score is one forward pass.
+
+Two layers:
+
+- :class:`ICLWorkload` works with any model through a :class:`PromptScorer`
+  (parameters, an embedding function and a function from embeddings to label
+  logits), so a researcher can plug in their own Flax language model.
+- :func:`icl_workload` builds the synthetic workload: it trains its own small
+  decoder-only transformer (no weights can be downloaded here) to learn in
+  context, and draws the pool and queries from one fixed task.
+
+The synthetic family (a random token-to-label map with a distractor feature,
+where in-context learning is induction-head copying):
+
+- a *task* is a random map ``f`` from ``num_symbols`` symbols to
+  ``num_labels`` labels;
+- a demonstration is ``[distractor, symbol, label]`` with ``label = f(symbol)``
+  (flipped to another label with probability ``train_label_noise``) and a
+  distractor token that carries no information; a query is
+  ``[distractor, symbol]``, and the model predicts its label at the symbol;
+- training sequences hold ``max_demos`` demonstrations of a fresh task and a
+  query, with the loss at every label position (0 to ``max_demos`` shots);
+- the attribution pool is ``pool_size`` demonstrations of one fixed task
+  (``world_seed``), a fraction ``pool_label_noise`` of them with a wrong label,
+  so some demonstrations help a query, some hurt it and most do nothing; a
+  demonstration helps only queries with its symbol, and two with the same
+  symbol are redundant, so demonstrations interact.
+
+Token ids: symbols ``[0, S)``, distractors ``[S, S + D)``, labels
+``[S + D, S + D + C)``. The model outputs ``C`` label logits per position.
+
+Presets (:data:`PRESETS`): ``"cpu"`` (trains in about a minute on 2 cores),
+``"paper"`` (larger model and pool, for GPU/TPU), ``"tiny"`` (tests,
+notebook in CI).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from tasksurrogate_jax._checks import check_key, check_positive_int
+from tasksurrogate_jax.subsets import fixed_size_masks
+from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.transformer import TransformerBlock
+
+ANCHORS = ("mean",)
+
+# ----------------------------------------------------------------------------
+# Any model: the prompt scorer and the workload
+# ----------------------------------------------------------------------------
+
+
+class PromptScorer(NamedTuple):
+    """A language model seen as a scorer of prompts.
+
+    Attributes:
+      params: the model's parameters (any pytree), passed to both functions.
+      embed: ``embed(params, tokens [length] int32) -> [length, width]``: the
+        input embeddings of a whole prompt (positions included if the model
+        adds them there). The estimation linearizes in this output.
+      label_logits: ``label_logits(params, embeddings [length, width]) ->
+        [num_labels]``: the logits of the label tokens at the last position
+        (for a language model, its next-token logits at the label token ids).
+    """
+
+    params: Any
+    embed: Callable
+    label_logits: Callable
+
+
+class PromptPerformance(NamedTuple):
+    """Mean over queries of each prompt's loss and accuracy.
+
+    Attributes:
+      loss: ``[num_prompts]`` mean cross-entropy of the query labels.
+      accuracy: ``[num_prompts]`` fraction of queries whose label gets the
+        largest logit.
+    """
+
+    loss: np.ndarray
+    accuracy: np.ndarray
+
+
+class EmbeddingEstimate(NamedTuple):
+    """Exact and embedding-linearized scores of the same prompts.
+
+    Attributes:
+      exact: ``[num_subsets, num_targets]`` forward-pass losses.
+      estimated: ``[num_subsets, num_targets]`` first-order estimates.
+      relative_error: mean over all entries of ``|estimated - exact| / |exact|``.
+      spearman: mean over targets of the Spearman correlation across subsets.
+    """
+
+    exact: jax.Array
+    estimated: jax.Array
+    relative_error: float
+    spearman: float
+
+
+def _int_array(x, name: str, ndim: int) -> np.ndarray:
+    arr = np.asarray(x)
+    if not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}.")
+    if arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}.")
+    if arr.size == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {arr.shape}.")
+    return arr.astype(np.int32)
+
+
+def _cross_entropy(logits, label):
+    return jax.nn.logsumexp(logits) - logits[label]
+
+
+class ICLWorkload(Workload):
+    """Demonstration attribution for any prompt scorer.
+
+    Args:
+      scorer: a :class:`PromptScorer`.
+      demonstrations: ``[num_tasks, demo_length]`` int token ids of the pool.
+      queries: ``[num_targets, query_length]`` int token ids of the target
+        queries.
+      query_labels: ``[num_targets]`` label index (into the label logits) of
+        each query.
+      max_length: the model's context: the longest prompt it accepts.
+      heldout_queries, heldout_labels: optional queries kept out of the
+        targets, to judge a chosen prompt (:meth:`prompt_performance`).
+      task_names: names of the demonstrations (default ``"demo0"``, ...).
+      description: what the targets are.
+      chunk_size: prompts per compiled call.
+    """
+
+    name: ClassVar[str] = "icl"
+
+    def __init__(self, scorer: PromptScorer, demonstrations, queries, query_labels,
+                 *, max_length: int, heldout_queries=None, heldout_labels=None,
+                 task_names: Sequence[str] | None = None,
+                 description: str | None = None, chunk_size: int = 256):
+        if not isinstance(scorer, PromptScorer):
+            raise TypeError(
+                f"scorer must be a PromptScorer, got {type(scorer).__name__}."
+            )
+        self.scorer = scorer
+        self.demonstrations = _int_array(demonstrations, "demonstrations", 2)
+        self.max_length = check_positive_int(max_length, "max_length")
+        self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        self.queries, self.query_labels = self._check_queries(
+            queries, query_labels, "queries", "query_labels")
+        if (heldout_queries is None) != (heldout_labels is None):
+            raise ValueError("heldout_queries and heldout_labels go together.")
+        self.heldout = None
+        if heldout_queries is not None:
+            self.heldout = self._check_queries(
+                heldout_queries, heldout_labels, "heldout_queries", "heldout_labels")
+        num_tasks = self.demonstrations.shape[0]
+        if task_names is None:
+            task_names = tuple(f"demo{i}" for i in range(num_tasks))
+        if len(task_names) != num_tasks:
+            raise ValueError(
+                f"task_names has {len(task_names)} names, expected one per "
+                f"demonstration ({num_tasks})."
+            )
+        self._task_names = tuple(str(n) for n in task_names)
+        self._description = description or (
+            f"per-query label cross-entropy of {self.queries.shape[0]} queries")
+        self._compiled = {}
+
+    def _check_queries(self, queries, labels, qname, lname):
+        queries = _int_array(queries, qname, 2)
+        labels = _int_array(labels, lname, 1)
+        if labels.shape[0] != queries.shape[0]:
+            raise ValueError(
+                f"{lname} has {labels.shape[0]} labels, expected one per query "
+                f"({queries.shape[0]})."
+            )
+        length = self.demonstrations.shape[1] + queries.shape[1]
+        if length > self.max_length:
+            raise ValueError(
+                f"a one-demonstration prompt is {length} tokens, longer than the "
+                f"model's context max_length={self.max_length}."
+            )
+        num_labels = self._num_labels(length)
+        if labels.min() < 0 or labels.max() >= num_labels:
+            raise ValueError(
+                f"{lname} must lie in [0, {num_labels}) (the scorer's label "
+                f"logits), got values in [{labels.min()}, {labels.max()}]."
+            )
+        return queries, labels
+
+    def _num_labels(self, length: int) -> int:
+        """Checks the scorer's output shapes on a prompt of ``length`` tokens."""
+        s = self.scorer
+        tokens = jax.ShapeDtypeStruct((length,), jnp.int32)
+        emb = jax.eval_shape(s.embed, s.params, tokens)
+        if not (hasattr(emb, "shape") and len(emb.shape) == 2
+                and emb.shape[0] == length
+                and jnp.issubdtype(emb.dtype, jnp.floating)):
+            raise ValueError(
+                f"scorer.embed must map tokens [{length}] to floating embeddings "
+                f"[{length}, width], got {getattr(emb, 'shape', emb)}."
+            )
+        out = jax.eval_shape(s.label_logits, s.params, emb)
+        if not (hasattr(out, "shape") and len(out.shape) == 1 and out.shape[0] >= 2):
+            raise ValueError(
+                "scorer.label_logits must return [num_labels] logits (at least 2) "
+                f"for one prompt, got {getattr(out, 'shape', out)}."
+            )
+        return out.shape[0]
+
+    # -- the interface ------------------------------------------------------
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self._task_names
+
+    @property
+    def num_targets(self) -> int:
+        return self.queries.shape[0]
+
+    @property
+    def target_description(self) -> str:
+        return self._description
+
+    @property
+    def max_demos(self) -> int:
+        """The most demonstrations a prompt can hold within ``max_length``."""
+        demo, query = self.demonstrations.shape[1], self.queries.shape[1]
+        return (self.max_length - query) // demo
+
+    def sample_prompts(self, key, num_prompts: int, *, shots: int = 4) -> jax.Array:
+        """``num_prompts`` distinct random ``shots``-demonstration prompts.
+
+        Returns:
+          ``[num_prompts, num_tasks]`` masks.
+        """
+        shots = check_positive_int(shots, "shots")
+        if shots > self.num_tasks:
+            raise ValueError(
+                f"shots must be <= the pool of {self.num_tasks} demonstrations, "
+                f"got {shots}."
+            )
+        self._check_shots(shots, "shots")
+        return fixed_size_masks(key, num_prompts, self.num_tasks, subset_size=shots,
+                                unique=True)
+
+    def _check_shots(self, shots: int, name: str):
+        if shots > self.max_demos:
+            length = shots * self.demonstrations.shape[1] + self.queries.shape[1]
+            raise ValueError(
+                f"{name}: a prompt of {shots} demonstrations is {length} tokens, "
+                f"longer than the model's context max_length={self.max_length} "
+                f"(at most {self.max_demos} demonstrations fit)."
+            )
+
+    def _groups(self, masks):
+        """Validated masks -> ``{shots: (rows [m_n], indices [m_n, shots])}``."""
+        masks = np.asarray(self.check_masks(masks))
+        counts = masks.sum(1).astype(int)
+        empty = np.nonzero(counts == 0)[0]
+        if empty.size:
+            raise ValueError(
+                f"masks rows {empty[:10].tolist()} select no demonstration; a "
+                "prompt needs at least one."
+            )
+        self._check_shots(int(counts.max()), "masks")
+        groups = {}
+        for shots in np.unique(counts):
+            rows = np.nonzero(counts == shots)[0]
+            # Increasing pool order: the fixed order of a prompt.
+            order = np.argsort(1 - masks[rows], axis=1, kind="stable")
+            indices = np.sort(order[:, :shots], axis=1).astype(np.int32)
+            groups[int(shots)] = (rows, indices)
+        return groups, masks.shape[0]
+
+    def _prompt(self, demonstrations, indices, query):
+        return jnp.concatenate([demonstrations[indices].reshape(-1), query])
+
+    def _per_prompt(self, name, masks, queries, labels, query_fn, extra=None):
+        """Maps ``query_fn`` over prompts and queries, chunk by chunk.
+
+        ``query_fn(params, tokens [length], label, *per_query_extra) -> outputs``;
+        returns each output stacked to ``[num_subsets, num_queries]``.
+        """
+        groups, num_rows = self._groups(masks)
+        results = None
+        for shots, (rows, indices) in groups.items():
+            step = self._compiled_step(name, shots, query_fn)
+            per_shots = extra(shots) if extra is not None else ()
+            # Power-of-two chunks up to chunk_size: few compiled shapes.
+            size = min(self.chunk_size, 1 << (len(rows) - 1).bit_length())
+            pad = -len(rows) % size
+            padded = np.concatenate([indices, np.repeat(indices[-1:], pad, 0)])
+            outs = []
+            for start in range(0, padded.shape[0], size):
+                chunk = padded[start:start + size]
+                outs.append(step(self.scorer.params, self.demonstrations, chunk,
+                                 queries, labels, *per_shots))
+            num = len(rows)
+            outs = jax.tree.map(lambda *xs, n=num: np.concatenate(xs)[:n], *outs)
+            if results is None:
+                results = jax.tree.map(
+                    lambda o: np.zeros((num_rows,) + o.shape[1:], o.dtype), outs)
+            for res, out in zip(jax.tree.leaves(results), jax.tree.leaves(outs),
+                                strict=True):
+                res[rows] = out
+        return results
+
+    def _compiled_step(self, name, shots, query_fn):
+        cache_key = (name, shots)
+        if cache_key not in self._compiled:
+            prompt = self._prompt
+
+            def step(params, demonstrations, indices, queries, labels, *extra):
+                def one_prompt(idx):
+                    def one_query(query, label, *query_extra):
+                        tokens = prompt(demonstrations, idx, query)
+                        return query_fn(params, tokens, label, *query_extra)
+                    return jax.vmap(one_query)(queries, labels, *extra)
+                return jax.vmap(one_prompt)(indices)
+
+            self._compiled[cache_key] = jax.jit(step)
+        return self._compiled[cache_key]
+
+    def _loss_and_correct(self, params, tokens, label):
+        s = self.scorer
+        logits = s.label_logits(params, s.embed(params, tokens))
+        return _cross_entropy(logits, label), jnp.argmax(logits) == label
+
+    def _finite(self, scores, what):
+        bad = ~np.isfinite(scores)
+        if bad.any():
+            rows = np.unique(np.nonzero(bad)[0])
+            raise ValueError(
+                f"the scorer returned {int(bad.sum())} non-finite {what} (prompts "
+                f"{rows[:10].tolist()}); check scorer.label_logits."
+            )
+        return scores
+
+    def exact_scores(self, masks, *, key=None, **kwargs) -> jax.Array:
+        """Per-query cross-entropy of each prompt, by forward passes.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``; each row's demonstrations, in
+            pool order, followed by the query, make a prompt.
+          key: unused (no randomness); accepted for the workload interface.
+
+        Returns:
+          ``[num_subsets, num_targets]`` losses.
+        """
+        loss, _ = self._per_prompt("exact", masks, self.queries, self.query_labels,
+                                   self._loss_and_correct)
+        return jnp.asarray(self._finite(loss, "losses"))
+
+    def prompt_performance(self, masks, *, split: str = "heldout") -> PromptPerformance:
+        """Mean loss and accuracy of each prompt over a set of queries.
+
+        Args:
+          masks: ``[num_prompts, num_tasks]``.
+          split: ``"heldout"`` (the held-out queries) or ``"targets"``.
+        """
+        if split == "heldout":
+            if self.heldout is None:
+                raise ValueError("this workload has no held-out queries.")
+            queries, labels = self.heldout
+        elif split == "targets":
+            queries, labels = self.queries, self.query_labels
+        else:
+            raise ValueError(f"split must be 'heldout' or 'targets', got {split!r}.")
+        loss, correct = self._per_prompt("exact", masks, queries, labels,
+                                         self._loss_and_correct)
+        loss = self._finite(loss, "losses")
+        return PromptPerformance(loss=loss.mean(1), accuracy=correct.mean(1))
+
+    # -- embedding-space linearization ------------------------------------
+
+    def anchor_embeddings(self, shots: int, anchor="mean") -> jax.Array:
+        """The anchor prompt's embeddings ``E₀`` for each target query.
+
+        Args:
+          shots: demonstrations per prompt.
+          anchor: ``"mean"``: at every position, the mean embedding over the
+            pool (the average of ``num_tasks`` prompts whose slot ``j`` holds
+            demonstration ``(r + j) mod num_tasks``, ``r = 0..num_tasks-1``);
+            or ``[shots]`` pool indices of one anchor prompt.
+
+        Returns:
+          ``[num_targets, length, width]``.
+        """
+        shots = check_positive_int(shots, "shots")
+        self._check_shots(shots, "shots")
+        k = self.num_tasks
+        if isinstance(anchor, str):
+            if anchor not in ANCHORS:
+                raise ValueError(
+                    f"anchor must be 'mean' or [shots] pool indices, got {anchor!r}."
+                )
+            prompts = (np.arange(k)[:, None] + np.arange(shots)[None, :]) % k
+        else:
+            idx = np.asarray(anchor)
+            if (idx.shape != (shots,) or not np.issubdtype(idx.dtype, np.integer)
+                    or idx.min() < 0 or idx.max() >= k):
+                raise ValueError(
+                    f"anchor must be 'mean' or {shots} pool indices in [0, {k}), "
+                    f"got {anchor!r}."
+                )
+            prompts = idx[None, :].astype(np.int32)
+        s, demos = self.scorer, jnp.asarray(self.demonstrations)
+
+        @jax.jit
+        def mean_embedding(params, prompts, queries):
+            def one_query(query):
+                def one_prompt(idx):
+                    return s.embed(params, self._prompt(demos, idx, query))
+                return jax.vmap(one_prompt)(prompts).mean(0)
+            return jax.vmap(one_query)(queries)
+
+        return mean_embedding(s.params, jnp.asarray(prompts, jnp.int32),
+                              jnp.asarray(self.queries))
+
+    def _embedding_loss(self, params, embeddings, label):
+        return _cross_entropy(self.scorer.label_logits(params, embeddings), label)
+
+    def linearization(self, shots: int, anchor="mean"):
+        """The first-order model of each query's loss around the anchor.
+
+        Returns:
+          ``(anchor_embeddings, anchor_losses, gradients)``: ``E₀ [T, length,
+          width]``, ``L(E₀) [T]`` and ``∇_E L(E₀) [T, length, width]``, one
+          gradient per query.
+        """
+        e0 = self.anchor_embeddings(shots, anchor)
+        value_and_grad = jax.vmap(jax.value_and_grad(self._embedding_loss, 1),
+                                  in_axes=(None, 0, 0))
+        loss0, grads = jax.jit(value_and_grad)(
+            self.scorer.params, e0, jnp.asarray(self.query_labels))
+        return e0, loss0, grads
+
+    def estimated_scores(self, masks, *, key=None, anchor="mean",
+                         **kwargs) -> jax.Array:
+        """First-order estimates ``L(E₀) + <∇_E L(E₀), E_s - E₀>`` of the scores.
+
+        The gradient is taken once per query (and number of shots) at the
+        anchor prompt; each prompt then costs one embedding lookup and an inner
+        product, no forward pass through the model.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``.
+          key: unused; accepted for the workload interface.
+          anchor: see :meth:`anchor_embeddings`.
+
+        Returns:
+          ``[num_subsets, num_targets]`` estimated losses.
+        """
+        s = self.scorer
+        cache = {}
+
+        def extra(shots):
+            if shots not in cache:
+                cache[shots] = self.linearization(shots, anchor)
+            return cache[shots]
+
+        def first_order(params, tokens, label, e0, loss0, grad):
+            return loss0 + jnp.vdot(grad, s.embed(params, tokens) - e0)
+
+        # The anchor is part of the compiled program's arguments, not its
+        # identity, so the cache key need not name it.
+        estimates = self._per_prompt("first_order", masks, self.queries,
+                                     self.query_labels, first_order, extra)
+        return jnp.asarray(self._finite(estimates, "estimates"))
+
+    def estimation_error(self, masks, *, anchor="mean") -> EmbeddingEstimate:
+        """Exact and estimated scores of ``masks`` and the estimate's error."""
+        from tasksurrogate_jax.metrics import mean_spearman, relative_error
+
+        exact = self.exact_scores(masks)
+        estimated = self.estimated_scores(masks, anchor=anchor)
+        rel = float(jnp.mean(relative_error(estimated, exact)))
+        rho = float(mean_spearman(exact, estimated)) if exact.shape[0] > 2 else np.nan
+        return EmbeddingEstimate(exact=exact, estimated=estimated,
+                                 relative_error=rel, spearman=rho)
+
+
+# ----------------------------------------------------------------------------
+# The synthetic workload: its own transformer, trained to learn in context
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ICLConfig:
+    """Configuration of the synthetic in-context-learning workload.
+
+    Attributes:
+      num_symbols: S, the symbols a task maps to labels.
+      num_distractors: D, distractor tokens (no information about the label).
+      num_labels: C, the labels.
+      max_demos: demonstrations per training sequence (the context holds
+        ``3 * max_demos + 2`` tokens).
+      train_label_noise: probability that a training demonstration's label is
+        flipped to another one.
+      depth, width, heads, mlp_ratio: the transformer.
+      learning_rate, warmup_steps, weight_decay, batch_size, num_steps:
+        AdamW with linear warm-up and cosine decay.
+      seed: model initialisation and training sequences.
+      pool_size: K, the candidate demonstrations (the tasks).
+      pool_label_noise: fraction of the pool with a wrong label (rounded).
+      num_targets: T, target queries.
+      num_heldout_queries: queries kept out of the targets.
+      world_seed: the fixed task, the pool and the queries.
+    """
+
+    num_symbols: int = 8
+    num_distractors: int = 8
+    num_labels: int = 2
+    max_demos: int = 8
+    train_label_noise: float = 0.1
+    depth: int = 2
+    width: int = 64
+    heads: int = 4
+    mlp_ratio: int = 4
+    learning_rate: float = 3e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    batch_size: int = 64
+    num_steps: int = 2500
+    seed: int = 0
+    pool_size: int = 50
+    pool_label_noise: float = 0.2
+    num_targets: int = 32
+    num_heldout_queries: int = 256
+    world_seed: int = 1
+
+    @property
+    def vocab_size(self) -> int:
+        return self.num_symbols + self.num_distractors + self.num_labels
+
+    @property
+    def max_length(self) -> int:
+        return 3 * self.max_demos + 2
+
+
+PRESETS: dict[str, ICLConfig] = {
+    # About a minute of training on 2 cores; 4-shot query accuracy near the
+    # best a learner can reach with 10% label noise (benchmarks/README.md).
+    "cpu": ICLConfig(),
+    # Larger model, vocabulary and pool, for GPU/TPU.
+    "paper": ICLConfig(
+        num_symbols=16, num_distractors=16, max_demos=16, depth=4, width=128,
+        heads=4, batch_size=128, num_steps=20_000, learning_rate=1e-3,
+        pool_size=100, num_targets=128, num_heldout_queries=1024,
+    ),
+    # Tests and the notebook in CI: about 15 seconds of training.
+    "tiny": ICLConfig(
+        width=32, num_steps=1000, learning_rate=5e-3, pool_size=20,
+        num_targets=16, num_heldout_queries=128,
+    ),
+}
+
+
+class ICLTransformer(nnx.Module):
+    """Decoder-only transformer: tokens ``[..., length]`` -> label logits
+    ``[..., length, num_labels]`` at every position.
+
+    Split in two for the linearization: :meth:`embed_tokens` (token plus
+    learned position embeddings) and :meth:`logits_from_embeddings`.
+    """
+
+    def __init__(self, config: ICLConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.embed = nnx.Embed(c.vocab_size, c.width, rngs=rngs)
+        self.pos = nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (c.max_length, c.width),
+                                     jnp.float32))
+        self.blocks = nnx.List(
+            [TransformerBlock(c.width, c.heads, c.mlp_ratio, rngs=rngs)
+             for _ in range(c.depth)])
+        self.ln_f = nnx.LayerNorm(c.width, rngs=rngs)
+        self.unembed = nnx.Linear(c.width, c.num_labels, rngs=rngs)
+
+    def embed_tokens(self, tokens):
+        """``[..., length]`` int -> ``[..., length, width]``."""
+        return self.embed(tokens) + self.pos[: tokens.shape[-1]]
+
+    def logits_from_embeddings(self, x):
+        """``[..., length, width]`` -> ``[..., length, num_labels]`` (causal)."""
+        mask = nnx.make_causal_mask(x[..., 0])
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.unembed(self.ln_f(x))
+
+    def __call__(self, tokens):
+        return self.logits_from_embeddings(self.embed_tokens(tokens))
+
+
+def sample_sequences(key, config: ICLConfig, batch_size: int, *, num_demos=None):
+    """Training sequences of fresh random tasks.
+
+    Returns:
+      ``(tokens [batch, 3 n + 2], shown [batch, n + 1], clean [batch, n + 1])``
+      with ``n = num_demos`` (default ``max_demos``): the token ids, the label
+      shown for each demonstration (noisy) and the task's true labels; position
+      ``3 j + 1`` predicts label ``j`` (``j = n`` is the query).
+    """
+    c = config
+    n = c.max_demos if num_demos is None else num_demos
+    k_map, k_sym, k_dis, k_flip, k_shift = jax.random.split(key, 5)
+    task = jax.random.randint(k_map, (batch_size, c.num_symbols), 0, c.num_labels)
+    symbols = jax.random.randint(k_sym, (batch_size, n + 1), 0, c.num_symbols)
+    distractors = jax.random.randint(k_dis, (batch_size, n + 1), 0, c.num_distractors)
+    clean = jnp.take_along_axis(task, symbols, axis=1)
+    flip = jax.random.bernoulli(k_flip, c.train_label_noise, (batch_size, n + 1))
+    shift = jax.random.randint(k_shift, (batch_size, n + 1), 1, c.num_labels)
+    shown = jnp.where(flip, (clean + shift) % c.num_labels, clean)
+    tokens = jnp.stack(
+        [c.num_symbols + distractors, symbols,
+         c.num_symbols + c.num_distractors + shown], axis=-1,
+    ).reshape(batch_size, -1)[:, :-1]
+    return tokens.astype(jnp.int32), shown, clean
+
+
+def train_icl_transformer(config: ICLConfig):
+    """Trains the transformer on fresh random tasks (one compiled scan).
+
+    Returns:
+      ``(params, losses [num_steps])``: an ``nnx.State`` of the parameters and
+      the training loss of every step.
+    """
+    c = config
+    key = jax.random.key(c.seed)
+    model = ICLTransformer(c, rngs=nnx.Rngs(params=jax.random.fold_in(key, 0)))
+    graphdef, params = nnx.split(model, nnx.Param)
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, c.learning_rate, min(c.warmup_steps, c.num_steps), c.num_steps)
+    optimizer = optax.adamw(schedule, weight_decay=c.weight_decay)
+
+    def loss_fn(p, tokens, shown):
+        logits = nnx.merge(graphdef, p)(tokens)[:, 1::3]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, shown).mean()
+
+    @jax.jit
+    def train(params, key):
+        def step(carry, step_key):
+            p, state = carry
+            tokens, shown, _ = sample_sequences(step_key, c, c.batch_size)
+            loss, grads = jax.value_and_grad(loss_fn)(p, tokens, shown)
+            updates, state = optimizer.update(grads, state, p)
+            return (optax.apply_updates(p, updates), state), loss
+
+        (p, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
+                                      jax.random.split(key, c.num_steps))
+        return p, losses
+
+    return train(params, jax.random.fold_in(key, 1))
+
+
+class SyntheticICLWorkload(ICLWorkload):
+    """The synthetic workload of :func:`icl_workload` (see the module docstring).
+
+    Attributes:
+      config: the :class:`ICLConfig`.
+      model_params: the trained transformer's parameters (``nnx.State``).
+      training_losses: ``[num_steps]`` training loss per step.
+      world_task: ``[num_symbols]`` the fixed task's label of each symbol.
+      pool_flipped: ``[pool_size]`` bool, demonstrations shown with a wrong label.
+    """
+
+    presets: ClassVar[dict[str, ICLConfig]] = PRESETS
+
+    def __init__(self, config: ICLConfig):
+        if not isinstance(config, ICLConfig):
+            raise TypeError(
+                f"config must be an ICLConfig, got {type(config).__name__}.")
+        _check_config(config)
+        c = self.config = config
+        params, losses = train_icl_transformer(c)
+        self.model_params, self.training_losses = params, np.asarray(losses)
+        graphdef = nnx.graphdef(
+            nnx.eval_shape(lambda: ICLTransformer(c, rngs=nnx.Rngs(0))))
+        self._graphdef = graphdef
+
+        def embed(p, tokens):
+            return nnx.merge(graphdef, p).embed_tokens(tokens)
+
+        def label_logits(p, embeddings):
+            return nnx.merge(graphdef, p).logits_from_embeddings(embeddings)[-1]
+
+        world = _world(c)
+        self.world_task, self.pool_flipped = world["task"], world["flipped"]
+        super().__init__(
+            PromptScorer(params, embed, label_logits),
+            world["pool"], world["queries"], world["query_labels"],
+            max_length=c.max_length, heldout_queries=world["heldout"],
+            heldout_labels=world["heldout_labels"], task_names=world["names"],
+            description=(
+                f"label cross-entropy of {c.num_targets} queries of one random "
+                f"{c.num_symbols}-symbol task"),
+        )
+
+    def store_config(self) -> dict:
+        """JSON description of the workload, for a results store."""
+        return {"workload": self.name, **dataclasses.asdict(self.config)}
+
+    def in_context_accuracy(self, key, *, num_sequences: int = 2000) -> np.ndarray:
+        """Query accuracy against the true label after 0 to ``max_demos`` shots,
+        on fresh tasks from the training distribution.
+
+        Returns:
+          ``[max_demos + 1]`` accuracy by number of demonstrations shown.
+        """
+        key = check_key(key)
+        num_sequences = check_positive_int(num_sequences, "num_sequences")
+        tokens, _, clean = sample_sequences(key, self.config, num_sequences)
+        logits = nnx.merge(self._graphdef, self.model_params)(tokens)[:, 1::3]
+        return np.asarray(jnp.mean(jnp.argmax(logits, -1) == clean, axis=0))
+
+
+def _check_config(c: ICLConfig):
+    for name in ("num_symbols", "num_distractors", "max_demos", "depth", "width",
+                 "heads", "mlp_ratio", "batch_size", "num_steps", "pool_size",
+                 "num_targets", "num_heldout_queries"):
+        check_positive_int(getattr(c, name), name)
+    check_positive_int(c.num_labels, "num_labels", minimum=2)
+    check_positive_int(c.warmup_steps, "warmup_steps", minimum=0)
+    if c.width % c.heads:
+        raise ValueError(
+            f"width must be divisible by heads, got width={c.width}, heads={c.heads}.")
+    for name in ("train_label_noise", "pool_label_noise"):
+        if not 0.0 <= getattr(c, name) < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {getattr(c, name)}.")
+
+
+def _world(c: ICLConfig) -> dict:
+    """The fixed task, its demonstration pool and its queries (``world_seed``)."""
+    rng = np.random.default_rng(c.world_seed)
+    task = rng.integers(0, c.num_labels, c.num_symbols)
+    # Every label appears, so the task is not constant.
+    task[rng.choice(c.num_symbols, c.num_labels, replace=False)] = np.arange(
+        c.num_labels)
+    s, d = c.num_symbols, c.num_distractors
+
+    def draw(n):
+        symbols = rng.integers(0, s, n)
+        distractors = rng.integers(0, d, n)
+        return symbols, distractors
+
+    symbols, distractors = draw(c.pool_size)
+    flipped = np.zeros(c.pool_size, bool)
+    flipped[rng.choice(c.pool_size, int(round(c.pool_label_noise * c.pool_size)),
+                       replace=False)] = True
+    labels = np.where(flipped, (task[symbols] + rng.integers(1, c.num_labels,
+                                                             c.pool_size))
+                      % c.num_labels, task[symbols])
+    pool = np.stack([s + distractors, symbols, s + d + labels], 1)
+    names = tuple(
+        f"d{i:02d} s{sym}->{lab}{' (wrong)' if flip else ''}"
+        for i, (sym, lab, flip) in enumerate(zip(symbols, labels, flipped,
+                                                 strict=True)))
+
+    def queries(n):
+        sym, dis = draw(n)
+        return np.stack([s + dis, sym], 1), task[sym]
+
+    q, ql = queries(c.num_targets)
+    h, hl = queries(c.num_heldout_queries)
+    return {"task": task, "flipped": flipped, "pool": pool.astype(np.int32),
+            "names": names, "queries": q.astype(np.int32), "query_labels": ql,
+            "heldout": h.astype(np.int32), "heldout_labels": hl}
+
+
+def icl_workload(preset: str = "cpu", **overrides) -> SyntheticICLWorkload:
+    """Builds (and trains) the synthetic in-context-learning workload.
+
+    Args:
+      preset: one of :data:`PRESETS` (``"cpu"``, ``"paper"``, ``"tiny"``).
+      **overrides: :class:`ICLConfig` fields to change.
+
+    Returns:
+      The :class:`SyntheticICLWorkload`, its transformer trained.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
+    fields = {f.name for f in dataclasses.fields(ICLConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"unknown ICLConfig fields {unknown}; valid fields: {sorted(fields)}.")
+    return SyntheticICLWorkload(dataclasses.replace(PRESETS[preset], **overrides))

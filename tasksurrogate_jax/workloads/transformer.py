@@ -1,0 +1,32 @@
+"""The pre-LayerNorm transformer block shared by the workloads' small models."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+class TransformerBlock(nnx.Module):
+    """Pre-LayerNorm block: causal self-attention, then a ReLU MLP.
+
+    Args:
+      width: model width.
+      heads: attention heads (``width`` divisible by ``heads``).
+      mlp_ratio: MLP hidden width / ``width``.
+      rngs: parameter initialisation keys.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int, *, rngs: nnx.Rngs):
+        self.ln1 = nnx.LayerNorm(width, rngs=rngs)
+        self.attn = nnx.MultiHeadAttention(
+            num_heads=heads, in_features=width, decode=False, keep_rngs=False,
+            rngs=rngs,
+        )
+        self.ln2 = nnx.LayerNorm(width, rngs=rngs)
+        self.fc1 = nnx.Linear(width, mlp_ratio * width, rngs=rngs)
+        self.fc2 = nnx.Linear(mlp_ratio * width, width, rngs=rngs)
+
+    def __call__(self, x, mask):
+        """``x [..., length, width]``, ``mask [..., 1, length, length]``."""
+        x = x + self.attn(self.ln1(x), mask=mask)
+        return x + self.fc2(jax.nn.relu(self.fc1(self.ln2(x))))
