@@ -18,6 +18,11 @@ per-target arrays; average over the last axis for the mean target.
   random orders), vmapped over samples and chunked. They query the surrogate
   on subsets of every size, far from the near-full subsets it was usually fit
   on; read them as properties of the surrogate.
+- :func:`fixed_size_effects`, :func:`fixed_size_interactions`: the same
+  questions asked only of subsets of one size (e.g. k-shot prompts, where a
+  surrogate fit on k-subsets is never evaluated elsewhere): how much better a
+  task fills an open slot than the average candidate, and how much a pair
+  together departs from the sum of its members, in random contexts.
 """
 
 from __future__ import annotations
@@ -145,4 +150,115 @@ def shapley_values(surrogate, *, key, num_samples: int = 1000,
     return _sampled_mean(one, key, num_samples, batch_size)
 
 
-__all__ = ["banzhaf_values", "interaction_matrix", "loo_scores", "shapley_values"]
+def _random_context(sample_key, num_tasks, context_size, dtype):
+    """``[K]`` mask of ``context_size`` tasks drawn uniformly."""
+    ranks = jnp.argsort(jax.random.uniform(sample_key, (num_tasks,)))
+    return jnp.zeros(num_tasks, dtype).at[ranks[:context_size]].set(1.0)
+
+
+def _check_size(size, num_tasks, minimum):
+    size = check_positive_int(size, "size", minimum=minimum)
+    if size > num_tasks:
+        raise ValueError(f"size must be <= num_tasks={num_tasks}, got {size}.")
+    return size
+
+
+def fixed_size_effects(surrogate, *, key, size: int, num_samples: int = 1000,
+                       batch_size: int = 64) -> jax.Array:
+    """Value of each task in subsets of exactly ``size`` tasks.
+
+    For a random context ``C`` of ``size - 1`` tasks, task i's effect is the
+    mean of ``ĝ(C + e_j)`` over the tasks ``j`` outside ``C`` minus
+    ``ĝ(C + e_i)``: how much lower the predicted loss is with i in the open
+    slot than with an average candidate (positive = helps). Averaged over the
+    contexts that leave i out. Only ``size``-subsets are evaluated.
+
+    Args:
+      surrogate: a fitted surrogate.
+      key: PRNG key.
+      size: the subset size (e.g. the shots of a prompt).
+      num_samples: contexts drawn.
+      batch_size: contexts evaluated per vmapped chunk.
+
+    Returns:
+      ``[K, T]``.
+    """
+    num_tasks = _check_surrogate(surrogate)
+    size = _check_size(size, num_tasks, 1)
+    if size == num_tasks:
+        raise ValueError(f"size must be < num_tasks={num_tasks} to leave a choice.")
+    dtype = _dtype(surrogate)
+    eye = jnp.eye(num_tasks, dtype=dtype)
+
+    def one(sample_key):
+        context = _random_context(sample_key, num_tasks, size - 1, dtype)
+        free = 1.0 - context  # [K]
+        scores = surrogate.predict(jnp.maximum(context[None, :], eye))  # [K, T]
+        mean = (free @ scores) / free.sum()
+        return jnp.stack([(mean - scores) * free[:, None],
+                          jnp.broadcast_to(free[:, None], scores.shape)])
+
+    total, count = _sampled_mean(one, key, num_samples, batch_size)
+    return total / jnp.maximum(count, 1e-30)
+
+
+def fixed_size_interactions(surrogate, *, key, size: int, num_samples: int = 200,
+                            batch_size: int = 8) -> jax.Array:
+    """Pairwise interactions within subsets of exactly ``size`` tasks.
+
+    For a random context ``C`` of ``size - 2`` tasks, ``P_ij = ĝ(C + e_i + e_j)``
+    over the pairs outside ``C``; the interaction is ``P`` double-centred
+    (minus its least-squares additive part ``c + u_i + u_j``), averaged over the
+    contexts that leave both i and j out. Same sign as
+    :func:`interaction_matrix`: positive when i and j are substitutes (the
+    pair is worse than its members' separate values add up to), negative when
+    they are complements. Zero for a linear surrogate. Only ``size``-subsets
+    are evaluated (``K²`` per context).
+
+    Args:
+      surrogate: a fitted surrogate.
+      key: PRNG key.
+      size: the subset size, from 2 to ``K - 1``.
+      num_samples: contexts drawn.
+      batch_size: contexts evaluated per vmapped chunk.
+
+    Returns:
+      ``[K, K, T]``, symmetric, zero on the diagonal.
+    """
+    num_tasks = _check_surrogate(surrogate)
+    size = _check_size(size, num_tasks, 2)
+    if size == num_tasks:
+        raise ValueError(f"size must be < num_tasks={num_tasks} to leave a choice.")
+    dtype = _dtype(surrogate)
+    eye = jnp.eye(num_tasks, dtype=dtype)
+    off_diagonal = 1.0 - eye
+
+    def one(sample_key):
+        context = _random_context(sample_key, num_tasks, size - 2, dtype)
+        free = 1.0 - context
+        valid = free[:, None] * free[None, :] * off_diagonal  # [K, K]
+        pairs = jnp.maximum(context, eye[:, None, :] + eye[None, :, :])
+        scores = surrogate.predict(pairs.reshape(-1, num_tasks))
+        scores = scores.reshape(num_tasks, num_tasks, -1) * valid[:, :, None]
+        # Least-squares additive part c + u_i + u_j (sum u = 0) of the n x n
+        # off-diagonal block, from its row sums R_i = (n-1) c + (n-2) u_i.
+        n = free.sum()
+        row_sums = scores.sum(1)  # [K, T]
+        c = row_sums.sum(0) / (n * (n - 1))
+        u = (row_sums - (n - 1) * c) / (n - 2) * free[:, None]
+        centred = scores - c - u[:, None, :] - u[None, :, :]
+        return jnp.stack([centred * valid[:, :, None],
+                          jnp.broadcast_to(valid[:, :, None], centred.shape)])
+
+    total, count = _sampled_mean(one, key, num_samples, batch_size)
+    return total / jnp.maximum(count, 1e-30)
+
+
+__all__ = [
+    "banzhaf_values",
+    "fixed_size_effects",
+    "fixed_size_interactions",
+    "interaction_matrix",
+    "loo_scores",
+    "shapley_values",
+]

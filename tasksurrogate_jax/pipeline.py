@@ -212,16 +212,23 @@ def _params_from_arrays(arrays: dict, like):
     return jax.tree.unflatten(jax.tree.structure(like), leaves)
 
 
-def _fit_surrogates(fit_masks, fit_scores, config: PipelineConfig) -> dict:
-    """Linear (least squares) and kernel (CV-selected) surrogates, plus the search."""
+def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
+                   cv_criterion: str = "spearman", seed: int = 0) -> dict:
+    """The pipeline's two surrogates of ``(masks, scores)``.
+
+    Returns:
+      ``{"linear": LinearSurrogate (least squares), "kernel": KernelSurrogate
+      (RBF, (gamma, ridge) cross-validated with ``cv_method`` on
+      ``cv_criterion``), "search": HyperparameterSearch}``.
+    """
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
     # Ridges below the rounding error of the kernel's eigenvalues give
     # meaningless CV errors.
     ridges = surrogates.default_ridge_grid(fit_masks.shape[0],
                                            np.asarray(fit_scores).dtype)
     search = surrogates.select_kernel_hyperparameters(
-        fit_masks, fit_scores, method=config.cv_method, criterion=config.cv_criterion,
-        ridges=ridges, key=jax.random.key(config.seed))
+        fit_masks, fit_scores, method=cv_method, criterion=cv_criterion,
+        ridges=ridges, key=jax.random.key(seed))
     kernel = surrogates.fit_kernel_surrogate(
         fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge))
     return {"linear": linear, "kernel": kernel, "search": search}
@@ -368,9 +375,11 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
     m = config.num_subsets
     true_effects = run.loo_scores[1:] - run.loo_scores[0]  # [K, T]
     fit_masks, heldout_masks = run.masks[:m], run.masks[m:]
+    cv = {"cv_method": config.cv_method, "cv_criterion": config.cv_criterion,
+          "seed": config.seed}
     fits = timed("surrogates", lambda: {
-        "exact": _fit_surrogates(fit_masks, run.exact[:m], config),
-        "estimated": _fit_surrogates(fit_masks, run.estimated[:m], config)})
+        "exact": fit_surrogates(fit_masks, run.exact[:m], **cv),
+        "estimated": fit_surrogates(fit_masks, run.estimated[:m], **cv)})
 
     heldout_true = run.exact[m:]
     methods, heldout_predicted = {}, {}

@@ -168,3 +168,97 @@ def test_bad_arguments():
         attribution.shapley_values(surrogate, key=jax.random.key(0), batch_size=0)
     with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
         attribution.shapley_values(surrogate, key="seven")
+
+
+def _enumerated_fixed_size(predict, size):
+    """Exact fixed-size effects [K, T] and interactions [K, K, T] by enumerating
+    every context (the quantities the sampled functions estimate)."""
+    effects, effect_counts = 0.0, np.zeros((K, 1))
+    for context in itertools.combinations(range(K), size - 1):
+        free = [j for j in range(K) if j not in context]
+        masks = np.zeros((len(free), K))
+        masks[:, list(context)] = 1
+        masks[np.arange(len(free)), free] = 1
+        scores = predict(masks)
+        e = np.zeros((K, scores.shape[1]))
+        e[free] = scores.mean(0) - scores
+        effects = effects + e
+        effect_counts[free] += 1
+    inter, inter_counts = 0.0, np.zeros((K, K, 1))
+    for context in itertools.combinations(range(K), size - 2):
+        free = [j for j in range(K) if j not in context]
+        pairs = list(itertools.combinations(free, 2))
+        masks = np.zeros((len(pairs), K))
+        masks[:, list(context)] = 1
+        for r, (i, j) in enumerate(pairs):
+            masks[r, [i, j]] = 1
+        scores = predict(masks)
+        # Least-squares fit of c + u_i + u_j on the pairs, then the residuals.
+        design = np.zeros((len(pairs), 1 + len(free)))
+        design[:, 0] = 1
+        for r, (i, j) in enumerate(pairs):
+            design[r, 1 + free.index(i)] = design[r, 1 + free.index(j)] = 1
+        coef = np.linalg.lstsq(design, scores, rcond=None)[0]
+        residual = scores - design @ coef
+        m = np.zeros((K, K, scores.shape[1]))
+        for r, (i, j) in enumerate(pairs):
+            m[i, j] = m[j, i] = residual[r]
+            inter_counts[i, j] += 1
+            inter_counts[j, i] += 1
+        inter = inter + m
+    return effects / effect_counts, inter / np.maximum(inter_counts, 1)
+
+
+def test_fixed_size_effects_and_interactions_match_enumeration():
+    kernel = kernel_fit()
+
+    def predict(masks):
+        return np.asarray(kernel.predict(masks))
+
+    size = 4
+    effects, inter = _enumerated_fixed_size(predict, size)
+    key = jax.random.key(3)
+    got_effects = attribution.fixed_size_effects(kernel, key=key, size=size,
+                                                 num_samples=4000)
+    got_inter = attribution.fixed_size_interactions(kernel, key=key, size=size,
+                                                    num_samples=2000)
+    # Sampled contexts: Monte Carlo error only.
+    np.testing.assert_allclose(got_effects, effects, atol=0.03 * np.abs(effects).max())
+    np.testing.assert_allclose(got_inter, inter, atol=0.03 * np.abs(inter).max())
+    np.testing.assert_allclose(got_inter, np.swapaxes(got_inter, 0, 1), atol=1e-12)
+    assert np.abs(np.diagonal(got_inter, axis1=0, axis2=1)).max() < 1e-12
+    # The planted complements (0, 1) and the XOR pair (2, 3) (either alone is
+    # worse than both) are the two most negative pairs.
+    flat = np.asarray(got_inter)[:, :, 0][np.triu_indices(K, 1)]
+    pairs = list(zip(*np.triu_indices(K, 1), strict=True))
+    assert {pairs[i] for i in np.argsort(flat)[:2]} == {(0, 1), (2, 3)}
+    # Task 4 (largest additive drop) and task 0 (additive drop plus its
+    # complement) are the most valuable; task 5 (raises the loss) the least.
+    order = np.argsort(-np.asarray(got_effects)[:, 0])
+    assert set(order[:2]) == {0, 4} and order[-1] == 5
+
+
+def test_fixed_size_functions_of_a_linear_surrogate():
+    linear = surrogates.fit_linear_surrogate(FIT, planted_loss(FIT))
+    key = jax.random.key(0)
+    inter = attribution.fixed_size_interactions(linear, key=key, size=3,
+                                                num_samples=50)
+    assert np.abs(np.asarray(inter)).max() < 1e-10
+    effects = attribution.fixed_size_effects(linear, key=key, size=3,
+                                             num_samples=3000)
+    exact, _ = _enumerated_fixed_size(lambda m: np.asarray(linear.predict(m)), 3)
+    np.testing.assert_allclose(effects, exact, atol=0.03 * np.abs(exact).max())
+    # Additive: the ranking is the coefficients' ranking.
+    np.testing.assert_array_equal(np.argsort(np.asarray(effects)[:, 0]),
+                                  np.argsort(-np.asarray(linear.coef)[:, 0]))
+
+
+@pytest.mark.parametrize("fn", ["fixed_size_effects", "fixed_size_interactions"])
+def test_fixed_size_bad_sizes(fn):
+    kernel = kernel_fit()
+    with pytest.raises(ValueError, match="size must be <= num_tasks=8"):
+        getattr(attribution, fn)(kernel, key=jax.random.key(0), size=9)
+    with pytest.raises(ValueError, match="size must be < num_tasks=8"):
+        getattr(attribution, fn)(kernel, key=jax.random.key(0), size=8)
+    with pytest.raises(ValueError, match="size must be >="):
+        getattr(attribution, fn)(kernel, key=jax.random.key(0), size=0)

@@ -1,0 +1,241 @@
+"""Demonstration selection for in-context learning: kernel vs linear surrogates.
+
+The paper's protocol (METHOD.md sections 5 and 6) on the synthetic ICL
+workload (``tasksurrogate_jax.workloads.icl``):
+
+1. Train the workload's transformer; show it learns in context (query
+   accuracy by number of demonstrations, on fresh tasks).
+2. Draw 200 distinct random 4-shot prompts from the pool of 50; score them
+   exactly (forward passes) and by the embedding-space linearization; report
+   the estimate's relative error and Spearman.
+3. Fit linear and kernel surrogates on 80 prompts (exact or estimated scores);
+   held-out Spearman and normalized error on the other 120 (against the exact
+   scores).
+4. Under each surrogate, choose the 4-shot prompt with the lowest predicted
+   mean target loss (exhaustive search over all C(50, 4) prompts) and measure
+   its true loss and accuracy on held-out queries, beside random prompts, the
+   best of the 80 fitting prompts and the best of the 200 sampled prompts
+   (optionally the true best prompt, ``--oracle``).
+5. Print the improvement of kernel over linear selection: the reduction of
+   held-out loss below the random prompts' mean, kernel relative to linear.
+
+Repeats draw new prompt sets (``--repeats``); tables give mean ± std.
+
+    python benchmarks/bench_icl_selection.py            # cpu preset, ~5 min
+    python benchmarks/bench_icl_selection.py --preset paper --oracle   # GPU/TPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import time
+
+import jax
+import numpy as np
+from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+
+from tasksurrogate_jax import metrics, pipeline, selection
+from tasksurrogate_jax.workloads.icl import icl_workload
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    return out, time.perf_counter() - start
+
+
+def _pm(values) -> str:
+    values = np.asarray(values, float)
+    if values.size == 1:
+        return f"{values[0]:.4f}"
+    return f"{values.mean():.4f} ± {values.std(ddof=1):.4f}"
+
+
+def _oracle_mask(workload, shots: int, chunk: int = 16384) -> np.ndarray:
+    """The prompt with the lowest true mean target loss, over all of them."""
+    best, best_mask = np.inf, None
+    combos = itertools.combinations(range(workload.num_tasks), shots)
+    while True:
+        rows = np.array(list(itertools.islice(combos, chunk)))
+        if rows.size == 0:
+            return best_mask
+        masks = np.zeros((len(rows), workload.num_tasks), np.float32)
+        np.put_along_axis(masks, rows, 1.0, axis=1)
+        loss = np.asarray(workload.exact_scores(masks)).mean(1)
+        if loss.min() < best:
+            best, best_mask = loss.min(), masks[loss.argmin()]
+
+
+def one_repeat(workload, key, args) -> dict:
+    """Steps 2-4 on one draw of prompts."""
+    k, m = args.shots, args.num_fit
+    masks = np.asarray(workload.sample_prompts(key, args.num_prompts, shots=k))
+    # Warm up both scorers (compilation), then time them on all prompts.
+    workload.exact_scores(masks[:8])
+    workload.estimated_scores(masks[:8], anchor=args.anchor)
+    exact, exact_s = _timed(lambda: workload.exact_scores(masks))
+    estimated, estimate_s = _timed(
+        lambda: workload.estimated_scores(masks, anchor=args.anchor))
+    exact, estimated = np.asarray(exact), np.asarray(estimated)
+    out = {
+        "exact_seconds": exact_s, "estimate_seconds": estimate_s,
+        "estimate_relative_error": float(
+            np.mean(metrics.relative_error(estimated, exact))),
+        "estimate_spearman": float(metrics.mean_spearman(exact, estimated)),
+        "heldout": {}, "selection": {},
+    }
+
+    def performance(name, mask_rows, target_loss):
+        perf = workload.prompt_performance(mask_rows)
+        out["selection"][name] = {
+            "heldout_loss": float(perf.loss.mean()),
+            "heldout_accuracy": float(perf.accuracy.mean()),
+            "target_loss": float(np.mean(target_loss)),
+        }
+
+    for source, scores in (("exact", exact), ("estimated", estimated)):
+        fits = pipeline.fit_surrogates(masks[:m], scores[:m], seed=args.seed)
+        for kind in ("linear", "kernel"):
+            surrogate, name = fits[kind], f"{kind} ({source})"
+            predicted = np.asarray(surrogate.predict(masks[m:]))
+            out["heldout"][name] = {
+                "spearman": float(metrics.mean_spearman(exact[m:], predicted)),
+                "normalized_error": float(np.nanmean(
+                    metrics.normalized_error(exact[m:], predicted))),
+            }
+            chosen, seconds = _timed(
+                lambda s=surrogate: selection.select_subset(s, workload.num_tasks,
+                                                            size=k))
+            out["selection"][name] = None
+            performance(name, chosen.mask[None],
+                        workload.exact_scores(chosen.mask[None]))
+            out["selection"][name].update(
+                prompt=[workload.task_names[i] for i in chosen.indices],
+                predicted_loss=chosen.predicted, search_seconds=seconds,
+                method=chosen.method, num_evaluated=chosen.num_evaluated)
+    mean_loss = exact.mean(1)
+    performance("random prompt (mean of the 200)", masks, mean_loss)
+    performance(f"best of the {m} fitting prompts",
+                masks[np.argmin(mean_loss[:m])][None], mean_loss[:m].min())
+    performance(f"best of the {args.num_prompts} prompts",
+                masks[np.argmin(mean_loss)][None], mean_loss.min())
+    return out
+
+
+def improvement(selection_rows: dict, source: str, metric: str) -> float:
+    """Kernel's gain over random relative to linear's, minus 1 (``+0.4`` = 40%
+    better). For accuracy the gain is above random, for loss below it."""
+    random = selection_rows["random prompt (mean of the 200)"][metric]
+    sign = 1.0 if metric == "heldout_accuracy" else -1.0
+    gain = {kind: sign * (selection_rows[f"{kind} ({source})"][metric] - random)
+            for kind in ("linear", "kernel")}
+    return gain["kernel"] / gain["linear"] - 1.0 if gain["linear"] else np.nan
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="FIELD=VALUE", help="ICLConfig field to override")
+    ap.add_argument("--num-prompts", type=int, default=200)
+    ap.add_argument("--num-fit", type=int, default=80)
+    ap.add_argument("--shots", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="independent draws of the prompts")
+    ap.add_argument("--anchor", default="mean")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score every prompt exactly to find the true best")
+    ap.add_argument("--out",
+                    default=str(REPO_ROOT / "results/bench_icl_selection.json"))
+    args = ap.parse_args()
+    if not 2 < args.num_fit < args.num_prompts - 2:
+        ap.error("--num-fit must leave at least 3 prompts on each side")
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+          f"preset {args.preset}")
+    workload, train_s = _timed(
+        lambda: icl_workload(args.preset, **parse_overrides(args.overrides)))
+    c = workload.config
+    print(f"trained the transformer in {train_s:.1f} s ({c.num_steps} steps); "
+          f"pool {workload.num_tasks} demonstrations "
+          f"({int(workload.pool_flipped.sum())} with a wrong label), "
+          f"{workload.num_targets} target queries, "
+          f"{workload.heldout[0].shape[0]} held-out queries\n")
+    accuracy = workload.in_context_accuracy(jax.random.key(args.seed + 1))
+    print("In-context learning: query accuracy on fresh tasks by demonstrations shown")
+    print(format_table([{"shots": str(i), "accuracy": float(a)}
+                        for i, a in enumerate(accuracy)], ["shots", "accuracy"]))
+
+    root = jax.random.key(args.seed)
+    repeats = []
+    for r in range(args.repeats):
+        repeats.append(one_repeat(workload, jax.random.fold_in(root, r), args))
+        print(f"\nrepeat {r + 1}/{args.repeats} done")
+    oracle = None
+    if args.oracle:
+        mask, seconds = _timed(lambda: _oracle_mask(workload, args.shots))
+        perf = workload.prompt_performance(mask[None])
+        oracle = {"heldout_loss": float(perf.loss[0]),
+                  "heldout_accuracy": float(perf.accuracy[0]),
+                  "prompt": [n for n, b in zip(workload.task_names, mask, strict=True)
+                             if b], "seconds": seconds}
+
+    def column(path):
+        vals = []
+        for rep in repeats:
+            v = rep
+            for p in path:
+                v = v[p]
+            vals.append(v)
+        return vals
+
+    print("\nEstimation (embedding-space linearization, anchor "
+          f"{args.anchor!r}) on {args.num_prompts} prompts")
+    est = {key: _pm(column([key])) for key in (
+        "exact_seconds", "estimate_seconds", "estimate_relative_error",
+        "estimate_spearman")}
+    print(format_table([est], list(est)))
+
+    print(f"\nHeld-out prompts: fit on {args.num_fit}, predict "
+          f"{args.num_prompts - args.num_fit} (exact scores as truth)")
+    rows = [{"surrogate": name,
+             "held-out Spearman": _pm(column(["heldout", name, "spearman"])),
+             "normalized error": _pm(column(["heldout", name, "normalized_error"]))}
+            for name in repeats[0]["heldout"]]
+    print(format_table(rows, ["surrogate", "held-out Spearman", "normalized error"]))
+
+    print(f"\nSelected {args.shots}-shot prompt: true loss and accuracy on "
+          "held-out queries")
+    rows = [{"prompt chosen by": name,
+             "held-out loss": _pm(column(["selection", name, "heldout_loss"])),
+             "held-out accuracy": _pm(column(["selection", name, "heldout_accuracy"])),
+             "target loss": _pm(column(["selection", name, "target_loss"]))}
+            for name in repeats[0]["selection"]]
+    if oracle is not None:
+        rows.append({"prompt chosen by": "true best prompt (all scored exactly)",
+                     "held-out loss": f"{oracle['heldout_loss']:.4f}",
+                     "held-out accuracy": f"{oracle['heldout_accuracy']:.4f}"})
+    print(format_table(rows, ["prompt chosen by", "held-out loss",
+                              "held-out accuracy", "target loss"]))
+
+    gains = {}
+    for source in ("exact", "estimated"):
+        for metric in ("heldout_loss", "heldout_accuracy"):
+            values = [improvement(rep["selection"], source, metric) for rep in repeats]
+            gains[f"{source}/{metric}"] = values
+            print(f"kernel over linear selection ({source} scores, {metric}): "
+                  f"gain over random prompts {_pm(values)} "
+                  f"(per repeat: {', '.join(f'{v:+.0%}' for v in values)})")
+    path = write_json(args.out, {
+        "args": vars(args), "environment": environment(),
+        "config": workload.store_config(), "train_seconds": train_s,
+        "in_context_accuracy": accuracy, "repeats": repeats,
+        "improvement_kernel_over_linear": gains, "oracle": oracle,
+    })
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    main()
