@@ -1,6 +1,6 @@
-"""Executes notebooks/quickstart.ipynb end to end in its quick mode.
+"""Executes the notebooks end to end in their quick mode.
 
-The notebook runs in a separate kernel process, in a temporary working
+Each notebook runs in a separate kernel process, in a temporary working
 directory, with ``TASKSURROGATE_QUICK=1`` (the ``tiny`` preset, few subsets) and
 the CPU backend. The kernel is this interpreter's ipykernel: a ``python3``
 kernel spec pointing at ``sys.executable`` is put first on ``JUPYTER_PATH``, so
@@ -14,7 +14,7 @@ import nbformat
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
 
-NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "quickstart.ipynb"
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")
 
 
@@ -28,8 +28,9 @@ def _text(outputs) -> str:
     return "".join(parts)
 
 
-def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-    nb = nbformat.read(NOTEBOOK, as_version=4)
+def _execute(name, tmp_path, monkeypatch):
+    """Runs notebook ``name`` in quick mode; returns its outputs and working folder."""
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     assert all(not cell.get("outputs") for cell in nb.cells
                if cell.cell_type == "code"), "stored outputs: clear them"
@@ -45,10 +46,14 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     client = NotebookClient(nb, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(work)}})
     client.execute()  # raises CellExecutionError on the first failing cell
-
     outputs = [out for cell in nb.cells if cell.cell_type == "code"
                for out in cell.outputs]
     assert not [out for out in outputs if out.get("output_type") == "error"]
+    return outputs, work
+
+
+def test_quickstart_notebook_executes(tmp_path, monkeypatch):
+    outputs, work = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     text = _text(outputs)
     assert "| method |" in text
     assert "| kernel surrogate (exact) |" in text
@@ -60,3 +65,15 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     assert (out_dir / "results.json").stat().st_size > 0
     for name in PLOTS:
         assert (out_dir / name).stat().st_size > 1000, name
+
+
+def test_icl_notebook_executes(tmp_path, monkeypatch):
+    outputs, _ = _execute("icl_demonstration_selection.ipynb", tmp_path, monkeypatch)
+    text = _text(outputs)
+    assert "query accuracy on fresh tasks" in text
+    assert "| kernel | " in text and "| linear | " in text
+    assert "Most helpful demonstrations" in text
+    assert "| kernel surrogate | " in text
+    assert "| random prompts (mean of 60) | " in text
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 3  # effects, interactions, selection
