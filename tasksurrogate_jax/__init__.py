@@ -98,6 +98,7 @@ from tasksurrogate_jax.workloads import (
     Workload,
     icl_workload,
     modular_workload,
+    rl_workload,
 )
 
 __all__ = [
@@ -130,6 +131,7 @@ __all__ = [
     "make_task_data",
     "mask_to_weights",
     "modular_workload",
+    "rl_workload",
     # retraining and storage
     "ChunkStore",
     "RetrainResult",

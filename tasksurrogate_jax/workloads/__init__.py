@@ -13,6 +13,7 @@ from tasksurrogate_jax.workloads.modular import (
     ModularWorkload,
     modular_workload,
 )
+from tasksurrogate_jax.workloads.rl import RLConfig, RLWorkload, rl_workload
 
 __all__ = [
     "ICLConfig",
@@ -20,8 +21,11 @@ __all__ = [
     "ModularConfig",
     "ModularWorkload",
     "PromptScorer",
+    "RLConfig",
+    "RLWorkload",
     "SyntheticICLWorkload",
     "Workload",
     "icl_workload",
     "modular_workload",
+    "rl_workload",
 ]

@@ -467,22 +467,15 @@ class ICLWorkload(Workload):
         Returns:
           ``[num_subsets, num_targets]`` estimated losses.
         """
-        s = self.scorer
-        cache = {}
-
-        def extra(shots):
-            if shots not in cache:
-                cache[shots] = self.linearization(shots, anchor)
-            return cache[shots]
-
-        def first_order(params, tokens, label, e0, loss0, grad):
-            return loss0 + jnp.vdot(grad, s.embed(params, tokens) - e0)
-
-        # The anchor is part of the compiled program's arguments, not its
-        # identity, so the cache key need not name it.
-        estimates = self._per_prompt("first_order", masks, self.queries,
-                                     self.query_labels, first_order, extra)
+        # The anchor enters the compiled program as arguments (E₀, L(E₀), ∇).
+        estimates = self._per_prompt(
+            "first_order", masks, self.queries, self.query_labels, self._first_order,
+            lambda shots: self.linearization(shots, anchor))
         return jnp.asarray(self._finite(estimates, "estimates"))
+
+    def _first_order(self, params, tokens, label, e0, loss0, grad):
+        embeddings = self.scorer.embed(params, tokens)
+        return loss0 + jnp.vdot(grad, embeddings - e0)
 
     def estimation_error(self, masks, *, anchor="mean") -> EmbeddingEstimate:
         """Exact and estimated scores of ``masks`` and the estimate's error."""
