@@ -77,3 +77,13 @@ def test_icl_notebook_executes(tmp_path, monkeypatch):
     assert "| random prompts (mean of 60) | " in text
     images = [out for out in outputs if "image/png" in out.get("data", {})]
     assert len(images) == 3  # effects, interactions, selection
+
+
+def test_rl_notebook_executes(tmp_path, monkeypatch):
+    outputs, _ = _execute("rl_task_selection.ipynb", tmp_path, monkeypatch)
+    text = _text(outputs)
+    assert "relative error" in text
+    assert "| linear | " in text and "| kernel | " in text
+    assert "| target | all variants |" in text
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    assert len(images) == 3  # returns, effect heatmaps, selection

@@ -206,8 +206,16 @@ def make_variant_params(env: str, variants) -> tuple[Any, Any, jax.Array]:
 
 
 def variant_name(variant) -> str:
-    """``"default"`` or ``"gravity=4.9,length=0.25"``."""
-    return ",".join(f"{n}={v:g}" for n, v in variant) or "default"
+    """Short name: ``"default"``, ``"x*=+1 gravity=4.9"`` (``x*``: the reward's
+    target cart position, shown with its weight when that is not 1)."""
+    settings = dict(variant)
+    parts = []
+    if "position_weight" in settings or "target_x" in settings:
+        weight = settings.pop("position_weight", 0.0)
+        target = settings.pop("target_x", 0.0)
+        parts.append(f"x*={target:+g}" + ("" if weight == 1 else f"(w={weight:g})"))
+    parts += [f"{n}={v:g}" for n, v in settings.items()]
+    return " ".join(parts) or "default"
 
 
 class Policy(nnx.Module):
