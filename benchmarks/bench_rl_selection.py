@@ -32,7 +32,7 @@ from _common import REPO_ROOT, environment, format_table, parse_overrides, write
 
 from tasksurrogate_jax import attribution, metrics, pipeline, selection
 from tasksurrogate_jax.subsets import bernoulli_masks, leave_one_out_masks
-from tasksurrogate_jax.workloads.rl import _policy_gradients, rl_workload
+from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
 
 def _timed(fn):
@@ -112,7 +112,7 @@ def main():
     loo_estimate = np.asarray(w.estimated_scores(loo, key=key, proj_dim=args.proj_dim))
     effects["first-order estimate of the LOO sets"] = loo_estimate[1:] - loo_estimate[0]
     examples, task, adv, _ = w.linearized_rollouts(key=key, proj_dim=args.proj_dim)
-    grads = np.asarray(_policy_gradients(examples, adv))
+    grads = np.asarray(policy_gradients(examples, adv))
     per_variant = np.stack([grads[task == i].mean(0) for i in range(k)])  # [K, d]
     # Removing variant i removes its share of the update; for target t the
     # first-order change of minus the return is <g_t, g_i> (TracIn at θ*).

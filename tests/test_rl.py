@@ -10,6 +10,7 @@ from tasksurrogate_jax.projection import make_projection, num_parameters, unproj
 from tasksurrogate_jax.workloads.rl import (
     CARTPOLE_VARIANTS,
     make_variant_params,
+    policy_gradients,
     rl_workload,
 )
 
@@ -79,14 +80,12 @@ def test_linearized_logits_match_jvp(tiny):
 
 
 def test_policy_gradient_estimate_is_the_gradient_in_the_subspace(tiny):
-    from tasksurrogate_jax.workloads.rl import _policy_gradients
-
     examples, task, adv, projection = tiny.linearized_rollouts(proj_dim=8)
     params = tiny.base_params()
     assert examples.features.shape[1:] == (tiny.num_actions, 8)
     assert task.shape == adv.shape == examples.labels.shape
     pick = np.arange(0, examples.labels.shape[0], 97)[:5]
-    rows = np.asarray(_policy_gradients(examples, adv))[pick]
+    rows = np.asarray(policy_gradients(examples, adv))[pick]
     # Independent: d/dw of A log π(a | x; θ* + P w) at w = 0, by autodiff
     # through the network; the observation is recovered from the rollout.
     traj = jax.jit(tiny.rollouts, static_argnums=2)(

@@ -585,7 +585,7 @@ class RLWorkload(Workload):
             if ridge is None:
                 ridge = self.calibrated_ridge(key=key, proj_dim=proj_dim,
                                               num_episodes=num_episodes)
-            w = jnp.asarray(weights, jnp.float32) @ _policy_gradients(examples, adv)
+            w = jnp.asarray(weights, jnp.float32) @ policy_gradients(examples, adv)
             w = w / jnp.asarray(weights.sum(1, keepdims=True), jnp.float32) / ridge
         else:
             scaled = adv / (temperature * max(float(np.std(adv)), 1e-8))
@@ -607,14 +607,14 @@ class RLWorkload(Workload):
         examples, task, adv, projection = self.linearized_rollouts(
             key=key, proj_dim=proj_dim, num_episodes=num_episodes)
         params = self.base_params(key=key)
-        g = _policy_gradients(examples, adv).mean(0)
+        g = policy_gradients(examples, adv).mean(0)
         step = _tree_norm(unproject(projection, g, params))
         tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key)
         moved = _tree_norm(jax.tree.map(lambda a, b: a[0] - b, tuned, params))
         return float(step / moved)
 
 
-def _policy_gradients(examples: Linearized, advantages) -> jax.Array:
+def policy_gradients(examples: Linearized, advantages) -> jax.Array:
     """``[n, d]``: ``A_n Φ_nᵀ(e_{a_n} − softmax(z_n))``, each step's projected
     policy gradient."""
     probs = jax.nn.softmax(examples.outputs, axis=-1)
