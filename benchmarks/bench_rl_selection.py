@@ -6,7 +6,8 @@ different physics and target cart positions, one policy for all):
 1. Train ``θ*`` on all variants; its returns against an untrained policy.
 2. Ground truth: fine-tune ``θ*`` on the full set and on each leave-one-out
    set (and again with another training key: the ground truth's own noise).
-3. Random subsets (each variant in with probability 1/2, none empty): exact
+3. Random subsets (each variant in with probability 1/2, or ``--subset-size``
+   variants each; none empty, full or LOO): exact
    scores (fine-tuning) and first-order estimates (projected policy
    gradient); the estimate's relative error.
 4. LOO correlation of the surrogates (linear and kernel, on exact and on
@@ -31,7 +32,11 @@ import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
 from tasksurrogate_jax import attribution, metrics, pipeline, selection
-from tasksurrogate_jax.subsets import bernoulli_masks, leave_one_out_masks
+from tasksurrogate_jax.subsets import (
+    bernoulli_masks,
+    fixed_size_masks,
+    leave_one_out_masks,
+)
 from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
 
@@ -41,9 +46,14 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _random_subsets(key, num, num_tasks):
-    """``num`` distinct non-empty Bernoulli(1/2) subsets, none a LOO set or full."""
-    masks = np.asarray(bernoulli_masks(key, 4 * num, num_tasks, p=0.5))
+def _random_subsets(key, num, num_tasks, size=None):
+    """``num`` distinct non-empty subsets, none a LOO set or full: Bernoulli(1/2)
+    or, with ``size``, uniform among those of ``size`` variants."""
+    if size is None:
+        masks = np.asarray(bernoulli_masks(key, 4 * num, num_tasks, p=0.5))
+    else:
+        masks = np.asarray(fixed_size_masks(key, 4 * num, num_tasks,
+                                            subset_size=size))
     sizes = masks.sum(1)
     masks = masks[(sizes > 0) & (sizes < num_tasks - 1)]
     _, first = np.unique(masks, axis=0, return_index=True)
@@ -60,6 +70,9 @@ def main():
                     metavar="FIELD=VALUE", help="RLConfig field to override")
     ap.add_argument("--num-fit", type=int, default=60)
     ap.add_argument("--num-heldout", type=int, default=20)
+    ap.add_argument("--subset-size", type=int, default=None,
+                    help="variants per random subset (default: each in with "
+                         "probability 1/2)")
     ap.add_argument("--proj-dim", type=int, default=128)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_rl_selection.json"))
@@ -87,7 +100,7 @@ def main():
     replicate_effects = replicate[1:] - replicate[0]
 
     masks = _random_subsets(jax.random.fold_in(key, 2),
-                            args.num_fit + args.num_heldout, k)
+                            args.num_fit + args.num_heldout, k, args.subset_size)
     m = args.num_fit
     exact, exact_s = _timed(lambda: np.asarray(w.exact_scores(masks, key=key)))
     estimated, estimate_s = _timed(lambda: np.asarray(
