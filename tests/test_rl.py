@@ -172,3 +172,28 @@ def test_acrobot_family_builds():
     assert (returns <= 0).all()  # -1 per step until the goal
     assert workload.task_names[0] == "default"
     assert len(CARTPOLE_VARIANTS) == 10
+
+
+def test_exact_scores_are_stored_and_resumed(tiny, tmp_path, monkeypatch):
+    masks = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]], np.float32)
+    first = np.asarray(tiny.exact_scores(masks, chunk_size=2, store_dir=tmp_path))
+    assert sorted(p.name for p in tmp_path.glob("chunk_*.npz")) == [
+        "chunk_00000.npz", "chunk_00001.npz"]
+    # Unchunked, without a store: the same scores (padding changes nothing).
+    np.testing.assert_allclose(tiny.exact_scores(masks, chunk_size=8), first,
+                               rtol=1e-4, atol=1e-3)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a stored chunk was trained again")
+
+    # A rerun reads every chunk back; an interrupted run resumes from the rest.
+    monkeypatch.setattr(tiny, "train_subsets", no_training)
+    np.testing.assert_array_equal(
+        tiny.exact_scores(masks, chunk_size=2, store_dir=tmp_path), first)
+    monkeypatch.undo()
+    (tmp_path / "chunk_00001.npz").unlink()
+    np.testing.assert_allclose(
+        tiny.exact_scores(masks, chunk_size=2, store_dir=tmp_path), first,
+        rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="holds results of a different configuration"):
+        tiny.exact_scores(masks[:2], chunk_size=2, store_dir=tmp_path)

@@ -48,8 +48,8 @@ from tasksurrogate_jax.estimation import (
     linearized_examples,
     solve_subsets,
 )
-from tasksurrogate_jax.linearize import chunked_vmap
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
+from tasksurrogate_jax.store import ChunkStore, array_digest
 from tasksurrogate_jax.workloads.base import Workload
 
 # Parameters a variant may set, with their valid ranges (inclusive). Derived
@@ -289,7 +289,7 @@ class RLWorkload(Workload):
         abstract = nnx.eval_shape(lambda: Policy(self.obs_dim, self.num_actions,
                                                  c.hidden, rngs=nnx.Rngs(0)))
         self._graphdef = nnx.graphdef(abstract)
-        self._base_params, self._linearized = {}, {}
+        self._base_params, self._linearized, self._trainers = {}, {}, {}
 
     # -- the interface ------------------------------------------------------
 
@@ -474,32 +474,63 @@ class RLWorkload(Workload):
             init = self.base_params(key=key)
             iterations, lr = c.finetune_iterations, c.finetune_learning_rate
         train_key = jax.random.fold_in(key, 5)
+        trainer = self._chunk_trainer(iterations, lr)
+        return _over_chunks(lambda chunk: trainer(init, train_key, chunk), masks,
+                            chunk_size)
 
-        @jax.jit
-        def one_chunk(chunk):
-            return chunked_vmap(
-                lambda mask: self.train(init, mask, train_key, iterations=iterations,
-                                        learning_rate=lr)[0],
-                chunk, None)
-
-        return _over_chunks(one_chunk, masks, chunk_size)
+    def _chunk_trainer(self, iterations: int, learning_rate: float):
+        """``(init, key, masks [n, K]) -> policies [n, ...]``, compiled once per
+        setting and chunk shape."""
+        cache = (iterations, learning_rate)
+        if cache not in self._trainers:
+            def one_chunk(init, key, chunk):
+                return jax.vmap(lambda mask: self.train(
+                    init, mask, key, iterations=iterations,
+                    learning_rate=learning_rate)[0])(chunk)
+            self._trainers[cache] = jax.jit(one_chunk)
+        return self._trainers[cache]
 
     def exact_scores(self, masks, *, key=None, from_scratch: bool = False,
-                     chunk_size: int | None = 16, **kwargs) -> jax.Array:
+                     chunk_size: int = 16, store_dir=None, **kwargs) -> jax.Array:
         """Minus the target returns after training on each subset.
 
         Args:
           masks: ``[num_subsets, num_tasks]``, no row empty.
           key: training key (``θ*``, fine-tuning); default from the seed.
           from_scratch: train from a fresh initialisation instead of ``θ*``.
-          chunk_size: subsets per compiled call (memory).
+          chunk_size: subsets per compiled call (memory); the last chunk is
+            padded, so every chunk runs the same program.
+          store_dir: folder to save each finished chunk's scores to and resume
+            from (:class:`~tasksurrogate_jax.store.ChunkStore`, keyed on this
+            workload's configuration, the masks, the key and the settings).
 
         Returns:
           ``[num_subsets, num_targets]``.
         """
-        policies = self.train_subsets(masks, key=key, from_scratch=from_scratch,
-                                      chunk_size=chunk_size)
-        return jax.jit(jax.vmap(self.evaluate))(policies)
+        masks = np.asarray(self.check_masks(masks))
+        key = jax.random.key(self.config.seed) if key is None else as_typed_key(key)
+        size = min(check_positive_int(chunk_size, "chunk_size"), masks.shape[0])
+        store = None
+        if store_dir is not None:
+            store = ChunkStore(store_dir, {
+                "workload": self.store_config(), "masks": array_digest(masks),
+                "key": np.asarray(jax.random.key_data(key)).tolist(),
+                "from_scratch": from_scratch, "chunk_size": size})
+        evaluate = jax.jit(jax.vmap(self.evaluate))
+        scores = []
+        for index, start in enumerate(range(0, masks.shape[0], size)):
+            rows = masks[start:start + size]
+            if store is not None and store.has_chunk(index):
+                scores.append(store.load_chunk(index)["scores"])
+                continue
+            padded = np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
+            policies = self.train_subsets(padded, key=key, from_scratch=from_scratch,
+                                          chunk_size=size)
+            chunk = np.asarray(evaluate(policies))[:len(rows)]
+            if store is not None:
+                store.save_chunk(index, {"scores": chunk})
+            scores.append(chunk)
+        return jnp.asarray(np.concatenate(scores))
 
     # -- the first-order estimate -------------------------------------------
 
