@@ -179,8 +179,7 @@ def test_tiny_workload_prompts_and_performance(tiny):
     np.testing.assert_allclose(target.loss, scores.mean(1), rtol=1e-5)
     heldout = tiny.prompt_performance(masks)
     assert ((heldout.accuracy >= 0) & (heldout.accuracy <= 1)).all()
-    # A prompt whose demonstrations carry wrong labels hurts the queries with
-    # those symbols; with correct labels it helps them.
+    # The names mark the demonstrations shown with a wrong label.
     assert len(tiny.task_names) == tiny.num_tasks
     assert sum(" (wrong)" in n for n in tiny.task_names) == tiny.pool_flipped.sum()
 
