@@ -110,7 +110,6 @@ def one_repeat(workload, key, args) -> dict:
             chosen, seconds = _timed(
                 lambda s=surrogate: selection.select_subset(s, workload.num_tasks,
                                                             size=k))
-            out["selection"][name] = None
             performance(name, chosen.mask[None],
                         workload.exact_scores(chosen.mask[None]))
             out["selection"][name].update(

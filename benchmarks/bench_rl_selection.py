@@ -36,6 +36,7 @@ from tasksurrogate_jax.subsets import (
     bernoulli_masks,
     fixed_size_masks,
     leave_one_out_masks,
+    unique_masks,
 )
 from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
@@ -55,9 +56,7 @@ def _random_subsets(key, num, num_tasks, size=None):
         masks = np.asarray(fixed_size_masks(key, 4 * num, num_tasks,
                                             subset_size=size))
     sizes = masks.sum(1)
-    masks = masks[(sizes > 0) & (sizes < num_tasks - 1)]
-    _, first = np.unique(masks, axis=0, return_index=True)
-    masks = masks[np.sort(first)]
+    masks = np.asarray(unique_masks(masks[(sizes > 0) & (sizes < num_tasks - 1)]))
     if masks.shape[0] < num:
         raise ValueError(f"could not draw {num} distinct subsets of {num_tasks}.")
     return masks[:num]

@@ -32,26 +32,20 @@ import jax.numpy as jnp
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.subsets import leave_one_out_masks
-from tasksurrogate_jax.surrogates import KernelSurrogate, LinearSurrogate
-
-
-def _check_surrogate(surrogate):
-    if not isinstance(surrogate, (LinearSurrogate, KernelSurrogate)):
-        raise TypeError(
-            "surrogate must be a LinearSurrogate or KernelSurrogate, got "
-            f"{type(surrogate).__name__}."
-        )
-    return surrogate.num_tasks
+from tasksurrogate_jax.surrogates import (
+    LinearSurrogate,
+    check_surrogate,
+    surrogate_coefficients,
+)
 
 
 def _dtype(surrogate):
-    return (surrogate.coef if isinstance(surrogate, LinearSurrogate)
-            else surrogate.alpha).dtype
+    return surrogate_coefficients(surrogate).dtype
 
 
 def loo_scores(surrogate) -> jax.Array:
     """Predicted leave-one-out effects ``ĝ(1 − e_i) − ĝ(1)``: ``[K, T]``."""
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     if isinstance(surrogate, LinearSurrogate):
         return -surrogate.coef
     masks = leave_one_out_masks(num_tasks, dtype=_dtype(surrogate))
@@ -65,7 +59,7 @@ def interaction_matrix(surrogate) -> jax.Array:
     Returns:
       ``[K, K, T]``, symmetric in the first two axes, zero on the diagonal.
     """
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     if isinstance(surrogate, LinearSurrogate):
         return jnp.zeros((num_tasks, num_tasks, surrogate.coef.shape[1]),
                          surrogate.coef.dtype)
@@ -103,7 +97,7 @@ def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
     Returns:
       ``[K, T]``.
     """
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     dtype = _dtype(surrogate)
     eye = jnp.eye(num_tasks, dtype=dtype)
 
@@ -135,7 +129,7 @@ def shapley_values(surrogate, *, key, num_samples: int = 1000,
     Returns:
       ``[K, T]``.
     """
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     dtype = _dtype(surrogate)
     # prefixes[k] holds the first k tasks of the order (in order positions).
     prefixes = jnp.tril(jnp.ones((num_tasks + 1, num_tasks), dtype), k=-1)
@@ -157,9 +151,12 @@ def _random_context(sample_key, num_tasks, context_size, dtype):
 
 
 def _check_size(size, num_tasks, minimum):
+    """A subset size in ``[minimum, num_tasks - 1]`` (one task left to choose)."""
     size = check_positive_int(size, "size", minimum=minimum)
     if size > num_tasks:
         raise ValueError(f"size must be <= num_tasks={num_tasks}, got {size}.")
+    if size == num_tasks:
+        raise ValueError(f"size must be < num_tasks={num_tasks} to leave a choice.")
     return size
 
 
@@ -183,10 +180,8 @@ def fixed_size_effects(surrogate, *, key, size: int, num_samples: int = 1000,
     Returns:
       ``[K, T]``.
     """
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     size = _check_size(size, num_tasks, 1)
-    if size == num_tasks:
-        raise ValueError(f"size must be < num_tasks={num_tasks} to leave a choice.")
     dtype = _dtype(surrogate)
     eye = jnp.eye(num_tasks, dtype=dtype)
 
@@ -225,10 +220,8 @@ def fixed_size_interactions(surrogate, *, key, size: int, num_samples: int = 200
     Returns:
       ``[K, K, T]``, symmetric, zero on the diagonal.
     """
-    num_tasks = _check_surrogate(surrogate)
+    num_tasks = check_surrogate(surrogate)
     size = _check_size(size, num_tasks, 2)
-    if size == num_tasks:
-        raise ValueError(f"size must be < num_tasks={num_tasks} to leave a choice.")
     dtype = _dtype(surrogate)
     eye = jnp.eye(num_tasks, dtype=dtype)
     off_diagonal = 1.0 - eye

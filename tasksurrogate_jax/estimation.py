@@ -47,6 +47,7 @@ from tasksurrogate_jax.data import (
 )
 from tasksurrogate_jax.linearize import (
     linearize,
+    map_padded_chunks,
     per_example_grads,
     projected_jacobians,
 )
@@ -352,16 +353,7 @@ def estimate_scores(
         return (target_losses(tgt, sol.w, output_mode), sol.grad_norm,
                 sol.iterations, _update_norms(projection, sol.w, params))
 
-    return _over_chunks(solve_chunk, weights, chunk_size)
-
-
-def _over_chunks(solve_chunk, weights, chunk_size) -> EstimationResult:
-    """Runs ``solve_chunk`` on padded chunks of ``weights`` rows; concatenates."""
-    parts = [solve_chunk(_pad_rows(weights[start:start + chunk_size], chunk_size))
-             for start in range(0, weights.shape[0], chunk_size)]
-    m = weights.shape[0]
-    return EstimationResult(*(jnp.concatenate(columns)[:m]
-                              for columns in zip(*parts, strict=True)))
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size))
 
 
 @jax.jit
@@ -370,14 +362,6 @@ def _update_norms(projection, w, params):
     update = unproject(projection, w, params)
     return jnp.sqrt(sum(jnp.sum(leaf.reshape(leaf.shape[0], -1) ** 2, axis=1)
                         for leaf in jax.tree_util.tree_leaves(update)))
-
-
-def _pad_rows(rows, size):
-    """Pads a chunk of weights to ``size`` rows (copies of row 0) for one compile."""
-    missing = size - rows.shape[0]
-    if missing == 0:
-        return rows
-    return jnp.concatenate([rows, jnp.repeat(rows[:1], missing, axis=0)])
 
 
 def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
@@ -413,7 +397,7 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
 
         return jax.lax.map(one, chunk)
 
-    return _over_chunks(solve_chunk, weights, chunk_size)
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size))
 
 
 def _check_output_mode(output_mode):

@@ -37,7 +37,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasksurrogate_jax._checks import check_positive_int, is_concrete
-from tasksurrogate_jax.surrogates import KernelSurrogate, LinearSurrogate
+from tasksurrogate_jax.linearize import pad_rows
+from tasksurrogate_jax.surrogates import (
+    KernelSurrogate,
+    LinearSurrogate,
+    check_surrogate,
+    surrogate_coefficients,
+)
 
 METHODS = ("auto", "exhaustive", "greedy", "beam")
 
@@ -91,19 +97,6 @@ class SurrogateObjective:
         return self.surrogate.predict(masks) @ self.weights
 
 
-def _check_surrogate(surrogate, name: str):
-    if not isinstance(surrogate, (LinearSurrogate, KernelSurrogate)):
-        raise TypeError(
-            f"{name} must be a LinearSurrogate or KernelSurrogate, got "
-            f"{type(surrogate).__name__}."
-        )
-
-
-def _surrogate_arrays(surrogate):
-    """The array whose dtype and last axis give the surrogate's dtype and targets."""
-    return surrogate.coef if isinstance(surrogate, LinearSurrogate) else surrogate.alpha
-
-
 def surrogate_objective(surrogate, *, target_weights=None) -> SurrogateObjective:
     """The objective ``masks -> weighted mean over targets of surrogate.predict``.
 
@@ -116,8 +109,8 @@ def surrogate_objective(surrogate, *, target_weights=None) -> SurrogateObjective
       ``SurrogateObjective``, a callable mapping masks ``[n, num_tasks]`` to
       ``[n]``.
     """
-    _check_surrogate(surrogate, "surrogate")
-    arrays = _surrogate_arrays(surrogate)
+    check_surrogate(surrogate)
+    arrays = surrogate_coefficients(surrogate)
     num_targets = arrays.shape[1]
     if target_weights is None:
         weights = np.full(num_targets, 1.0 / num_targets)
@@ -381,14 +374,6 @@ def _non_finite_error(value, indices) -> ValueError:
     )
 
 
-def _pad_rows(rows: np.ndarray, chunk: int) -> np.ndarray:
-    """Pads ``rows`` to ``chunk`` rows by repeating its last row."""
-    missing = chunk - rows.shape[0]
-    if missing == 0:
-        return rows
-    return np.concatenate([rows, np.repeat(rows[-1:], missing, axis=0)])
-
-
 # ----------------------------------------------------------------------------
 # Searches
 # ----------------------------------------------------------------------------
@@ -427,7 +412,7 @@ def _combination_chunks(free: np.ndarray, free_sizes, width: int, sentinel: int,
                 yield np.concatenate(pending), chunk
                 pending, num_pending = [], 0
     if num_pending:
-        yield _pad_rows(np.concatenate(pending), chunk), num_pending
+        yield pad_rows(np.concatenate(pending), chunk), num_pending
 
 
 def _exhaustive(parts, base, free, num_required, lo, hi, count, batch_size):
@@ -490,7 +475,7 @@ def _beam(parts, base, free, num_required, lo, hi, beam_width, batch_size):
         out = []
         for start in range(0, rows.shape[0], chunk):
             part = rows[start:start + chunk]
-            scores = _score_chunk(static_fn, dynamic, base, _pad_rows(part, chunk))
+            scores = _score_chunk(static_fn, dynamic, base, pad_rows(part, chunk))
             out.append(np.asarray(scores)[:part.shape[0]])
         scores = np.concatenate(out)
         bad = ~np.isfinite(scores)

@@ -364,13 +364,26 @@ def _raise_if_not_factored(ok, ridge, jitter):
     jax.debug.callback(check, ok, ridge, jitter)
 
 
-def predict(surrogate, masks) -> jax.Array:
-    """``surrogate.predict(masks)`` for any fitted surrogate: ``[n, num_targets]``."""
+def check_surrogate(surrogate, name: str = "surrogate") -> int:
+    """Raises ``TypeError`` naming ``name`` unless ``surrogate`` is a fitted
+    surrogate; returns its number of tasks."""
     if not isinstance(surrogate, (LinearSurrogate, KernelSurrogate)):
         raise TypeError(
-            "surrogate must be a LinearSurrogate or KernelSurrogate, got "
+            f"{name} must be a LinearSurrogate or KernelSurrogate, got "
             f"{type(surrogate).__name__}."
         )
+    return surrogate.num_tasks
+
+
+def surrogate_coefficients(surrogate) -> jax.Array:
+    """``[*, num_targets]`` coefficients (``coef`` or ``alpha``): their dtype is
+    the surrogate's and their last axis its targets."""
+    return surrogate.coef if isinstance(surrogate, LinearSurrogate) else surrogate.alpha
+
+
+def predict(surrogate, masks) -> jax.Array:
+    """``surrogate.predict(masks)`` for any fitted surrogate: ``[n, num_targets]``."""
+    check_surrogate(surrogate)
     return surrogate.predict(masks)
 
 

@@ -29,7 +29,12 @@ def _text(outputs) -> str:
 
 
 def _execute(name, tmp_path, monkeypatch):
-    """Runs notebook ``name`` in quick mode; returns its outputs and working folder."""
+    """Runs notebook ``name`` in quick mode.
+
+    Returns:
+      ``(text, num_images, work)``: its printed text, the number of PNG
+      outputs, and its working folder.
+    """
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     nbformat.validate(nb)
     assert all(not cell.get("outputs") for cell in nb.cells
@@ -49,17 +54,16 @@ def _execute(name, tmp_path, monkeypatch):
     outputs = [out for cell in nb.cells if cell.cell_type == "code"
                for out in cell.outputs]
     assert not [out for out in outputs if out.get("output_type") == "error"]
-    return outputs, work
+    images = [out for out in outputs if "image/png" in out.get("data", {})]
+    return _text(outputs), len(images), work
 
 
 def test_quickstart_notebook_executes(tmp_path, monkeypatch):
-    outputs, work = _execute("quickstart.ipynb", tmp_path, monkeypatch)
-    text = _text(outputs)
+    text, num_images, work = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     assert "| method |" in text
     assert "| kernel surrogate (exact) |" in text
     assert "Most helpful tasks" in text
-    images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == len(PLOTS)
+    assert num_images == len(PLOTS)
 
     out_dir = work / "results" / "quickstart-quick"
     assert (out_dir / "results.json").stat().st_size > 0
@@ -68,22 +72,19 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
 
 
 def test_icl_notebook_executes(tmp_path, monkeypatch):
-    outputs, _ = _execute("icl_demonstration_selection.ipynb", tmp_path, monkeypatch)
-    text = _text(outputs)
+    text, num_images, _ = _execute("icl_demonstration_selection.ipynb", tmp_path,
+                                   monkeypatch)
     assert "query accuracy on fresh tasks" in text
     assert "| kernel | " in text and "| linear | " in text
     assert "Most helpful demonstrations" in text
     assert "| kernel surrogate | " in text
     assert "| random prompts (mean of 60) | " in text
-    images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 3  # effects, interactions, selection
+    assert num_images == 3  # effects, interactions, selection
 
 
 def test_rl_notebook_executes(tmp_path, monkeypatch):
-    outputs, _ = _execute("rl_task_selection.ipynb", tmp_path, monkeypatch)
-    text = _text(outputs)
+    text, num_images, _ = _execute("rl_task_selection.ipynb", tmp_path, monkeypatch)
     assert "relative error" in text
     assert "| linear | " in text and "| kernel | " in text
     assert "| target | all variants |" in text
-    images = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(images) == 3  # returns, effect heatmaps, selection
+    assert num_images == 3  # returns, effect heatmaps, selection

@@ -18,12 +18,29 @@ Scores are losses: lower is better, and the LOO effect of task ``i`` is
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
 
 from tasksurrogate_jax._checks import check_masks
+
+
+def config_from_preset(presets: Mapping[str, Any], preset: str, overrides: Mapping):
+    """``presets[preset]`` (a dataclass) with ``overrides`` applied, or a clear
+    error naming the unknown preset or fields."""
+    if preset not in presets:
+        raise ValueError(f"preset must be one of {sorted(presets)}, got {preset!r}.")
+    base = presets[preset]
+    fields = {f.name for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(
+            f"unknown {type(base).__name__} fields {unknown}; valid fields: "
+            f"{sorted(fields)}."
+        )
+    return dataclasses.replace(base, **overrides)
 
 
 class Workload(abc.ABC):

@@ -54,9 +54,10 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
+from tasksurrogate_jax.linearize import map_padded_chunks, pad_rows
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
-from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import TransformerBlock
 
 ANCHORS = ("mean",)
@@ -304,15 +305,13 @@ class ICLWorkload(Workload):
             per_shots = extra(shots) if extra is not None else ()
             # Power-of-two chunks up to chunk_size: few compiled shapes.
             size = min(self.chunk_size, 1 << (len(rows) - 1).bit_length())
-            pad = -len(rows) % size
-            padded = np.concatenate([indices, np.repeat(indices[-1:], pad, 0)])
-            outs = []
-            for start in range(0, padded.shape[0], size):
-                chunk = padded[start:start + size]
-                outs.append(step(self.scorer.params, self.demonstrations, chunk,
-                                 queries, labels, *per_shots))
+            outs = map_padded_chunks(
+                lambda chunk, step=step, extra=per_shots: step(
+                    self.scorer.params, self.demonstrations, chunk, queries, labels,
+                    *extra),
+                pad_rows(indices, size), size)
             num = len(rows)
-            outs = jax.tree.map(lambda *xs, n=num: np.concatenate(xs)[:n], *outs)
+            outs = jax.tree.map(lambda o, n=num: np.asarray(o)[:n], outs)
             if results is None:
                 results = jax.tree.map(
                     lambda o: np.zeros((num_rows,) + o.shape[1:], o.dtype), outs)
@@ -322,20 +321,17 @@ class ICLWorkload(Workload):
         return results
 
     def _compiled_step(self, name, shots, query_fn):
-        cache_key = (name, shots)
-        if cache_key not in self._compiled:
-            prompt = self._prompt
+        """``query_fn`` over ``[chunk]`` prompts x ``[T]`` queries, jitted once
+        per ``(name, shots)``."""
+        def step(params, demonstrations, indices, queries, labels, *extra):
+            def one_prompt(idx):
+                def one_query(query, label, *query_extra):
+                    tokens = self._prompt(demonstrations, idx, query)
+                    return query_fn(params, tokens, label, *query_extra)
+                return jax.vmap(one_query)(queries, labels, *extra)
+            return jax.vmap(one_prompt)(indices)
 
-            def step(params, demonstrations, indices, queries, labels, *extra):
-                def one_prompt(idx):
-                    def one_query(query, label, *query_extra):
-                        tokens = prompt(demonstrations, idx, query)
-                        return query_fn(params, tokens, label, *query_extra)
-                    return jax.vmap(one_query)(queries, labels, *extra)
-                return jax.vmap(one_prompt)(indices)
-
-            self._compiled[cache_key] = jax.jit(step)
-        return self._compiled[cache_key]
+        return self._jitted((name, shots), step)
 
     def _loss_and_correct(self, params, tokens, label):
         s = self.scorer
@@ -420,18 +416,24 @@ class ICLWorkload(Workload):
                     f"got {anchor!r}."
                 )
             prompts = idx[None, :].astype(np.int32)
-        s, demos = self.scorer, jnp.asarray(self.demonstrations)
+        return self._jitted("mean_embedding", self._mean_embedding)(
+            self.scorer.params, jnp.asarray(self.demonstrations),
+            jnp.asarray(prompts, jnp.int32), jnp.asarray(self.queries))
 
-        @jax.jit
-        def mean_embedding(params, prompts, queries):
-            def one_query(query):
-                def one_prompt(idx):
-                    return s.embed(params, self._prompt(demos, idx, query))
-                return jax.vmap(one_prompt)(prompts).mean(0)
-            return jax.vmap(one_query)(queries)
+    def _mean_embedding(self, params, demonstrations, prompts, queries):
+        """``[T, length, width]``: per query, the mean embedding of ``prompts``."""
+        def one_query(query):
+            def one_prompt(idx):
+                return self.scorer.embed(params,
+                                         self._prompt(demonstrations, idx, query))
+            return jax.vmap(one_prompt)(prompts).mean(0)
+        return jax.vmap(one_query)(queries)
 
-        return mean_embedding(s.params, jnp.asarray(prompts, jnp.int32),
-                              jnp.asarray(self.queries))
+    def _jitted(self, name, fn):
+        """``jax.jit(fn)``, made once per workload (compiled once per shape)."""
+        if name not in self._compiled:
+            self._compiled[name] = jax.jit(fn)
+        return self._compiled[name]
 
     def _embedding_loss(self, params, embeddings, label):
         return _cross_entropy(self.scorer.label_logits(params, embeddings), label)
@@ -445,10 +447,10 @@ class ICLWorkload(Workload):
           gradient per query.
         """
         e0 = self.anchor_embeddings(shots, anchor)
-        value_and_grad = jax.vmap(jax.value_and_grad(self._embedding_loss, 1),
-                                  in_axes=(None, 0, 0))
-        loss0, grads = jax.jit(value_and_grad)(
-            self.scorer.params, e0, jnp.asarray(self.query_labels))
+        value_and_grad = self._jitted("value_and_grad", jax.vmap(
+            jax.value_and_grad(self._embedding_loss, 1), in_axes=(None, 0, 0)))
+        loss0, grads = value_and_grad(self.scorer.params, e0,
+                                      jnp.asarray(self.query_labels))
         return e0, loss0, grads
 
     def estimated_scores(self, masks, *, key=None, anchor="mean",
@@ -783,11 +785,4 @@ def icl_workload(preset: str = "cpu", **overrides) -> SyntheticICLWorkload:
     Returns:
       The :class:`SyntheticICLWorkload`, its transformer trained.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = {f.name for f in dataclasses.fields(ICLConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(
-            f"unknown ICLConfig fields {unknown}; valid fields: {sorted(fields)}.")
-    return SyntheticICLWorkload(dataclasses.replace(PRESETS[preset], **overrides))
+    return SyntheticICLWorkload(config_from_preset(PRESETS, preset, overrides))

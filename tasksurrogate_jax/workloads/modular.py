@@ -46,7 +46,7 @@ from tasksurrogate_jax.retraining import (
     make_train_spec,
     retrain,
 )
-from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import TransformerBlock
 
 OPERATIONS = ("add", "quad")
@@ -438,15 +438,7 @@ def modular_workload(preset: str = "cpu", **overrides) -> ModularWorkload:
     Returns:
       The :class:`ModularWorkload`.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = {f.name for f in dataclasses.fields(ModularConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(
-            f"unknown ModularConfig fields {unknown}; valid fields: {sorted(fields)}."
-        )
-    return ModularWorkload(dataclasses.replace(PRESETS[preset], **overrides))
+    return ModularWorkload(config_from_preset(PRESETS, preset, overrides))
 
 
 __all__ = [

@@ -48,9 +48,10 @@ from tasksurrogate_jax.estimation import (
     linearized_examples,
     solve_subsets,
 )
+from tasksurrogate_jax.linearize import map_padded_chunks, pad_rows
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.store import ChunkStore, array_digest
-from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 
 # Parameters a variant may set, with their valid ranges (inclusive). Derived
 # CartPole quantities (total_mass, polemass_length) are recomputed.
@@ -289,7 +290,11 @@ class RLWorkload(Workload):
         abstract = nnx.eval_shape(lambda: Policy(self.obs_dim, self.num_actions,
                                                  c.hidden, rngs=nnx.Rngs(0)))
         self._graphdef = nnx.graphdef(abstract)
-        self._base_params, self._linearized, self._trainers = {}, {}, {}
+        # Per-key caches: θ*, its linearized rollouts, the full-set fine-tuning
+        # distance; compiled trainers per setting.
+        self._base_params, self._linearized, self._moved = {}, {}, {}
+        self._trainers = {}
+        self._evaluate_many = jax.jit(jax.vmap(self.evaluate))
 
     # -- the interface ------------------------------------------------------
 
@@ -435,14 +440,18 @@ class RLWorkload(Workload):
             params, jnp.asarray(self.targets), keys)
         return -traj.rewards.sum(-1).mean(-1)
 
+    def _key(self, key):
+        """``key`` as a typed key; ``None``: the config's seed."""
+        return jax.random.key(self.config.seed) if key is None else as_typed_key(key)
+
     def _eval_key(self):
         return jax.random.fold_in(jax.random.key(self.config.seed), 7)
 
     def base_params(self, *, key=None):
         """``θ*``: the policy trained on all variants (cached per key; default
         from the config's seed)."""
-        key = jax.random.key(self.config.seed) if key is None else as_typed_key(key)
-        cache = np.asarray(jax.random.key_data(key)).tobytes()
+        key = self._key(key)
+        cache = _key_bytes(key)
         if cache not in self._base_params:
             c = self.config
             k_init, k_train = jax.random.split(key)
@@ -465,7 +474,7 @@ class RLWorkload(Workload):
           The trained policies, a pytree with a leading ``[num_subsets]`` axis.
         """
         masks = self.check_masks(masks)
-        key = jax.random.key(self.config.seed) if key is None else as_typed_key(key)
+        key = self._key(key)
         c = self.config
         if from_scratch:
             init = self.init_fn(jax.random.fold_in(key, 3))
@@ -475,8 +484,8 @@ class RLWorkload(Workload):
             iterations, lr = c.finetune_iterations, c.finetune_learning_rate
         train_key = jax.random.fold_in(key, 5)
         trainer = self._chunk_trainer(iterations, lr)
-        return _over_chunks(lambda chunk: trainer(init, train_key, chunk), masks,
-                            chunk_size)
+        return map_padded_chunks(lambda chunk: trainer(init, train_key, chunk), masks,
+                                 chunk_size)
 
     def _chunk_trainer(self, iterations: int, learning_rate: float):
         """``(init, key, masks [n, K]) -> policies [n, ...]``, compiled once per
@@ -508,7 +517,7 @@ class RLWorkload(Workload):
           ``[num_subsets, num_targets]``.
         """
         masks = np.asarray(self.check_masks(masks))
-        key = jax.random.key(self.config.seed) if key is None else as_typed_key(key)
+        key = self._key(key)
         size = min(check_positive_int(chunk_size, "chunk_size"), masks.shape[0])
         store = None
         if store_dir is not None:
@@ -516,17 +525,16 @@ class RLWorkload(Workload):
                 "workload": self.store_config(), "masks": array_digest(masks),
                 "key": np.asarray(jax.random.key_data(key)).tolist(),
                 "from_scratch": from_scratch, "chunk_size": size})
-        evaluate = jax.jit(jax.vmap(self.evaluate))
         scores = []
         for index, start in enumerate(range(0, masks.shape[0], size)):
             rows = masks[start:start + size]
             if store is not None and store.has_chunk(index):
                 scores.append(store.load_chunk(index)["scores"])
                 continue
-            padded = np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), 0)])
-            policies = self.train_subsets(padded, key=key, from_scratch=from_scratch,
+            policies = self.train_subsets(pad_rows(rows, size), key=key,
+                                          from_scratch=from_scratch,
                                           chunk_size=size)
-            chunk = np.asarray(evaluate(policies))[:len(rows)]
+            chunk = np.asarray(self._evaluate_many(policies))[:len(rows)]
             if store is not None:
                 store.save_chunk(index, {"scores": chunk})
             scores.append(chunk)
@@ -546,10 +554,9 @@ class RLWorkload(Workload):
           ``[n, A, d]`` = ``J(s) P``, ``labels`` the actions), ``[n]`` variant
           of each step, ``[n]`` advantages, and the projection.
         """
-        key = jax.random.key(self.config.seed) if key is None else as_typed_key(key)
+        key = self._key(key)
         num_episodes = self.config.episodes if num_episodes is None else num_episodes
-        cache = (np.asarray(jax.random.key_data(key)).tobytes(), proj_dim,
-                 num_episodes)
+        cache = (_key_bytes(key), proj_dim, num_episodes)
         if cache not in self._linearized:
             self._linearized[cache] = self._linearize(key, proj_dim, num_episodes,
                                                       batch_size)
@@ -629,20 +636,23 @@ class RLWorkload(Workload):
         params = self.base_params(key=key)
         deltas = unproject(projection, w, params)
         policies = jax.tree.map(lambda p, d: p[None] + d, params, deltas)
-        return jax.jit(jax.vmap(self.evaluate))(policies)
+        return self._evaluate_many(policies)
 
     def calibrated_ridge(self, *, key=None, proj_dim: int = 128,
                          num_episodes: int | None = None) -> float:
         """The ``"pg"`` ridge whose full-set update ``P ŵ`` has the norm of one
-        real fine-tuning of ``θ*`` on all variants (one training run)."""
+        real fine-tuning of ``θ*`` on all variants (one training run per key)."""
+        key = self._key(key)
         examples, task, adv, projection = self.linearized_rollouts(
             key=key, proj_dim=proj_dim, num_episodes=num_episodes)
         params = self.base_params(key=key)
         g = policy_gradients(examples, adv).mean(0)
         step = _tree_norm(unproject(projection, g, params))
-        tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key)
-        moved = _tree_norm(jax.tree.map(lambda a, b: a[0] - b, tuned, params))
-        return float(step / moved)
+        if _key_bytes(key) not in self._moved:
+            tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key)
+            self._moved[_key_bytes(key)] = float(_tree_norm(
+                jax.tree.map(lambda a, b: a[0] - b, tuned, params)))
+        return float(step) / self._moved[_key_bytes(key)]
 
 
 def policy_gradients(examples: Linearized, advantages) -> jax.Array:
@@ -654,19 +664,13 @@ def policy_gradients(examples: Linearized, advantages) -> jax.Array:
     return scores * jnp.asarray(advantages, scores.dtype)[:, None]
 
 
+def _key_bytes(key) -> bytes:
+    """A typed key's data, as a cache key."""
+    return np.asarray(jax.random.key_data(key)).tobytes()
+
+
 def _tree_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
-
-
-def _over_chunks(fn, masks, chunk_size):
-    """``fn`` over row chunks of ``masks`` (the last padded), concatenated."""
-    m = masks.shape[0]
-    size = m if chunk_size is None else min(check_positive_int(chunk_size,
-                                                               "chunk_size"), m)
-    pad = -m % size
-    padded = jnp.concatenate([masks, jnp.repeat(masks[-1:], pad, 0)])
-    outs = [fn(padded[i:i + size]) for i in range(0, padded.shape[0], size)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:m], *outs)
 
 
 def rl_workload(preset: str = "cpu", **overrides) -> RLWorkload:
@@ -676,11 +680,4 @@ def rl_workload(preset: str = "cpu", **overrides) -> RLWorkload:
       preset: one of :data:`PRESETS` (``"cpu"``, ``"paper"``, ``"tiny"``).
       **overrides: :class:`RLConfig` fields to change.
     """
-    if preset not in PRESETS:
-        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}.")
-    fields = {f.name for f in dataclasses.fields(RLConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise TypeError(
-            f"unknown RLConfig fields {unknown}; valid fields: {sorted(fields)}.")
-    return RLWorkload(dataclasses.replace(PRESETS[preset], **overrides))
+    return RLWorkload(config_from_preset(PRESETS, preset, overrides))
