@@ -71,9 +71,9 @@ def one_repeat(workload, key, args) -> dict:
     """Steps 2-4 on one draw of prompts."""
     k, m = args.shots, args.num_fit
     masks = np.asarray(workload.sample_prompts(key, args.num_prompts, shots=k))
-    # Warm up both scorers (compilation), then time them on all prompts.
-    workload.exact_scores(masks[:8])
-    workload.estimated_scores(masks[:8], anchor=args.anchor)
+    # Warm up both scorers on the same prompts (compilation), then time them.
+    workload.exact_scores(masks)
+    workload.estimated_scores(masks, anchor=args.anchor)
     exact, exact_s = _timed(lambda: workload.exact_scores(masks))
     estimated, estimate_s = _timed(
         lambda: workload.estimated_scores(masks, anchor=args.anchor))

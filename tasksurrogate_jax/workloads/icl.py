@@ -36,7 +36,7 @@ where in-context learning is induction-head copying):
 Token ids: symbols ``[0, S)``, distractors ``[S, S + D)``, labels
 ``[S + D, S + D + C)``. The model outputs ``C`` label logits per position.
 
-Presets (:data:`PRESETS`): ``"cpu"`` (trains in about 80 s on 2 cores),
+Presets (:data:`PRESETS`): ``"cpu"`` (trains in about a minute on 2 cores),
 ``"paper"`` (larger model and pool, for GPU/TPU), ``"tiny"`` (tests,
 notebook in CI).
 """
@@ -548,7 +548,7 @@ class ICLConfig:
 
 
 PRESETS: dict[str, ICLConfig] = {
-    # 71-80 s of training on 2 cores; 4-shot query accuracy near the
+    # 58-80 s of training on 2 cores; 4-shot query accuracy near the
     # best a learner can reach with 10% label noise (benchmarks/README.md).
     "cpu": ICLConfig(),
     # Larger model, vocabulary and pool, for GPU/TPU.
