@@ -89,6 +89,7 @@ from tasksurrogate_jax.surrogates import (
     LinearSurrogate,
     fit_kernel_surrogate,
     fit_linear_surrogate,
+    kernel_loo_predictions,
     predict,
     select_kernel_hyperparameters,
 )
@@ -164,6 +165,7 @@ __all__ = [
     "LinearSurrogate",
     "fit_kernel_surrogate",
     "fit_linear_surrogate",
+    "kernel_loo_predictions",
     "predict",
     "select_kernel_hyperparameters",
     # attribution, selection and baselines

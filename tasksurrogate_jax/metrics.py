@@ -32,14 +32,30 @@ def _pair(x, y, names=("x", "y")):
 
 
 def rankdata(x, axis: int = 0) -> jax.Array:
-    """Ranks 1..n along ``axis``, ties getting their average rank (as scipy)."""
+    """Ranks 1..n along ``axis``, ties getting their average rank (as scipy).
+
+    A column holding a NaN ranks as all NaN (scipy's ``nan_policy="propagate"``).
+
+    The values are sorted once together with their positions and the ties are
+    read off that one sorted copy. (Looking each value up in a separately
+    sorted copy breaks under ``jit``: XLA may recompute a fused input with
+    different rounding for the lookup, and a value no longer finds itself,
+    which gave invalid ranks such as a 1.5 without a partner.)
+    """
     x = jnp.moveaxis(jnp.asarray(x), axis, -1)
 
     def ranks_1d(v):
-        s = jnp.sort(v)
-        below = jnp.searchsorted(s, v, side="left")
-        at_or_below = jnp.searchsorted(s, v, side="right")
-        return (below + at_or_below + 1) / 2.0
+        n = v.shape[0]
+        position = jnp.arange(n)
+        s, order = jax.lax.sort((v, position), num_keys=1)
+        differs = s[1:] != s[:-1]
+        first = jnp.concatenate([jnp.ones(1, bool), differs])
+        last = jnp.concatenate([differs, jnp.ones(1, bool)])
+        start = jax.lax.cummax(jnp.where(first, position, 0))
+        end = jax.lax.cummin(jnp.where(last, position, n - 1), reverse=True)
+        average = (start + end) / 2.0 + 1.0
+        ranks = jnp.zeros(n, average.dtype).at[order].set(average)
+        return jnp.where(jnp.any(jnp.isnan(v)), jnp.nan, ranks)
 
     flat = x.reshape(-1, x.shape[-1])
     ranked = jax.vmap(ranks_1d)(flat).reshape(x.shape)

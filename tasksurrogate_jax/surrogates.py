@@ -579,15 +579,50 @@ def _loo_table(masks, y, gammas, ridges, coef0, kernel, degree, criterion):
         sq_evecs = evecs * evecs
 
         def per_ridge(ridge):
-            inv = 1.0 / (evals + ridge)
-            a_y = evecs @ (inv[:, None] * projected)
-            a_diag = sq_evecs @ inv
-            loo_prediction = y - a_y / a_diag[:, None]
+            loo_prediction = _loo_from_spectrum(evals, evecs, sq_evecs, projected, y,
+                                                ridge)
             return _criterion_values(y, loo_prediction, criterion)
 
         return jax.lax.map(per_ridge, ridges)
 
     return jax.lax.map(per_gamma, gammas)
+
+
+def _loo_from_spectrum(evals, evecs, sq_evecs, projected, y, ridge):
+    """Held-out predictions ``y - (A y) / diag(A)``, ``A = (K + ridge I)^{-1}``."""
+    inv = 1.0 / (evals + ridge)
+    a_y = evecs @ (inv[:, None] * projected)
+    a_diag = sq_evecs @ inv
+    return y - a_y / a_diag[:, None]
+
+
+def kernel_loo_predictions(
+    masks, scores, *, gamma, ridge, kernel: str = "rbf", degree: int = 3,
+    coef0: float = 1.0,
+) -> jax.Array:
+    """Exact leave-one-out predictions of kernel ridge regression, in closed form.
+
+    Row ``i`` is the prediction at ``masks[i]`` of the kernel ridge model
+    (no jitter, no standardisation) fitted on every other row: the quantity
+    whose criterion :func:`select_kernel_hyperparameters` tabulates.
+
+    Args:
+      masks: ``[num_subsets, num_tasks]``.
+      scores: ``[num_subsets, num_targets]``.
+      gamma, ridge: scalar width and positive penalty.
+      kernel, degree, coef0: as in :func:`fit_kernel_surrogate`.
+
+    Returns:
+      ``[num_subsets, num_targets]`` held-out predictions.
+    """
+    masks, scores = _check_fit_inputs(masks, scores)
+    kernel = check_kernel_name(kernel)
+    dtype = masks.dtype
+    ridge = jnp.asarray(_check_ridge(ridge, "ridge", positive=True), dtype)
+    evals, evecs = _spectrum(masks, jnp.asarray(gamma, dtype),
+                             jnp.asarray(coef0, dtype), kernel, degree)
+    return _loo_from_spectrum(evals, evecs, evecs * evecs, evecs.T @ scores, scores,
+                              ridge)
 
 
 @partial(jax.jit, static_argnums=(6, 7, 8, 9))

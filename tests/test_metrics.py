@@ -1,4 +1,6 @@
 import chex
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.stats
@@ -31,6 +33,31 @@ def test_rankdata_matches_scipy_average_method():
                                   scipy.stats.rankdata(x, axis=0))
     np.testing.assert_array_equal(metrics.rankdata(x, axis=1),
                                   scipy.stats.rankdata(x, axis=1))
+
+
+def test_ranks_computed_in_the_same_jit_as_their_values_are_a_ranking():
+    # Regression: XLA fused the values into both the sort and a lookup with
+    # different rounding, so values did not find themselves (ranks 1.5, 8.5
+    # without partners). Closed-form LOO predictions reproduced it.
+    x = RNG.integers(0, 2, (30, 8)).astype(float)
+    y = RNG.normal(size=(30, 5))
+
+    def loo_predictions(x, y):
+        k = jnp.exp(-0.05 * ((x[:, None] - x[None]) ** 2).sum(-1))
+        evals, evecs = jnp.linalg.eigh(k)
+        inv = 1.0 / (evals + 1.0)
+        a_y = evecs @ (inv[:, None] * (evecs.T @ y))
+        return y - a_y / ((evecs * evecs) @ inv)[:, None]
+
+    fused = jax.jit(lambda x, y: metrics.rankdata(loo_predictions(x, y), 0))(x, y)
+    ref = scipy.stats.rankdata(np.asarray(loo_predictions(x, y)), axis=0)
+    np.testing.assert_array_equal(fused, ref)
+
+
+def test_rankdata_of_a_column_with_nan_is_nan_as_scipy():
+    x = np.array([[1.0, 3.0], [np.nan, 1.0], [2.0, 2.0]])
+    np.testing.assert_array_equal(metrics.rankdata(x, 0),
+                                  scipy.stats.rankdata(x, axis=0))
 
 
 def test_spearman_of_constant_column_is_nan_and_mean_ignores_it():
