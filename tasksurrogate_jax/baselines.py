@@ -75,10 +75,10 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax.chunking import chunked_vmap
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
 from tasksurrogate_jax.estimation import margin
 from tasksurrogate_jax.linearize import (
-    chunked_vmap,
     per_example_grads,
     per_task_sums,
     projected_jacobians,

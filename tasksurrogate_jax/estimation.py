@@ -39,6 +39,7 @@ from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax import metrics, retraining
 from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax.chunking import map_padded_chunks
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -47,7 +48,6 @@ from tasksurrogate_jax.data import (
 )
 from tasksurrogate_jax.linearize import (
     linearize,
-    map_padded_chunks,
     per_example_grads,
     projected_jacobians,
 )

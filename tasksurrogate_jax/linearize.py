@@ -24,9 +24,8 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax.chunking import chunked_vmap
 from tasksurrogate_jax.projection import Projection, project, unproject
 
 JACOBIAN_MODES = ("auto", "reverse", "forward")
@@ -35,44 +34,6 @@ JACOBIAN_MODES = ("auto", "reverse", "forward")
 def _one(apply_fn):
     """Per-example version of a batched ``apply_fn``."""
     return lambda params, x: apply_fn(params, x[None])[0]
-
-
-def chunked_vmap(fn, xs, batch_size):
-    """``vmap(fn)`` over the leading axis of ``xs`` in chunks of ``batch_size``."""
-    n = jax.tree_util.tree_leaves(xs)[0].shape[0]
-    if batch_size is None or batch_size >= n:
-        return jax.vmap(fn)(xs)
-    batch_size = check_positive_int(batch_size, "batch_size")
-    return jax.lax.map(fn, xs, batch_size=batch_size)
-
-
-def pad_rows(rows, size: int):
-    """``rows`` ``[n, ...]`` (NumPy or JAX) padded to ``size`` rows with copies
-    of its last row, so that every chunk of a loop has one compiled shape."""
-    missing = size - rows.shape[0]
-    if missing <= 0:
-        return rows
-    xp = np if isinstance(rows, np.ndarray) else jnp
-    return xp.concatenate([rows, xp.repeat(rows[-1:], missing, axis=0)])
-
-
-def map_padded_chunks(fn, rows, chunk_size: int | None):
-    """``fn`` over chunks of ``chunk_size`` rows (the last one padded).
-
-    Args:
-      fn: ``[chunk_size, ...] -> pytree`` of arrays with a leading chunk axis.
-      rows: ``[n, ...]``.
-      chunk_size: rows per call; ``None`` = all ``n`` at once.
-
-    Returns:
-      The outputs concatenated along the leading axis and cut to ``n`` rows.
-    """
-    n = rows.shape[0]
-    size = n if chunk_size is None else min(
-        check_positive_int(chunk_size, "chunk_size"), n)
-    outs = [fn(pad_rows(rows[start:start + size], size))
-            for start in range(0, n, size)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
 
 
 def per_example_grads(

@@ -52,6 +52,7 @@ import numpy as np
 import optax
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax.chunking import pad_rows
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -317,6 +318,11 @@ def choose_chunk_size(
     return -(-num_subsets // num_chunks)
 
 
+def replicate_key(key, replicate: int):
+    """The key of replicate ``replicate`` of a run with ``key``: ``fold_in``."""
+    return jax.random.fold_in(as_typed_key(key), replicate)
+
+
 def retrain(
     masks,
     *,
@@ -327,6 +333,7 @@ def retrain(
     init_fn: Callable | None = None,
     init_params=None,
     seeds: str = "shared",
+    replicates: int | None = None,
     chunk_size: int | None = None,
     memory_budget: int | None = None,
     store_dir=None,
@@ -334,7 +341,7 @@ def retrain(
     return_params: bool = False,
     progress: bool = True,
 ) -> RetrainResult:
-    """Trains one model per mask and scores the targets: exact ``F(s)``.
+    """Trains one model per mask (and replicate) and scores the targets: ``F(s)``.
 
     Args:
       masks: ``[num_subsets, num_tasks]`` 0/1; every row must keep at least one
@@ -351,9 +358,13 @@ def retrain(
       seeds: ``"shared"`` (default: every subset uses the same initialisation and
         batch keys, so the mask is the only difference) or ``"independent"``
         (row ``j`` uses ``fold_in(key, j)``).
-      chunk_size: subsets per compiled call; ``None`` picks the largest that fits
-        ``memory_budget`` (from XLA's memory analysis; with an existing store,
-        the stored chunk size).
+      replicates: ``None`` for one run with ``key``; ``R >= 1`` for ``R`` paired
+        replicates in the same compiled program: replicate ``r`` is exactly the
+        run with :func:`replicate_key` ``(key, r)`` (its own initialisation, or
+        the same ``init_params``, and its own batch order), shared by its masks.
+      chunk_size: (mask, replicate) rows per compiled call; ``None`` picks the
+        largest that fits ``memory_budget`` (from XLA's memory analysis; with an
+        existing store, the stored chunk size).
       memory_budget: bytes a chunk may use (default: :func:`default_memory_budget`).
       store_dir: folder to save each finished chunk to (and resume from).
       store_config: JSON-serialisable description of what the arguments cannot
@@ -365,13 +376,122 @@ def retrain(
       progress: show a tqdm progress bar over chunks.
 
     Returns:
-      A :class:`RetrainResult` with ``losses`` ``[num_subsets, num_targets]``.
+      A :class:`RetrainResult` with ``losses`` ``[num_subsets, num_targets]``, or
+      ``[replicates, num_subsets, num_targets]`` (and so the accuracy and the
+      parameters' leading axes) when ``replicates`` is given.
 
     Raises:
       TypeError / ValueError: bad arguments (wrong mask width, masks that keep no
         examples, a target that does not match the data, a store folder of a
         different configuration, ...), each naming the argument.
     """
+    masks = _check_retrain_args(masks, data, target, spec, init_fn, init_params,
+                                seeds, store_dir, store_config)
+    key = as_typed_key(key)
+    if replicates is not None:
+        replicates = check_positive_int(replicates, "replicates")
+    if chunk_size is not None:
+        chunk_size = check_positive_int(chunk_size, "chunk_size")
+    num_masks = masks.shape[0]
+    num_rows = num_masks * (replicates or 1)
+    # One run with shared seeds trains every row from the same parameters and
+    # batch key (nothing batched); otherwise each row gets its own keys.
+    per_row = replicates is not None or seeds == "independent"
+    scratch = init_params is None
+
+    init_key, batch_key = jax.random.split(key)
+    if not scratch:
+        params0 = init_params
+    elif per_row:
+        params0 = jax.eval_shape(init_fn, init_key)  # shapes only; real per row
+    else:
+        params0 = jax.jit(init_fn)(init_key)
+    num_leaves = len(jax.tree.leaves(params0))
+
+    if chunk_size is None and store_dir is not None:
+        chunk_size = _stored_chunk_size(store_dir)
+    if chunk_size is None:
+        example = jax.jit(init_fn)(init_key) if scratch and per_row else params0
+        subset_bytes = estimate_subset_bytes(masks, example, batch_key, data, target,
+                                             spec=spec)
+        budget = default_memory_budget() if memory_budget is None else memory_budget
+        chunk_size = choose_chunk_size(num_rows, subset_bytes,
+                                       memory_budget=int(budget))
+    store = None
+    if store_dir is not None:
+        store = ChunkStore(store_dir, {
+            "kind": "retraining",
+            "user": dict(store_config),
+            "num_subsets": int(num_masks),
+            "replicates": replicates,
+            "num_tasks": int(data.num_tasks),
+            "num_targets": int(target.num_targets),
+            "masks": array_digest(np.asarray(masks)),
+            "data": array_digest(data.inputs, data.labels, data.task_ids),
+            "target": array_digest(target.inputs, target.labels),
+            "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
+            "seeds": seeds,
+            "init": "init_fn" if scratch else array_digest(*jax.tree.leaves(params0)),
+            "num_steps": spec.num_steps,
+            "batch_size": spec.batch_size,
+            "chunk_size": int(chunk_size),
+            "return_params": bool(return_params),
+            "accuracy": spec.accuracy_fn is not None,
+        })
+
+    chunks = range(-(-num_rows // chunk_size))
+    if progress:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=f"retraining ({chunk_size}/chunk)", unit="chunk")
+    outputs = []
+    for c in chunks:
+        if store is not None and store.has_chunk(c):
+            outputs.append(store.load_chunk(c))
+            continue
+        rows = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_rows))
+        padded = pad_rows(rows, chunk_size)
+        params, keys = params0, batch_key
+        if per_row:
+            init_keys, keys = _row_keys(
+                key, jnp.asarray(padded, jnp.uint32), num_masks=num_masks,
+                replicated=replicates is not None,
+                independent=seeds == "independent")
+            if scratch:
+                params = _init_rows(init_keys, init_fn=init_fn)
+        losses, acc, trained = retrain_chunk(
+            masks[padded % num_masks], params, keys, data, target, spec=spec,
+            params_batched=per_row and scratch, keys_batched=per_row,
+        )
+        n = rows.size
+        out = {"rows": rows, "losses": np.asarray(losses)[:n]}
+        if acc is not None:
+            out["accuracy"] = np.asarray(acc)[:n]
+        if return_params:
+            for i, leaf in enumerate(jax.tree.leaves(trained)):
+                out[f"param_{i:05d}"] = np.asarray(leaf)[:n]
+        if store is not None:
+            store.save_chunk(c, out)
+        outputs.append(out)
+
+    lead = (num_masks,) if replicates is None else (replicates, num_masks)
+
+    def gather(name):
+        stacked = np.concatenate([o[name] for o in outputs])
+        return jnp.asarray(stacked.reshape(lead + stacked.shape[1:]))
+
+    accuracy = gather("accuracy") if spec.accuracy_fn is not None else None
+    params_out = None
+    if return_params:
+        params_out = jax.tree.unflatten(
+            jax.tree.structure(params0),
+            [gather(f"param_{i:05d}") for i in range(num_leaves)])
+    return RetrainResult(gather("losses"), accuracy, params_out)
+
+
+def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,
+                        store_dir, store_config):
+    """Validates :func:`retrain`'s arguments; returns the checked masks."""
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a TaskData, got {type(data).__name__}.")
     if not isinstance(spec, TrainSpec):
@@ -380,7 +500,6 @@ def retrain(
         )
     check_target_matches(data, target)
     masks = check_nonempty_masks(masks, data)
-    key = as_typed_key(key)
     if (init_fn is None) == (init_params is None):
         raise ValueError(
             "give exactly one of init_fn (train from scratch) and init_params "
@@ -396,117 +515,23 @@ def retrain(
             "optimizer (e.g. a workload's preset) so that a folder is never reused "
             "for a different configuration."
         )
-    if chunk_size is not None:
-        chunk_size = check_positive_int(chunk_size, "chunk_size")
-    num_subsets = masks.shape[0]
+    return masks
 
-    init_key, batch_key = jax.random.split(key)
-    independent = seeds == "independent"
-    if init_params is not None:
-        params0 = init_params
-    elif independent:
-        params0 = jax.eval_shape(init_fn, init_key)  # shapes only; real per row
-    else:
-        params0 = jax.jit(init_fn)(init_key)
-    param_leaves, treedef = jax.tree.flatten(params0)
 
-    store = None
-    if store_dir is not None:
-        if chunk_size is None:
-            chunk_size = _stored_chunk_size(store_dir)
-    if chunk_size is None:
-        shapes_params = params0
-        if independent and init_params is None:
-            shapes_params = jax.jit(init_fn)(init_key)
-        subset_bytes = estimate_subset_bytes(
-            masks, shapes_params, batch_key, data, target, spec=spec
-        )
-        budget = default_memory_budget() if memory_budget is None else memory_budget
-        chunk_size = choose_chunk_size(
-            num_subsets, subset_bytes, memory_budget=int(budget)
-        )
-    if store_dir is not None:
-        config = {
-            "kind": "retraining",
-            "user": dict(store_config),
-            "num_subsets": int(num_subsets),
-            "num_tasks": int(data.num_tasks),
-            "num_targets": int(target.num_targets),
-            "masks": array_digest(np.asarray(masks)),
-            "data": array_digest(data.inputs, data.labels, data.task_ids),
-            "target": array_digest(target.inputs, target.labels),
-            "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
-            "seeds": seeds,
-            "init": "init_fn" if init_params is None else array_digest(*param_leaves),
-            "num_steps": spec.num_steps,
-            "batch_size": spec.batch_size,
-            "chunk_size": int(chunk_size),
-            "return_params": bool(return_params),
-            "accuracy": spec.accuracy_fn is not None,
-        }
-        store = ChunkStore(store_dir, config)
+@functools.partial(jax.jit, static_argnames=("num_masks", "replicated",
+                                             "independent"))
+def _row_keys(key, rows, *, num_masks, replicated, independent):
+    """(init keys, batch keys) of rows ``i = r * num_masks + j`` (replicate ``r``,
+    mask ``j``): ``split`` of the run key (``fold_in(key, r)`` when replicated,
+    else ``key``), folded with ``j`` first for independent seeds."""
 
-    num_chunks = -(-num_subsets // chunk_size)
-    chunks = range(num_chunks)
-    if progress:
-        from tqdm.auto import tqdm
-
-        chunks = tqdm(chunks, desc=f"retraining ({chunk_size}/chunk)", unit="chunk")
-
-    outputs = []
-    for c in chunks:
-        if store is not None and store.has_chunk(c):
-            outputs.append(store.load_chunk(c))
-            continue
-        rows = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_subsets))
-        padded = np.concatenate(
-            [rows, np.full(chunk_size - rows.size, rows[-1], rows.dtype)]
-        )
-        chunk_masks = masks[padded]
+    def one(i):
+        run = jax.random.fold_in(key, i // num_masks) if replicated else key
         if independent:
-            init_keys, keys = _row_keys(key, jnp.asarray(padded, jnp.uint32))
-            if init_params is None:
-                params = _init_rows(init_keys, init_fn=init_fn)
-                params_batched = True
-            else:
-                params, params_batched = params0, False
-            keys_batched = True
-        else:
-            params, keys = params0, batch_key
-            params_batched = keys_batched = False
-        losses, acc, trained = retrain_chunk(
-            chunk_masks, params, keys, data, target, spec=spec,
-            params_batched=params_batched, keys_batched=keys_batched,
-        )
-        n = rows.size
-        out = {"rows": rows, "losses": np.asarray(losses)[:n]}
-        if acc is not None:
-            out["accuracy"] = np.asarray(acc)[:n]
-        if return_params:
-            for i, leaf in enumerate(jax.tree.leaves(trained)):
-                out[f"param_{i:05d}"] = np.asarray(leaf)[:n]
-        if store is not None:
-            store.save_chunk(c, out)
-        outputs.append(out)
+            run = jax.random.fold_in(run, i % num_masks)
+        return jax.random.split(run)
 
-    losses = jnp.asarray(np.concatenate([o["losses"] for o in outputs]))
-    accuracy = None
-    if spec.accuracy_fn is not None:
-        accuracy = jnp.asarray(np.concatenate([o["accuracy"] for o in outputs]))
-    params_out = None
-    if return_params:
-        leaves = [
-            jnp.asarray(np.concatenate([o[f"param_{i:05d}"] for o in outputs]))
-            for i in range(len(param_leaves))
-        ]
-        params_out = jax.tree.unflatten(treedef, leaves)
-    return RetrainResult(losses, accuracy, params_out)
-
-
-@jax.jit
-def _row_keys(key, rows):
-    """Row ``j``: ``split(fold_in(key, j))`` -> (init keys, batch keys)."""
-    pairs = jax.vmap(lambda j: jax.random.split(jax.random.fold_in(key, j)))(rows)
+    pairs = jax.vmap(one)(rows)
     return pairs[:, 0], pairs[:, 1]
 
 

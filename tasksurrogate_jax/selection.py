@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasksurrogate_jax._checks import check_positive_int, is_concrete
-from tasksurrogate_jax.linearize import pad_rows
+from tasksurrogate_jax.chunking import pad_rows
 from tasksurrogate_jax.surrogates import (
     KernelSurrogate,
     LinearSurrogate,

@@ -54,7 +54,7 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
-from tasksurrogate_jax.linearize import map_padded_chunks, pad_rows
+from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset

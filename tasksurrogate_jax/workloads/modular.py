@@ -32,21 +32,15 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.data import (
-    TargetData,
-    TaskData,
-    make_target_data,
-    make_task_data,
+from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax.data import make_target_data, make_task_data
+from tasksurrogate_jax.retraining import TrainSpec, make_train_spec
+from tasksurrogate_jax.workloads.base import config_from_preset
+from tasksurrogate_jax.workloads.supervised import (
+    SupervisedWorkload,
+    TrainSettings,
+    nnx_model_functions,
 )
-from tasksurrogate_jax.estimation import estimate_scores
-from tasksurrogate_jax.retraining import (
-    RetrainResult,
-    TrainSpec,
-    make_train_spec,
-    retrain,
-)
-from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import TransformerBlock
 
 OPERATIONS = ("add", "quad")
@@ -75,6 +69,10 @@ class ModularConfig:
       b2: AdamW beta 2.
       batch_size: mini-batch size (``None`` = full batch).
       num_steps: optimizer steps per subset.
+      finetune_steps: steps of the ``"finetune"`` regime (``None``: a quarter
+        of ``num_steps``).
+      finetune_learning_rate: its AdamW learning rate, without weight decay
+        (``None``: a tenth of ``learning_rate``).
     """
 
     p: int = 97
@@ -94,6 +92,8 @@ class ModularConfig:
     b2: float = 0.98
     batch_size: int | None = 512
     num_steps: int = 5000
+    finetune_steps: int | None = None
+    finetune_learning_rate: float | None = None
 
     @property
     def block(self) -> int:
@@ -169,17 +169,15 @@ class ModularTransformer(nnx.Module):
         return self.unembed(self.ln_f(x[:, -1]))
 
 
-class ModularWorkload(Workload):
+class ModularWorkload(SupervisedWorkload):
     """Modular arithmetic over ``grid²`` block tasks (see the module docstring).
 
     Args:
       config: a :class:`ModularConfig` (see :data:`PRESETS`).
 
     Attributes:
-      config: the configuration.
-      data: the training :class:`~tasksurrogate_jax.data.TaskData`.
-      target: the target :class:`~tasksurrogate_jax.data.TargetData`.
-      spec: the :class:`~tasksurrogate_jax.retraining.TrainSpec`.
+      config: the configuration (and everything of
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`).
     """
 
     name: ClassVar[str] = "modular"
@@ -209,7 +207,6 @@ class ModularWorkload(Workload):
                 f"heads={c.heads}."
             )
         self.config = c
-        self._base_params = {}
 
         tokens, labels = modular_examples(c.p, c.operation)
         order = np.asarray(
@@ -232,7 +229,7 @@ class ModularWorkload(Workload):
             for i in range(c.grid)
             for j in range(c.grid)
         )
-        self.data: TaskData = make_task_data(
+        data = make_task_data(
             tokens[train], labels[train], task_ids, num_tasks=c.grid * c.grid,
             task_names=names, num_classes=c.p,
         )
@@ -254,108 +251,46 @@ class ModularWorkload(Workload):
             f"per-example test cross-entropy of {test.size} held-out pairs of "
             f"{'(a + b)' if c.operation == 'add' else '(a² + ab + b²)'} mod {c.p}"
         )
-        self.target: TargetData = make_target_data(
+        target = make_target_data(
             tokens[test], labels[test], num_classes=c.p, description=desc
         )
 
-        abstract = nnx.eval_shape(lambda: ModularTransformer(c, rngs=nnx.Rngs(0)))
-        graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-        if jax.tree.leaves(rest):
-            raise RuntimeError("the model holds non-parameter state; not supported.")
-        self._graphdef, self._rest = graphdef, rest
+        apply_fn, init_fn = nnx_model_functions(
+            lambda rngs: ModularTransformer(c, rngs=rngs))
+        super().__init__(
+            apply_fn=apply_fn, init_fn=init_fn, data=data, target=target,
+            train=TrainSettings(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2,
+                                            weight_decay=c.weight_decay),
+                                c.num_steps, c.batch_size),
+            finetune=TrainSettings(
+                optax.adamw(self._finetune_learning_rate(), b1=c.b1, b2=c.b2,
+                            weight_decay=0.0),
+                self._finetune_steps(), c.batch_size),
+            description=dataclasses.asdict(c))
 
-        def apply_fn(params, inputs):
-            return nnx.merge(graphdef, params, rest)(inputs)
+    def _finetune_steps(self) -> int:
+        c = self.config
+        if c.finetune_steps is None:
+            return max(1, c.num_steps // 4)
+        return c.finetune_steps
 
-        self.apply_fn = apply_fn
-        self.spec: TrainSpec = make_train_spec(
-            apply_fn=apply_fn,
-            optimizer=optax.adamw(
-                c.learning_rate, b1=c.b1, b2=c.b2, weight_decay=c.weight_decay
-            ),
-            num_steps=c.num_steps,
-            batch_size=c.batch_size,
-        )
+    def _finetune_learning_rate(self) -> float:
+        c = self.config
+        return (c.learning_rate / 10 if c.finetune_learning_rate is None
+                else c.finetune_learning_rate)
 
-    # -- the interface ------------------------------------------------------
+    def finetune_variant(self, *, num_steps: int | None = None,
+                         learning_rate: float | None = None,
+                         weight_decay: float = 0.0, proximal: float = 0.0,
+                         anchor=None, batch_size: int | None | str = "preset",
+                         decay_to_zero: bool = False) -> TrainSpec:
+        """A variant of the ``"finetune"`` regime's program (the estimation study).
 
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return self.data.task_names
-
-    @property
-    def num_targets(self) -> int:
-        return self.target.num_targets
-
-    @property
-    def target_description(self) -> str:
-        return self.target.description
-
-    def init_fn(self, key):
-        """Fresh model parameters (an ``nnx.State`` of ``nnx.Param``)."""
-        model = ModularTransformer(self.config, rngs=nnx.Rngs(params=key))
-        return nnx.split(model, nnx.Param, ...)[1]
-
-    def store_config(self) -> dict:
-        """JSON description of the workload, for a results store."""
-        return {"workload": self.name, **dataclasses.asdict(self.config)}
-
-    def retrain(self, masks, *, key, init_params=None, **kwargs) -> RetrainResult:
-        """Retrains on each subset; see :func:`tasksurrogate_jax.retraining.retrain`.
-
-        From scratch with :meth:`init_fn` unless ``init_params`` is given
-        (fine-tuning, e.g. from ``θ*``). ``kwargs`` go to ``retrain``
-        (``seeds``, ``chunk_size``, ``store_dir``, ``return_params``,
-        ``progress``, ...); with ``store_dir`` the store is keyed on this
-        workload's configuration.
-        """
-        masks = self.check_masks(masks)
-        if kwargs.get("store_dir") is not None:
-            kwargs.setdefault("store_config", self.store_config())
-        init = {"init_fn": self.init_fn} if init_params is None else {
-            "init_params": init_params
-        }
-        return retrain(
-            masks, data=self.data, target=self.target, spec=self.spec, key=key,
-            **init, **kwargs,
-        )
-
-    def exact_scores(self, masks, *, key, **kwargs) -> jax.Array:
-        """Per-target test cross-entropy after retraining on each subset.
-
-        Returns:
-          ``[num_subsets, num_targets]`` losses.
-        """
-        return self.retrain(masks, key=key, **kwargs).losses
-
-    def base_params(self, *, key):
-        """``θ*``: the model trained on all tasks with ``key`` (cached per key).
-
-        The same program and key as ``exact_scores(ones, key=key)``, so the
-        estimates linearize around the model whose ``F(s*)`` the ground truth
-        reports.
-        """
-        key = as_typed_key(key)
-        cache_key = np.asarray(jax.random.key_data(key)).tobytes()
-        if cache_key not in self._base_params:
-            full = np.ones((1, self.num_tasks), np.float32)
-            result = self.retrain(full, key=key, return_params=True, progress=False)
-            self._base_params[cache_key] = jax.tree_util.tree_map(
-                lambda leaf: leaf[0], result.params)
-        return self._base_params[cache_key]
-
-    def finetune_spec(self, *, num_steps: int | None = None,
-                      learning_rate: float | None = None,
-                      weight_decay: float = 0.0, proximal: float = 0.0,
-                      anchor=None, batch_size: int | None | str = "preset",
-                      decay_to_zero: bool = False) -> TrainSpec:
-        """The training program for fine-tuning from ``θ*`` (the estimation check).
-
-        Defaults: a gentle fine-tune that stays near ``θ*``, where the
-        first-order model is meant to hold: a quarter of the preset's steps at a
-        tenth of its learning rate, no weight decay (which would pull every
-        subset's model towards zero, something the linearized model does not
-        represent); batch size and betas as in the preset.
+        Defaults: the regime's own settings, a gentle fine-tune that stays near
+        ``θ*``, where the first-order model is meant to hold: a quarter of the
+        preset's steps at a tenth of its learning rate, no weight decay (which
+        would pull every subset's model towards zero, something the linearized
+        model does not represent); batch size and betas as in the preset.
 
         Args:
           num_steps, learning_rate, weight_decay: AdamW settings.
@@ -368,8 +303,8 @@ class ModularWorkload(Workload):
           decay_to_zero: decay the learning rate linearly to 0 (to converge).
         """
         c = self.config
-        lr = c.learning_rate / 10 if learning_rate is None else learning_rate
-        num_steps = max(1, c.num_steps // 4) if num_steps is None else num_steps
+        lr = self._finetune_learning_rate() if learning_rate is None else learning_rate
+        num_steps = self._finetune_steps() if num_steps is None else num_steps
         if decay_to_zero:
             lr = optax.linear_schedule(lr, 0.0, num_steps)
         optimizer = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=weight_decay)
@@ -383,35 +318,6 @@ class ModularWorkload(Workload):
             apply_fn=self.apply_fn, optimizer=optimizer, num_steps=num_steps,
             batch_size=c.batch_size if batch_size == "preset" else batch_size,
         )
-
-    def estimate(self, masks, *, key, base_params=None, **kwargs):
-        """First-order estimates with diagnostics (:func:`estimation.estimate_scores`).
-
-        Args:
-          masks: ``[num_subsets, num_tasks]``.
-          key: PRNG key: ``θ*`` is :meth:`base_params` of ``key`` unless
-            ``base_params`` is given; the projection uses ``fold_in(key, 1)``.
-          base_params: ``θ*`` to linearize around.
-          **kwargs: ``proj_dim``, ``ridge``, ``output_mode``, ``settings``,
-            ``projection_kind``, ``batch_size``, ``chunk_size``.
-
-        Returns:
-          :class:`~tasksurrogate_jax.estimation.EstimationResult`.
-        """
-        masks = self.check_masks(masks)
-        params = self.base_params(key=key) if base_params is None else base_params
-        return estimate_scores(self.apply_fn, params, self.data, self.target, masks,
-                               key=jax.random.fold_in(key, 1), **kwargs)
-
-    def estimated_scores(self, masks, *, key, base_params=None, **kwargs) -> jax.Array:
-        """Estimated per-target test cross-entropy ``[num_subsets, num_targets]``,
-        without retraining (see :meth:`estimate`)."""
-        return self.estimate(masks, key=key, base_params=base_params, **kwargs).scores
-
-    def accuracy(self, params) -> jax.Array:
-        """Mean target accuracy of one set of parameters."""
-        logits = self.apply_fn(params, self.target.inputs)
-        return jnp.mean(jnp.argmax(logits, -1) == self.target.labels)
 
 
 def _pull_towards(anchor, strength: float) -> optax.GradientTransformation:

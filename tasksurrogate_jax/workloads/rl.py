@@ -42,13 +42,13 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
 from tasksurrogate_jax.estimation import (
     Linearized,
     SolverSettings,
     linearized_examples,
     solve_subsets,
 )
-from tasksurrogate_jax.linearize import map_padded_chunks, pad_rows
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.store import ChunkStore, array_digest
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset

@@ -1,0 +1,361 @@
+"""A supervised workload from any model: retraining, ``θ*``, estimation.
+
+:class:`SupervisedWorkload` turns a model (``apply_fn``, ``init_fn``), multi-task
+training data and target data into a subset-score oracle. It owns what every
+supervised workload needs:
+
+- ``θ*`` (:meth:`~SupervisedWorkload.base_params`): trained from scratch on all
+  tasks, once per key;
+- the ground truth in one of two **regimes** (:data:`REGIMES`):
+
+  - ``"scratch"``: train from the initialisation on the tasks of the mask with
+    the ``train`` settings (datamodels, TRAK's LDS);
+  - ``"finetune"``: start from ``θ*`` and train with the ``finetune`` settings
+    on the tasks of the mask. This is what the first-order estimator
+    approximates.
+
+  with ``R`` paired replicates in one compiled program
+  (:meth:`~SupervisedWorkload.replicate_scores`, ``[R, m, T]``): within a
+  replicate every mask shares the initialisation (or ``θ*``) and the batch
+  order; replicates differ in those keys. The ground truth is their mean;
+- first-order estimates around ``θ*`` (:meth:`~SupervisedWorkload.estimate`);
+- what the baselines need: ``apply_fn``, ``data``, ``target``, ``loss_fn``.
+
+Keys: every method takes ``key``; ``θ*`` of ``key`` is the scratch training on
+all tasks with replicate 0's keys (``retraining.replicate_key(key, 0)``), so
+the all-ones row of replicate 0 in the scratch regime is ``θ*``'s training.
+
+Flax NNX models enter through :meth:`SupervisedWorkload.from_nnx` (or
+:func:`nnx_model_functions`); any other model (Linen, Equinox, plain JAX)
+through ``apply_fn(params, inputs)`` and ``init_fn(key)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+import optax
+
+from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
+from tasksurrogate_jax.estimation import EstimationResult, estimate_scores
+from tasksurrogate_jax.retraining import (
+    RetrainResult,
+    TrainSpec,
+    argmax_accuracy,
+    make_train_spec,
+    replicate_key,
+    retrain,
+    softmax_cross_entropy,
+)
+from tasksurrogate_jax.workloads.base import Workload
+
+REGIMES = ("scratch", "finetune")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """One training program's optimizer and length (the model comes apart).
+
+    Attributes:
+      optimizer: an ``optax.GradientTransformation``.
+      num_steps: optimizer steps (``0`` only for fine-tuning: no update).
+      batch_size: mini-batch size, or ``None`` for full batch.
+    """
+
+    optimizer: optax.GradientTransformation
+    num_steps: int
+    batch_size: int | None = None
+
+
+def check_regime(regime: str) -> str:
+    """``regime`` if it is one of :data:`REGIMES`, else a ``ValueError``."""
+    if regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {regime!r}.")
+    return regime
+
+
+def nnx_model_functions(module_factory: Callable) -> tuple[Callable, Callable]:
+    """``(apply_fn, init_fn)`` of a Flax NNX model built by ``module_factory``.
+
+    Args:
+      module_factory: ``module_factory(rngs: nnx.Rngs) -> nnx.Module`` whose only
+        state is ``nnx.Param`` (no batch statistics, dropout or RNG state).
+
+    Returns:
+      ``apply_fn(params, inputs) -> outputs`` and ``init_fn(key) -> params``,
+      where ``params`` is the model's ``nnx.State`` of parameters.
+    """
+    from flax import nnx
+
+    if not callable(module_factory):
+        raise TypeError(
+            f"module_factory must be callable, got {type(module_factory).__name__}.")
+    abstract = nnx.eval_shape(lambda: module_factory(nnx.Rngs(0)))
+    if not isinstance(abstract, nnx.Module):
+        raise TypeError(
+            "module_factory(rngs) must return an nnx.Module, got "
+            f"{type(abstract).__name__}.")
+    graphdef, _, rest = nnx.split(abstract, nnx.Param, ...)
+    if jax.tree.leaves(rest):
+        raise ValueError(
+            "the model holds state other than nnx.Param (batch statistics, dropout "
+            "or RNG state); pass apply_fn and init_fn that handle it instead.")
+
+    def apply_fn(params, inputs):
+        return nnx.merge(graphdef, params, rest)(inputs)
+
+    def init_fn(key):
+        return nnx.split(module_factory(nnx.Rngs(params=key)), nnx.Param, ...)[1]
+
+    return apply_fn, init_fn
+
+
+class SupervisedWorkload(Workload):
+    """Subset scores of a supervised model (see the module docstring).
+
+    Args:
+      apply_fn: ``apply_fn(params, inputs[batch, ...]) -> outputs[batch, ...]``.
+      init_fn: ``init_fn(key) -> params``, a pytree of arrays.
+      data: the training :class:`~tasksurrogate_jax.data.TaskData`.
+      target: the target :class:`~tasksurrogate_jax.data.TargetData`.
+      train: :class:`TrainSettings` of training from scratch (``θ*`` and the
+        ``"scratch"`` regime).
+      finetune: :class:`TrainSettings` of the ``"finetune"`` regime, or ``None``
+        (that regime then raises).
+      loss_fn: per-example loss ``(outputs, labels) -> [batch]``, trained on and
+        reported as the target score.
+      accuracy_fn: per-example correctness, or ``None``.
+      description: JSON-able description of the model and data for result
+        stores (a folder is never reused for another description).
+      name: the workload's name.
+    """
+
+    name: ClassVar[str] = "supervised"
+
+    def __init__(
+        self, *, apply_fn: Callable, init_fn: Callable, data: TaskData,
+        target: TargetData, train: TrainSettings, finetune: TrainSettings | None,
+        loss_fn: Callable = softmax_cross_entropy,
+        accuracy_fn: Callable | None = argmax_accuracy,
+        description: Mapping[str, Any] | None = None, name: str | None = None,
+    ):
+        for arg, value in (("apply_fn", apply_fn), ("init_fn", init_fn)):
+            if not callable(value):
+                raise TypeError(f"{arg} must be callable, got {type(value).__name__}.")
+        if not isinstance(data, TaskData):
+            raise TypeError(f"data must be a TaskData, got {type(data).__name__}.")
+        check_target_matches(data, target)
+        empty = np.flatnonzero(data.task_sizes() == 0)
+        if empty.size:
+            names = [data.task_names[i] for i in empty]
+            raise ValueError(f"data has tasks without examples: {names}; every task "
+                             "needs at least one training example.")
+        self.apply_fn, self.init_fn = apply_fn, init_fn
+        self.data, self.target = data, target
+        self.loss_fn = loss_fn
+        self.description = dict(description or {})
+        if name is not None:
+            self.name = name
+        self.train_spec = self._spec(train, "train", loss_fn, accuracy_fn)
+        self.finetune_spec = (None if finetune is None else
+                              self._spec(finetune, "finetune", loss_fn, accuracy_fn))
+        _check_model(apply_fn, init_fn, data)
+        self._base_params: dict[bytes, Any] = {}
+
+    @classmethod
+    def from_nnx(cls, module_factory: Callable, *, data: TaskData,
+                 target: TargetData, train: TrainSettings,
+                 finetune: TrainSettings | None,
+                 loss_fn: Callable = softmax_cross_entropy,
+                 accuracy_fn: Callable | None = argmax_accuracy,
+                 description: Mapping[str, Any] | None = None,
+                 name: str | None = None) -> SupervisedWorkload:
+        """The workload of a Flax NNX model (see :func:`nnx_model_functions`)."""
+        apply_fn, init_fn = nnx_model_functions(module_factory)
+        return cls(apply_fn=apply_fn, init_fn=init_fn, data=data, target=target,
+                   train=train, finetune=finetune, loss_fn=loss_fn,
+                   accuracy_fn=accuracy_fn, description=description, name=name)
+
+    def _spec(self, settings, which, loss_fn, accuracy_fn) -> TrainSpec:
+        if not isinstance(settings, TrainSettings):
+            raise TypeError(
+                f"{which} must be a TrainSettings, got {type(settings).__name__}.")
+        steps = check_positive_int(settings.num_steps, f"{which}.num_steps",
+                                   minimum=0 if which == "finetune" else 1)
+        spec = make_train_spec(apply_fn=self.apply_fn, optimizer=settings.optimizer,
+                               num_steps=max(steps, 1),
+                               batch_size=settings.batch_size, loss_fn=loss_fn,
+                               accuracy_fn=accuracy_fn)
+        return dataclasses.replace(spec, num_steps=steps)
+
+    # -- the interface ------------------------------------------------------
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.data.task_names
+
+    @property
+    def num_targets(self) -> int:
+        return self.target.num_targets
+
+    @property
+    def target_description(self) -> str:
+        return self.target.description
+
+    def store_config(self, regime: str) -> dict:
+        """JSON description of the workload and regime, for a results store."""
+        spec = self.train_spec if regime == "scratch" else self.finetune_spec
+        return {"workload": self.name, "regime": regime, **self.description,
+                "num_steps": spec.num_steps, "batch_size": spec.batch_size}
+
+    def base_params(self, *, key):
+        """``θ*``: trained from scratch on all tasks (cached per key).
+
+        The scratch program with replicate 0's keys of ``key``: the same run as
+        the all-ones row of replicate 0 in ``replicate_scores(..., regime=
+        "scratch")``.
+        """
+        key = as_typed_key(key)
+        cache_key = np.asarray(jax.random.key_data(key)).tobytes()
+        if cache_key not in self._base_params:
+            full = np.ones((1, self.num_tasks), np.float32)
+            result = retrain(full, data=self.data, target=self.target,
+                             spec=self.train_spec, key=replicate_key(key, 0),
+                             init_fn=self.init_fn, return_params=True,
+                             progress=False)
+            self._base_params[cache_key] = jax.tree.map(lambda leaf: leaf[0],
+                                                        result.params)
+        return self._base_params[cache_key]
+
+    def retrain(self, masks, *, key, regime: str, replicates: int = 1,
+                chunk_size: int | None = None, store_dir=None,
+                return_params: bool = False, progress: bool = True) -> RetrainResult:
+        """Trains every (replicate, mask) pair in ``regime``: a
+        :class:`~tasksurrogate_jax.retraining.RetrainResult` with ``losses``
+        ``[replicates, num_subsets, num_targets]``.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]`` 0/1.
+          key: PRNG key; replicate ``r`` uses ``replicate_key(key, r)`` (its
+            initialisation in ``"scratch"``, its batch order in both regimes);
+            ``"finetune"`` starts from :meth:`base_params` of ``key``.
+          regime: ``"scratch"`` or ``"finetune"``.
+          replicates: ``R >= 1`` paired replicates.
+          chunk_size: rows per compiled call (``None``: by memory).
+          store_dir: folder to store finished chunks in and resume from.
+          return_params: also return the trained parameters.
+          progress: a progress bar over chunks.
+        """
+        masks = self.check_masks(masks)
+        check_regime(regime)
+        replicates = check_positive_int(replicates, "replicates")
+        if regime == "scratch":
+            spec, init = self.train_spec, {"init_fn": self.init_fn}
+        else:
+            if self.finetune_spec is None:
+                raise ValueError(
+                    "regime='finetune' needs fine-tuning settings: build the "
+                    "workload with finetune=TrainSettings(...).")
+            spec = self.finetune_spec
+            init = {"init_params": self.base_params(key=key)}
+        store = {} if store_dir is None else {
+            "store_dir": store_dir, "store_config": self.store_config(regime)}
+        return retrain(masks, data=self.data, target=self.target, spec=spec, key=key,
+                       replicates=replicates, chunk_size=chunk_size,
+                       return_params=return_params, progress=progress, **init,
+                       **store)
+
+    def replicate_scores(self, masks, *, key, regime: str, replicates: int = 1,
+                         chunk_size: int | None = None, store_dir=None,
+                         progress: bool = True) -> jax.Array:
+        """Per-replicate target losses ``[replicates, num_subsets, num_targets]``
+        (see :meth:`retrain`)."""
+        return self.retrain(masks, key=key, regime=regime, replicates=replicates,
+                            chunk_size=chunk_size, store_dir=store_dir,
+                            progress=progress).losses
+
+    def exact_scores(self, masks, *, key, regime: str, replicates: int = 1,
+                     chunk_size: int | None = None, store_dir=None,
+                     progress: bool = True) -> jax.Array:
+        """The ground truth ``F(s)``: the mean over replicates of
+        :meth:`replicate_scores`, ``[num_subsets, num_targets]``."""
+        return self.replicate_scores(
+            masks, key=key, regime=regime, replicates=replicates,
+            chunk_size=chunk_size, store_dir=store_dir, progress=progress).mean(0)
+
+    def estimate(self, masks, *, key, base_params=None, proj_dim: int | None = 128,
+                 ridge: float = 1e-3, output_mode: str = "logits",
+                 chunk_size: int = 64) -> EstimationResult:
+        """First-order estimates around ``θ*`` with diagnostics.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``.
+          key: ``θ*`` is :meth:`base_params` of ``key`` unless ``base_params`` is
+            given; the projection uses ``fold_in(key, 1)``.
+          base_params: ``θ*`` to linearize around.
+          proj_dim, ridge, output_mode, chunk_size: see
+            :func:`~tasksurrogate_jax.estimation.estimate_scores`.
+
+        Returns:
+          :class:`~tasksurrogate_jax.estimation.EstimationResult`.
+        """
+        masks = self.check_masks(masks)
+        key = as_typed_key(key)
+        params = self.base_params(key=key) if base_params is None else base_params
+        return estimate_scores(self.apply_fn, params, self.data, self.target, masks,
+                               key=jax.random.fold_in(key, 1), proj_dim=proj_dim,
+                               ridge=ridge, output_mode=output_mode,
+                               chunk_size=chunk_size)
+
+    def estimated_scores(self, masks, *, key, base_params=None,
+                         proj_dim: int | None = 128, ridge: float = 1e-3,
+                         output_mode: str = "logits") -> jax.Array:
+        """Estimated target losses ``[num_subsets, num_targets]`` (see
+        :meth:`estimate`)."""
+        return self.estimate(masks, key=key, base_params=base_params,
+                             proj_dim=proj_dim, ridge=ridge,
+                             output_mode=output_mode).scores
+
+    def accuracy(self, params) -> jax.Array:
+        """Mean target accuracy of one set of parameters (integer labels)."""
+        outputs = self.apply_fn(params, self.target.inputs)
+        return (outputs.argmax(-1) == self.target.labels).mean()
+
+
+def _check_model(apply_fn, init_fn, data: TaskData) -> None:
+    """Parameters must be a pytree of arrays, and outputs match the labels."""
+    try:
+        params = jax.eval_shape(init_fn, jax.random.key(0))
+    except Exception as err:  # noqa: BLE001 - report what the user's code raised
+        raise TypeError(f"init_fn(key) failed: {err}") from err
+    leaves = jax.tree.leaves(params)
+    if not leaves or not all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves):
+        kinds = sorted({type(x).__name__ for x in leaves}) or ["no leaves"]
+        raise TypeError(
+            "init_fn(key) must return a pytree of arrays (the parameters), got "
+            f"leaves of type {kinds}.")
+    try:
+        outputs = jax.eval_shape(apply_fn, params, data.inputs[:2])
+    except Exception as err:  # noqa: BLE001
+        raise TypeError(
+            f"apply_fn(params, inputs[:2]) failed on the data's inputs of shape "
+            f"{tuple(data.inputs.shape[1:])} per example: {err}") from err
+    if data.num_classes is not None:
+        expected = (2, data.num_classes)
+        what = f"[batch, num_classes={data.num_classes}] logits"
+    else:
+        expected = (2, *data.labels.shape[1:])
+        what = f"outputs shaped like the labels, {expected}"
+    if tuple(outputs.shape) != expected:
+        raise ValueError(
+            f"apply_fn returns outputs of shape {tuple(outputs.shape)} for 2 "
+            f"examples; the labels need {what}.")
+
+
+__all__ = ["REGIMES", "SupervisedWorkload", "TrainSettings", "check_regime",
+           "nnx_model_functions"]
