@@ -1,14 +1,16 @@
 """The ``tasksurrogate`` command.
 
     tasksurrogate list
-    tasksurrogate run modular --preset cpu [--out DIR] [--seed 0]
+    tasksurrogate run digits --preset cpu [--out DIR] [--seed 0]
+        [--regime finetune|scratch] [--replicates 4]
         [--num-subsets 96] [--num-heldout 32] [--proj-dim 128]
         [--baselines influence tracin trak] [--set num_steps=300 ...]
 
 ``run`` prints the table, writes ``results.json`` and the plots to ``--out``
-(default ``results/<workload>-<preset>-seed<seed>``) and resumes from what a
-previous run with the same configuration left there. Bad arguments print one
-line on stderr and exit with status 2.
+(default ``results/<workload>-<preset>-<regime>-seed<seed>``) and resumes from
+what a previous run with the same configuration left there. Bad arguments (and
+an output folder of another configuration) print one line on stderr and exit
+with status 2; any other error is raised with its traceback.
 """
 
 from __future__ import annotations
@@ -22,9 +24,13 @@ from tasksurrogate_jax.pipeline import (
     WORKLOADS,
     PipelineConfig,
     check_config,
+    check_workload_fits,
+    make_workload,
     run_pipeline,
 )
 from tasksurrogate_jax.report import summary, write_report
+from tasksurrogate_jax.store import StoreMismatchError
+from tasksurrogate_jax.workloads.supervised import REGIMES
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -52,11 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (default results/<workload>-<preset>-"
                           "seed<seed>); rerunning resumes from it")
     run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--regime", default=defaults.regime, choices=REGIMES,
+                     help="ground truth: fine-tuning from θ* (what the estimates "
+                          "approximate) or training from scratch")
+    run.add_argument("--replicates", type=int, default=defaults.replicates,
+                     help="paired replicates of the ground truth (>= 2; their "
+                          "agreement is the ceiling)")
     run.add_argument("--num-subsets", type=int, default=defaults.num_subsets,
                      help="random subsets to fit the surrogates on")
     run.add_argument("--num-heldout", type=int, default=defaults.num_heldout)
     run.add_argument("--drop", type=int, default=defaults.drop,
-                     help="tasks dropped from each random subset")
+                     help="tasks dropped from each random subset (default: the "
+                          "workload's)")
     run.add_argument("--proj-dim", type=int, default=defaults.proj_dim)
     run.add_argument("--estimation-ridge", type=float,
                      default=defaults.estimation_ridge)
@@ -76,9 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="subsets per retraining chunk (each stored when done)")
     run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
     run.add_argument("--value-samples", type=int, default=defaults.value_samples)
-    run.add_argument("--no-replicate", action="store_true",
-                     help="skip the second-seed LOO retraining (the ground "
-                          "truth's reproducibility)")
+    run.add_argument("--confidence-level", type=float,
+                     default=defaults.confidence_level)
     run.add_argument("--set", dest="overrides", type=parse_override, action="append",
                      default=[], metavar="FIELD=VALUE",
                      help="change a workload configuration field (repeatable)")
@@ -90,12 +102,13 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "list":
-        for name, (_, presets) in WORKLOADS.items():
-            print(f"{name}: presets {', '.join(presets)}")
+        for name, entry in WORKLOADS.items():
+            print(f"{name}: presets {', '.join(entry.presets)}")
         return 0
 
     config = PipelineConfig(
         workload=args.workload, preset=args.preset, seed=args.seed,
+        regime=args.regime, replicates=args.replicates,
         num_subsets=args.num_subsets, num_heldout=args.num_heldout, drop=args.drop,
         proj_dim=args.proj_dim, estimation_ridge=args.estimation_ridge,
         output_mode=args.output_mode, cv_method=args.cv_method,
@@ -103,18 +116,23 @@ def main(argv=None) -> int:
         influence_damping=args.influence_damping,
         influence_hessian=args.influence_hessian, trak_proj_dim=args.trak_proj_dim,
         chunk_size=args.chunk_size,
-        value_samples=args.value_samples, replicate_loo=not args.no_replicate,
+        value_samples=args.value_samples, confidence_level=args.confidence_level,
         overrides=tuple(args.overrides))
-    out = args.out or f"results/{args.workload}-{args.preset}-seed{args.seed}"
+    out = args.out or (f"results/{args.workload}-{args.preset}-{args.regime}-"
+                       f"seed{args.seed}")
     log = (lambda line: None) if args.quiet else (
         lambda line: print(line, file=sys.stderr, flush=True))
-    try:
-        check_config(config)
-        # Bad workload fields and a folder of another configuration raise here,
-        # before any training.
-        results = run_pipeline(config, out_dir=out, log=log, progress=not args.quiet)
+    try:  # argument errors only: one line on stderr, exit status 2
+        config = check_config(config)
+        workload = make_workload(config)
+        check_workload_fits(config, workload)
     except (ValueError, TypeError) as err:
-        parser.error(str(err))  # one line on stderr, exit status 2
+        parser.error(str(err))
+    try:
+        results = run_pipeline(config, workload=workload, out_dir=out, log=log,
+                               progress=not args.quiet)
+    except StoreMismatchError as err:  # raised before any training
+        parser.error(str(err))
     print(summary(results))
     paths = write_report(results, out)
     print("\nwrote " + ", ".join(str(p) for p in paths))

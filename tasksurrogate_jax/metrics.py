@@ -102,6 +102,14 @@ def normalized_error(true, predicted) -> jax.Array:
     return mse / jnp.var(true, axis=0)
 
 
+def pooled_normalized_error(true, predicted) -> jax.Array:
+    """``sum_t MSE_t / sum_t Var_t(true)``: one figure over all targets (0 =
+    perfect, 1 = as good as each target's mean). Unlike a mean of per-target
+    ratios, targets whose scores barely vary cannot dominate it."""
+    true, predicted = _pair(true, predicted, ("true", "predicted"))
+    return jnp.mean((predicted - true) ** 2) / jnp.mean(jnp.var(true, axis=0))
+
+
 def relative_error(estimate, truth) -> jax.Array:
     """Elementwise ``|estimate - truth| / |truth|``."""
     estimate, truth = _pair(estimate, truth, ("estimate", "truth"))

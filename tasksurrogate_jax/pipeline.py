@@ -4,17 +4,20 @@ Stages (each timed; the expensive ones stored as they finish and reused by a
 rerun with the same configuration):
 
 1. ``base``: ``θ*``, the model trained on all tasks.
-2. ``loo``: exact scores of the full set and of every leave-one-out set, the
-   ground truth ``F(1 − e_i) − F(1)`` (retraining; chunks stored);
-   ``loo_replicate``: the same with another seed, the ground truth's own
-   reproducibility.
+2. ``loo``: the ground truth of the full set and of every leave-one-out set,
+   ``[R, K + 1, T]``: ``R`` paired replicates in the configured regime
+   (``"finetune"`` from ``θ*`` or ``"scratch"``); the effects are
+   ``F(1 − e_i) − F(1)`` averaged over replicates.
 3. ``subsets``: ``num_subsets + num_heldout`` random subsets, each dropping
-   ``drop`` tasks (the paper's protocol); exact scores (chunks stored).
+   ``drop`` tasks; their ground truth ``[R, m, T]`` in the same regime.
 4. ``estimated``: first-order estimates of the same subsets' scores from
    ``θ*`` (no retraining).
 5. ``baselines``: influence functions, TracIn and TRAK at ``θ*``.
 6. surrogates (linear, kernel with cross-validated ``(γ, λ)``) on the exact
-   and on the estimated scores of the fitting subsets; attribution; metrics.
+   and on the estimated scores of the fitting subsets; attribution; metrics,
+   each with a bootstrap interval, beside the ground truth's own ``ceiling``
+   (its split-half reliability across the replicates, Spearman-Brown
+   corrected: :mod:`tasksurrogate_jax.reliability`).
 
 All randomness derives from ``jax.random.key(config.seed)``. The results are a
 plain dict (see :func:`run_pipeline`), written by :mod:`report`.
@@ -23,6 +26,7 @@ plain dict (see :func:`run_pipeline`), written by :mod:`report`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,14 +35,33 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from tasksurrogate_jax import attribution, baselines, metrics, surrogates
+from tasksurrogate_jax import attribution, baselines, metrics, reliability, surrogates
 from tasksurrogate_jax.store import ChunkStore, config_hash
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.workloads.digits import PRESETS as DIGITS_PRESETS
+from tasksurrogate_jax.workloads.digits import digits_workload
 from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
 from tasksurrogate_jax.workloads.modular import modular_workload
+from tasksurrogate_jax.workloads.supervised import REGIMES, SupervisedWorkload
 
-WORKLOADS: dict[str, tuple[Callable, dict]] = {
-    "modular": (modular_workload, MODULAR_PRESETS),
+
+class WorkloadEntry(NamedTuple):
+    """A workload the command line knows by name.
+
+    Attributes:
+      factory: ``factory(preset, **overrides) -> SupervisedWorkload``.
+      presets: its presets by name.
+      drop: tasks each random subset drops, unless the config says.
+    """
+
+    factory: Callable[..., SupervisedWorkload]
+    presets: dict
+    drop: int
+
+
+WORKLOADS: dict[str, WorkloadEntry] = {
+    "digits": WorkloadEntry(digits_workload, DIGITS_PRESETS, drop=4),
+    "modular": WorkloadEntry(modular_workload, MODULAR_PRESETS, drop=3),
 }
 BASELINES = ("influence", "tracin", "trak")
 
@@ -48,12 +71,18 @@ class PipelineConfig:
     """Everything that determines a run's results (JSON-able).
 
     Attributes:
-      workload: a name in :data:`WORKLOADS`.
+      workload: a name in :data:`WORKLOADS` (or the name of the workload
+        instance given to :func:`run_pipeline`).
       preset: the workload's preset.
       seed: the run's PRNG seed.
+      regime: the ground truth's training: ``"finetune"`` (from ``θ*``, what
+        the first-order estimates approximate) or ``"scratch"``.
+      replicates: paired replicates of the ground truth (``>= 2``: the ceiling
+        is their split-half agreement).
       num_subsets: random subsets the surrogates are fit on.
       num_heldout: random subsets held out to evaluate them.
-      drop: tasks dropped from each random subset.
+      drop: tasks dropped from each random subset (``None``: the workload's
+        default in :data:`WORKLOADS`).
       proj_dim: projection dimension of the estimation.
       estimation_ridge: ridge of the per-subset linearized problems.
       output_mode: ``"margin"`` or ``"logits"`` (see :mod:`estimation`).
@@ -66,18 +95,21 @@ class PipelineConfig:
       trak_proj_dim: projection dimension of TRAK's features.
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
         values (0 = skip).
-      replicate_loo: retrain the LOO sets with another seed too: how well the
-        ground truth agrees with itself (the ceiling of every method).
-      chunk_size: subsets per retraining chunk (each finished chunk is stored).
+      confidence_level: of the bootstrap intervals.
+      bootstrap_resamples: resamples per interval.
+      chunk_size: (subset, replicate) rows per retraining chunk (each finished
+        chunk is stored).
       overrides: workload configuration fields to change (e.g. ``num_steps``).
     """
 
-    workload: str = "modular"
+    workload: str = "digits"
     preset: str = "cpu"
     seed: int = 0
+    regime: str = "finetune"
+    replicates: int = 4
     num_subsets: int = 96
     num_heldout: int = 32
-    drop: int = 3
+    drop: int | None = None
     proj_dim: int = 128
     estimation_ridge: float = 10.0
     output_mode: str = "margin"
@@ -88,8 +120,9 @@ class PipelineConfig:
     influence_hessian: str = "gauss_newton"
     trak_proj_dim: int = 512
     value_samples: int = 1000
-    replicate_loo: bool = True
-    chunk_size: int = 32
+    confidence_level: float = 0.95
+    bootstrap_resamples: int = 1000
+    chunk_size: int = 64
     overrides: tuple[tuple[str, object], ...] = ()
 
     def to_json(self) -> dict:
@@ -99,18 +132,31 @@ class PipelineConfig:
         return out
 
 
-def check_config(config: PipelineConfig) -> PipelineConfig:
-    """Validates names and counts; raises ``ValueError`` naming the field."""
+def check_config(config: PipelineConfig, *, registered: bool = True) -> PipelineConfig:
+    """Validates names and counts; raises ``ValueError`` naming the field.
+
+    Returns:
+      ``config`` with ``drop`` resolved to the workload's default when ``None``
+      (a workload instance's default is 3).
+    """
     if not isinstance(config, PipelineConfig):
         raise TypeError(
             f"config must be a PipelineConfig, got {type(config).__name__}.")
-    if config.workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
-                         f"{config.workload!r}.")
-    presets = WORKLOADS[config.workload][1]
-    if config.preset not in presets:
-        raise ValueError(f"preset must be one of {sorted(presets)} for workload "
-                         f"{config.workload!r}, got {config.preset!r}.")
+    drop = 3
+    if registered:
+        if config.workload not in WORKLOADS:
+            raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
+                             f"{config.workload!r}.")
+        presets = WORKLOADS[config.workload].presets
+        if config.preset not in presets:
+            raise ValueError(f"preset must be one of {sorted(presets)} for workload "
+                             f"{config.workload!r}, got {config.preset!r}.")
+        drop = WORKLOADS[config.workload].drop
+    if config.regime not in REGIMES:
+        raise ValueError(f"regime must be one of {REGIMES}, got {config.regime!r}.")
+    if config.replicates < 2:
+        raise ValueError("replicates must be >= 2: a ceiling needs at least 2 "
+                         f"replicates, got {config.replicates}.")
     if config.num_subsets < 4:
         raise ValueError("num_subsets must be >= 4 to fit and cross-validate the "
                          f"surrogates, got {config.num_subsets}.")
@@ -123,30 +169,51 @@ def check_config(config: PipelineConfig) -> PipelineConfig:
     if config.influence_hessian not in baselines.HESSIANS:
         raise ValueError(f"influence_hessian must be one of {baselines.HESSIANS}, "
                          f"got {config.influence_hessian!r}.")
-    for name in ("proj_dim", "trak_proj_dim", "drop", "chunk_size"):
+    for name in ("proj_dim", "trak_proj_dim", "chunk_size", "bootstrap_resamples"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if config.drop is not None and config.drop < 1:
+        raise ValueError(f"drop must be >= 1, got {config.drop}.")
     if config.value_samples < 0:
         raise ValueError(f"value_samples must be >= 0, got {config.value_samples}.")
+    if not 0.0 < config.confidence_level < 1.0:
+        raise ValueError("confidence_level must be in (0, 1), got "
+                         f"{config.confidence_level}.")
+    if config.drop is None:
+        config = dataclasses.replace(config, drop=drop)
     return config
 
 
-def make_workload(config: PipelineConfig):
+def check_workload_fits(config: PipelineConfig, workload) -> None:
+    """The subset counts must fit the workload's number of tasks."""
+    num_tasks = workload.num_tasks
+    if config.drop >= num_tasks:
+        raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
+                         f"{config.drop}.")
+    available = math.comb(num_tasks, config.drop)
+    wanted = config.num_subsets + config.num_heldout
+    if wanted > available:
+        raise ValueError(
+            f"num_subsets + num_heldout = {wanted} distinct subsets dropping "
+            f"{config.drop} of {num_tasks} tasks were asked for, but only "
+            f"{available} exist; lower them or change drop.")
+
+
+def make_workload(config: PipelineConfig) -> SupervisedWorkload:
     """The configured workload."""
-    factory, _ = WORKLOADS[config.workload]
-    return factory(config.preset, **dict(config.overrides))
+    return WORKLOADS[config.workload].factory(config.preset, **dict(config.overrides))
 
 
 # The configuration fields each stage's result depends on. A run folder holds
 # one workload identity (refused otherwise); within it, each stage is stored
 # under a hash of its own fields, so changing, say, the influence damping
 # recomputes the baselines only, and earlier settings stay reusable.
-IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides")
+IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "description")
 STAGE_FIELDS = {
     "base": (),
-    "loo": ("chunk_size",),
-    "loo_replicate": ("chunk_size",),
-    "subsets": ("num_subsets", "num_heldout", "drop", "chunk_size"),
+    "loo": ("regime", "replicates", "chunk_size"),
+    "subsets": ("regime", "replicates", "num_subsets", "num_heldout", "drop",
+                "chunk_size"),
     "estimated": ("num_subsets", "num_heldout", "drop", "proj_dim",
                   "estimation_ridge", "output_mode"),
     "baselines": ("baselines", "influence_damping", "influence_hessian",
@@ -234,25 +301,37 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
     return {"linear": linear, "kernel": kernel, "search": search}
 
 
-def _loo_metrics(effects, true_effects) -> dict:
+def _loo_metrics(effects, true_effects, config: PipelineConfig) -> dict:
+    """LOO agreement with the ground truth, each figure with its interval."""
     spear = metrics.loo_correlation(effects, true_effects, method="spearman")
     pear = metrics.loo_correlation(effects, true_effects, method="pearson")
+    interval = _interval_settings(config)
     return {"loo_spearman": float(spear.mean),
+            "loo_spearman_interval": reliability.interval_over_targets(
+                np.asarray(spear.per_target), **interval),
             "loo_spearman_mean_target": float(spear.mean_target),
+            "loo_spearman_mean_target_interval": reliability.loo_spearman_interval(
+                effects, true_effects, **interval),
             "loo_pearson": float(pear.mean),
             "loo_pearson_mean_target": float(pear.mean_target)}
 
 
-def _heldout_metrics(surrogate, masks, true_scores) -> dict:
+def _heldout_metrics(surrogate, masks, true_scores, config: PipelineConfig) -> dict:
     predicted = np.asarray(surrogate.predict(masks))
-    return {"heldout_spearman": float(metrics.mean_spearman(true_scores, predicted)),
+    per_target = np.asarray(metrics.spearman(true_scores, predicted))
+    return {"heldout_spearman": float(np.nanmean(per_target)),
+            "heldout_spearman_interval": reliability.interval_over_targets(
+                per_target, **_interval_settings(config)),
             "heldout_spearman_mean_target": float(metrics.spearman(
                 true_scores.mean(1), predicted.mean(1))),
-            # Pooled over targets (sum of MSEs / sum of variances): targets whose
-            # held-out scores barely vary would dominate a mean of ratios.
-            "normalized_error": float(np.mean((predicted - true_scores) ** 2)
-                                      / np.mean(np.var(true_scores, axis=0))),
+            "normalized_error": float(metrics.pooled_normalized_error(
+                true_scores, predicted)),
             "_heldout_predicted_mean": predicted.mean(1)}
+
+
+def _interval_settings(config: PipelineConfig) -> dict:
+    return {"level": config.confidence_level,
+            "num_resamples": config.bootstrap_resamples, "seed": config.seed}
 
 
 class RunScores(NamedTuple):
@@ -261,11 +340,12 @@ class RunScores(NamedTuple):
     Attributes:
       workload: the workload object.
       theta: ``θ*``.
-      loo_scores: ``[K + 1, T]`` exact scores of the full set then each LOO set.
-      replicate_loo_scores: the same with another seed, or ``None``.
+      loo_scores: ``[R, K + 1, T]`` ground truth of the full set then each LOO
+        set, per replicate.
       masks: ``[num_subsets + num_heldout, K]`` random subsets (fitting rows
         first).
-      exact: ``[num_subsets + num_heldout, T]`` their exact scores.
+      exact: ``[R, num_subsets + num_heldout, T]`` their ground truth, per
+        replicate.
       estimated: ``[num_subsets + num_heldout, T]`` their first-order estimates.
       baselines: ``{name: [K, T]}`` baseline LOO-effect predictions.
       seconds: ``{stage: seconds}`` (stored stages report their first run).
@@ -274,7 +354,6 @@ class RunScores(NamedTuple):
     workload: Any
     theta: Any
     loo_scores: np.ndarray
-    replicate_loo_scores: np.ndarray | None
     masks: np.ndarray
     exact: np.ndarray
     estimated: np.ndarray
@@ -282,12 +361,15 @@ class RunScores(NamedTuple):
     seconds: dict
 
 
-def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
-            progress: bool = True) -> RunScores:
+def collect(config: PipelineConfig, *, workload: SupervisedWorkload | None = None,
+            out_dir=None, log: Callable = print, progress: bool = True) -> RunScores:
     """Runs the expensive stages (stored under ``out_dir``, reused on rerun).
 
     Args:
       config: the :class:`PipelineConfig`.
+      workload: a workload instance (e.g. your own
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`);
+        ``None`` builds ``config.workload`` from :data:`WORKLOADS`.
       out_dir: folder for stored stages and retraining chunks (resume); ``None``
         keeps nothing on disk. A folder of another configuration is refused.
       log: called with one line per stage.
@@ -296,39 +378,38 @@ def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
     Returns:
       :class:`RunScores`.
     """
-    config = check_config(config)
+    config = check_config(config, registered=workload is None)
+    if workload is not None and not isinstance(workload, SupervisedWorkload):
+        raise TypeError("workload must be a SupervisedWorkload (or None to build "
+                        f"config.workload), got {type(workload).__name__}.")
     out_dir = None if out_dir is None else Path(out_dir)
-    stages = _Stages(out_dir, config.to_json(), log)
-    workload = stages.timed("workload", lambda: make_workload(config))
+    seconds: dict[str, float] = {}
+    if workload is None:
+        workload = _timed(seconds, "workload", lambda: make_workload(config))
+    identity = {**config.to_json(), "description": config_hash(workload.description)}
+    check_workload_fits(config, workload)
+    stages = _Stages(out_dir, identity, log)
+    stages.seconds.update(seconds)
     key = jax.random.key(config.seed)
-    k_base, k_subsets, k_est, k_trak, k_replicate = jax.random.split(key, 5)
+    k_base, k_subsets, k_est, k_trak = jax.random.split(key, 4)
     num_tasks = workload.num_tasks
-    if config.drop >= num_tasks:
-        raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
-                         f"{config.drop}.")
 
-    def retrained(name, masks, key=k_base):
-        store_dir = stages.folder("retraining", name)
-        return {"scores": workload.exact_scores(
-            masks, key=key, store_dir=store_dir, chunk_size=config.chunk_size,
-            progress=progress)}
-
-    like = jax.eval_shape(workload.init_fn, k_base)  # structure only
-    theta = _params_from_arrays(stages.run(
-        "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
-
-    loo_masks = leave_one_out_masks(num_tasks)
-    loo = stages.run("loo", lambda: retrained("loo", loo_masks))["scores"]
-    replicate = None
-    if config.replicate_loo:
-        replicate = stages.run("loo_replicate", lambda: retrained(
-            "loo_replicate", loo_masks, key=k_replicate))["scores"]
+    def ground_truth(name, masks):
+        return {"scores": workload.replicate_scores(
+            masks, key=k_base, regime=config.regime, replicates=config.replicates,
+            store_dir=stages.folder("retraining", name),
+            chunk_size=config.chunk_size, progress=progress)}
 
     masks = np.asarray(fixed_size_masks(k_subsets, config.num_subsets +
                                         config.num_heldout, num_tasks,
                                         subset_size=num_tasks - config.drop,
-                                        unique=True))
-    exact = stages.run("subsets", lambda: retrained("subsets", masks))["scores"]
+                                        unique=True))  # before any training
+    like = jax.eval_shape(workload.init_fn, k_base)  # structure only
+    theta = _params_from_arrays(stages.run(
+        "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
+    loo_masks = leave_one_out_masks(num_tasks)
+    loo = stages.run("loo", lambda: ground_truth("loo", loo_masks))["scores"]
+    exact = stages.run("subsets", lambda: ground_truth("subsets", masks))["scores"]
     estimated = stages.run("estimated", lambda: {"scores": workload.estimated_scores(
         masks, key=k_est, base_params=theta, proj_dim=config.proj_dim,
         ridge=config.estimation_ridge, output_mode=config.output_mode)})["scores"]
@@ -336,7 +417,7 @@ def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
     def compute_baselines():
         out = {}
         args = (workload.apply_fn, theta, workload.data, workload.target)
-        loss_fn = workload.spec.loss_fn
+        loss_fn = workload.loss_fn
         if "influence" in config.baselines:
             out["influence"] = baselines.influence_scores(
                 *args, loss_fn=loss_fn, damping=config.influence_damping,
@@ -350,51 +431,80 @@ def collect(config: PipelineConfig, *, out_dir=None, log: Callable = print,
         return out
 
     baseline_effects = stages.run("baselines", compute_baselines)
-    return RunScores(workload, theta, loo, replicate, masks, exact, estimated,
-                     baseline_effects, stages.seconds)
+    return RunScores(workload, theta, loo, masks, exact, estimated, baseline_effects,
+                     stages.seconds)
+
+
+def ceiling(loo_scores, heldout_scores, *, seed: int = 0) -> dict:
+    """The ground truth's reliability: what any method's agreement with it is
+    measured against (:mod:`tasksurrogate_jax.reliability`).
+
+    Args:
+      loo_scores: ``[R, K + 1, T]`` full set then LOO sets, per replicate.
+      heldout_scores: ``[R, h, T]`` held-out subsets, per replicate.
+      seed: of the random splits of the replicates.
+
+    Returns:
+      ``{"loo_spearman_per_target", "loo_spearman_mean_target",
+      "heldout_spearman", "num_replicates", "attainable"}``: the expected
+      agreement of two independent ground truths of ``R`` replicates each, and
+      under ``attainable`` the most a noise-free method can expect against one
+      (``sqrt`` of it: correction for attenuation).
+    """
+    loo = reliability.loo_reliability(loo_scores, seed=seed)
+    held = reliability.subset_reliability(heldout_scores, seed=seed)
+    values = {"loo_spearman_per_target": loo.per_target,
+              "loo_spearman_mean_target": loo.mean_target,
+              "heldout_spearman": held.per_target}
+    return {**values, "num_replicates": loo.num_replicates,
+            "attainable": {k: float(np.sqrt(max(v, 0.0))) for k, v in values.items()}}
 
 
 def evaluate(config: PipelineConfig, run: RunScores) -> dict:
     """Surrogates, attribution and metrics from collected scores (cheap).
 
     Returns:
-      A dict with ``config``, ``task_names``, ``target_description``,
-      ``methods`` (per method: ``effects`` ``[K]`` on the mean target, LOO
-      Spearman/Pearson per target and on the mean target, and held-out Spearman
-      and normalized error for surrogates), ``true_effects`` ``[K]``,
+      A dict with ``config``, ``regime``, ``task_names``, ``target_description``,
+      ``ceiling`` (see :func:`ceiling`), ``methods`` (per method: ``effects``
+      ``[K]`` on the mean target, LOO Spearman/Pearson per target and on the
+      mean target, and held-out Spearman and normalized error for surrogates;
+      each Spearman with its bootstrap ``*_interval``), ``true_effects`` ``[K]``,
       ``interactions`` ``[K, K]`` (kernel surrogate on exact scores, mean
       target), ``heldout`` (true and predicted mean-target scores),
-      ``estimation`` (errors of the estimates against the exact scores),
+      ``estimation`` (errors of the estimates against the ground truth),
       ``surrogate_hyperparameters`` and ``seconds`` per stage.
     """
+    config = check_config(config, registered=False)
     seconds = dict(run.seconds)
 
     def timed(name, compute):
         return _timed(seconds, name, compute)
 
     m = config.num_subsets
-    true_effects = run.loo_scores[1:] - run.loo_scores[0]  # [K, T]
+    loo = np.asarray(run.loo_scores)
+    true_effects = (loo[:, 1:] - loo[:, :1]).mean(0)  # [K, T]
+    exact = np.asarray(run.exact).mean(0)
     fit_masks, heldout_masks = run.masks[:m], run.masks[m:]
     cv = {"cv_method": config.cv_method, "cv_criterion": config.cv_criterion,
           "seed": config.seed}
     fits = timed("surrogates", lambda: {
-        "exact": fit_surrogates(fit_masks, run.exact[:m], **cv),
+        "exact": fit_surrogates(fit_masks, exact[:m], **cv),
         "estimated": fit_surrogates(fit_masks, run.estimated[:m], **cv)})
 
-    heldout_true = run.exact[m:]
+    heldout_true = exact[m:]
     methods, heldout_predicted = {}, {}
     for scores_name, fitted in fits.items():
         for kind in ("linear", "kernel"):
             surrogate = fitted[kind]
             name = f"{kind} surrogate ({scores_name})"
             effects = np.asarray(attribution.loo_scores(surrogate))
-            held = _heldout_metrics(surrogate, heldout_masks, heldout_true)
+            held = _heldout_metrics(surrogate, heldout_masks, heldout_true, config)
             heldout_predicted[name] = held.pop("_heldout_predicted_mean")
             methods[name] = {"effects": effects.mean(1),
-                             **_loo_metrics(effects, true_effects), **held}
+                             **_loo_metrics(effects, true_effects, config), **held}
     for name, effects in run.baselines.items():
         methods[name] = {"effects": effects.mean(1),
-                         **_loo_metrics(effects, true_effects)}
+                         **_loo_metrics(effects, true_effects, config)}
 
     kernel_exact = fits["exact"]["kernel"]
     interactions = timed("attribution", lambda: np.asarray(
@@ -405,15 +515,16 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
                 kernel_exact, key=jax.random.fold_in(jax.random.key(config.seed), 9),
                 num_samples=config.value_samples)))
         methods["kernel surrogate (exact), Banzhaf"] = {
-            "effects": banzhaf.mean(1), **_loo_metrics(banzhaf, true_effects)}
-    if run.replicate_loo_scores is not None:
-        replicate = run.replicate_loo_scores[1:] - run.replicate_loo_scores[0]
-        methods["LOO retraining, another seed"] = {
-            "effects": replicate.mean(1), **_loo_metrics(replicate, true_effects)}
+            "effects": banzhaf.mean(1),
+            **_loo_metrics(banzhaf, true_effects, config)}
+    reliable = timed("ceiling", lambda: ceiling(loo, np.asarray(run.exact)[:, m:],
+                                                seed=config.seed))
 
-    fit_true, fit_est = run.exact[:m], run.estimated[:m]
+    fit_true, fit_est = exact[:m], run.estimated[:m]
     estimation = {
-        "mean_relative_error": float(np.mean(
+        "truth": f"{config.regime} ground truth",
+        # Median: a target the model fits perfectly has F = 0 in float32.
+        "median_relative_error": float(np.median(
             metrics.relative_error(fit_est, fit_true))),
         "mean_target_relative_error": float(np.mean(metrics.relative_error(
             fit_est.mean(1), fit_true.mean(1)))),
@@ -427,10 +538,12 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
     workload = run.workload
     return {
         "config": config.to_json(),
+        "regime": config.regime,
         "task_names": list(workload.task_names),
         "target_description": workload.target_description,
         "num_targets": int(workload.num_targets),
-        "full_set_loss": float(run.loo_scores[0].mean()),
+        "full_set_loss": float(loo[:, 0].mean()),
+        "ceiling": reliable,
         "true_effects": true_effects.mean(1),
         "methods": methods,
         "interactions": interactions,
@@ -441,13 +554,18 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
     }
 
 
-def run_pipeline(config: PipelineConfig, *, out_dir=None, log: Callable = print,
-                 progress: bool = True) -> dict:
-    """:func:`collect` then :func:`evaluate`: the results dict of a whole run."""
-    config = check_config(config)
-    return evaluate(config, collect(config, out_dir=out_dir, log=log,
-                                    progress=progress))
+def run_pipeline(config: PipelineConfig, *, workload: SupervisedWorkload | None = None,
+                 out_dir=None, log: Callable = print, progress: bool = True) -> dict:
+    """:func:`collect` then :func:`evaluate`: the results dict of a whole run.
+
+    Pass ``workload`` to run on your own workload instance (``config.workload``
+    then only names it).
+    """
+    config = check_config(config, registered=workload is None)
+    return evaluate(config, collect(config, workload=workload, out_dir=out_dir,
+                                    log=log, progress=progress))
 
 
 __all__ = ["BASELINES", "STAGE_FIELDS", "WORKLOADS", "PipelineConfig", "RunScores",
-           "check_config", "collect", "evaluate", "make_workload", "run_pipeline"]
+           "WorkloadEntry", "ceiling", "check_config", "check_workload_fits",
+           "collect", "evaluate", "make_workload", "run_pipeline"]

@@ -21,24 +21,42 @@ from pathlib import Path
 import numpy as np
 
 TABLE_COLUMNS = (
-    ("loo_spearman", "LOO Spearman"),
+    ("loo_spearman", "LOO Spearman (per target)"),
     ("loo_spearman_mean_target", "LOO Spearman (mean target)"),
-    ("loo_pearson", "LOO Pearson"),
     ("heldout_spearman", "held-out Spearman"),
     ("normalized_error", "held-out norm. error"),
 )
+CEILING_COLUMNS = {"loo_spearman": "loo_spearman_per_target",
+                   "loo_spearman_mean_target": "loo_spearman_mean_target",
+                   "heldout_spearman": "heldout_spearman"}
+
+
+def _cell(values: dict, key: str) -> str:
+    value = values.get(key)
+    if value is None:
+        return "-"
+    interval = values.get(f"{key}_interval")
+    if interval is None:
+        return f"{value:.3f}"
+    low, high = interval
+    return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
 def format_table(results: dict) -> str:
-    """The per-method metrics as a Markdown table (also readable in a terminal)."""
+    """The per-method metrics as a Markdown table (also readable in a terminal):
+    the ground truth's ceiling first, then each method's figure with its
+    bootstrap interval in brackets."""
     header = ["method", *(title for _, title in TABLE_COLUMNS)]
     rows = [header, ["---"] * len(header)]
+    ceiling = results["ceiling"]
+    rows.append([f"ceiling ({ceiling['num_replicates']} replicates)", *(
+        f"{ceiling[CEILING_COLUMNS[key]]:.3f}" if key in CEILING_COLUMNS else "-"
+        for key, _ in TABLE_COLUMNS)])
+    rows.append(["attainable (√ceiling)", *(
+        f"{ceiling['attainable'][CEILING_COLUMNS[key]]:.3f}"
+        if key in CEILING_COLUMNS else "-" for key, _ in TABLE_COLUMNS)])
     for name, values in results["methods"].items():
-        cells = [name]
-        for key, _ in TABLE_COLUMNS:
-            value = values.get(key)
-            cells.append("-" if value is None else f"{value:.3f}")
-        rows.append(cells)
+        rows.append([name, *(_cell(values, key) for key, _ in TABLE_COLUMNS)])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
 
@@ -47,16 +65,22 @@ def summary(results: dict) -> str:
     est = results["estimation"]
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
     cfg = results["config"]
+    level = round(100 * cfg["confidence_level"])
     return "\n".join([
         f"{cfg['workload']} ({cfg['preset']}), seed {cfg['seed']}: "
         f"{len(results['task_names'])} tasks, {results['num_targets']} targets "
-        f"({results['target_description']}); full-set loss "
-        f"{results['full_set_loss']:.4f}",
+        f"({results['target_description']}); ground truth: {results['regime']} "
+        f"regime, mean of {results['ceiling']['num_replicates']} paired replicates; "
+        f"full-set loss {results['full_set_loss']:.4f}",
         "",
         format_table(results),
         "",
-        f"estimated vs exact scores of the fitting subsets: mean relative error "
-        f"{est['mean_relative_error']:.3f} (mean target "
+        "ceiling: agreement of two independent ground truths of this size "
+        "(split-half, Spearman-Brown); attainable: the most a noise-free method "
+        f"can expect against one; brackets: {level}% bootstrap intervals (over "
+        "targets for per-target figures, over tasks for the mean target)",
+        f"estimated vs {est['truth']} of the fitting subsets: median relative "
+        f"error {est['median_relative_error']:.3f} (mean target "
         f"{est['mean_target_relative_error']:.3f}), Spearman across subsets "
         f"{est['spearman_across_subsets']:.3f} (mean target "
         f"{est['spearman_mean_target']:.3f})",

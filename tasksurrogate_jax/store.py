@@ -83,6 +83,10 @@ def _atomic_write(path: Path, write) -> None:
         pass
 
 
+class StoreMismatchError(ValueError):
+    """A store folder holds results of another configuration."""
+
+
 class ChunkStore:
     """A folder of ``.npz`` chunks for one configuration.
 
@@ -114,7 +118,7 @@ class ChunkStore:
                 ) from err
             if stored_hash != self.config_hash:
                 diff = _config_diff(stored.get("config", {}), self.config)
-                raise ValueError(
+                raise StoreMismatchError(
                     f"store folder {str(self.folder)!r} holds results of a different "
                     f"configuration (hash {stored_hash[:12]}, expected "
                     f"{self.config_hash[:12]}; differing keys: {diff}). Refusing to "
@@ -163,6 +167,13 @@ class ChunkStore:
             return {k: z[k] for k in z.files}
 
 
-def _config_diff(a: Mapping, b: Mapping) -> list[str]:
-    keys = sorted(set(a) | set(b))
-    return [k for k in keys if a.get(k, "<missing>") != b.get(k, "<missing>")][:10]
+def _config_diff(a: Mapping, b: Mapping, prefix: str = "") -> list[str]:
+    """Dotted names of the keys whose values differ (into nested mappings)."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k, "<missing>"), b.get(k, "<missing>")
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _config_diff(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(f"{prefix}{k}")
+    return out[:10]

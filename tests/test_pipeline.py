@@ -8,11 +8,14 @@ import sys
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import cli, pipeline
+from tasksurrogate_jax import cli, pipeline, reliability, report
 
-TINY = ["run", "modular", "--preset", "tiny", "--num-subsets", "8",
-        "--num-heldout", "4", "--value-samples", "50", "--proj-dim", "16",
-        "--trak-proj-dim", "32", "--set", "num_steps=40", "--quiet"]
+TINY = ["run", "digits", "--preset", "tiny", "--num-subsets", "16",
+        "--num-heldout", "8", "--value-samples", "50", "--proj-dim", "16",
+        "--trak-proj-dim", "32", "--quiet"]
+TINY_CONFIG = pipeline.PipelineConfig(
+    workload="digits", preset="tiny", num_subsets=16, num_heldout=8,
+    value_samples=50, proj_dim=16, trak_proj_dim=32)
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +31,48 @@ def test_cli_runs_end_to_end_and_writes_the_report(first_run, capsys):
     for name in ("loo_effects.png", "interactions.png", "heldout.png"):
         assert (first_run / name).stat().st_size > 1000
     num_tasks = len(results["task_names"])
-    assert num_tasks == 16
+    assert num_tasks == 8
+    assert results["regime"] == "finetune" and results["config"]["replicates"] == 4
     expected = {f"{kind} surrogate ({scores})" for kind in ("linear", "kernel")
                 for scores in ("exact", "estimated")}
-    expected |= {"influence", "tracin", "trak", "kernel surrogate (exact), Banzhaf",
-                 "LOO retraining, another seed"}
+    expected |= {"influence", "tracin", "trak", "kernel surrogate (exact), Banzhaf"}
     assert set(results["methods"]) == expected
+    for key in ("loo_spearman_mean_target", "loo_spearman_per_target",
+                "heldout_spearman"):
+        assert 0 < results["ceiling"][key] <= 1, key
     for name, values in results["methods"].items():
         assert len(values["effects"]) == num_tasks
-        assert -1 <= values["loo_spearman"] <= 1, name
+        low, high = values["loo_spearman_interval"]
+        assert low <= values["loo_spearman"] <= high, name
+        assert len(values["loo_spearman_mean_target_interval"]) == 2, name
         if "surrogate" in name and "Banzhaf" not in name:
-            assert -1 <= values["heldout_spearman"] <= 1, name
+            low, high = values["heldout_spearman_interval"]
+            assert low <= values["heldout_spearman"] <= high, name
     assert np.asarray(results["interactions"]).shape == (num_tasks, num_tasks)
-    assert len(results["heldout"]["true"]) == 4
+    assert len(results["heldout"]["true"]) == 8
     assert set(results["seconds"]) >= set(pipeline.STAGE_FIELDS)
+    printed = report.summary(results)
+    assert "| ceiling (4 replicates) |" in printed and "finetune regime" in printed
+
+
+@pytest.mark.slow
+def test_ceiling_is_the_reliability_of_the_stored_replicates(first_run):
+    run = pipeline.collect(TINY_CONFIG, out_dir=first_run, log=lambda line: None,
+                           progress=False)  # every stage read back
+    assert run.loo_scores.shape == (4, 9, 64) and run.exact.shape == (4, 24, 64)
+    results = pipeline.evaluate(TINY_CONFIG, run)
+    loo = reliability.loo_reliability(run.loo_scores, seed=0)
+    assert results["ceiling"]["loo_spearman_mean_target"] == loo.mean_target
+    assert results["ceiling"]["loo_spearman_per_target"] == loo.per_target
+    truth = (run.loo_scores[:, 1:] - run.loo_scores[:, :1]).mean(0)
+    np.testing.assert_allclose(results["true_effects"], truth.mean(1), rtol=1e-6)
 
 
 @pytest.mark.slow
 def test_rerun_reuses_every_stored_stage_and_gives_the_same_results(first_run):
     before = json.loads((first_run / "results.json").read_text())
     lines = []
-    config = pipeline.PipelineConfig(
-        preset="tiny", num_subsets=8, num_heldout=4, value_samples=50, proj_dim=16,
-        trak_proj_dim=32, overrides=(("num_steps", 40),))
+    config = TINY_CONFIG
     results = pipeline.run_pipeline(config, out_dir=first_run, log=lines.append,
                                     progress=False)
     assert sum("reused" in line for line in lines) == len(pipeline.STAGE_FIELDS)
@@ -77,8 +99,11 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "nope"], "workload must be one of ['modular']"),
+    (["run", "nope"], "workload must be one of ['digits', 'modular']"),
     (["run", "modular", "--preset", "huge"], "preset must be one of"),
+    (["run", "digits", "--replicates", "1"],
+     "a ceiling needs at least 2 replicates, got 1"),
+    (["run", "digits", "--regime", "pretrain"], "invalid choice: 'pretrain'"),
     (["run", "modular", "--num-subsets", "2"], "num_subsets must be >= 4"),
     (["run", "modular", "--num-heldout", "1"], "num_heldout must be >= 3"),
     (["run", "modular", "--preset", "tiny", "--drop", "16"],
@@ -98,3 +123,4 @@ def test_list_and_the_installed_entry_point():
     done = subprocess.run([sys.executable, "-m", "tasksurrogate_jax.cli", "list"],
                           capture_output=True, text=True, check=True)
     assert "modular: presets paper, cpu, tiny" in done.stdout
+    assert "digits: presets cpu, random, tiny" in done.stdout

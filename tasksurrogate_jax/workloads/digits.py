@@ -47,16 +47,16 @@ class DigitsConfig(DigitsDataConfig):
 
     learning_rate: float = 1e-2
     num_steps: int = 300
-    batch_size: int | None = None
+    batch_size: int | None = 128
     finetune_learning_rate: float = 0.1
-    finetune_steps: int = 50
+    finetune_steps: int = 100
 
 
 PRESETS: dict[str, DigitsConfig] = {
     "cpu": DigitsConfig(),
     "random": DigitsConfig(sources="random"),
-    "tiny": DigitsConfig(num_tasks=6, hidden=16, num_targets=64, num_steps=100,
-                         finetune_steps=20),
+    "tiny": DigitsConfig(num_tasks=8, hidden=16, num_targets=64, num_steps=100,
+                         batch_size=64, finetune_steps=20),
 }
 
 
