@@ -6,7 +6,7 @@ On the modular workload (``cpu`` preset): train θ* on all tasks, draw m subsets
 - ``estimate``: ``workload.estimate`` (features at θ*, one vmapped solve per
   chunk of subsets), compiled on a first small call, then timed;
 - ``fine-tune``: ``retraining.retrain`` from θ* on every subset (vmapped,
-  ``workload.finetune_spec()``), the ground truth the estimate approximates.
+  ``workload.finetune_variant()``), the ground truth the estimate approximates.
 
 Prints time ratio, relative error of the target-task score (mean over target
 columns), Spearman of F̂ against F across subsets (mean over targets), and
@@ -62,10 +62,10 @@ def main():
     ap.add_argument("--solver", default="newton", choices=estimation.SOLVERS)
     ap.add_argument("--max-iter", type=int, default=50)
     ap.add_argument("--finetune-steps", type=int, default=None,
-                    help="default: workload.finetune_spec() (a quarter of the "
+                    help="default: workload.finetune_variant() (a quarter of the "
                          "preset's steps)")
     ap.add_argument("--finetune-lr", type=float, default=None,
-                    help="default: workload.finetune_spec() (a tenth of the "
+                    help="default: workload.finetune_variant() (a tenth of the "
                          "preset's learning rate)")
     ap.add_argument("--finetune-proximal", type=float, default=0.0,
                     help="μ > 0: fine-tune on L_s + μ/2 ||θ − θ*||² (full batch, "
@@ -108,11 +108,11 @@ def main():
 
     # Ground truth: fine-tuning from θ* on every subset (vmapped chunks).
     if mu > 0:
-        spec = workload.finetune_spec(
+        spec = workload.finetune_variant(
             num_steps=args.finetune_steps, learning_rate=args.finetune_lr,
             proximal=mu, anchor=theta, batch_size=None, decay_to_zero=True)
     else:
-        spec = workload.finetune_spec(num_steps=args.finetune_steps,
+        spec = workload.finetune_variant(num_steps=args.finetune_steps,
                                       learning_rate=args.finetune_lr)
     start = time.perf_counter()
     check = estimation.check_estimation(

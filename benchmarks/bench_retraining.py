@@ -65,7 +65,7 @@ def main():
     masks = fixed_size_masks(jax.random.key(args.seed + 1), m, K, subset_size=K - 3)
     init_key, batch_key = jax.random.split(jax.random.key(args.seed))
     params = jax.jit(w.init_fn)(init_key)
-    data, target, spec = w.data, w.target, w.spec
+    data, target, spec = w.data, w.target, w.train_spec
 
     t0 = time.perf_counter()
     vm = retrain_chunk.lower(masks, params, batch_key, data, target,

@@ -48,15 +48,17 @@ def main():
     t_build = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    r_loo = w.retrain(loo, key=key, chunk_size=args.chunk_size, progress=True)
+    r_loo = w.retrain(loo, key=key, regime="scratch", chunk_size=args.chunk_size,
+                      progress=True)
     jax.block_until_ready(r_loo.losses)
     t_loo = time.perf_counter() - t0
     t0 = time.perf_counter()
-    r_rand = w.retrain(rand, key=key, chunk_size=args.chunk_size, progress=True)
+    r_rand = w.retrain(rand, key=key, regime="scratch", chunk_size=args.chunk_size,
+                       progress=True)
     jax.block_until_ready(r_rand.losses)
     t_rand = time.perf_counter() - t0
 
-    losses = np.asarray(r_loo.losses, np.float64)
+    losses = np.asarray(r_loo.losses[0], np.float64)  # one replicate
     full = losses[0]
     effects = losses[1:] - full  # [K, T]: F(s* - e_i) - F(s*)
     mean_effect = effects.mean(1)
@@ -65,7 +67,7 @@ def main():
     in_block = [effects[i, tblock == i].mean() for i in range(K)
                 if (tblock == i).any()]
     out_block = [effects[i, tblock != i].mean() for i in range(K)]
-    rand_mean = np.asarray(r_rand.losses, np.float64).mean(1)
+    rand_mean = np.asarray(r_rand.losses[0], np.float64).mean(1)
     summary = {
         "preset": args.preset,
         "config": w.store_config(),

@@ -62,7 +62,8 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
     text, num_images, work = _execute("quickstart.ipynb", tmp_path, monkeypatch)
     assert "| method |" in text
     assert "| kernel surrogate (exact) |" in text
-    assert "Most helpful tasks" in text
+    assert "| ceiling (4 replicates) |" in text
+    assert "flipped-labels" in text  # the per-source table
     assert num_images == len(PLOTS)
 
     out_dir = work / "results" / "quickstart-quick"
