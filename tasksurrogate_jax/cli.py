@@ -19,6 +19,8 @@ import argparse
 import ast
 import sys
 
+import jax
+
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     WORKLOADS,
@@ -122,6 +124,8 @@ def main(argv=None) -> int:
                        f"seed{args.seed}")
     log = (lambda line: None) if args.quiet else (
         lambda line: print(line, file=sys.stderr, flush=True))
+    if dict(config.overrides).get("precision") == "float64":
+        jax.config.update("jax_enable_x64", True)  # the workload asks for it
     try:  # argument errors only: one line on stderr, exit status 2
         config = check_config(config)
         workload = make_workload(config)

@@ -166,3 +166,29 @@ def test_missing_workload_member_is_a_clear_error():
     with pytest.raises(TypeError, match="module_factory must be callable"):
         SupervisedWorkload.from_nnx(None, data=None, target=None, train=None,
                                     finetune=None)
+
+
+def test_float64_results_do_not_depend_on_the_chunk_size(tiny):
+    # conftest enables 64-bit JAX; float32 would round differently per chunking.
+    config = DigitsConfig(**{**tiny.description, "precision": "float64"})
+    wide = DigitsWorkload(config)
+    assert wide.data.inputs.dtype == np.float64
+    assert all(leaf.dtype == np.float64
+               for leaf in jax.tree.leaves(wide.base_params(key=KEY)))
+    masks = leave_one_out_masks(wide.num_tasks)
+    kw = dict(key=KEY, regime="scratch", replicates=2, progress=False)
+    a = wide.replicate_scores(masks, chunk_size=3, **kw)
+    b = wide.replicate_scores(masks, chunk_size=18, **kw)
+    np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_float64_needs_64_bit_jax(tiny):
+    config = DigitsConfig(**{**tiny.description, "precision": "float64"})
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with pytest.raises(ValueError, match="needs 64-bit JAX: set JAX_ENABLE_X64"):
+            DigitsWorkload(config)
+    finally:
+        jax.config.update("jax_enable_x64", True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        DigitsWorkload(DigitsConfig(**{**tiny.description, "precision": "half"}))

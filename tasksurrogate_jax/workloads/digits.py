@@ -43,6 +43,8 @@ class DigitsConfig(DigitsDataConfig):
       batch_size: mini-batch size (``None`` = full batch), both regimes.
       finetune_learning_rate: SGD learning rate of the ``"finetune"`` regime.
       finetune_steps: SGD steps of the ``"finetune"`` regime.
+      precision: ``"float32"`` or ``"float64"`` (see
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`).
     """
 
     learning_rate: float = 1e-2
@@ -50,6 +52,7 @@ class DigitsConfig(DigitsDataConfig):
     batch_size: int | None = 128
     finetune_learning_rate: float = 0.1
     finetune_steps: int = 100
+    precision: str = "float32"
 
 
 PRESETS: dict[str, DigitsConfig] = {
@@ -80,7 +83,7 @@ class DigitsWorkload(SupervisedWorkload):
                                 config.batch_size),
             finetune=TrainSettings(optax.sgd(config.finetune_learning_rate),
                                    config.finetune_steps, config.batch_size),
-            description=dataclasses.asdict(config))
+            description=dataclasses.asdict(config), precision=config.precision)
 
 
 def digits_workload(preset: str = "cpu", **overrides) -> DigitsWorkload:

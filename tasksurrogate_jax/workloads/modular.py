@@ -73,6 +73,8 @@ class ModularConfig:
         of ``num_steps``).
       finetune_learning_rate: its AdamW learning rate, without weight decay
         (``None``: a tenth of ``learning_rate``).
+      precision: ``"float32"`` or ``"float64"`` (see
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`).
     """
 
     p: int = 97
@@ -94,6 +96,7 @@ class ModularConfig:
     num_steps: int = 5000
     finetune_steps: int | None = None
     finetune_learning_rate: float | None = None
+    precision: str = "float32"
 
     @property
     def block(self) -> int:
@@ -266,7 +269,7 @@ class ModularWorkload(SupervisedWorkload):
                 optax.adamw(self._finetune_learning_rate(), b1=c.b1, b2=c.b2,
                             weight_decay=0.0),
                 self._finetune_steps(), c.batch_size),
-            description=dataclasses.asdict(c))
+            description=dataclasses.asdict(c), precision=c.precision)
 
     def _finetune_steps(self) -> int:
         c = self.config

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -55,6 +56,7 @@ from tasksurrogate_jax.retraining import (
 from tasksurrogate_jax.workloads.base import Workload
 
 REGIMES = ("scratch", "finetune")
+PRECISIONS = ("float32", "float64")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,6 +135,9 @@ class SupervisedWorkload(Workload):
       description: JSON-able description of the model and data for result
         stores (a folder is never reused for another description).
       name: the workload's name.
+      precision: ``"float32"``, or ``"float64"`` (CPU; needs 64-bit JAX,
+        ``JAX_ENABLE_X64=1``): floating inputs and parameters are cast, and
+        results no longer depend on the chunk size through rounding.
     """
 
     name: ClassVar[str] = "supervised"
@@ -143,6 +148,7 @@ class SupervisedWorkload(Workload):
         loss_fn: Callable = softmax_cross_entropy,
         accuracy_fn: Callable | None = argmax_accuracy,
         description: Mapping[str, Any] | None = None, name: str | None = None,
+        precision: str = "float32",
     ):
         for arg, value in (("apply_fn", apply_fn), ("init_fn", init_fn)):
             if not callable(value):
@@ -155,10 +161,11 @@ class SupervisedWorkload(Workload):
             names = [data.task_names[i] for i in empty]
             raise ValueError(f"data has tasks without examples: {names}; every task "
                              "needs at least one training example.")
+        data, target, init_fn = _cast(data, target, init_fn, precision)
         self.apply_fn, self.init_fn = apply_fn, init_fn
         self.data, self.target = data, target
         self.loss_fn = loss_fn
-        self.description = dict(description or {})
+        self.description = {**(description or {}), "precision": precision}
         if name is not None:
             self.name = name
         self.train_spec = self._spec(train, "train", loss_fn, accuracy_fn)
@@ -327,6 +334,30 @@ class SupervisedWorkload(Workload):
         return (outputs.argmax(-1) == self.target.labels).mean()
 
 
+def _cast(data: TaskData, target: TargetData, init_fn: Callable, precision: str):
+    """Data, target and ``init_fn`` with floating arrays in ``precision``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}.")
+    if precision == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError(
+            "precision='float64' needs 64-bit JAX: set JAX_ENABLE_X64=1 (or call "
+            "jax.config.update('jax_enable_x64', True)) before building the "
+            "workload.")
+    dtype = jnp.dtype(precision)
+
+    def cast(x):
+        x = jnp.asarray(x)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    def cast_init(key):
+        return jax.tree.map(cast, init_fn(key))
+
+    data = dataclasses.replace(data, inputs=cast(data.inputs), labels=cast(data.labels))
+    target = dataclasses.replace(target, inputs=cast(target.inputs),
+                                 labels=cast(target.labels))
+    return data, target, cast_init
+
+
 def _check_model(apply_fn, init_fn, data: TaskData) -> None:
     """Parameters must be a pytree of arrays, and outputs match the labels."""
     try:
@@ -357,5 +388,5 @@ def _check_model(apply_fn, init_fn, data: TaskData) -> None:
             f"examples; the labels need {what}.")
 
 
-__all__ = ["REGIMES", "SupervisedWorkload", "TrainSettings", "check_regime",
-           "nnx_model_functions"]
+__all__ = ["PRECISIONS", "REGIMES", "SupervisedWorkload", "TrainSettings",
+           "check_regime", "nnx_model_functions"]
