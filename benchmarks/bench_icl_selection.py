@@ -1,6 +1,6 @@
 """Demonstration selection for in-context learning: kernel vs linear surrogates.
 
-The paper's protocol (METHOD.md sections 5 and 6) on the synthetic ICL
+The paper's protocol (docs/method.md) on the synthetic ICL
 workload (``tasksurrogate_jax.workloads.icl``):
 
 1. Train the workload's transformer; show it learns in context (query

@@ -1,4 +1,4 @@
-"""Parity with the paper's published modular-addition numbers (METHOD.md sec. 7).
+"""Parity with the paper's published modular-addition numbers (benchmarks/data/).
 
 Fits on the 40 training subsets of ``benchmarks/data/kernelsm_modular_addition.json``,
 predicts the 10 test subsets and scores the mean over the 500 target columns of

@@ -2,7 +2,7 @@
 
 The ground truth of an attribution benchmark is the mean over ``R`` paired
 replicates of retraining (within a replicate every subset shares the
-initialisation and data order; see METHOD.md section 9). Its *reliability* is
+initialisation and data order; see docs/method.md). Its *reliability* is
 the expected agreement between two independent ground truths of ``R``
 replicates each. It is estimated split-half: the replicates are split into two
 halves, the halves' means are correlated (Spearman), and the result is

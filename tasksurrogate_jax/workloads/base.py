@@ -8,7 +8,7 @@ through this interface:
 - ``exact_scores(masks, *, key) -> [num_subsets, num_targets]``: the true
   ``F(s)`` (retraining, re-prompting, ...);
 - ``estimated_scores(masks, *, key) -> [num_subsets, num_targets]``: the
-  first-order estimate without retraining (METHOD.md section 3);
+  first-order estimate without retraining (docs/method.md);
 - ``presets``: named configurations (``"cpu"`` small, ``"paper"`` full size).
 
 Scores are losses: lower is better, and the LOO effect of task ``i`` is
@@ -75,7 +75,7 @@ class Workload(abc.ABC):
     @abc.abstractmethod
     def estimated_scores(self, masks, *, key, **kwargs) -> jax.Array:
         """First-order estimates ``[num_subsets, num_targets]`` of the subset
-        scores, without retraining (METHOD.md section 3)."""
+        scores, without retraining (docs/method.md)."""
 
     def check_masks(self, masks, name: str = "masks") -> jax.Array:
         """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""

@@ -1,4 +1,4 @@
-"""In-context learning: demonstrations as tasks (METHOD.md sections 3, 5, 6).
+"""In-context learning: demonstrations as tasks (docs/method.md).
 
 The attribution problem is the paper's: a pool of K candidate demonstrations
 (the tasks), T target queries, and prompts made of the demonstrations a mask

@@ -1,4 +1,4 @@
-"""Modular arithmetic: the paper's first setting (METHOD.md section 6).
+"""Modular arithmetic: the paper's first setting (docs/method.md).
 
 - Examples: all ``p²`` pairs ``(a, b)``, label ``(a + b) mod p``
   (``operation="add"``) or ``(a² + ab + b²) mod p`` (``operation="quad"``).
@@ -106,7 +106,7 @@ class ModularConfig:
 
 PRESETS: dict[str, ModularConfig] = {
     # The paper's sizes (GPU/TPU). The paper trains "long" (grokking) without
-    # a step count in METHOD.md; 5000 steps of batch 512 is our choice.
+    # a step count; 5000 steps of batch 512 is our choice.
     "paper": ModularConfig(),
     # Small enough for a 2-core CPU: see benchmarks/RETRAINING_RESULTS.md for
     # its accuracy, LOO spread and timings.

@@ -1,6 +1,6 @@
 """Multi-objective reinforcement learning: environment variants as tasks.
 
-The paper's third setting (METHOD.md sections 3 and 6). One policy is trained
+The paper's third setting (docs/method.md). One policy is trained
 on K variants of a gymnax environment at once (physical parameters and, for
 CartPole, the reward objective vary); which of them help a target variant, and
 which subset to train on?
