@@ -28,7 +28,8 @@ so removing task i (``s_i``: 1 → 0) moves ``θ*`` by ``(H + λI)^{-1} g_i`` an
 This is ``−I_i`` of the influence formula (docs/method.md, baselines) with
 ``∇L_task_i = g_i``: task i's share of the training-loss gradient (its
 gradient *sum* over ``W``, not its mean). The centring ``N_i ∇L(θ*)``
-vanishes at a stationary point of ``L`` (``R = 0``, λ only numerical damping) and is exact when ``θ*`` minimises ``L + λ/2 ||θ||²``.
+vanishes at a stationary point of ``L`` (``R = 0``, λ only numerical damping)
+and is exact when ``θ*`` minimises ``L + λ/2 ||θ||²``.
 The true LOO effect differs by the second-order term of
 ``F(1 − ε e_i) − F(1) = −ε dF/ds_i + ½ ε² d²F/ds_i² + O(ε³)`` at ``ε = 1``; it is
 large when task i is a large share of the data or interacts with other tasks.
