@@ -108,8 +108,8 @@ def bench_fit(masks, scores, test_masks, dtype, *, gamma, ridge, repeats,
 
     def ours_fn(x, y, xt):
         # jitter=0 so that both solve (K + ridge I) alpha = y exactly.
-        return fit_kernel_surrogate(x, y, gamma=gamma, ridge=ridge,
-                                    jitter=0.0).predict(xt)
+        return fit_kernel_surrogate(x, y, gamma=gamma, ridge=ridge, jitter=0.0,
+                                    standardize=False).predict(xt)
 
     xj, yj, xtj = jnp.asarray(x), jnp.asarray(y), jnp.asarray(xt)
     compiled, compile_s = compile_jitted(ours_fn, xj, yj, xtj)
@@ -152,7 +152,7 @@ def bench_selection(masks, scores, dtype, *, gammas, ridges, methods, repeats):
         def select(x, y, method=method):
             search = select_kernel_hyperparameters(
                 x, y, gammas=gammas, ridges=ridges, method=method,
-                num_folds=NUM_FOLDS, criterion="mse")
+                num_folds=NUM_FOLDS, criterion="mse", standardize=False)
             return search.gamma, search.ridge, search.mean_table
 
         compiled, compile_s = compile_jitted(select, xj, yj)

@@ -221,7 +221,7 @@ class KernelSurrogate:
 def fit_kernel_surrogate(
     masks, scores, *, kernel: str = "rbf", gamma=None, ridge=1e-2,
     degree: int = 3, coef0: float = 1.0, jitter: float = 1e-8,
-    standardize: bool = False,
+    standardize: bool = True,
 ) -> KernelSurrogate:
     """Kernel ridge regression of scores on masks.
 
@@ -238,7 +238,10 @@ def fit_kernel_surrogate(
         not finite, the jitter grows tenfold up to 8 times before a
         ``ValueError``.
       standardize: centre and scale each target column before the fit (the
-        prediction is mapped back). Off by default, as in the reference code.
+        prediction is mapped back), so the ridge shrinks towards each target's
+        mean, not towards zero. On by default: without it (as in the paper's
+        reference code) the shrinkage of scores whose level is large against
+        the task effects can invert the sign of every LOO effect.
 
     Returns:
       ``KernelSurrogate``.
@@ -436,7 +439,7 @@ def select_kernel_hyperparameters(
     masks, scores, *, kernel: str = "rbf", gammas=None, ridges=None,
     method: Literal["loo", "kfold"] = "loo", num_folds: int = 5, key=None,
     criterion: Literal["mse", "spearman"] = "mse", per_target: bool = False,
-    degree: int = 3, coef0: float = 1.0, standardize: bool = False,
+    degree: int = 3, coef0: float = 1.0, standardize: bool = True,
 ) -> HyperparameterSearch:
     """Cross-validates kernel ridge regression over a (gamma, ridge) grid.
 
@@ -450,8 +453,9 @@ def select_kernel_hyperparameters(
     contiguous as in scikit-learn's ``KFold``; pass ``key`` to shuffle rows
     first.
 
-    With ``standardize=True`` targets are standardised; for ``"loo"`` with the
-    statistics of all rows, for ``"kfold"`` with those of each training fold.
+    With ``standardize=True`` (the default, as in :func:`fit_kernel_surrogate`)
+    targets are standardised; for ``"loo"`` with the statistics of all rows, for
+    ``"kfold"`` with those of each training fold.
 
     Args:
       masks: ``[num_subsets, num_tasks]``.

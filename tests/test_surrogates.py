@@ -9,7 +9,7 @@ import scipy.stats
 from sklearn.kernel_ridge import KernelRidge
 from sklearn.linear_model import Ridge
 
-from tasksurrogate_jax import metrics, surrogates
+from tasksurrogate_jax import attribution, metrics, surrogates
 from tasksurrogate_jax.kernels import KERNELS
 
 RNG = np.random.default_rng(0)
@@ -43,7 +43,8 @@ class KernelSurrogateTest(chex.TestCase):
             def fit_predict(masks, scores, new, kernel=kernel, params=params,
                             ridge=ridge):
                 fitted = surrogates.fit_kernel_surrogate(
-                    masks, scores, kernel=kernel, ridge=ridge, jitter=0.0, **params)
+                    masks, scores, kernel=kernel, ridge=ridge, jitter=0.0,
+                    standardize=False, **params)
                 return fitted.predict(new)
 
             ours = self.variant(fit_predict)(MASKS, SCORES, NEW)
@@ -174,7 +175,7 @@ def test_closed_form_loo_table_is_the_criterion_of_those_predictions(criterion):
     masks, scores = MASKS[:30], SCORES[:30]
     search = surrogates.select_kernel_hyperparameters(
         masks, scores, gammas=GAMMAS, ridges=RIDGES, method="loo",
-        criterion=criterion)
+        criterion=criterion, standardize=False)
     assert search.table.shape == (3, 3, scores.shape[1])
     for a, gamma in enumerate(GAMMAS):
         for b, ridge in enumerate(RIDGES):
@@ -360,3 +361,26 @@ def test_default_ridge_grid_drops_ridges_below_float32_precision():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no precision warning with this grid
         surrogates.select_kernel_hyperparameters(masks, scores, ridges=kept)
+
+
+def test_default_fit_keeps_the_signs_that_shrinkage_to_zero_inverts():
+    # Scores at a level (0.6) large against the tasks' effects, subsets that
+    # drop 4 of 10 tasks, a ridge in the shrinkage-dominated regime: shrinking
+    # towards zero (standardize=False, the paper's reference code) turned the
+    # helpful tasks' LOO effects negative; the default shrinks towards the mean.
+    num_tasks = 10
+    rng = np.random.default_rng(0)
+    masks = np.stack([rng.permutation(num_tasks) >= 4 for _ in range(96)]).astype(
+        float)
+    effects = np.array([-0.02, -0.1, 0.01, 0.012, 0.018, 0.013, 0.014, 0.016, 0.015,
+                        0.011])  # true LOO effects: two harmful, eight helpful
+    scores = 0.6 - masks @ effects[:, None] * (1 + 0.1 * rng.normal(size=(1, 20)))
+    scores = scores + 0.001 * rng.normal(size=scores.shape)
+
+    def signs(**kwargs):
+        fitted = surrogates.fit_kernel_surrogate(masks, scores, gamma=0.1, ridge=10.0,
+                                                 **kwargs)
+        return np.sign(np.asarray(attribution.loo_scores(fitted)).mean(1))
+
+    assert (signs(standardize=False) != np.sign(effects)).sum() >= 4  # the old bug
+    np.testing.assert_array_equal(signs(), np.sign(effects))
