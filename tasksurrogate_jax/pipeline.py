@@ -397,7 +397,7 @@ def collect(config: PipelineConfig, *, workload: SupervisedWorkload | None = Non
     def ground_truth(name, masks):
         return {"scores": workload.replicate_scores(
             masks, key=k_base, regime=config.regime, replicates=config.replicates,
-            store_dir=stages.folder("retraining", name),
+            base_params=theta, store_dir=stages.folder("retraining", name),
             chunk_size=config.chunk_size, progress=progress)}
 
     masks = np.asarray(fixed_size_masks(k_subsets, config.num_subsets +

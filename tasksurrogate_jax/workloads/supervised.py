@@ -240,7 +240,7 @@ class SupervisedWorkload(Workload):
         return self._base_params[cache_key]
 
     def retrain(self, masks, *, key, regime: str, replicates: int = 1,
-                chunk_size: int | None = None, store_dir=None,
+                base_params=None, chunk_size: int | None = None, store_dir=None,
                 return_params: bool = False, progress: bool = True) -> RetrainResult:
         """Trains every (replicate, mask) pair in ``regime``: a
         :class:`~tasksurrogate_jax.retraining.RetrainResult` with ``losses``
@@ -253,6 +253,8 @@ class SupervisedWorkload(Workload):
             ``"finetune"`` starts from :meth:`base_params` of ``key``.
           regime: ``"scratch"`` or ``"finetune"``.
           replicates: ``R >= 1`` paired replicates.
+          base_params: ``θ*`` to fine-tune from, if already at hand (e.g. read
+            back from a store); ``None``: :meth:`base_params` of ``key``.
           chunk_size: rows per compiled call (``None``: by memory).
           store_dir: folder to store finished chunks in and resume from.
           return_params: also return the trained parameters.
@@ -269,7 +271,8 @@ class SupervisedWorkload(Workload):
                     "regime='finetune' needs fine-tuning settings: build the "
                     "workload with finetune=TrainSettings(...).")
             spec = self.finetune_spec
-            init = {"init_params": self.base_params(key=key)}
+            theta = self.base_params(key=key) if base_params is None else base_params
+            init = {"init_params": theta}
         store = {} if store_dir is None else {
             "store_dir": store_dir, "store_config": self.store_config(regime)}
         return retrain(masks, data=self.data, target=self.target, spec=spec, key=key,
@@ -278,22 +281,23 @@ class SupervisedWorkload(Workload):
                        **store)
 
     def replicate_scores(self, masks, *, key, regime: str, replicates: int = 1,
-                         chunk_size: int | None = None, store_dir=None,
-                         progress: bool = True) -> jax.Array:
+                         base_params=None, chunk_size: int | None = None,
+                         store_dir=None, progress: bool = True) -> jax.Array:
         """Per-replicate target losses ``[replicates, num_subsets, num_targets]``
         (see :meth:`retrain`)."""
         return self.retrain(masks, key=key, regime=regime, replicates=replicates,
-                            chunk_size=chunk_size, store_dir=store_dir,
-                            progress=progress).losses
+                            base_params=base_params, chunk_size=chunk_size,
+                            store_dir=store_dir, progress=progress).losses
 
     def exact_scores(self, masks, *, key, regime: str, replicates: int = 1,
-                     chunk_size: int | None = None, store_dir=None,
-                     progress: bool = True) -> jax.Array:
+                     base_params=None, chunk_size: int | None = None,
+                     store_dir=None, progress: bool = True) -> jax.Array:
         """The ground truth ``F(s)``: the mean over replicates of
         :meth:`replicate_scores`, ``[num_subsets, num_targets]``."""
         return self.replicate_scores(
             masks, key=key, regime=regime, replicates=replicates,
-            chunk_size=chunk_size, store_dir=store_dir, progress=progress).mean(0)
+            base_params=base_params, chunk_size=chunk_size, store_dir=store_dir,
+            progress=progress).mean(0)
 
     def estimate(self, masks, *, key, base_params=None, proj_dim: int | None = 128,
                  ridge: float = 1e-3, output_mode: str = "logits",
