@@ -474,6 +474,9 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
       ``estimation`` (errors of the estimates against the ground truth),
       ``surrogate_hyperparameters`` and ``seconds`` per stage.
     """
+    if config.drop is None:  # the run's masks say what was dropped
+        config = dataclasses.replace(
+            config, drop=int(run.masks.shape[1] - run.masks[0].sum()))
     config = check_config(config, registered=False)
     seconds = dict(run.seconds)
 
