@@ -9,9 +9,11 @@ module adds the training programs and presets, and builds the
   small learning rate: an update that stays near ``θ*``, where a first-order
   model of the network is meant to hold.
 
-Presets (:data:`PRESETS`): ``"cpu"`` (the planted sources, replicates
-affordable on 2 cores: see ``benchmarks/README.md``), ``"random"`` (the
-paper's protocol: random groups), ``"tiny"`` (tests).
+Presets (:data:`PRESETS`), with the test accuracy of ``θ*`` (measured with
+``key(0)``): ``"cpu"``, the planted sources (83%: the corrupted sources cost
+accuracy), replicates affordable on 2 cores (``benchmarks/README.md``);
+``"random"``, the paper's protocol of random groups (98%); ``"tiny"`` for
+tests (8 sources, 64 targets; 88%).
 """
 
 from __future__ import annotations
