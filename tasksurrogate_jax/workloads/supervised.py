@@ -194,6 +194,8 @@ class SupervisedWorkload(Workload):
                 f"{which} must be a TrainSettings, got {type(settings).__name__}.")
         steps = check_positive_int(settings.num_steps, f"{which}.num_steps",
                                    minimum=0 if which == "finetune" else 1)
+        # make_train_spec wants >= 1 step; fine-tuning for 0 steps (θ* itself)
+        # is a valid program, set after the other fields are validated.
         spec = make_train_spec(apply_fn=self.apply_fn, optimizer=settings.optimizer,
                                num_steps=max(steps, 1),
                                batch_size=settings.batch_size, loss_fn=loss_fn,
