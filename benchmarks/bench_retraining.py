@@ -16,7 +16,7 @@ table and writes JSON (jax version, device kind, dtype, sizes, XLA memory
 analysis of each compiled program, peak process RSS).
 
     python benchmarks/bench_retraining.py --preset cpu --num-subsets 32 \
-        --out benchmarks/results/bench_retraining.json
+        --out results/bench_retraining.json
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 
 import jax
 import numpy as np
-from _common import environment, parse_overrides, write_json
+from _common import REPO_ROOT, environment, parse_overrides, write_json
 
 from tasksurrogate_jax.retraining import retrain_chunk, retrain_one
 from tasksurrogate_jax.subsets import fixed_size_masks
@@ -56,7 +56,7 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
-    ap.add_argument("--out", default="benchmarks/results/bench_retraining.json")
+    ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_retraining.json"))
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
 

@@ -6,7 +6,7 @@ protocol), all with shared seeds (the mask is the only difference). Prints a
 summary and writes JSON.
 
     python benchmarks/modular_cpu_preset.py --preset cpu --chunk-size 32 \
-        --out benchmarks/results/modular_cpu_preset.json
+        --out results/modular_cpu_preset.json
 
 Extra ``--set field=value`` pairs override preset fields (for tuning).
 """
@@ -19,7 +19,7 @@ import time
 
 import jax
 import numpy as np
-from _common import environment, parse_overrides, write_json
+from _common import REPO_ROOT, environment, parse_overrides, write_json
 
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.modular import block_task_ids, modular_workload
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--chunk-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
-    ap.add_argument("--out", default="benchmarks/results/modular_cpu_preset.json")
+    ap.add_argument("--out", default=str(REPO_ROOT / "results/modular_cpu_preset.json"))
     args = ap.parse_args()
     overrides = parse_overrides(args.set)
 
