@@ -78,14 +78,13 @@ from jax.flatten_util import ravel_pytree
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.chunking import chunked_vmap
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
-from tasksurrogate_jax.estimation import margin
 from tasksurrogate_jax.linearize import (
     per_example_grads,
     per_task_sums,
     projected_jacobians,
 )
+from tasksurrogate_jax.losses import margin, softmax_cross_entropy
 from tasksurrogate_jax.projection import make_projection, num_parameters, ravel_rows
-from tasksurrogate_jax.retraining import softmax_cross_entropy
 
 HESSIANS = ("exact", "gauss_newton")
 SOLVERS = ("cg", "dense")

@@ -51,6 +51,7 @@ from tasksurrogate_jax.linearize import (
     per_example_grads,
     projected_jacobians,
 )
+from tasksurrogate_jax.losses import margin, softmax_cross_entropy
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 
 OUTPUT_MODES = ("logits", "margin")
@@ -99,16 +100,10 @@ class Solution(NamedTuple):
     iterations: jax.Array
 
 
-def margin(logits, label):
-    """Correct-class log-odds ``z_y - logsumexp(z_{-y})`` of one example."""
-    others = jnp.where(jnp.arange(logits.shape[-1]) == label, -jnp.inf, logits)
-    return logits[label] - jax.nn.logsumexp(others)
-
-
 def example_losses(outputs, labels, output_mode: str):
     """Per-example cross-entropy from logits ``[n, C]`` or margins ``[n]``."""
     if output_mode == "logits":
-        return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
+        return softmax_cross_entropy(outputs, labels)
     return jax.nn.softplus(-outputs)
 
 

@@ -60,26 +60,10 @@ from tasksurrogate_jax.data import (
     check_target_matches,
     mask_to_weights,
 )
+from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.store import ChunkStore, array_digest
 
 SEED_MODES = ("shared", "independent")
-
-
-def softmax_cross_entropy(outputs, labels):
-    """Per-example cross-entropy: ``outputs`` ``[batch, classes]`` logits,
-    ``labels`` ``[batch]`` integers -> ``[batch]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(outputs, labels)
-
-
-def argmax_accuracy(outputs, labels):
-    """Per-example 0/1 correctness of ``argmax(outputs, -1)`` -> ``[batch]``."""
-    return (jnp.argmax(outputs, axis=-1) == labels).astype(outputs.dtype)
-
-
-def squared_error(outputs, labels):
-    """Per-example ``0.5 * ||outputs - labels||²`` -> ``[batch]`` (regression)."""
-    diff = outputs - labels
-    return 0.5 * jnp.sum(diff.reshape(diff.shape[0], -1) ** 2, axis=-1)
 
 
 @dataclasses.dataclass(frozen=True)

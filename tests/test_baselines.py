@@ -22,7 +22,7 @@ from tasksurrogate_jax.data import (
     mask_to_weights,
     pad_task_data,
 )
-from tasksurrogate_jax.retraining import softmax_cross_entropy, squared_error
+from tasksurrogate_jax.losses import softmax_cross_entropy, squared_error
 
 RNG = np.random.default_rng(0)
 NUM_FEATURES, NUM_CLASSES, NUM_TASKS = 3, 3, 4

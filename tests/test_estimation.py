@@ -6,8 +6,8 @@ import pytest
 import scipy.optimize
 
 from tasksurrogate_jax import estimation as est
+from tasksurrogate_jax import losses, retraining
 from tasksurrogate_jax import projection as proj
-from tasksurrogate_jax import retraining
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
 
 RNG = np.random.default_rng(0)
@@ -81,7 +81,7 @@ def test_projection_to_every_dimension_equals_the_full_space_solution(output_mod
 
 def test_margin_mode_loss_at_theta_star_is_the_cross_entropy():
     logits = softmax_regression(PARAMS, TARGET.inputs)
-    margins = jax.vmap(est.margin)(logits, TARGET.labels)
+    margins = jax.vmap(losses.margin)(logits, TARGET.labels)
     np.testing.assert_allclose(
         est.example_losses(margins, TARGET.labels, "margin"),
         optax.softmax_cross_entropy_with_integer_labels(logits, TARGET.labels),

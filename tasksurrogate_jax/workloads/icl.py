@@ -55,6 +55,7 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
 from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
+from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset
@@ -123,10 +124,6 @@ def _int_array(x, name: str, ndim: int) -> np.ndarray:
     if arr.size == 0:
         raise ValueError(f"{name} must be non-empty, got shape {arr.shape}.")
     return arr.astype(np.int32)
-
-
-def _cross_entropy(logits, label):
-    return jax.nn.logsumexp(logits) - logits[label]
 
 
 class ICLWorkload(Workload):
@@ -336,7 +333,7 @@ class ICLWorkload(Workload):
     def _loss_and_correct(self, params, tokens, label):
         s = self.scorer
         logits = s.label_logits(params, s.embed(params, tokens))
-        return _cross_entropy(logits, label), jnp.argmax(logits) == label
+        return softmax_cross_entropy(logits, label), jnp.argmax(logits) == label
 
     def _finite(self, scores, what):
         bad = ~np.isfinite(scores)
@@ -436,7 +433,8 @@ class ICLWorkload(Workload):
         return self._compiled[name]
 
     def _embedding_loss(self, params, embeddings, label):
-        return _cross_entropy(self.scorer.label_logits(params, embeddings), label)
+        logits = self.scorer.label_logits(params, embeddings)
+        return softmax_cross_entropy(logits, label)
 
     def linearization(self, shots: int, anchor="mean"):
         """The first-order model of each query's loss around the anchor.
@@ -643,7 +641,7 @@ def train_icl_transformer(config: ICLConfig):
 
     def loss_fn(p, tokens, shown):
         logits = nnx.merge(graphdef, p)(tokens)[:, 1::3]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, shown).mean()
+        return softmax_cross_entropy(logits, shown).mean()
 
     @jax.jit
     def train(params, key):

@@ -44,14 +44,13 @@ import optax
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
 from tasksurrogate_jax.estimation import EstimationResult, estimate_scores
+from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.retraining import (
     RetrainResult,
     TrainSpec,
-    argmax_accuracy,
     make_train_spec,
     replicate_key,
     retrain,
-    softmax_cross_entropy,
 )
 from tasksurrogate_jax.workloads.base import Workload
 
