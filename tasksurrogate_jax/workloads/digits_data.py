@@ -138,6 +138,14 @@ def _check_config(c: DigitsDataConfig, num_images: int) -> None:
             )
 
 
+def _partition(task_ids, rows, tasks) -> None:
+    """Assigns ``rows`` (already shuffled) to ``tasks`` in groups whose sizes
+    differ by at most one, writing into ``task_ids``."""
+    tasks = list(tasks)
+    for t, group in zip(tasks, np.array_split(rows, len(tasks)), strict=True):
+        task_ids[group] = t
+
+
 def _planted_tasks(labels, inputs, c: DigitsDataConfig, rng):
     """Task ids ``[n]`` and corrupted copies of ``labels`` ``[n]`` and
     ``inputs`` ``[n, 64]`` for the ``"planted"`` sources."""
@@ -148,9 +156,7 @@ def _planted_tasks(labels, inputs, c: DigitsDataConfig, rng):
     rest = rng.permutation(np.setdiff1d(np.arange(n), imbalance))
     task_ids = np.empty(n, np.int32)
     task_ids[imbalance] = 3
-    others = [t for t in range(k) if t != 3]
-    for t, group in zip(others, np.array_split(rest, k - 1), strict=True):
-        task_ids[group] = t
+    _partition(task_ids, rest, [t for t in range(k) if t != 3])
     labels, inputs = labels.copy(), inputs.copy()
     noisy = np.flatnonzero(task_ids == 0)
     noisy = rng.choice(noisy, round(c.label_noise * noisy.size), replace=False)
@@ -195,10 +201,7 @@ def digits_data(config: DigitsDataConfig) -> tuple[TaskData, TargetData]:
     rng = np.random.default_rng(c.corruption_seed)
     if c.sources == "random":
         task_ids = np.empty(train.size, np.int32)
-        for t, group in enumerate(
-            np.array_split(rng.permutation(train.size), c.num_tasks)
-        ):
-            task_ids[group] = t
+        _partition(task_ids, rng.permutation(train.size), range(c.num_tasks))
         names = tuple(f"group{t:02d}" for t in range(c.num_tasks))
     else:
         task_ids, y, x, names = _planted_tasks(y, x, c, rng)

@@ -336,7 +336,7 @@ class SupervisedWorkload(Workload):
     def accuracy(self, params) -> jax.Array:
         """Mean target accuracy of one set of parameters (integer labels)."""
         outputs = self.apply_fn(params, self.target.inputs)
-        return (outputs.argmax(-1) == self.target.labels).mean()
+        return argmax_accuracy(outputs, self.target.labels).mean()
 
 
 def _cast(data: TaskData, target: TargetData, init_fn: Callable, precision: str):
