@@ -1,47 +1,70 @@
-"""First-order estimates of F(s) versus real fine-tuning, side by side.
+"""First-order estimates of F(s) against the fine-tuning they stand for.
 
-On the modular workload (``cpu`` preset): train θ* on all tasks, draw m subsets
-(each drops 3 of the 25 tasks, the paper's protocol), then
+On one supervised workload (``modular`` or ``digits``, ``cpu`` preset), from
+``θ*`` (trained on all tasks):
 
-- ``estimate``: ``workload.estimate`` (features at θ*, one vmapped solve per
-  chunk of subsets), compiled on a first small call, then timed;
-- ``fine-tune``: ``retraining.retrain`` from θ* on every subset (vmapped,
-  ``workload.finetune_variant()``), the ground truth the estimate approximates.
+1. **Ground truth.** Real fine-tuning from ``θ*`` with the workload's
+   ``finetune`` program on the all-tasks set, the K leave-one-out sets and
+   ``max(--num-subsets)`` random subsets (each drops the pipeline's number of
+   tasks), ``--replicates`` paired replicates averaged; its split-half
+   reliability is the *ceiling* of every agreement below.
+2. **Estimators**, each an ``EstimationSettings`` (linearized fine-tuning, its
+   difference form, margin outputs, a smaller projection, the convex solve with
+   ``ridge="auto"``), on the all-tasks, LOO and first ``--fit-subsets`` (256)
+   random subsets.
+   Errors: mean relative error of the mean-target score, the same per target
+   column, Spearman across subsets (mean target and per target), Spearman of
+   the estimated LOO effects with the fine-tuned ones (mean target), each
+   Spearman with its bootstrap interval.
+3. **Speed.** The default estimator against vmapped fine-tuning (one
+   replicate, same chunk size), both compiled on a first call, at every
+   ``--num-subsets``.
+4. **Downstream.** Kernel (and linear) surrogates fitted to the estimated and
+   to the fine-tuned scores of those subsets (the pipeline's
+   cross-validated fit); LOO Spearman against the fine-tuned LOO effects and
+   Spearman on ``--heldout-subsets`` (128) others, mean target.
 
-Prints time ratio, relative error of the target-task score (mean over target
-columns), Spearman of F̂ against F across subsets (mean over targets), and
-``||θ_s − θ*|| / ||θ*||``; then the same errors for several ``proj_dim`` and
-ridge values and for the full-space mode (on the first subsets only).
+Writes ``results/bench_estimation_<workload>.json`` (top-level
+``relative_error_mean``, ``spearman_subsets``, ``loo_spearman``, ``speedup`` for
+the default estimator) and prints them last.
 
-    python benchmarks/bench_estimation.py --num-subsets 256
+    python benchmarks/bench_estimation.py --workload modular
+    python benchmarks/bench_estimation.py --workload digits
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import jax
 import numpy as np
-import optax
-from _common import REPO_ROOT, environment, format_table, write_json
+import scipy.stats
+from _common import (
+    REPO_ROOT,
+    environment,
+    format_table,
+    parse_overrides,
+    write_json,
+)
 
-from tasksurrogate_jax import estimation, metrics
-from tasksurrogate_jax.projection import num_parameters
-from tasksurrogate_jax.subsets import fixed_size_masks
-from tasksurrogate_jax.workloads.modular import modular_workload
+from tasksurrogate_jax import attribution, metrics, reliability
+from tasksurrogate_jax.estimation import EstimationSettings
+from tasksurrogate_jax.pipeline import WORKLOADS, fit_surrogates
+from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 
-
-def errors(estimated, exact) -> dict:
-    """Relative error of the mean-target score and Spearman across subsets."""
-    est_mean, exact_mean = estimated.mean(1), exact.mean(1)
-    rel = np.abs(est_mean - exact_mean) / np.abs(exact_mean)
-    return {
-        "mean_rel_error": float(rel.mean()),
-        "max_rel_error": float(rel.max()),
-        "spearman_mean_target": float(metrics.spearman(exact_mean, est_mean)),
-        "mean_spearman_per_target": float(metrics.mean_spearman(exact, estimated)),
-    }
+ESTIMATORS = {
+    "linearized fine-tuning (default)": EstimationSettings(),
+    "linearized fine-tuning, difference form": EstimationSettings(difference=True),
+    "linearized fine-tuning, margin": EstimationSettings(output_mode="margin"),
+    "linearized fine-tuning, d=128": EstimationSettings(proj_dim=128),
+    "convex solve, margin, ridge auto": EstimationSettings(
+        method="solve", output_mode="margin"),
+    "convex solve, margin, ridge auto, difference form": EstimationSettings(
+        method="solve", output_mode="margin", difference=True),
+}
+DEFAULT = "linearized fine-tuning (default)"
 
 
 def timed(fn):
@@ -50,142 +73,204 @@ def timed(fn):
     return out, time.perf_counter() - start
 
 
+def interval(x, y, seed: int) -> list[float]:
+    """Bootstrap 95% interval of Spearman(x, y) over the paired rows."""
+    low, high = reliability.bootstrap_interval(
+        lambda a, b: scipy.stats.spearmanr(a, b).statistic,
+        (np.asarray(x), np.asarray(y)), num_resamples=1000, seed=seed)
+    return [float(low), float(high)]
+
+
+def errors(estimated, truth, num_loo: int, seed: int) -> dict:
+    """Errors of ``estimated`` ``[1 + K + m, T]`` (all tasks, LOO, subsets)."""
+    full, loo, subsets = 0, slice(1, 1 + num_loo), slice(1 + num_loo, None)
+    est_mean, true_mean = estimated.mean(1), truth.mean(1)
+    relative = np.abs(est_mean - true_mean) / np.abs(true_mean)
+    effects_est = est_mean[loo] - est_mean[full]
+    effects_true = true_mean[loo] - true_mean[full]
+    return {
+        "relative_error_mean": float(relative[subsets].mean()),
+        "relative_error_max": float(relative[subsets].max()),
+        "relative_error_columns": float(np.median(
+            metrics.relative_error(estimated[subsets], truth[subsets]))),
+        "spearman_subsets": float(metrics.spearman(true_mean[subsets],
+                                                   est_mean[subsets])),
+        "spearman_subsets_interval": interval(true_mean[subsets], est_mean[subsets],
+                                              seed),
+        "spearman_subsets_per_target": float(metrics.mean_spearman(
+            truth[subsets], estimated[subsets])),
+        "loo_spearman": float(metrics.spearman(effects_true, effects_est)),
+        "loo_spearman_interval": interval(effects_true, effects_est, seed),
+    }
+
+
+def downstream(fit_masks, fit_scores, heldout_masks, heldout_true, true_effects,
+               seed: int) -> dict:
+    """Surrogates of ``(fit_masks, fit_scores)`` against the fine-tuned truth."""
+    fits = fit_surrogates(fit_masks, fit_scores, seed=seed)
+    out = {}
+    for kind in ("kernel", "linear"):
+        surrogate = fits[kind]
+        effects = np.asarray(attribution.loo_scores(surrogate)).mean(1)
+        predicted = np.asarray(surrogate.predict(heldout_masks)).mean(1)
+        out[kind] = {
+            "loo_spearman": float(metrics.spearman(true_effects, effects)),
+            "loo_spearman_interval": interval(true_effects, effects, seed),
+            "heldout_spearman": float(metrics.spearman(heldout_true, predicted)),
+            "heldout_spearman_interval": interval(heldout_true, predicted, seed),
+        }
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--workload", required=True, choices=("modular", "digits"))
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--num-subsets", type=int, default=256)
+    ap.add_argument("--num-subsets", type=int, nargs="+", default=[256, 1024],
+                    help="subset counts timed (the largest sets the ground truth)")
+    ap.add_argument("--fit-subsets", type=int, default=256,
+                    help="subsets the errors and the surrogates are measured on")
+    ap.add_argument("--heldout-subsets", type=int, default=128)
+    ap.add_argument("--replicates", type=int, default=2,
+                    help="paired fine-tuning replicates of the ground truth (>= 2)")
+    ap.add_argument("--estimators", nargs="*", default=list(ESTIMATORS),
+                    choices=list(ESTIMATORS))
+    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="FIELD=VALUE",
+                    help="change a workload configuration field, e.g. hidden=1024 "
+                         "(a bigger model: the speed ratio grows with its size)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--proj-dim", type=int, default=128)
-    ap.add_argument("--ridge", type=float, default=1e-3)
-    ap.add_argument("--output-mode", default="logits",
-                    choices=estimation.OUTPUT_MODES)
-    ap.add_argument("--solver", default="newton", choices=estimation.SOLVERS)
-    ap.add_argument("--max-iter", type=int, default=50)
-    ap.add_argument("--finetune-steps", type=int, default=None,
-                    help="default: workload.finetune_variant() (a quarter of the "
-                         "preset's steps)")
-    ap.add_argument("--finetune-lr", type=float, default=None,
-                    help="default: workload.finetune_variant() (a tenth of the "
-                         "preset's learning rate)")
-    ap.add_argument("--finetune-proximal", type=float, default=0.0,
-                    help="μ > 0: fine-tune on L_s + μ/2 ||θ − θ*||² (full batch, "
-                         "learning rate decayed to 0) and give every estimate "
-                         "the matching ridge, μ p / d projected and μ in the "
-                         "full space (--ridge and --sweep-ridges are ignored)")
-    ap.add_argument("--sweep-proj-dims", type=int, nargs="*", default=[32, 128, 512])
-    ap.add_argument("--sweep-ridges", type=float, nargs="*", default=[1e-4, 1e-3, 1e-2])
-    ap.add_argument("--full-space-subsets", type=int, default=16)
-    ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_estimation.json"))
+    ap.add_argument("--out", default=None,
+                    help="default results/bench_estimation_<workload>.json")
     args = ap.parse_args()
-
-    workload = modular_workload(args.preset)
+    if args.replicates < 2:
+        ap.error("--replicates must be >= 2 (the ceiling is their agreement)")
+    entry = WORKLOADS[args.workload]
+    workload = entry.factory(args.preset, **parse_overrides(args.overrides))
+    num_tasks = workload.num_tasks
     key = jax.random.key(args.seed)
-    masks = fixed_size_masks(jax.random.fold_in(key, 7), args.num_subsets,
-                             workload.num_tasks, subset_size=workload.num_tasks - 3)
+    largest = max(max(args.num_subsets), args.fit_subsets + args.heldout_subsets)
+    subsets = np.asarray(fixed_size_masks(
+        jax.random.fold_in(key, 7), largest, num_tasks,
+        subset_size=num_tasks - entry.drop, unique=True))
+    loo = np.asarray(leave_one_out_masks(num_tasks))  # all tasks, then each dropped
+    scored = np.concatenate([loo, subsets[:args.fit_subsets]])
     theta, base_seconds = timed(lambda: workload.base_params(key=key))
-    theta_norm = float(optax.tree_utils.tree_norm(theta))
-    mu = args.finetune_proximal
-    num_params = num_parameters(theta)
+    print(f"{args.workload} {args.preset}: {num_tasks} tasks, θ* in "
+          f"{base_seconds:.1f} s; fine-tuning {workload.finetune_spec.num_steps} "
+          f"steps (batch {workload.finetune_spec.batch_size}).", flush=True)
 
-    def ridges(proj_dim):
-        """The ridges to try at one projection dimension (None: full space)."""
-        if mu > 0:
-            return [mu if proj_dim is None else mu * num_params / proj_dim]
-        return args.sweep_ridges
+    def finetune(masks, replicates):
+        return np.asarray(workload.replicate_scores(
+            masks, key=key, regime="finetune", replicates=replicates,
+            base_params=theta, chunk_size=args.chunk_size, progress=False))
 
-    if mu > 0:
-        args.ridge = ridges(args.proj_dim)[0]
-    settings = estimation.SolverSettings(args.solver, max_iter=args.max_iter)
-    options = {"proj_dim": args.proj_dim, "ridge": args.ridge,
-               "output_mode": args.output_mode, "settings": settings}
+    def estimate(masks, settings):
+        return np.asarray(workload.estimated_scores(masks, key=key, base_params=theta,
+                                                    settings=settings))
 
-    # Estimation: compile on a first call with the same chunk shape, then time.
-    chunk = min(64, args.num_subsets)
-    _, compile_seconds = timed(lambda: workload.estimate(
-        masks[:chunk], key=key, base_params=theta, chunk_size=chunk, **options).scores)
-    estimate, estimate_seconds = timed(lambda: workload.estimate(
-        masks, key=key, base_params=theta, chunk_size=chunk, **options))
+    # Speed: both compiled on a first call of one chunk, then timed.
+    finetune(subsets[:args.chunk_size], 1)
+    estimate(subsets[:args.chunk_size], ESTIMATORS[DEFAULT])
+    speed = []
+    for m in sorted(args.num_subsets):
+        _, tune_s = timed(lambda m=m: finetune(subsets[:m], 1))
+        _, est_s = timed(lambda m=m: estimate(subsets[:m], ESTIMATORS[DEFAULT]))
+        speed.append({"num_subsets": m, "finetune_s": tune_s, "estimate_s": est_s,
+                      "speedup": tune_s / est_s})
+        print(f"  m={m}: fine-tuning {tune_s:.1f} s, estimate {est_s:.1f} s",
+              flush=True)
 
-    # Ground truth: fine-tuning from θ* on every subset (vmapped chunks).
-    if mu > 0:
-        spec = workload.finetune_variant(
-            num_steps=args.finetune_steps, learning_rate=args.finetune_lr,
-            proximal=mu, anchor=theta, batch_size=None, decay_to_zero=True)
-    else:
-        spec = workload.finetune_variant(num_steps=args.finetune_steps,
-                                      learning_rate=args.finetune_lr)
-    start = time.perf_counter()
-    check = estimation.check_estimation(
-        estimate.scores, masks, params=theta, data=workload.data,
-        target=workload.target, spec=spec, key=jax.random.fold_in(key, 2),
-        progress=True)
-    finetune_seconds = time.perf_counter() - start
-    exact = np.asarray(check.exact)
-    first_order = errors(np.asarray(check.first_order), exact)
+    # Ground truth with its ceiling.
+    all_rows = np.concatenate([loo, subsets])
+    replicate_scores, truth_s = timed(lambda: finetune(all_rows, args.replicates))
+    truth = replicate_scores.mean(0)
+    num_loo = num_tasks
+    subset_rows = slice(1 + num_loo, 1 + num_loo + args.fit_subsets)
+    subset_ceiling = reliability.subset_reliability(replicate_scores[:, subset_rows],
+                                                    seed=args.seed)
+    loo_ceiling = reliability.loo_reliability(replicate_scores[:, :1 + num_loo],
+                                              seed=args.seed)
+    ceiling = {"spearman_subsets": subset_ceiling.mean_target,
+               "loo_spearman": loo_ceiling.mean_target,
+               "num_replicates": args.replicates}
+    print(f"ground truth: {all_rows.shape[0]} sets x {args.replicates} replicates in "
+          f"{truth_s:.0f} s; ceiling (agreement of two such truths): Spearman "
+          f"across subsets {ceiling['spearman_subsets']:.3f}, LOO "
+          f"{ceiling['loo_spearman']:.3f}", flush=True)
+    truth_scored = truth[:1 + num_loo + args.fit_subsets]
 
-    headline = {
-        "proj_dim": args.proj_dim, "ridge": args.ridge,
-        "estimate_s": estimate_seconds, "estimate_compile_s": compile_seconds,
-        "finetune_s": finetune_seconds,
-        "speedup": finetune_seconds / estimate_seconds,
-        **errors(np.asarray(estimate.scores), exact),
-        "param_shift_mean": float(np.mean(check.param_shift)),
-        "param_shift_max": float(np.max(check.param_shift)),
-        "estimate_shift_mean": float(np.mean(estimate.delta_norm) / theta_norm),
-        # The linearization's own error where fine-tuning went (no solver).
-        "first_order_at_finetuned_rel_error": first_order["mean_rel_error"],
-        "first_order_at_finetuned_spearman": first_order["mean_spearman_per_target"],
-    }
-    print(f"\nθ* trained in {base_seconds:.1f} s; {args.num_subsets} subsets, "
-          f"fine-tuning {spec.num_steps} steps each.\n")
-    print(format_table([headline], ["proj_dim", "ridge", "estimate_s", "finetune_s",
-                                    "speedup", "mean_rel_error", "max_rel_error",
-                                    "spearman_mean_target", "mean_spearman_per_target",
-                                    "param_shift_mean",
-                                    "first_order_at_finetuned_rel_error",
-                                    "first_order_at_finetuned_spearman"]))
+    rows, estimates = [], {}
+    for name in args.estimators:
+        result, seconds = timed(lambda name=name: estimate(scored, ESTIMATORS[name]))
+        estimates[name] = result
+        rows.append({"estimator": name, "seconds": seconds,
+                     **errors(result, truth_scored, num_loo, args.seed)})
+        print(f"  {name}: {seconds:.1f} s", flush=True)
 
-    sweep = []
-    for proj_dim in args.sweep_proj_dims:
-        for ridge in ridges(proj_dim):
-            result, seconds = timed(lambda p=proj_dim, r=ridge: workload.estimate(
-                masks, key=key, base_params=theta, chunk_size=chunk, proj_dim=p,
-                ridge=r, output_mode=args.output_mode, settings=settings).scores)
-            sweep.append({"mode": "projected", "proj_dim": proj_dim, "ridge": ridge,
-                          "seconds": seconds,
-                          **errors(np.asarray(result), exact)})
-    few = args.full_space_subsets
-    if few:
-        for ridge in ridges(None):
-            result, seconds = timed(lambda r=ridge: workload.estimate(
-                masks[:few], key=key, base_params=theta, chunk_size=few,
-                proj_dim=None, ridge=r, output_mode=args.output_mode,
-                settings=estimation.SolverSettings("lbfgs", max_iter=200,
-                                                   tol=1e-6)).scores)
-            sweep.append({"mode": f"full space ({few} subsets)", "proj_dim": None,
-                          "ridge": ridge, "seconds": seconds,
-                          **errors(np.asarray(result), exact[:few])})
-            projected = workload.estimate(masks[:few], key=key, base_params=theta,
-                                          chunk_size=few, proj_dim=args.proj_dim,
-                                          ridge=args.ridge if mu > 0 else ridge,
-                                          output_mode=args.output_mode,
-                                          settings=settings)
-            sweep.append({"mode": f"projected ({few} subsets)",
-                          "proj_dim": args.proj_dim,
-                          "ridge": args.ridge if mu > 0 else ridge,
-                          **errors(np.asarray(projected.scores), exact[:few])})
-    print("\nError against fine-tuning, by projection dimension and ridge:\n")
-    print(format_table(sweep, ["mode", "proj_dim", "ridge", "seconds",
-                               "mean_rel_error", "max_rel_error",
-                               "spearman_mean_target", "mean_spearman_per_target"]))
+    fit, held = args.fit_subsets, args.heldout_subsets
+    fit_masks = subsets[:fit]
+    heldout = slice(1 + num_loo + fit, 1 + num_loo + fit + held)
+    true_effects = truth[1:1 + num_loo].mean(1) - truth[0].mean()
+    surrogate_args = (subsets[fit:fit + held],
+                      truth[heldout].mean(1), true_effects, args.seed)
+    downstream_rows = {"fine-tuned scores": downstream(
+        fit_masks, truth[subset_rows], *surrogate_args)}
+    for name in args.estimators:
+        downstream_rows[f"estimated: {name}"] = downstream(
+            fit_masks, estimates[name][1 + num_loo:], *surrogate_args)
 
-    path = write_json(args.out, {
+    headline = next((r for r in rows if r["estimator"] == DEFAULT), rows[0])
+    at_fit = next((s for s in speed if s["num_subsets"] == fit), speed[0])
+    kernel_gap = (downstream_rows["fine-tuned scores"]["kernel"]["loo_spearman"]
+                  - downstream_rows[f"estimated: {headline['estimator']}"]["kernel"]
+                  ["loo_spearman"])
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+    print(f"\nEstimates against fine-tuning from θ* ({args.replicates} replicates "
+          f"averaged; first {args.fit_subsets} subsets and the {num_loo} LOO sets):\n")
+    print(format_table(rows, ["estimator", "seconds", "relative_error_mean",
+                              "relative_error_max", "relative_error_columns",
+                              "spearman_subsets", "spearman_subsets_per_target",
+                              "loo_spearman"]))
+    print("\nSpeed of the default estimator against vmapped fine-tuning:\n")
+    print(format_table(speed, ["num_subsets", "finetune_s", "estimate_s",
+                               "speedup"]))
+    print(f"\nSurrogates fitted to {fit} subsets, against the fine-tuned truth "
+          f"(mean target; held out: {held} subsets):\n")
+    print(format_table(
+        [{"scores": name, "surrogate": kind, **values}
+         for name, by_kind in downstream_rows.items()
+         for kind, values in by_kind.items()],
+        ["scores", "surrogate", "loo_spearman", "heldout_spearman"]))
+
+    path = write_json(args.out or REPO_ROOT / f"results/bench_estimation_"
+                      f"{args.workload}.json", {
         "benchmark": "bench_estimation", "environment": environment(),
-        "preset": args.preset, "config": vars(args),
-        "finetune_steps": spec.num_steps, "base_train_s": base_seconds,
-        "headline": headline, "sweep": sweep,
+        "workload": args.workload, "preset": args.preset, "config": vars(args),
+        "finetune_steps": workload.finetune_spec.num_steps,
+        "base_train_s": base_seconds, "ground_truth_s": truth_s,
+        "ceiling": ceiling, "estimators": rows, "speed": speed,
+        "downstream": downstream_rows, "peak_rss_gb": peak_gb,
+        "default_estimator": headline["estimator"],
+        "kernel_loo_spearman_gap": kernel_gap,
+        "relative_error_mean": headline["relative_error_mean"],
+        "spearman_subsets": headline["spearman_subsets"],
+        "loo_spearman": headline["loo_spearman"],
+        "speedup": at_fit["speedup"],
     })
-    print(f"\nwrote {path}")
+    print(f"\npeak memory {peak_gb:.2f} GB; wrote {path}")
+    print(f"ceiling: spearman_subsets {ceiling['spearman_subsets']:.3f}, "
+          f"loo_spearman {ceiling['loo_spearman']:.3f}")
+    print(f"kernel surrogate LOO Spearman, fine-tuned minus estimated scores: "
+          f"{kernel_gap:+.3f}")
+    print(f"relative_error_mean {headline['relative_error_mean']:.4f}")
+    print(f"spearman_subsets {headline['spearman_subsets']:.3f} "
+          f"{headline['spearman_subsets_interval']}")
+    print(f"loo_spearman {headline['loo_spearman']:.3f} "
+          f"{headline['loo_spearman_interval']}")
+    print(f"speedup {at_fit['speedup']:.2f} (m={at_fit['num_subsets']})")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from tasksurrogate_jax import (
     chunking,
     data,
     estimation,
+    estimation_check,
     kernels,
     linearize,
     losses,
@@ -43,12 +44,14 @@ from tasksurrogate_jax.data import (
     mask_to_weights,
 )
 from tasksurrogate_jax.estimation import (
-    EstimationCheck,
     EstimationResult,
+    EstimationSettings,
     SolverSettings,
-    check_estimation,
+    difference_form,
     estimate_scores,
+    linearized_finetune_scores,
 )
+from tasksurrogate_jax.estimation_check import EstimationCheck, check_estimation
 from tasksurrogate_jax.kernels import KERNELS, gram
 from tasksurrogate_jax.linearize import (
     per_example_grads,
@@ -68,6 +71,12 @@ from tasksurrogate_jax.metrics import (
 )
 from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
 from tasksurrogate_jax.projection import Projection, make_projection
+from tasksurrogate_jax.report import (
+    format_correlation_table,
+    plot_heldout,
+    plot_interactions,
+    plot_loo_effects,
+)
 from tasksurrogate_jax.retraining import (
     RetrainResult,
     TrainSpec,
@@ -117,6 +126,7 @@ __all__ = [
     "chunking",
     "data",
     "estimation",
+    "estimation_check",
     "kernels",
     "linearize",
     "losses",
@@ -155,10 +165,13 @@ __all__ = [
     # projection, linearization, estimation
     "EstimationCheck",
     "EstimationResult",
+    "EstimationSettings",
     "Projection",
     "SolverSettings",
     "check_estimation",
+    "difference_form",
     "estimate_scores",
+    "linearized_finetune_scores",
     "make_projection",
     "per_example_grads",
     "per_task_sums",
@@ -205,4 +218,9 @@ __all__ = [
     "rankdata",
     "relative_error",
     "spearman",
+    # plots and tables from plain arrays
+    "format_correlation_table",
+    "plot_heldout",
+    "plot_interactions",
+    "plot_loo_effects",
 ]

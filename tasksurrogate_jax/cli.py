@@ -3,7 +3,8 @@
     tasksurrogate list
     tasksurrogate run digits --preset cpu [--out DIR] [--seed 0]
         [--regime finetune|scratch] [--replicates 4]
-        [--num-subsets 96] [--num-heldout 32] [--proj-dim 128]
+        [--num-subsets 96] [--num-heldout 32]
+        [--estimation-method finetune|solve] [--proj-dim 512]
         [--baselines influence tracin trak] [--set num_steps=300 ...]
 
 ``run`` prints the table, writes ``results.json`` and the plots to ``--out``
@@ -21,6 +22,8 @@ import sys
 
 import jax
 
+from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
+from tasksurrogate_jax.estimation import OUTPUT_MODES
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     WORKLOADS,
@@ -45,6 +48,20 @@ def parse_override(text: str) -> tuple[str, object]:
     except (ValueError, SyntaxError):
         parsed = value
     return name, parsed
+
+
+def parse_ridge(text: str) -> float | str:
+    """``"auto"`` or a non-negative number."""
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a number >= 0 or 'auto', got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,11 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--drop", type=int, default=defaults.drop,
                      help="tasks dropped from each random subset (default: the "
                           "workload's)")
+    run.add_argument("--estimation-method", default=defaults.estimation_method,
+                     choices=ESTIMATION_METHODS,
+                     help="linearized fine-tuning or the convex solve")
     run.add_argument("--proj-dim", type=int, default=defaults.proj_dim)
-    run.add_argument("--estimation-ridge", type=float,
-                     default=defaults.estimation_ridge)
+    run.add_argument("--estimation-ridge", type=parse_ridge,
+                     default=defaults.estimation_ridge,
+                     help="ridge of the convex solve: a number or 'auto'")
     run.add_argument("--output-mode", default=defaults.output_mode,
-                     choices=("margin", "logits"))
+                     choices=OUTPUT_MODES)
+    run.add_argument("--estimation-difference", action="store_true",
+                     help="anchor the estimates at one real fine-tuning on all "
+                          "tasks")
     run.add_argument("--cv-method", default=defaults.cv_method,
                      choices=("loo", "kfold"))
     run.add_argument("--cv-criterion", default=defaults.cv_criterion,
@@ -112,8 +136,9 @@ def main(argv=None) -> int:
         workload=args.workload, preset=args.preset, seed=args.seed,
         regime=args.regime, replicates=args.replicates,
         num_subsets=args.num_subsets, num_heldout=args.num_heldout, drop=args.drop,
-        proj_dim=args.proj_dim, estimation_ridge=args.estimation_ridge,
-        output_mode=args.output_mode, cv_method=args.cv_method,
+        estimation_method=args.estimation_method, proj_dim=args.proj_dim,
+        estimation_ridge=args.estimation_ridge, output_mode=args.output_mode,
+        estimation_difference=args.estimation_difference, cv_method=args.cv_method,
         cv_criterion=args.cv_criterion, baselines=tuple(args.baselines),
         influence_damping=args.influence_damping,
         influence_hessian=args.influence_hessian, trak_proj_dim=args.trak_proj_dim,

@@ -1,12 +1,29 @@
 """Subset scores without retraining: first-order estimates ``F̂(s)`` around ``θ*``.
 
-1. At ``θ*`` (trained on all tasks), every training and target example gets its
-   outputs and projected Jacobian (``linearize.projected_jacobians``):
-   ``f(x; θ* + P w) ≈ f(x; θ*) + J(x) P w``.
-2. For each subset ``s``, with per-example weights ``ω = mask_to_weights(s)``,
-   minimise the convex problem
-   ``Σ_n ω_n ℓ(f_n + Φ_n w, y_n) / Σ_n ω_n + ridge / 2 ||w||²`` over ``w ∈ R^d``.
-3. ``F̂(s)`` = per-target loss of the linearized model at ``ŵ_s``.
+At ``θ*`` (trained on all tasks), every training and target example gets its
+outputs and projected Jacobian (``linearize.projected_jacobians``):
+``f(x; θ* + P w) ≈ f(x; θ*) + J(x) P w`` (the *linearized model*). Two ways to
+get each subset's update ``ŵ_s`` from it, all subsets vmapped:
+
+- **Linearized fine-tuning** (:func:`linearized_finetune_scores`, the default
+  of the workloads): run *the fine-tuning program itself* (its optimizer,
+  schedule, steps, batch size and batch draws: ``retraining.train_on_weights``)
+  on the linearized model, with ``w`` as the parameters, starting from 0. For
+  a model linear in its parameters this *is* fine-tuning (``proj_dim=None``).
+  Plain gradient descent on ``w`` follows the projected kernel ``Φ Φ^T ≈ J J^T``
+  (``E[P P^T] = I``), so it tracks real gradient-descent fine-tuning in
+  function space. The optimizer acts on ``w``: coordinate-wise optimizers
+  (Adam) and weight decay act on ``w``'s coordinates, not on ``θ``'s.
+- **Convex solve** (:func:`estimate_scores`, the paper's estimator): minimise
+  ``Σ_n ω_n ℓ(f_n + Φ_n w, y_n) / Σ_n ω_n + ridge / 2 ||w||²`` to convergence.
+  ``ridge`` stands in for the finite length of fine-tuning; ``ridge="auto"``
+  picks the ridge whose update on all tasks has the norm of one real
+  fine-tuning on all tasks (``reference_update_norm``).
+
+``F̂(s)`` = per-target loss of the linearized model at ``ŵ_s``. The *difference
+form* (:func:`difference_form`) adds the measured ``F(s*)`` of one real
+fine-tuning on all tasks to ``F̂(s) − F̂(s*)``, so an error shared by every
+subset cancels.
 
 Output modes:
 
@@ -17,16 +34,16 @@ Output modes:
   the loss is ``softplus(-m)`` (the exact cross-entropy at ``θ*``); features
   ``[n, d]``. Cheaper by a factor C.
 
-Solvers: ``"newton"`` (exact Hessian, d x d: best for d up to about a thousand
-with ``"margin"``) and ``"lbfgs"`` (optax L-BFGS with zoom line search: no
-Hessian, for ``"logits"`` with many classes). All subsets of a chunk are solved
-in one vmapped, jitted call. ``proj_dim=None`` solves in the full parameter
-space through ``jax.jvp`` (``linearize.linearize``), as a check of the
-projection's error.
+Solvers of the convex problem: ``"newton"`` (exact Hessian, d x d: best for d up
+to about a thousand with ``"margin"``) and ``"lbfgs"`` (optax L-BFGS with zoom
+line search: no Hessian, for ``"logits"`` with many classes). ``proj_dim=None``
+works in the full parameter space through ``jax.jvp`` (``linearize.linearize``),
+as a check of the projection's error.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import NamedTuple
@@ -37,7 +54,7 @@ import optax
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import metrics, retraining
+from tasksurrogate_jax import retraining
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.chunking import map_padded_chunks
 from tasksurrogate_jax.data import (
@@ -84,6 +101,51 @@ class SolverSettings(NamedTuple):
     solver: str = "newton"
     max_iter: int = 50
     tol: float = 1e-6
+
+
+METHODS = ("finetune", "solve")
+
+
+@dataclasses.dataclass(frozen=True)
+class EstimationSettings:
+    """How a workload estimates subset scores (its ``estimate`` method).
+
+    Attributes:
+      method: ``"finetune"`` (:func:`linearized_finetune_scores`, mirroring the
+        workload's fine-tuning program) or ``"solve"`` (:func:`estimate_scores`).
+      proj_dim: d, or ``None`` for the full parameter space.
+      output_mode: ``"logits"`` or ``"margin"``.
+      ridge: the convex solve's ridge, a number or ``"auto"`` (calibrated to one
+        real fine-tuning on all tasks); unused by ``"finetune"``.
+      difference: anchor the estimates at one real fine-tuning on all tasks
+        (:func:`difference_form`).
+      replicates: batch orders averaged by ``"finetune"`` (``1``: replicate 0
+        of the real fine-tuning's batches).
+    """
+
+    method: str = "finetune"
+    proj_dim: int | None = 512
+    output_mode: str = "logits"
+    ridge: float | str = "auto"
+    difference: bool = False
+    replicates: int = 1
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
+        if self.proj_dim is not None:
+            check_positive_int(self.proj_dim, "proj_dim")
+        _check_output_mode(self.output_mode)
+        if self.method == "solve":
+            _check_ridge(self.ridge, 1.0, self.proj_dim)
+        if not isinstance(self.difference, bool):
+            raise TypeError(f"difference must be a bool, got {self.difference!r}.")
+        check_positive_int(self.replicates, "replicates")
+
+    @property
+    def needs_reference_run(self) -> bool:
+        """Whether one real fine-tuning on all tasks is needed."""
+        return self.difference or (self.method == "solve" and self.ridge == "auto")
 
 
 class Solution(NamedTuple):
@@ -265,30 +327,35 @@ def target_losses(target: Linearized, w, output_mode: str):
 
 
 class EstimationResult(NamedTuple):
-    """Estimated scores and solver diagnostics.
+    """Estimated scores and diagnostics.
 
     Attributes:
       scores: ``[m, T]`` estimated per-target losses ``F̂(s)``.
-      grad_norm: ``[m]`` final gradient norm of each subset's problem.
-      iterations: ``[m]`` solver iterations.
       delta_norm: ``[m]`` ``||P ŵ_s||`` (or ``||Δ_s||`` in full space), to
-        compare with ``||θ*||``.
+        compare with ``||θ*||`` and with real fine-tuning's update.
+      grad_norm: ``[m]`` final gradient norm of each subset's convex problem
+        (``None`` for linearized fine-tuning).
+      iterations: ``[m]`` solver iterations (``None`` for linearized
+        fine-tuning).
+      ridge: the ridge used by the convex solve (the calibrated value for
+        ``ridge="auto"``; ``None`` for linearized fine-tuning).
     """
 
     scores: jax.Array
-    grad_norm: jax.Array
-    iterations: jax.Array
     delta_norm: jax.Array
+    grad_norm: jax.Array | None = None
+    iterations: jax.Array | None = None
+    ridge: float | None = None
 
 
 def estimate_scores(
     apply_fn: Callable, params, data: TaskData, target: TargetData, masks, *,
-    key=None, proj_dim: int | None = 128, ridge: float = 1e-3,
-    output_mode: str = "logits", projection_kind: str = "rademacher",
-    settings: SolverSettings | None = None, batch_size: int | None = 256,
-    chunk_size: int = 64,
+    key=None, proj_dim: int | None = 128, ridge: float | str = 1e-3,
+    reference_update_norm: float | None = None, output_mode: str = "logits",
+    projection_kind: str = "rademacher", settings: SolverSettings | None = None,
+    batch_size: int | None = 256, chunk_size: int = 64,
 ) -> EstimationResult:
-    """First-order estimates of ``F(s)`` for many subsets from one ``θ*``.
+    """First-order estimates of ``F(s)`` by the convex solve, from one ``θ*``.
 
     Args:
       apply_fn: batched model ``(params, inputs) -> logits [b, C]``.
@@ -299,7 +366,11 @@ def estimate_scores(
       masks: ``[m, num_tasks]`` 0/1 masks.
       key: PRNG key of the projection (required unless ``proj_dim=None``).
       proj_dim: d; ``None`` solves in the full parameter space.
-      ridge: L2 penalty on the update.
+      ridge: L2 penalty on the update, or ``"auto"``: the ridge at which the
+        update on all tasks has norm ``reference_update_norm`` (projected
+        space only).
+      reference_update_norm: ``||θ_{s*} − θ*||`` of one real fine-tuning on all
+        tasks; required with ``ridge="auto"``.
       output_mode: ``"logits"`` or ``"margin"``.
       projection_kind: ``"rademacher"`` or ``"gaussian"``.
       settings: :class:`SolverSettings` (default: Newton, 50 iterations, 1e-6).
@@ -311,7 +382,9 @@ def estimate_scores(
     """
     _check_output_mode(output_mode)
     settings = _check_settings(SolverSettings() if settings is None else settings)
-    if settings.solver == "newton" and proj_dim is not None and not ridge > 0:
+    auto = _check_ridge(ridge, reference_update_norm, proj_dim)
+    if (settings.solver == "newton" and proj_dim is not None and not auto
+            and not ridge > 0):
         raise ValueError(
             f"the newton solver needs ridge > 0 (got ridge={ridge}): the softmax "
             "loss is flat along shifts of all logits, so the Hessian is singular. "
@@ -327,11 +400,35 @@ def estimate_scores(
         return _estimate_full_space(apply_fn, params, data, target, weights,
                                     ridge=ridge, output_mode=output_mode,
                                     settings=settings, chunk_size=chunk_size)
+    projection = _projection(key, proj_dim, projection_kind, params)
+    train, tgt = _linearize_data(apply_fn, params, data, target, projection,
+                                 output_mode, batch_size)
+    if auto:
+        ridge = calibrate_ridge(train, data, projection, params,
+                                update_norm=reference_update_norm,
+                                output_mode=output_mode, settings=settings)
+
+    def solve_chunk(chunk):
+        sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
+                            settings=settings)
+        return (target_losses(tgt, sol.w, output_mode),
+                _update_norms(projection, sol.w, params), sol.grad_norm,
+                sol.iterations)
+
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size),
+                            ridge=float(ridge))
+
+
+def _projection(key, proj_dim, projection_kind, params):
     if key is None:
         raise ValueError("key is required for the projection (or set proj_dim=None).")
-    projection = make_projection(key, proj_dim, kind=projection_kind,
-                                 num_params=num_parameters(params))
-    # Training and target examples in one compiled pass, then split.
+    return make_projection(key, proj_dim, kind=projection_kind,
+                           num_params=num_parameters(params))
+
+
+def _linearize_data(apply_fn, params, data, target, projection, output_mode,
+                    batch_size) -> tuple[Linearized, Linearized]:
+    """Linearized training and target examples, in one compiled pass."""
     n = data.inputs.shape[0]
     both = linearized_examples(
         apply_fn, params, jnp.concatenate([data.inputs, target.inputs]),
@@ -341,14 +438,44 @@ def estimate_scores(
     tgt = Linearized(*(x[n:] for x in both))
     _check_finite_features(train.features, "training")
     _check_finite_features(tgt.features, "target")
+    return train, tgt
 
-    def solve_chunk(chunk):
-        sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
-                            settings=settings)
-        return (target_losses(tgt, sol.w, output_mode), sol.grad_norm,
-                sol.iterations, _update_norms(projection, sol.w, params))
 
-    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size))
+def calibrate_ridge(train: Linearized, data: TaskData, projection, params, *,
+                    update_norm: float, output_mode: str,
+                    settings: SolverSettings, bounds=(1e-8, 1e8),
+                    iterations: int = 40) -> float:
+    """The ridge whose solution on all tasks has ``||P ŵ|| = update_norm``.
+
+    ``||P ŵ(ridge)||`` falls monotonically with the ridge; bisection on
+    ``log(ridge)`` within ``bounds``. A target norm outside the bracket's
+    norms gives the nearer end.
+
+    Args:
+      train: the linearized training examples.
+      data: the training data (for the all-tasks weights).
+      projection, params: ``P`` and ``θ*`` (to measure ``||P ŵ||``).
+      update_norm: ``||θ_{s*} − θ*||`` of a real fine-tuning on all tasks.
+      output_mode, settings: as for :func:`solve_subsets`.
+      bounds: the ridge bracket.
+      iterations: bisection steps.
+    """
+    full = mask_to_weights(jnp.ones((1, data.num_tasks)), data.task_ids).astype(
+        train.features.dtype)
+
+    def norm_at(log_ridge):
+        sol = solve_subsets(train, full, ridge=jnp.exp(log_ridge),
+                            output_mode=output_mode, settings=settings)
+        return float(_update_norms(projection, sol.w, params)[0])
+
+    lo, hi = (float(jnp.log(b)) for b in bounds)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        if norm_at(mid) > update_norm:
+            lo = mid  # the update is too long: more ridge
+        else:
+            hi = mid
+    return float(jnp.exp(0.5 * (lo + hi)))
 
 
 @jax.jit
@@ -388,11 +515,138 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
             sol = _minimize(objective, zero, settings)
             scores = example_losses(f_lin_target(unravel(sol.w), target.inputs),
                                     target.labels, output_mode)
-            return scores, sol.grad_norm, sol.iterations, jnp.linalg.norm(sol.w)
+            return scores, jnp.linalg.norm(sol.w), sol.grad_norm, sol.iterations
 
         return jax.lax.map(one, chunk)
 
-    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size))
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size),
+                            ridge=float(ridge))
+
+
+# ---------------------------------------------------------------------------
+# Linearized fine-tuning: the fine-tuning program on the linearized model.
+
+
+def linear_model(w, inputs):
+    """The projected linearized model on stacked inputs.
+
+    Args:
+      w: ``[d]`` update coordinates.
+      inputs: ``[..., 1 + d]``: ``f(x; θ*)`` in slot 0, then ``J(x) P``.
+
+    Returns:
+      ``[...]``: ``f(x; θ*) + J(x) P w``.
+    """
+    return inputs[..., 0] + inputs[..., 1:] @ w
+
+
+def margin_cross_entropy(margins, labels):
+    """Cross-entropy ``softplus(-m)`` of correct-class log-odds ``[b]``."""
+    del labels  # the margin is already the correct class's
+    return jax.nn.softplus(-margins)
+
+
+def linearized_finetune_scores(
+    apply_fn: Callable, params, data: TaskData, target: TargetData, masks, *,
+    finetune: retraining.TrainSpec, key, batch_key, proj_dim: int | None = 512,
+    output_mode: str = "logits", projection_kind: str = "rademacher",
+    replicates: int = 1, batch_size: int | None = 256, chunk_size: int = 64,
+) -> EstimationResult:
+    """First-order estimates of ``F(s)`` by linearized fine-tuning.
+
+    Every subset runs ``finetune``'s program (``retraining.retrain``: same
+    optimizer, schedule, steps, batch size, and with ``batch_key`` the same
+    mini-batches as ``retrain(..., key=batch_key, replicates=replicates)``)
+    on the linearized model around ``θ*``: ``w ∈ R^d`` from 0 in the projected
+    space, or ``θ`` from ``θ*`` in the full space (``proj_dim=None``, exact for
+    a model linear in its parameters, whatever the optimizer).
+
+    Args:
+      apply_fn: batched model ``(params, inputs) -> logits [b, C]``.
+      params: ``θ*``.
+      data, target: the training data and target examples.
+      masks: ``[m, num_tasks]`` 0/1 masks.
+      finetune: the fine-tuning program to mirror (its ``loss_fn`` is the loss
+        in ``"logits"`` mode; ``"margin"`` mode assumes cross-entropy).
+      key: PRNG key of the projection (unused with ``proj_dim=None``).
+      batch_key: the fine-tuning's key (its mini-batch draws).
+      proj_dim: d, or ``None`` for the full parameter space.
+      output_mode: ``"logits"`` or ``"margin"`` (projected space only).
+      projection_kind: ``"rademacher"`` or ``"gaussian"``.
+      replicates: batch orders averaged (replicate ``r`` draws the batches of
+        ``retraining.replicate_key(batch_key, r)``).
+      batch_size: examples per chunk when computing features.
+      chunk_size: subsets per compiled call.
+
+    Returns:
+      :class:`EstimationResult` with ``scores`` ``[m, T]`` (the mean over
+      replicates) and ``delta_norm`` (replicate 0's).
+    """
+    _check_output_mode(output_mode)
+    if not isinstance(finetune, retraining.TrainSpec):
+        raise TypeError(f"finetune must be a retraining.TrainSpec, got "
+                        f"{type(finetune).__name__}.")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    replicates = check_positive_int(replicates, "replicates")
+    masks = check_nonempty_masks(masks, data)
+    _check_params_structure(apply_fn, params, data)
+    run = {"masks": masks, "key": batch_key, "replicates": replicates,
+           "chunk_size": chunk_size, "return_params": True, "progress": False}
+
+    if proj_dim is None:
+        if output_mode != "logits":
+            raise ValueError("output_mode='margin' needs a projection: set "
+                             "proj_dim, or use output_mode='logits'.")
+        linear = linearize(apply_fn, params)
+
+        def linear_apply(theta, inputs):
+            return linear(otu.tree_sub(theta, params), inputs)
+
+        spec = dataclasses.replace(finetune, apply_fn=linear_apply, accuracy_fn=None)
+        result = retraining.retrain(data=data, target=target, spec=spec,
+                                    init_params=params, **run)
+        shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(
+            jax.tree.map(lambda leaf: leaf[0], result.params))
+        return EstimationResult(result.losses.mean(0), shift)
+
+    projection = _projection(key, proj_dim, projection_kind, params)
+    train, tgt = _linearize_data(apply_fn, params, data, target, projection,
+                                 output_mode, batch_size)
+    loss_fn = finetune.loss_fn if output_mode == "logits" else margin_cross_entropy
+    spec = dataclasses.replace(finetune, apply_fn=linear_model, loss_fn=loss_fn,
+                               accuracy_fn=None)
+    lin_data = dataclasses.replace(data, inputs=_stacked_inputs(train))
+    lin_target = dataclasses.replace(target, inputs=_stacked_inputs(tgt))
+    w0 = jnp.zeros(projection.proj_dim, train.features.dtype)
+    result = retraining.retrain(data=lin_data, target=lin_target, spec=spec,
+                                init_params=w0, **run)
+    return EstimationResult(result.losses.mean(0),
+                            _update_norms(projection, result.params[0], params))
+
+
+def _stacked_inputs(examples: Linearized):
+    """``[n, (C,) 1 + d]``: outputs at ``θ*`` then the projected Jacobian."""
+    return jnp.concatenate([examples.outputs[..., None], examples.features], axis=-1)
+
+
+def difference_form(estimated, estimated_all, measured_all):
+    """``F̂(s) − F̂(s*) + F(s*)``: the estimates anchored at one real run.
+
+    Args:
+      estimated: ``[m, T]`` estimates ``F̂(s)``.
+      estimated_all: ``[T]`` the estimate for all tasks, ``F̂(s*)``.
+      measured_all: ``[T]`` the real fine-tuning on all tasks, ``F(s*)``.
+
+    Returns:
+      ``[m, T]``; equal to ``measured_all`` where ``s = s*``.
+    """
+    estimated = jnp.asarray(estimated)
+    for name, value in (("estimated_all", estimated_all),
+                        ("measured_all", measured_all)):
+        if jnp.shape(value) != estimated.shape[1:]:
+            raise ValueError(f"{name} must have shape {estimated.shape[1:]} (one "
+                             f"value per target), got {jnp.shape(value)}.")
+    return estimated - jnp.asarray(estimated_all) + jnp.asarray(measured_all)
 
 
 def _check_output_mode(output_mode):
@@ -434,76 +688,20 @@ def _check_finite_features(features, which):
         )
 
 
-class EstimationCheck(NamedTuple):
-    """Estimated against real fine-tuning from ``θ*`` on the same subsets.
+def _check_ridge(ridge, reference_update_norm, proj_dim) -> bool:
+    """Whether ``ridge`` is ``"auto"`` (validated); a ``ValueError`` otherwise."""
+    if isinstance(ridge, str):
+        if ridge != "auto":
+            raise ValueError(f"ridge must be a number >= 0 or 'auto', got {ridge!r}.")
+        if proj_dim is None:
+            raise ValueError("ridge='auto' needs a projection (proj_dim).")
+        if reference_update_norm is None or not reference_update_norm > 0:
+            raise ValueError(
+                "ridge='auto' needs reference_update_norm > 0, the norm "
+                "||θ_s* − θ*|| of one real fine-tuning on all tasks; got "
+                f"{reference_update_norm}.")
+        return True
+    if not ridge >= 0:
+        raise ValueError(f"ridge must be >= 0 or 'auto', got {ridge}.")
+    return False
 
-    Attributes:
-      estimated: ``[m, T]`` estimated scores ``F̂(s)``.
-      exact: ``[m, T]`` scores after fine-tuning from ``θ*`` on each subset.
-      relative_error: ``[m]`` ``|mean_t F̂ - mean_t F| / |mean_t F|``: the error
-        on the target-task score (the mean over target columns).
-      column_relative_error: ``[m]`` ``mean_t |F̂_t - F_t| / |F_t|``: per column,
-        then averaged (large where single losses are near zero).
-      spearman: ``[T]`` Spearman of ``F̂`` against ``F`` across subsets.
-      param_shift: ``[m]`` ``||θ_s - θ*|| / ||θ*||`` of the fine-tuned models.
-      first_order: ``[m, T]`` target losses of the first-order model at the
-        *fine-tuned* update, ``f(θ*) + J (θ_s − θ*)`` (logits linearized):
-        how far the linearization itself is off where fine-tuning went,
-        whatever the solver does.
-    """
-
-    estimated: jax.Array
-    exact: jax.Array
-    relative_error: jax.Array
-    column_relative_error: jax.Array
-    spearman: jax.Array
-    param_shift: jax.Array
-    first_order: jax.Array
-
-
-def check_estimation(
-    estimated, masks, *, params, data: TaskData, target: TargetData, spec, key,
-    **retrain_kwargs,
-) -> EstimationCheck:
-    """Fine-tunes from ``θ*`` on each subset and compares with the estimates.
-
-    Args:
-      estimated: ``[m, T]`` estimated scores for ``masks``.
-      masks: ``[m, num_tasks]``.
-      params: ``θ*``.
-      data, target: as for :func:`estimate_scores`.
-      spec: the fine-tuning program (``retraining.make_train_spec``).
-      key: PRNG key of the fine-tuning runs.
-      **retrain_kwargs: passed to ``retraining.retrain`` (``chunk_size``,
-        ``store_dir``, ``progress``, ...).
-
-    Returns:
-      :class:`EstimationCheck`.
-    """
-    estimated = jnp.asarray(estimated)
-    if estimated.ndim != 2 or estimated.shape != (masks.shape[0], target.num_targets):
-        raise ValueError(
-            f"estimated must be [num_subsets, num_targets]=({masks.shape[0]}, "
-            f"{target.num_targets}), got shape {estimated.shape}."
-        )
-    result = retraining.retrain(masks, data=data, target=target, spec=spec, key=key,
-                                init_params=params, return_params=True,
-                                **retrain_kwargs)
-    exact = result.losses
-    base_norm = otu.tree_norm(params)
-    shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(result.params)
-    linear_apply = linearize(spec.apply_fn, params)
-    first_order = jax.lax.map(
-        lambda tuned: spec.loss_fn(linear_apply(otu.tree_sub(tuned, params),
-                                                target.inputs), target.labels),
-        result.params)
-    mean_est, mean_exact = estimated.mean(axis=1), exact.mean(axis=1)
-    return EstimationCheck(
-        estimated=estimated,
-        exact=exact,
-        relative_error=jnp.abs(mean_est - mean_exact) / jnp.abs(mean_exact),
-        column_relative_error=metrics.relative_error(estimated, exact).mean(axis=1),
-        spearman=metrics.spearman(exact, estimated),
-        param_shift=shift / base_norm,
-        first_order=first_order,
-    )

@@ -36,6 +36,7 @@ import jax
 import numpy as np
 
 from tasksurrogate_jax import attribution, baselines, metrics, reliability, surrogates
+from tasksurrogate_jax.estimation import EstimationSettings
 from tasksurrogate_jax.store import ChunkStore, config_hash
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.digits import PRESETS as DIGITS_PRESETS
@@ -83,9 +84,14 @@ class PipelineConfig:
       num_heldout: random subsets held out to evaluate them.
       drop: tasks dropped from each random subset (``None``: the workload's
         default in :data:`WORKLOADS`).
+      estimation_method: ``"finetune"`` (linearized fine-tuning) or ``"solve"``
+        (the convex solve); see :class:`~tasksurrogate_jax.estimation.
+        EstimationSettings` for this and the next four fields.
       proj_dim: projection dimension of the estimation.
-      estimation_ridge: ridge of the per-subset linearized problems.
-      output_mode: ``"margin"`` or ``"logits"`` (see :mod:`estimation`).
+      estimation_ridge: ridge of the convex solve, a number or ``"auto"``.
+      output_mode: ``"logits"`` or ``"margin"``.
+      estimation_difference: anchor the estimates at one real fine-tuning on
+        all tasks.
       cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
       cv_criterion: ``"mse"`` or ``"spearman"``.
       baselines: names in :data:`BASELINES` to compute.
@@ -110,9 +116,11 @@ class PipelineConfig:
     num_subsets: int = 96
     num_heldout: int = 32
     drop: int | None = None
-    proj_dim: int = 128
-    estimation_ridge: float = 10.0
-    output_mode: str = "margin"
+    estimation_method: str = "finetune"
+    proj_dim: int = 512
+    estimation_ridge: float | str = "auto"
+    output_mode: str = "logits"
+    estimation_difference: bool = False
     cv_method: str = "loo"
     cv_criterion: str = "spearman"
     baselines: tuple[str, ...] = BASELINES
@@ -179,9 +187,23 @@ def check_config(config: PipelineConfig, *, registered: bool = True) -> Pipeline
     if not 0.0 < config.confidence_level < 1.0:
         raise ValueError("confidence_level must be in (0, 1), got "
                          f"{config.confidence_level}.")
+    try:
+        estimation_settings(config)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"estimation settings (estimation_method, proj_dim, "
+                         f"estimation_ridge, output_mode, estimation_difference): "
+                         f"{err}") from err
     if config.drop is None:
         config = dataclasses.replace(config, drop=drop)
     return config
+
+
+def estimation_settings(config: PipelineConfig) -> EstimationSettings:
+    """The estimation settings of ``config`` (validated)."""
+    return EstimationSettings(
+        method=config.estimation_method, proj_dim=config.proj_dim,
+        output_mode=config.output_mode, ridge=config.estimation_ridge,
+        difference=config.estimation_difference)
 
 
 def check_workload_fits(config: PipelineConfig, workload) -> None:
@@ -214,8 +236,9 @@ STAGE_FIELDS = {
     "loo": ("regime", "replicates", "chunk_size"),
     "subsets": ("regime", "replicates", "num_subsets", "num_heldout", "drop",
                 "chunk_size"),
-    "estimated": ("num_subsets", "num_heldout", "drop", "proj_dim",
-                  "estimation_ridge", "output_mode"),
+    "estimated": ("num_subsets", "num_heldout", "drop", "estimation_method",
+                  "proj_dim", "estimation_ridge", "output_mode",
+                  "estimation_difference"),
     "baselines": ("baselines", "influence_damping", "influence_hessian",
                   "trak_proj_dim"),
 }
@@ -411,8 +434,8 @@ def collect(config: PipelineConfig, *, workload: SupervisedWorkload | None = Non
     loo = stages.run("loo", lambda: ground_truth("loo", loo_masks))["scores"]
     exact = stages.run("subsets", lambda: ground_truth("subsets", masks))["scores"]
     estimated = stages.run("estimated", lambda: {"scores": workload.estimated_scores(
-        masks, key=k_est, base_params=theta, proj_dim=config.proj_dim,
-        ridge=config.estimation_ridge, output_mode=config.output_mode)})["scores"]
+        masks, key=k_est, base_params=theta,
+        settings=estimation_settings(config))})["scores"]
 
     def compute_baselines():
         out = {}

@@ -1,24 +1,38 @@
-"""Reports of a pipeline run: a terminal table, ``results.json`` and PNG plots.
+"""Reports: tables, ``results.json`` and plots.
 
-Input is the dict returned by :func:`tasksurrogate_jax.pipeline.run_pipeline`.
-Plots (matplotlib, headless):
+From plain arrays (yours or a run's), each plot a matplotlib figure that the
+caller saves or shows:
 
-- ``loo_effects.png``: predicted vs true leave-one-out effects on the mean
-  target, one panel per method (each on its own scale: only the order and
-  the correlation compare across methods);
-- ``interactions.png``: the kernel surrogate's pairwise interaction heatmap
-  with task names;
-- ``heldout.png``: predicted vs true held-out subset scores (mean target) per
-  surrogate, with the diagonal.
+- :func:`plot_loo_effects`: predicted vs true leave-one-out effects, one panel
+  per method (each on its own scale: only the order and the correlation
+  compare across methods);
+- :func:`plot_interactions`: a ``[K, K]`` interaction heatmap with task names;
+- :func:`plot_heldout`: predicted vs true held-out subset scores, every method
+  on one axes with the diagonal;
+- :func:`format_correlation_table`: each method's Spearman and Pearson
+  correlation with the truth, as a Markdown table.
+
+From the dict returned by :func:`tasksurrogate_jax.pipeline.run_pipeline`:
+:func:`format_table`, :func:`summary`, :func:`write_json`, and
+:func:`write_plots` (the three plots above on the mean target, as
+``loo_effects.png``, ``interactions.png`` and ``heldout.png``).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import ArrayLike
+
+from tasksurrogate_jax import metrics
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 TABLE_COLUMNS = (
     ("loo_spearman", "LOO Spearman (per target)"),
@@ -46,8 +60,7 @@ def format_table(results: dict) -> str:
     """The per-method metrics as a Markdown table (also readable in a terminal):
     the ground truth's ceiling first, then each method's figure with its
     bootstrap interval in brackets."""
-    header = ["method", *(title for _, title in TABLE_COLUMNS)]
-    rows = [header, ["---"] * len(header)]
+    rows = [["method", *(title for _, title in TABLE_COLUMNS)]]
     ceiling = results["ceiling"]
     rows.append([f"ceiling ({ceiling['num_replicates']} replicates)", *(
         f"{ceiling[CEILING_COLUMNS[key]]:.3f}" if key in CEILING_COLUMNS else "-"
@@ -57,7 +70,7 @@ def format_table(results: dict) -> str:
         if key in CEILING_COLUMNS else "-" for key, _ in TABLE_COLUMNS)])
     for name, values in results["methods"].items():
         rows.append([name, *(_cell(values, key) for key, _ in TABLE_COLUMNS)])
-    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+    return _markdown(rows)
 
 
 def summary(results: dict) -> str:
@@ -108,79 +121,249 @@ def write_json(results: dict, path) -> Path:
     return path
 
 
-def _scatter(ax, x, y, title, xlabel, ylabel):
-    ax.scatter(x, y, s=14)
-    ax.axhline(0, color="0.8", lw=0.8)
-    ax.axvline(0, color="0.8", lw=0.8)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
+def _numeric_array(values, name: str, what: str) -> np.ndarray:
+    """``values`` as a float array, or a ``TypeError`` naming ``name``."""
+    message = f"{name} must be a {what} numeric array, got {type(values).__name__}."
+    if values is None or isinstance(values, (str, bytes)):
+        raise TypeError(message)
+    try:
+        return np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as err:
+        raise TypeError(message) from err
+
+
+def _vector(values, name: str, *, length: int | None = None,
+            length_of: str = "") -> np.ndarray:
+    """``values`` as a finite 1-D float array, or an error naming ``name``."""
+    arr = _numeric_array(values, name, "1-D")
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}.")
+    if length is None and arr.size < 2:
+        raise ValueError(f"{name} must have at least 2 entries, got {arr.size}.")
+    if length is not None and arr.size != length:
+        raise ValueError(f"{name} has {arr.size} entries, expected {length} "
+                         f"(the length of {length_of}).")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"{name} must be finite, got {bad.size} non-finite "
+                         f"entries (first: {arr[bad[0]]} at index {bad[0]}).")
+    return arr
+
+
+def _methods(predicted, name: str, *, length: int, length_of: str) -> dict:
+    """``{method: [length]}`` checked entry by entry (non-empty mapping)."""
+    if not isinstance(predicted, Mapping):
+        raise TypeError(f"{name} must be a mapping {{method name: values}}, got "
+                        f"{type(predicted).__name__} (one method: "
+                        f"{{'name': values}}).")
+    if not predicted:
+        raise ValueError(f"{name} must name at least one method, got an empty "
+                         "mapping.")
+    return {str(method): _vector(values, f"{name}[{method!r}]", length=length,
+                                 length_of=length_of)
+            for method, values in predicted.items()}
+
+
+def _task_names(task_names, num_tasks: int, length_of: str) -> list[str] | None:
+    if task_names is None:
+        return None
+    if isinstance(task_names, (str, bytes)):
+        raise TypeError("task_names must be a sequence of names, got a single "
+                        "string.")
+    names = [str(n) for n in task_names]
+    if len(names) != num_tasks:
+        raise ValueError(f"task_names has {len(names)} names, expected {num_tasks} "
+                         f"(one per task of {length_of}).")
+    return names
+
+
+def _spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman correlation (NaN when either side is constant)."""
+    return float(metrics.spearman(x, y))
+
+
+def _markdown(rows: list[list[str]]) -> str:
+    """A Markdown table: the header row, a rule, then ``rows[1:]``."""
+    rows = [rows[0], ["---"] * len(rows[0]), *rows[1:]]
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows)
+
+
+def format_correlation_table(true, predicted: Mapping[str, ArrayLike]) -> str:
+    """Spearman and Pearson correlation of each method with the truth, as a
+    Markdown table (one row per method).
+
+    Args:
+      true: ``[n]`` true values (e.g. LOO effects, or held-out subset scores).
+      predicted: ``{method name: [n]}`` each method's predictions of ``true``.
+
+    Returns:
+      The table; a correlation with a constant side shows as ``nan``.
+    """
+    true = _vector(true, "true")
+    predicted = _methods(predicted, "predicted", length=true.size,
+                         length_of="true")
+    rows = [["method", "Spearman", "Pearson"]]
+    for method, values in predicted.items():
+        rows.append([method, f"{_spearman(true, values):.3f}",
+                     f"{float(metrics.pearson(true, values)):.3f}"])
+    return _markdown(rows)
+
+
+def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
+                     task_names: Sequence[str] | None = None,
+                     title: str | None = None) -> Figure:
+    """Predicted against true leave-one-out effects, one panel per method.
+
+    Each panel has its own scale (methods report effects in different units:
+    only the order, hence the Spearman correlation in its title, compares).
+
+    Args:
+      true_effects: ``[K]`` true LOO effects, one per task (positive = helps).
+      predicted: ``{method name: [K]}`` each method's effects of the same tasks.
+      task_names: ``K`` names written beside the points; ``None``: no labels.
+      title: the figure's title; ``None``: none.
+
+    Returns:
+      A pyplot figure (``fig.savefig(path)``; ``plt.close(fig)`` when done).
+    """
+    true = _vector(true_effects, "true_effects")
+    predicted = _methods(predicted, "predicted", length=true.size,
+                         length_of="true_effects")
+    names = _task_names(task_names, true.size, "true_effects")
+    plt = _pyplot()
+    cols = min(3, len(predicted))
+    rows = -(-len(predicted) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows),
+                             squeeze=False)
+    for ax, (method, values) in zip(axes.flat, predicted.items(), strict=False):
+        ax.scatter(true, values, s=14)
+        ax.axhline(0, color="0.8", lw=0.8)
+        ax.axvline(0, color="0.8", lw=0.8)
+        for name, x, y in zip(names or (), true, values, strict=False):
+            ax.annotate(name, (x, y), xytext=(3, 3), textcoords="offset points",
+                        fontsize=6)
+        ax.set_title(f"{method}\nSpearman {_spearman(true, values):.2f}",
+                     fontsize=9)
+        ax.set_xlabel("true LOO effect", fontsize=8)
+        ax.set_ylabel("predicted", fontsize=8)
+    for ax in axes.flat[len(predicted):]:
+        ax.axis("off")
+    if title is not None:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_interactions(matrix, *, task_names: Sequence[str] | None = None,
+                      title: str | None = None) -> Figure:
+    """Heatmap of pairwise task interactions, e.g. one target's (or the
+    mean over targets) of :func:`tasksurrogate_jax.attribution.interaction_matrix`.
+
+    The colour scale is symmetric about 0 (red > 0, blue < 0).
+
+    Args:
+      matrix: ``[K, K]`` interactions, row and column ``i`` for task ``i``.
+      task_names: ``K`` names on both axes; ``None``: the indices ``0..K-1``.
+      title: the axes' title; ``None``: none.
+
+    Returns:
+      A pyplot figure (``fig.savefig(path)``; ``plt.close(fig)`` when done).
+    """
+    inter = _numeric_array(matrix, "matrix", "[K, K]")
+    if inter.ndim != 2 or inter.shape[0] != inter.shape[1] or inter.size == 0:
+        raise ValueError(f"matrix must be square [K, K] with K >= 1, got shape "
+                         f"{inter.shape}.")
+    if not np.all(np.isfinite(inter)):
+        raise ValueError(f"matrix must be finite, got "
+                         f"{int((~np.isfinite(inter)).sum())} non-finite entries.")
+    num_tasks = inter.shape[0]
+    names = _task_names(task_names, num_tasks, "matrix")
+    if names is None:
+        names = [str(i) for i in range(num_tasks)]
+    plt = _pyplot()
+    bound = float(np.abs(inter).max()) or 1.0
+    size = max(5.0, 0.3 * num_tasks)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(inter, cmap="RdBu_r", vmin=-bound, vmax=bound)
+    ax.set_xticks(range(num_tasks), names, rotation=90, fontsize=6)
+    ax.set_yticks(range(num_tasks), names, fontsize=6)
+    if title is not None:
+        ax.set_title(title)
+    fig.colorbar(image, ax=ax, shrink=0.8)
+    fig.tight_layout()
+    return fig
+
+
+def plot_heldout(true, predicted: Mapping[str, ArrayLike], *,
+                 title: str | None = None) -> Figure:
+    """Predicted against true scores of held-out subsets, every method on one
+    axes with the line ``y = x``; the legend gives each method's Spearman
+    correlation.
+
+    Args:
+      true: ``[m]`` true scores of ``m`` held-out subsets (e.g. mean target loss).
+      predicted: ``{method name: [m]}`` each method's predictions of them.
+      title: the axes' title; ``None``: none.
+
+    Returns:
+      A pyplot figure (``fig.savefig(path)``; ``plt.close(fig)`` when done).
+    """
+    true = _vector(true, "true")
+    predicted = _methods(predicted, "predicted", length=true.size,
+                         length_of="true")
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    for method, values in predicted.items():
+        ax.scatter(true, values, s=14, alpha=0.8,
+                   label=f"{method} (Spearman {_spearman(true, values):.2f})")
+    lo = float(min(true.min(), *(v.min() for v in predicted.values())))
+    hi = float(max(true.max(), *(v.max() for v in predicted.values())))
+    ax.plot([lo, hi], [lo, hi], color="0.6", lw=0.8, label="y = x")
+    ax.set_xlabel("true", fontsize=8)
+    ax.set_ylabel("predicted", fontsize=8)
+    ax.legend(fontsize=7)
+    if title is not None:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _pyplot():
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_plots(results: dict, out_dir) -> list[Path]:
-    """Writes the three PNG plots into ``out_dir``; returns their paths."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Writes the three PNG plots of a pipeline run into ``out_dir`` (through
+    :func:`plot_loo_effects`, :func:`plot_interactions`, :func:`plot_heldout`,
+    on the mean target); returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    true = np.asarray(results["true_effects"])
-
-    methods = results["methods"]
-    cols = min(3, len(methods))
-    rows = -(-len(methods) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
-    for ax, (name, values) in zip(axes.flat, methods.items(), strict=False):
-        _scatter(ax, true, np.asarray(values["effects"]),
-                 f"{name}\nSpearman (mean target) "
-                 f"{values['loo_spearman_mean_target']:.2f}",
-                 "true LOO effect", "predicted")
-    for ax in axes.flat[len(methods):]:
-        ax.axis("off")
-    fig.suptitle("Leave-one-out effects on the mean target (positive = helps)")
-    fig.tight_layout()
-    paths.append(out_dir / "loo_effects.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
     names = results["task_names"]
-    inter = np.asarray(results["interactions"])
-    bound = float(np.abs(inter).max()) or 1.0
-    size = max(5.0, 0.3 * len(names))
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(inter, cmap="RdBu_r", vmin=-bound, vmax=bound)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    ax.set_yticks(range(len(names)), names, fontsize=6)
-    ax.set_title("Kernel surrogate interactions (mean target)\n"
-                 "> 0: substitutes, < 0: complements")
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
-    paths.append(out_dir / "interactions.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-
-    held = results["heldout"]
-    predicted = held["predicted"]
-    fig, axes = plt.subplots(1, len(predicted), figsize=(4 * len(predicted), 3.6),
-                             squeeze=False)
-    true_held = np.asarray(held["true"])
-    for ax, (name, values) in zip(axes.flat, predicted.items(), strict=True):
-        values = np.asarray(values)
-        ax.scatter(true_held, values, s=14)
-        lo = float(min(true_held.min(), values.min()))
-        hi = float(max(true_held.max(), values.max()))
-        ax.plot([lo, hi], [lo, hi], color="0.7", lw=0.8)
-        ax.set_title(f"{name}\nSpearman (mean target) "
-                     f"{methods[name]['heldout_spearman_mean_target']:.2f}", fontsize=9)
-        ax.set_xlabel("true held-out loss (mean target)", fontsize=8)
-        ax.set_ylabel("predicted", fontsize=8)
-    fig.tight_layout()
-    paths.append(out_dir / "heldout.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    plots = {
+        "loo_effects.png": lambda: plot_loo_effects(
+            results["true_effects"],
+            {name: values["effects"] for name, values in results["methods"].items()},
+            task_names=names,
+            title="Leave-one-out effects on the mean target (positive = helps)"),
+        "interactions.png": lambda: plot_interactions(
+            results["interactions"], task_names=names,
+            title="Kernel surrogate interactions (mean target)\n"
+                  "> 0: substitutes, < 0: complements"),
+        "heldout.png": lambda: plot_heldout(
+            results["heldout"]["true"], results["heldout"]["predicted"],
+            title="Held-out subsets: loss on the mean target"),
+    }
+    plt = _pyplot()
+    paths = []
+    for file_name, plot in plots.items():
+        fig = plot()
+        try:
+            paths.append(out_dir / file_name)
+            fig.savefig(paths[-1], dpi=110)
+        finally:
+            plt.close(fig)
     return paths
 
 
@@ -190,4 +373,14 @@ def write_report(results: dict, out_dir) -> list[Path]:
             *write_plots(results, out_dir)]
 
 
-__all__ = ["format_table", "summary", "write_json", "write_plots", "write_report"]
+__all__ = [
+    "format_correlation_table",
+    "format_table",
+    "plot_heldout",
+    "plot_interactions",
+    "plot_loo_effects",
+    "summary",
+    "write_json",
+    "write_plots",
+    "write_report",
+]

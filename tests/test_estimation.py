@@ -6,7 +6,7 @@ import pytest
 import scipy.optimize
 
 from tasksurrogate_jax import estimation as est
-from tasksurrogate_jax import losses, retraining
+from tasksurrogate_jax import estimation_check, losses, retraining
 from tasksurrogate_jax import projection as proj
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
 
@@ -43,9 +43,9 @@ def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
                                    proj_dim=None, ridge=0.0, settings=settings)
     spec = retraining.make_train_spec(apply_fn=softmax_regression,
                                       optimizer=optax.sgd(0.5), num_steps=3000)
-    check = est.check_estimation(estimate.scores, MASKS, params=PARAMS, data=DATA,
-                                 target=TARGET, spec=spec, key=jax.random.key(0),
-                                 progress=False)
+    check = estimation_check.check_estimation(
+        estimate.scores, MASKS, params=PARAMS, data=DATA, target=TARGET, spec=spec,
+        key=jax.random.key(0))
     np.testing.assert_allclose(estimate.scores, check.exact, rtol=1e-5)
     assert float(estimate.grad_norm.max()) < 1e-8
     assert float(check.relative_error.max()) < 1e-5
@@ -60,6 +60,137 @@ def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     base_norm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in PARAMS.values()))
     np.testing.assert_allclose(check.param_shift, estimate.delta_norm / base_norm,
                                rtol=1e-4)
+
+
+@pytest.mark.parametrize("optimizer, batch_size", [
+    (optax.sgd(0.3), None), (optax.adam(0.05), 8),
+    (optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.2, momentum=0.9)), 16)])
+def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
+        optimizer, batch_size):
+    # Linear in its parameters: the linearized model is the model, so the same
+    # program (optimizer, weight decay on θ, mini-batch draws) gives the same
+    # trajectory, whatever the optimizer.
+    spec = retraining.make_train_spec(apply_fn=softmax_regression,
+                                      optimizer=optimizer, num_steps=40,
+                                      batch_size=batch_size)
+    key = jax.random.key(5)
+    estimate = est.linearized_finetune_scores(
+        softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=None,
+        batch_key=key, proj_dim=None, replicates=2)
+    tuned = retraining.retrain(MASKS, data=DATA, target=TARGET, spec=spec, key=key,
+                               init_params=PARAMS, replicates=2, return_params=True,
+                               progress=False)
+    np.testing.assert_allclose(estimate.scores, tuned.losses.mean(0), rtol=1e-9)
+    shift = np.sqrt(sum(
+        np.sum((np.asarray(v[0]) - np.asarray(PARAMS[k])).reshape(len(MASKS), -1) ** 2,
+               axis=1) for k, v in tuned.params.items()))  # replicate 0
+    np.testing.assert_allclose(estimate.delta_norm, shift, rtol=1e-9)
+    assert float(np.min(shift)) > 1e-3  # the models did move
+
+
+@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+def test_projected_linearized_finetuning_is_gradient_descent_on_the_features(
+        output_mode):
+    # Reference: full-batch gradient descent on w, written out in numpy with the
+    # features from an explicit Jacobian and an explicit P.
+    d, lr, steps = 5, 0.4, 25
+    key = jax.random.key(6)
+    projection = proj.make_projection(key, d, num_params=proj.num_parameters(PARAMS))
+    columns = proj.unproject(projection, jnp.eye(d), PARAMS)  # P as d pytrees
+    p_matrix = np.stack([np.concatenate([np.ravel(columns[k][j]) for k in ("b", "w")])
+                         for j in range(d)], axis=1)  # [p, d], ravel_pytree order
+
+    def flat_model(theta, x):
+        return softmax_regression({"b": theta[:NUM_CLASSES],
+                                   "w": theta[NUM_CLASSES:].reshape(NUM_FEATURES,
+                                                                    NUM_CLASSES)}, x)
+
+    theta0 = np.concatenate([np.ravel(PARAMS["b"]), np.ravel(PARAMS["w"])])
+
+    def outputs_and_features(x, y):
+        def out(theta):
+            logits = flat_model(theta, x)
+            if output_mode == "logits":
+                return logits
+            return jax.vmap(losses.margin)(logits, y)
+
+        jac = np.asarray(jax.jacobian(out)(jnp.asarray(theta0)))  # [n, (C,) p]
+        return np.asarray(out(jnp.asarray(theta0))), jac @ p_matrix
+
+    f_train, phi_train = outputs_and_features(DATA.inputs, DATA.labels)
+    f_target, phi_target = outputs_and_features(TARGET.inputs, TARGET.labels)
+    onehot = np.eye(NUM_CLASSES)[np.asarray(DATA.labels)]
+
+    def reference(mask):
+        omega = np.asarray(mask)[np.asarray(DATA.task_ids)]
+        omega = omega / omega.sum()
+        w = np.zeros(d)
+        for _ in range(steps):
+            z = f_train + phi_train @ w
+            if output_mode == "logits":
+                probs = np.exp(z - z.max(1, keepdims=True))
+                probs /= probs.sum(1, keepdims=True)
+                grad = np.einsum("n,nc,ncd->d", omega, probs - onehot, phi_train)
+            else:  # d softplus(-m) / dm = -sigmoid(-m)
+                grad = phi_train.T @ (omega * -1 / (1 + np.exp(z)))
+            w = w - lr * grad
+        z = f_target + phi_target @ w
+        if output_mode == "logits":
+            return (np.log(np.exp(z).sum(1)) -
+                    z[np.arange(len(z)), np.asarray(TARGET.labels)])
+        return np.log1p(np.exp(-z))
+
+    spec = retraining.make_train_spec(apply_fn=softmax_regression,
+                                      optimizer=optax.sgd(lr), num_steps=steps)
+    estimate = est.linearized_finetune_scores(
+        softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
+        batch_key=jax.random.key(0), proj_dim=d, output_mode=output_mode)
+    expected = np.stack([reference(mask) for mask in MASKS])
+    np.testing.assert_allclose(estimate.scores, expected, rtol=1e-9, atol=1e-12)
+    # The program did move the scores away from θ*'s.
+    at_theta = est.example_losses(jnp.asarray(f_target), TARGET.labels, output_mode)
+    assert float(np.abs(expected - np.asarray(at_theta)).max()) > 1e-3
+
+
+def test_difference_form_anchors_the_estimates():
+    estimated = jnp.asarray([[1.0, 2.0], [1.5, 2.5], [0.5, 3.0]])
+    anchored = est.difference_form(estimated, estimated[0], jnp.asarray([0.2, 0.4]))
+    np.testing.assert_allclose(anchored[0], [0.2, 0.4])
+    np.testing.assert_allclose(anchored[1:] - anchored[0], estimated[1:] - estimated[0])
+    with pytest.raises(ValueError, match=r"measured_all must have shape \(2,\)"):
+        est.difference_form(estimated, estimated[0], jnp.zeros(3))
+
+
+def test_auto_ridge_reproduces_the_reference_update_norm():
+    key = jax.random.key(2)
+    full = jnp.ones((1, NUM_TASKS))
+    target_norm = 0.05
+    estimate = est.estimate_scores(
+        softmax_regression, PARAMS, DATA, TARGET, jnp.concatenate([full, MASKS]),
+        key=key, proj_dim=8, ridge="auto", reference_update_norm=target_norm)
+    np.testing.assert_allclose(estimate.delta_norm[0], target_norm, rtol=1e-4)
+    # The calibrated ridge gives the same solution as passing it explicitly.
+    again = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+                                key=key, proj_dim=8, ridge=estimate.ridge)
+    np.testing.assert_allclose(again.scores, estimate.scores[1:], rtol=1e-9)
+    with pytest.raises(ValueError, match="reference_update_norm > 0"):
+        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+                            key=key, proj_dim=8, ridge="auto")
+    with pytest.raises(ValueError, match="ridge must be a number >= 0 or 'auto'"):
+        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+                            key=key, proj_dim=8, ridge="large")
+
+
+def test_estimation_settings_validate():
+    with pytest.raises(ValueError, match="method must be one of"):
+        est.EstimationSettings(method="exact")
+    with pytest.raises(ValueError, match="output_mode must be one of"):
+        est.EstimationSettings(output_mode="probs")
+    with pytest.raises(ValueError, match="ridge='auto' needs a projection"):
+        est.EstimationSettings(method="solve", proj_dim=None)
+    assert est.EstimationSettings(method="finetune", proj_dim=None).proj_dim is None
+    assert est.EstimationSettings(method="solve").needs_reference_run
+    assert not est.EstimationSettings().needs_reference_run
 
 
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)

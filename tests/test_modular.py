@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+from tasksurrogate_jax.estimation import EstimationSettings
 from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads import Workload, modular_workload
 from tasksurrogate_jax.workloads.modular import (
@@ -84,7 +85,8 @@ def test_estimated_scores_linearize_around_the_full_data_model():
     theta = w.base_params(key=key)
     assert w.base_params(key=key) is theta  # trained once per key
     # A huge ridge pins the update to zero: the estimate is the loss at θ*.
-    pinned = w.estimated_scores(masks, key=key, proj_dim=16, ridge=1e6)
+    pinned = w.estimated_scores(masks, key=key, settings=EstimationSettings(
+        method="solve", proj_dim=16, ridge=1e6))
     logits = w.apply_fn(theta, w.target.inputs)
     at_theta = optax.softmax_cross_entropy_with_integer_labels(logits,
                                                                w.target.labels)
@@ -94,12 +96,13 @@ def test_estimated_scores_linearize_around_the_full_data_model():
     exact_full = w.exact_scores(masks[:1], key=key, regime="scratch",
                                 progress=False)
     np.testing.assert_allclose(exact_full[0], at_theta, rtol=1e-5, atol=1e-6)
-    result = w.estimate(masks, key=key, proj_dim=16, ridge=1e-2)
+    settings = EstimationSettings(method="solve", proj_dim=16, ridge=1e-2)
+    result = w.estimate(masks, key=key, settings=settings)
     assert result.scores.shape == (4, w.num_targets)
     assert np.isfinite(result.scores).all() and (result.scores >= 0).all()
     assert float(result.grad_norm.max()) < 1e-6
     assert not np.allclose(result.scores[1], result.scores[2])  # masks matter
-    again = w.estimated_scores(masks, key=key, proj_dim=16, ridge=1e-2)
+    again = w.estimated_scores(masks, key=key, settings=settings)
     np.testing.assert_array_equal(again, result.scores)
 
 

@@ -1,5 +1,7 @@
 """SupervisedWorkload: regimes, paired replicates, stores, and your own model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,6 +10,7 @@ import pytest
 
 import tasksurrogate_jax.retraining as rt
 from tasksurrogate_jax.data import make_task_data
+from tasksurrogate_jax.estimation import EstimationSettings
 from tasksurrogate_jax.store import StoreMismatchError
 from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads import (
@@ -192,3 +195,42 @@ def test_float64_needs_64_bit_jax(tiny):
         jax.config.update("jax_enable_x64", True)
     with pytest.raises(ValueError, match="precision must be one of"):
         DigitsWorkload(DigitsConfig(**{**tiny.description, "precision": "half"}))
+
+
+def test_linearized_finetuning_tracks_the_loo_effects_of_real_finetuning(tiny):
+    # The default estimator: the fine-tuning program (20 SGD steps) on the
+    # linearized model. Measured: Pearson 0.987 of the LOO effects against the
+    # mean of 4 real fine-tunings, mean relative error of the scores 4.4%.
+    masks = np.concatenate([np.ones((1, tiny.num_tasks), np.float32),
+                            leave_one_out_masks(tiny.num_tasks)])
+    real = np.asarray(tiny.exact_scores(masks, key=KEY, regime="finetune",
+                                        replicates=4, progress=False)).mean(1)
+    estimate = tiny.estimate(masks, key=KEY)
+    scores = np.asarray(estimate.scores).mean(1)
+    assert estimate.ridge is None and estimate.grad_norm is None
+    effects_true, effects_est = real[1:] - real[0], scores[1:] - scores[0]
+    assert np.corrcoef(effects_true, effects_est)[0, 1] > 0.9
+    assert float(np.mean(np.abs(scores - real) / real)) < 0.08
+
+
+def test_difference_form_is_exact_on_all_tasks_and_auto_ridge_matches_the_run(tiny):
+    masks = np.concatenate([np.ones((1, tiny.num_tasks), np.float32),
+                            leave_one_out_masks(tiny.num_tasks)[:2]])
+    settings = EstimationSettings(method="solve", ridge="auto", difference=True)
+    estimate = tiny.estimate(masks, key=KEY, settings=settings)
+    reference = tiny.retrain(masks[:1], key=KEY, regime="finetune",
+                             return_params=True, progress=False)
+    np.testing.assert_allclose(estimate.scores[0], reference.losses[0, 0],
+                               rtol=1e-5, atol=1e-6)
+    theta = tiny.base_params(key=KEY)
+    tuned = jax.tree.map(lambda leaf: leaf[0, 0], reference.params)
+    norm = float(optax.tree_utils.tree_norm(optax.tree_utils.tree_sub(tuned, theta)))
+    np.testing.assert_allclose(estimate.delta_norm[0], norm, rtol=1e-3)
+    plain = tiny.estimate(masks, key=KEY, settings=dataclasses.replace(
+        settings, difference=False, ridge=estimate.ridge))
+    np.testing.assert_allclose(  # the same solves, shifted by one vector
+        estimate.scores - plain.scores,
+        np.broadcast_to(reference.losses[0, 0] - plain.scores[0], plain.scores.shape),
+        rtol=1e-4, atol=1e-5)
+    with pytest.raises(TypeError, match="settings must be an EstimationSettings"):
+        tiny.estimate(masks, key=KEY, settings={"method": "solve"})

@@ -34,7 +34,6 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.retraining import TrainSpec, make_train_spec
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.supervised import (
     SupervisedWorkload,
@@ -281,60 +280,6 @@ class ModularWorkload(SupervisedWorkload):
         c = self.config
         return (c.learning_rate / 10 if c.finetune_learning_rate is None
                 else c.finetune_learning_rate)
-
-    def finetune_variant(self, *, num_steps: int | None = None,
-                         learning_rate: float | None = None,
-                         weight_decay: float = 0.0, proximal: float = 0.0,
-                         anchor=None, batch_size: int | None | str = "preset",
-                         decay_to_zero: bool = False) -> TrainSpec:
-        """A variant of the ``"finetune"`` regime's program (the estimation study).
-
-        Defaults: the regime's own settings, a gentle fine-tune that stays near
-        ``θ*``, where the first-order model is meant to hold: a quarter of the
-        preset's steps at a tenth of its learning rate, no weight decay (which
-        would pull every subset's model towards zero, something the linearized
-        model does not represent); batch size and betas as in the preset.
-
-        Args:
-          num_steps, learning_rate, weight_decay: AdamW settings.
-          proximal: ``μ ≥ 0``: minimise ``L_s(θ) + μ/2 ||θ − anchor||²``, the
-            problem whose first-order version the estimation solves with
-            ``ridge = μ`` in the full space (``μ p / d`` after a projection
-            to d dimensions, since ``PᵀP ≈ (p/d) I``).
-          anchor: ``θ*`` for ``proximal > 0``.
-          batch_size: ``"preset"``, an int, or ``None`` (full batch).
-          decay_to_zero: decay the learning rate linearly to 0 (to converge).
-        """
-        c = self.config
-        lr = self._finetune_learning_rate() if learning_rate is None else learning_rate
-        num_steps = self._finetune_steps() if num_steps is None else num_steps
-        if decay_to_zero:
-            lr = optax.linear_schedule(lr, 0.0, num_steps)
-        optimizer = optax.adamw(lr, b1=c.b1, b2=c.b2, weight_decay=weight_decay)
-        if proximal < 0:
-            raise ValueError(f"proximal must be >= 0, got {proximal}.")
-        if proximal > 0:
-            if anchor is None:
-                raise ValueError("anchor (θ*) is required with proximal > 0.")
-            optimizer = optax.chain(_pull_towards(anchor, proximal), optimizer)
-        return make_train_spec(
-            apply_fn=self.apply_fn, optimizer=optimizer, num_steps=num_steps,
-            batch_size=c.batch_size if batch_size == "preset" else batch_size,
-        )
-
-
-def _pull_towards(anchor, strength: float) -> optax.GradientTransformation:
-    """Adds ``strength · (θ − anchor)`` to the gradients: the gradient of
-    ``strength/2 ||θ − anchor||²`` added to the loss."""
-
-    def update(updates, state, params=None):
-        if params is None:
-            raise ValueError("the proximal term needs the parameters.")
-        pulled = jax.tree.map(lambda g, p, a: g + strength * (p - a),
-                              updates, params, anchor)
-        return pulled, state
-
-    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
 
 
 def modular_workload(preset: str = "cpu", **overrides) -> ModularWorkload:

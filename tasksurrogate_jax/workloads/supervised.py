@@ -40,10 +40,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import optax.tree_utils as otu
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
-from tasksurrogate_jax.estimation import EstimationResult, estimate_scores
+from tasksurrogate_jax.estimation import (
+    EstimationResult,
+    EstimationSettings,
+    difference_form,
+    estimate_scores,
+    linearized_finetune_scores,
+)
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.retraining import (
     RetrainResult,
@@ -201,6 +208,12 @@ class SupervisedWorkload(Workload):
                                accuracy_fn=accuracy_fn)
         return dataclasses.replace(spec, num_steps=steps)
 
+    def _require_finetune(self, what: str) -> TrainSpec:
+        if self.finetune_spec is None:
+            raise ValueError(f"{what} needs fine-tuning settings: build the "
+                             "workload with finetune=TrainSettings(...).")
+        return self.finetune_spec
+
     # -- the interface ------------------------------------------------------
 
     @property
@@ -267,11 +280,7 @@ class SupervisedWorkload(Workload):
         if regime == "scratch":
             spec, init = self.train_spec, {"init_fn": self.init_fn}
         else:
-            if self.finetune_spec is None:
-                raise ValueError(
-                    "regime='finetune' needs fine-tuning settings: build the "
-                    "workload with finetune=TrainSettings(...).")
-            spec = self.finetune_spec
+            spec = self._require_finetune("regime='finetune'")
             theta = self.base_params(key=key) if base_params is None else base_params
             init = {"init_params": theta}
         store = {} if store_dir is None else {
@@ -300,38 +309,71 @@ class SupervisedWorkload(Workload):
             base_params=base_params, chunk_size=chunk_size, store_dir=store_dir,
             progress=progress).mean(0)
 
-    def estimate(self, masks, *, key, base_params=None, proj_dim: int | None = 128,
-                 ridge: float = 1e-3, output_mode: str = "logits",
-                 chunk_size: int = 64) -> EstimationResult:
+    def estimate(self, masks, *, key, settings: EstimationSettings | None = None,
+                 base_params=None, chunk_size: int = 64) -> EstimationResult:
         """First-order estimates around ``θ*`` with diagnostics.
 
         Args:
           masks: ``[num_subsets, num_tasks]``.
           key: ``θ*`` is :meth:`base_params` of ``key`` unless ``base_params`` is
-            given; the projection uses ``fold_in(key, 1)``.
+            given; the projection uses ``fold_in(key, 1)``; linearized
+            fine-tuning draws the batches of replicate 0 of
+            ``retrain(..., key=key, regime="finetune")``, and so does the one
+            real fine-tuning on all tasks that ``settings`` may need.
+          settings: :class:`~tasksurrogate_jax.estimation.EstimationSettings`
+            (default: linearized fine-tuning of the ``finetune`` program).
           base_params: ``θ*`` to linearize around.
-          proj_dim, ridge, output_mode, chunk_size: see
-            :func:`~tasksurrogate_jax.estimation.estimate_scores`.
+          chunk_size: subsets per compiled call.
 
         Returns:
           :class:`~tasksurrogate_jax.estimation.EstimationResult`.
         """
         masks = self.check_masks(masks)
         key = as_typed_key(key)
+        settings = EstimationSettings() if settings is None else settings
+        if not isinstance(settings, EstimationSettings):
+            raise TypeError("settings must be an EstimationSettings, got "
+                            f"{type(settings).__name__}.")
+        spec = self._require_finetune("estimation")
         params = self.base_params(key=key) if base_params is None else base_params
-        return estimate_scores(self.apply_fn, params, self.data, self.target, masks,
-                               key=jax.random.fold_in(key, 1), proj_dim=proj_dim,
-                               ridge=ridge, output_mode=output_mode,
-                               chunk_size=chunk_size)
+        reference = None
+        if settings.needs_reference_run:
+            reference = self.retrain(np.ones((1, self.num_tasks), np.float32),
+                                     key=key, regime="finetune", base_params=params,
+                                     return_params=True, progress=False)
+        rows = masks if not settings.difference else jnp.concatenate(
+            [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
+        common = {"key": jax.random.fold_in(key, 1), "proj_dim": settings.proj_dim,
+                  "output_mode": settings.output_mode, "chunk_size": chunk_size}
+        if settings.method == "finetune":
+            result = linearized_finetune_scores(
+                self.apply_fn, params, self.data, self.target, rows, finetune=spec,
+                batch_key=key, replicates=settings.replicates, **common)
+        else:
+            norm = None
+            if settings.ridge == "auto":
+                tuned = jax.tree.map(lambda leaf: leaf[0, 0], reference.params)
+                norm = float(otu.tree_norm(otu.tree_sub(tuned, params)))
+            result = estimate_scores(self.apply_fn, params, self.data, self.target,
+                                     rows, ridge=settings.ridge,
+                                     reference_update_norm=norm, **common)
+        if not settings.difference:
+            return result
+        m = masks.shape[0]
+        scores = difference_form(result.scores[:m], result.scores[m],
+                                 reference.losses[0, 0])
+        return result._replace(
+            scores=scores, delta_norm=result.delta_norm[:m],
+            grad_norm=None if result.grad_norm is None else result.grad_norm[:m],
+            iterations=None if result.iterations is None else result.iterations[:m])
 
-    def estimated_scores(self, masks, *, key, base_params=None,
-                         proj_dim: int | None = 128, ridge: float = 1e-3,
-                         output_mode: str = "logits") -> jax.Array:
+    def estimated_scores(self, masks, *, key,
+                         settings: EstimationSettings | None = None,
+                         base_params=None) -> jax.Array:
         """Estimated target losses ``[num_subsets, num_targets]`` (see
         :meth:`estimate`)."""
-        return self.estimate(masks, key=key, base_params=base_params,
-                             proj_dim=proj_dim, ridge=ridge,
-                             output_mode=output_mode).scores
+        return self.estimate(masks, key=key, settings=settings,
+                             base_params=base_params).scores
 
     def accuracy(self, params) -> jax.Array:
         """Mean target accuracy of one set of parameters (integer labels)."""
