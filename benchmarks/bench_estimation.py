@@ -5,13 +5,13 @@ On one supervised workload (``modular`` or ``digits``, ``cpu`` preset), from
 
 1. **Ground truth.** Real fine-tuning from ``θ*`` with the workload's
    ``finetune`` program on the all-tasks set, the K leave-one-out sets and
-   ``max(--num-subsets)`` random subsets (each drops the pipeline's number of
-   tasks), ``--replicates`` paired replicates averaged; its split-half
-   reliability is the *ceiling* of every agreement below.
-2. **Estimators**, each an ``EstimationSettings`` (linearized fine-tuning, its
-   difference form, margin outputs, a smaller projection, the convex solve with
-   ``ridge="auto"``), on the all-tasks, LOO and first ``--fit-subsets`` (256)
-   random subsets.
+   ``--fit-subsets + --heldout-subsets`` random subsets (each drops the
+   pipeline's number of tasks), ``--replicates`` paired replicates averaged;
+   its split-half reliability is the *ceiling* of every agreement below.
+2. **Estimators**, each an ``EstimationSettings`` (linearized fine-tuning,
+   margin outputs, a smaller projection, the convex solve with
+   ``ridge="auto"``), each also in its difference form, on the all-tasks, LOO
+   and first ``--fit-subsets`` (256) random subsets.
    Errors: mean relative error of the mean-target score, the same per target
    column, Spearman across subsets (mean target and per target), Spearman of
    the estimated LOO effects with the fine-tuned ones (mean target), each
@@ -50,19 +50,19 @@ from _common import (
 )
 
 from tasksurrogate_jax import attribution, metrics, reliability
-from tasksurrogate_jax.estimation import EstimationSettings
+from tasksurrogate_jax.estimation import EstimationSettings, difference_form
 from tasksurrogate_jax.pipeline import WORKLOADS, fit_surrogates
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 
+# Each also in its difference form, from the same run: ``EstimationSettings(
+# difference=True)`` anchors at the workload's fine-tuning on all tasks with the
+# run's key, which is replicate 0's all-tasks row of the ground truth here.
 ESTIMATORS = {
     "linearized fine-tuning (default)": EstimationSettings(),
-    "linearized fine-tuning, difference form": EstimationSettings(difference=True),
     "linearized fine-tuning, margin": EstimationSettings(output_mode="margin"),
     "linearized fine-tuning, d=128": EstimationSettings(proj_dim=128),
     "convex solve, margin, ridge auto": EstimationSettings(
         method="solve", output_mode="margin"),
-    "convex solve, margin, ridge auto, difference form": EstimationSettings(
-        method="solve", output_mode="margin", difference=True),
 }
 DEFAULT = "linearized fine-tuning (default)"
 
@@ -127,7 +127,7 @@ def main():
     ap.add_argument("--workload", required=True, choices=("modular", "digits"))
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--num-subsets", type=int, nargs="+", default=[256, 1024],
-                    help="subset counts timed (the largest sets the ground truth)")
+                    help="subset counts timed")
     ap.add_argument("--fit-subsets", type=int, default=256,
                     help="subsets the errors and the surrogates are measured on")
     ap.add_argument("--heldout-subsets", type=int, default=128)
@@ -182,8 +182,9 @@ def main():
         print(f"  m={m}: fine-tuning {tune_s:.1f} s, estimate {est_s:.1f} s",
               flush=True)
 
-    # Ground truth with its ceiling.
-    all_rows = np.concatenate([loo, subsets])
+    # Ground truth with its ceiling (the sets the errors and surrogates use).
+    fit, held = args.fit_subsets, args.heldout_subsets
+    all_rows = np.concatenate([loo, subsets[:fit + held]])
     replicate_scores, truth_s = timed(lambda: finetune(all_rows, args.replicates))
     truth = replicate_scores.mean(0)
     num_loo = num_tasks
@@ -202,14 +203,16 @@ def main():
     truth_scored = truth[:1 + num_loo + args.fit_subsets]
 
     rows, estimates = [], {}
+    measured_all = replicate_scores[0, 0]  # the difference form's anchor run
     for name in args.estimators:
         result, seconds = timed(lambda name=name: estimate(scored, ESTIMATORS[name]))
-        estimates[name] = result
-        rows.append({"estimator": name, "seconds": seconds,
-                     **errors(result, truth_scored, num_loo, args.seed)})
+        anchored = np.asarray(difference_form(result, result[0], measured_all))
+        for label, values in ((name, result), (f"{name}, difference form", anchored)):
+            estimates[label] = values
+            rows.append({"estimator": label, "seconds": seconds,
+                         **errors(values, truth_scored, num_loo, args.seed)})
         print(f"  {name}: {seconds:.1f} s", flush=True)
 
-    fit, held = args.fit_subsets, args.heldout_subsets
     fit_masks = subsets[:fit]
     heldout = slice(1 + num_loo + fit, 1 + num_loo + fit + held)
     true_effects = truth[1:1 + num_loo].mean(1) - truth[0].mean()
@@ -217,9 +220,9 @@ def main():
                       truth[heldout].mean(1), true_effects, args.seed)
     downstream_rows = {"fine-tuned scores": downstream(
         fit_masks, truth[subset_rows], *surrogate_args)}
-    for name in args.estimators:
+    for name, values in estimates.items():
         downstream_rows[f"estimated: {name}"] = downstream(
-            fit_masks, estimates[name][1 + num_loo:], *surrogate_args)
+            fit_masks, values[1 + num_loo:], *surrogate_args)
 
     headline = next((r for r in rows if r["estimator"] == DEFAULT), rows[0])
     at_fit = next((s for s in speed if s["num_subsets"] == fit), speed[0])
