@@ -390,17 +390,12 @@ def retrain(
         params0 = jax.eval_shape(init_fn, init_key)  # shapes only; real per row
     else:
         params0 = jax.jit(init_fn)(init_key)
-    num_leaves = len(jax.tree.leaves(params0))
 
-    if chunk_size is None and store_dir is not None:
-        chunk_size = _stored_chunk_size(store_dir)
     if chunk_size is None:
-        example = jax.jit(init_fn)(init_key) if scratch and per_row else params0
-        subset_bytes = estimate_subset_bytes(masks, example, batch_key, data, target,
-                                             spec=spec)
-        budget = default_memory_budget() if memory_budget is None else memory_budget
-        chunk_size = choose_chunk_size(num_rows, subset_bytes,
-                                       memory_budget=int(budget))
+        chunk_size = _auto_chunk_size(
+            masks, params0, init_fn if scratch and per_row else None, init_key,
+            batch_key, data, target, spec, num_rows=num_rows, store_dir=store_dir,
+            memory_budget=memory_budget)
     store = None
     if store_dir is not None:
         store = ChunkStore(store_dir, {
@@ -443,34 +438,60 @@ def retrain(
                 independent=seeds == "independent")
             if scratch:
                 params = _init_rows(init_keys, init_fn=init_fn)
-        losses, acc, trained = retrain_chunk(
+        trained = retrain_chunk(
             masks[padded % num_masks], params, keys, data, target, spec=spec,
             params_batched=per_row and scratch, keys_batched=per_row,
         )
-        n = rows.size
-        out = {"rows": rows, "losses": np.asarray(losses)[:n]}
-        if acc is not None:
-            out["accuracy"] = np.asarray(acc)[:n]
-        if return_params:
-            for i, leaf in enumerate(jax.tree.leaves(trained)):
-                out[f"param_{i:05d}"] = np.asarray(leaf)[:n]
+        out = _chunk_arrays(rows, *trained, return_params=return_params)
         if store is not None:
             store.save_chunk(c, out)
         outputs.append(out)
 
     lead = (num_masks,) if replicates is None else (replicates, num_masks)
+    return _assemble(outputs, lead, like=params0, accuracy=spec.accuracy_fn is not None,
+                     return_params=return_params)
+
+
+def _auto_chunk_size(masks, params0, init_fn, init_key, batch_key, data, target,
+                     spec, *, num_rows, store_dir, memory_budget) -> int:
+    """A stored run's chunk size, else the largest that fits the memory budget
+    (``init_fn`` given: rows start from their own initialisation)."""
+    stored = None if store_dir is None else _stored_chunk_size(store_dir)
+    if stored is not None:
+        return stored
+    example = params0 if init_fn is None else jax.jit(init_fn)(init_key)
+    subset_bytes = estimate_subset_bytes(masks, example, batch_key, data, target,
+                                         spec=spec)
+    budget = default_memory_budget() if memory_budget is None else memory_budget
+    return choose_chunk_size(num_rows, subset_bytes, memory_budget=int(budget))
+
+
+def _chunk_arrays(rows, losses, accuracy, trained, *, return_params) -> dict:
+    """A finished chunk as named numpy arrays, padding rows dropped."""
+    n = rows.size
+    out = {"rows": rows, "losses": np.asarray(losses)[:n]}
+    if accuracy is not None:
+        out["accuracy"] = np.asarray(accuracy)[:n]
+    if return_params:
+        for i, leaf in enumerate(jax.tree.leaves(trained)):
+            out[f"param_{i:05d}"] = np.asarray(leaf)[:n]
+    return out
+
+
+def _assemble(outputs, lead, *, like, accuracy: bool,
+              return_params: bool) -> RetrainResult:
+    """The chunks' arrays stacked with leading axes ``lead``."""
 
     def gather(name):
         stacked = np.concatenate([o[name] for o in outputs])
         return jnp.asarray(stacked.reshape(lead + stacked.shape[1:]))
 
-    accuracy = gather("accuracy") if spec.accuracy_fn is not None else None
     params_out = None
     if return_params:
-        params_out = jax.tree.unflatten(
-            jax.tree.structure(params0),
-            [gather(f"param_{i:05d}") for i in range(num_leaves)])
-    return RetrainResult(gather("losses"), accuracy, params_out)
+        leaves = [gather(f"param_{i:05d}") for i in range(len(jax.tree.leaves(like)))]
+        params_out = jax.tree.unflatten(jax.tree.structure(like), leaves)
+    return RetrainResult(gather("losses"), gather("accuracy") if accuracy else None,
+                         params_out)
 
 
 def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,
