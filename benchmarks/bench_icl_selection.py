@@ -1,16 +1,21 @@
 """Demonstration selection for in-context learning: kernel vs linear surrogates.
 
 The paper's protocol (docs/method.md) on the synthetic ICL
-workload (``tasksurrogate_jax.workloads.icl``):
+workload (``tasksurrogate_jax.workloads.icl``), evaluated by the pipeline's
+``"fixed_size"`` protocol (``tasksurrogate_jax.pipeline``; the same evaluation
+as ``tasksurrogate run icl``):
 
 1. Train the workload's transformer; show it learns in context (query
    accuracy by number of demonstrations, on fresh tasks).
 2. Draw 200 distinct random 4-shot prompts from the pool of 50; score them
    exactly (forward passes) and by the embedding-space linearization; report
-   the estimate's relative error and Spearman.
+   the estimate's relative error and Spearman (``pipeline.evaluate``) and the
+   time of each scorer.
 3. Fit linear and kernel surrogates on 80 prompts (exact or estimated scores);
    held-out Spearman and normalized error on the other 120 (against the exact
-   scores).
+   scores), and the Spearman of each surrogate's demonstration effects with
+   the true ones (forward passes of many 4-shot prompts), beside the truth's
+   ceiling.
 4. Under each surrogate, choose the 4-shot prompt with the lowest predicted
    mean target loss (exhaustive search over all C(50, 4) prompts) and measure
    its true loss and accuracy on held-out queries, beside random prompts, the
@@ -19,9 +24,9 @@ workload (``tasksurrogate_jax.workloads.icl``):
 5. Print the improvement of kernel over linear selection: the relative
    reduction of held-out loss and the relative gain in held-out accuracy.
 
-Repeats draw new prompt sets (``--repeats``); tables give mean ± std.
+Repeats draw new prompt sets (seeds ``--seed + r``); tables give mean ± std.
 
-    python benchmarks/bench_icl_selection.py            # cpu preset, ~5 min
+    python benchmarks/bench_icl_selection.py            # cpu preset, ~8 min
     python benchmarks/bench_icl_selection.py --preset paper --oracle   # GPU/TPU
 """
 
@@ -35,7 +40,7 @@ import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import metrics, pipeline, selection
+from tasksurrogate_jax import pipeline, selection
 from tasksurrogate_jax.workloads.icl import icl_workload
 
 
@@ -67,23 +72,25 @@ def _oracle_mask(workload, shots: int, chunk: int = 16384) -> np.ndarray:
             best, best_mask = loss.min(), masks[loss.argmin()]
 
 
-def one_repeat(workload, key, args) -> dict:
-    """Steps 2-4 on one draw of prompts."""
+def one_repeat(workload, config, args) -> dict:
+    """Steps 2-4 on one draw of prompts (``config.seed``)."""
     k, m = args.shots, args.num_fit
-    masks = np.asarray(workload.sample_prompts(key, args.num_prompts, shots=k))
-    # Warm up both scorers on the same prompts (compilation), then time them.
-    workload.exact_scores(masks)
-    workload.estimated_scores(masks, anchor=args.anchor)
+    run = pipeline.collect(config, workload=workload, log=lambda line: None)
+    masks = run.masks
+    # The scorers' speed: both compiled on these prompts already, then timed.
     exact, exact_s = _timed(lambda: workload.exact_scores(masks))
     estimated, estimate_s = _timed(
         lambda: workload.estimated_scores(masks, anchor=args.anchor))
-    exact, estimated = np.asarray(exact), np.asarray(estimated)
+    run = run._replace(estimated=np.asarray(estimated))
+    results = pipeline.evaluate(config, run)
+    exact = np.asarray(exact)
+    estimation = results["estimation"]
     out = {
         "exact_seconds": exact_s, "estimate_seconds": estimate_s,
-        "estimate_relative_error": float(
-            np.mean(metrics.relative_error(estimated, exact))),
-        "estimate_spearman": float(metrics.mean_spearman(exact, estimated)),
-        "heldout": {}, "selection": {},
+        "estimate_median_relative_error": estimation["median_relative_error"],
+        "estimate_spearman": estimation["spearman_across_subsets"],
+        "ceiling": results["ceiling"], "truth": results["truth"],
+        "methods": results["methods"], "selection": {},
     }
 
     def performance(name, mask_rows, target_loss):
@@ -97,16 +104,11 @@ def one_repeat(workload, key, args) -> dict:
             symbols = workload.demonstrations[np.nonzero(mask_rows[0])[0], 1]
             out["selection"][name]["distinct_symbols"] = len(set(symbols.tolist()))
 
-    for source, scores in (("exact", exact), ("estimated", estimated)):
-        fits = pipeline.fit_surrogates(masks[:m], scores[:m], seed=args.seed)
+    for source, scores in (("exact", exact), ("estimated", run.estimated)):
+        # The surrogates the evaluation fit (same scores, settings and seed).
+        fits = pipeline.fit_surrogates(masks[:m], scores[:m], seed=config.seed)
         for kind in ("linear", "kernel"):
             surrogate, name = fits[kind], f"{kind} ({source})"
-            predicted = np.asarray(surrogate.predict(masks[m:]))
-            out["heldout"][name] = {
-                "spearman": float(metrics.mean_spearman(exact[m:], predicted)),
-                "normalized_error": float(np.nanmean(
-                    metrics.normalized_error(exact[m:], predicted))),
-            }
             chosen, seconds = _timed(
                 lambda s=surrogate: selection.select_subset(s, workload.num_tasks,
                                                             size=k))
@@ -117,7 +119,7 @@ def one_repeat(workload, key, args) -> dict:
                 predicted_loss=chosen.predicted, search_seconds=seconds,
                 method=chosen.method, num_evaluated=chosen.num_evaluated)
     mean_loss = exact.mean(1)
-    performance("random prompt (mean of the 200)", masks, mean_loss)
+    performance(f"random prompt (mean of the {args.num_prompts})", masks, mean_loss)
     performance(f"best of the {m} fitting prompts",
                 masks[np.argmin(mean_loss[:m])][None], mean_loss[:m].min())
     performance(f"best of the {args.num_prompts} prompts",
@@ -147,6 +149,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=3,
                     help="independent draws of the prompts")
     ap.add_argument("--anchor", default="mean")
+    ap.add_argument("--truth-prompts", type=int, default=None,
+                    help="prompts the true effects are computed on (default: the "
+                         "pipeline's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--oracle", action="store_true",
                     help="also score every prompt exactly to find the true best")
@@ -158,8 +163,8 @@ def main():
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"preset {args.preset}")
-    workload, train_s = _timed(
-        lambda: icl_workload(args.preset, **parse_overrides(args.overrides)))
+    overrides = parse_overrides(args.overrides)
+    workload, train_s = _timed(lambda: icl_workload(args.preset, **overrides))
     c = workload.config
     print(f"trained the transformer in {train_s:.1f} s ({c.num_steps} steps); "
           f"pool {workload.num_tasks} demonstrations "
@@ -171,10 +176,13 @@ def main():
     print(format_table([{"shots": str(i), "accuracy": float(a)}
                         for i, a in enumerate(accuracy)], ["shots", "accuracy"]))
 
-    root = jax.random.key(args.seed)
     repeats = []
     for r in range(args.repeats):
-        repeats.append(one_repeat(workload, jax.random.fold_in(root, r), args))
+        config = pipeline.check_config(pipeline.PipelineConfig(
+            workload="icl", preset=args.preset, seed=args.seed + r, shots=args.shots,
+            num_subsets=args.num_fit, num_heldout=args.num_prompts - args.num_fit,
+            truth_prompts=args.truth_prompts, overrides=tuple(overrides.items())))
+        repeats.append(one_repeat(workload, config, args))
         print(f"\nrepeat {r + 1}/{args.repeats} done")
     oracle = None
     if args.oracle:
@@ -197,17 +205,32 @@ def main():
     print("\nEstimation (embedding-space linearization, anchor "
           f"{args.anchor!r}) on {args.num_prompts} prompts")
     est = {key: _pm(column([key])) for key in (
-        "exact_seconds", "estimate_seconds", "estimate_relative_error",
+        "exact_seconds", "estimate_seconds", "estimate_median_relative_error",
         "estimate_spearman")}
     print(format_table([est], list(est)))
 
     print(f"\nHeld-out prompts: fit on {args.num_fit}, predict "
-          f"{args.num_prompts - args.num_fit} (exact scores as truth)")
-    rows = [{"surrogate": name,
-             "held-out Spearman": _pm(column(["heldout", name, "spearman"])),
-             "normalized error": _pm(column(["heldout", name, "normalized_error"]))}
-            for name in repeats[0]["heldout"]]
-    print(format_table(rows, ["surrogate", "held-out Spearman", "normalized error"]))
+          f"{args.num_prompts - args.num_fit} (exact scores as truth); effects: "
+          f"Spearman with the true effect of each demonstration in "
+          f"{args.shots}-shot prompts ({repeats[0]['truth']})")
+    columns = ["surrogate", "held-out Spearman", "normalized error",
+               "effect Spearman (per target)", "effect Spearman (mean target)"]
+    ceiling = {"surrogate": "ceiling of the truth",
+               "held-out Spearman": _pm(column(["ceiling", "heldout_spearman"])),
+               "effect Spearman (per target)": _pm(
+                   column(["ceiling", "effect_spearman_per_target"])),
+               "effect Spearman (mean target)": _pm(
+                   column(["ceiling", "effect_spearman_mean_target"]))}
+    rows = [ceiling] + [
+        {"surrogate": name,
+         "held-out Spearman": _pm(column(["methods", name, "heldout_spearman"])),
+         "normalized error": _pm(column(["methods", name, "normalized_error"])),
+         "effect Spearman (per target)": _pm(
+             column(["methods", name, "effect_spearman"])),
+         "effect Spearman (mean target)": _pm(
+             column(["methods", name, "effect_spearman_mean_target"]))}
+        for name in repeats[0]["methods"]]
+    print(format_table(rows, columns))
 
     print(f"\nSelected {args.shots}-shot prompt: true loss and accuracy on "
           "held-out queries")

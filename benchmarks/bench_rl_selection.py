@@ -1,25 +1,30 @@
 """Multi-objective RL: task attribution and task selection with surrogates.
 
 On the RL workload (``tasksurrogate_jax.workloads.rl``: CartPole variants with
-different physics and target cart positions, one policy for all):
+different physics and target cart positions, one policy for all), evaluated
+by the pipeline's ``"loo"`` protocol (``tasksurrogate_jax.pipeline``; the same
+evaluation as ``tasksurrogate run rl``):
 
 1. Train ``θ*`` on all variants; its returns against an untrained policy.
 2. Ground truth: fine-tune ``θ*`` on the full set and on each leave-one-out
-   set (and again with another training key: the ground truth's own noise).
-3. Random subsets (each variant in with probability 1/2, or ``--subset-size``
-   variants each; none empty, full or LOO): exact
-   scores (fine-tuning) and first-order estimates (projected policy
-   gradient); the estimate's relative error.
+   set, in ``--replicates`` paired replicates (other training keys): their
+   split-half agreement is the ground truth's ceiling.
+3. Random subsets (uniform over those neither empty, full nor leave-one-out,
+   or each dropping ``--drop`` variants): exact scores (fine-tuning, the same
+   replicates) and first-order estimates (projected policy gradient); the
+   estimate's error.
 4. LOO correlation of the surrogates (linear and kernel, on exact and on
-   estimated scores), the first-order estimate of the LOO sets themselves and
-   gradient alignment at ``θ*`` (TracIn-style); held-out Spearman.
+   estimated scores, and the kernel surrogate's Banzhaf values), of the
+   first-order estimate of the LOO sets themselves and of gradient alignment
+   at ``θ*`` (TracIn-style), each with a bootstrap interval beside the
+   ceiling; held-out Spearman.
 5. Selection, for each target variant: the subset with the best predicted
    target score under each surrogate (exhaustive over all non-empty subsets),
-   fine-tuned on for real; its target return beside training on all variants,
-   on random subsets, and on the best sampled subset. Improvement of kernel
-   over linear selection.
+   fine-tuned on for real (the replicates of the ground truth); its target
+   return beside training on all variants, on random subsets, and on the best
+   sampled subset. Improvement of kernel over linear selection.
 
-    python benchmarks/bench_rl_selection.py            # cpu preset, ~10 min
+    python benchmarks/bench_rl_selection.py            # cpu preset, ~15 min
 """
 
 from __future__ import annotations
@@ -31,13 +36,8 @@ import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import attribution, metrics, pipeline, selection
-from tasksurrogate_jax.subsets import (
-    bernoulli_masks,
-    fixed_size_masks,
-    leave_one_out_masks,
-    unique_masks,
-)
+from tasksurrogate_jax import pipeline, report, selection
+from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
 
@@ -47,19 +47,23 @@ def _timed(fn):
     return out, time.perf_counter() - start
 
 
-def _random_subsets(key, num, num_tasks, size=None):
-    """``num`` distinct non-empty subsets, none a LOO set or full: Bernoulli(1/2)
-    or, with ``size``, uniform among those of ``size`` variants."""
-    if size is None:
-        masks = np.asarray(bernoulli_masks(key, 4 * num, num_tasks, p=0.5))
-    else:
-        masks = np.asarray(fixed_size_masks(key, 4 * num, num_tasks,
-                                            subset_size=size))
-    sizes = masks.sum(1)
-    masks = np.asarray(unique_masks(masks[(sizes > 0) & (sizes < num_tasks - 1)]))
-    if masks.shape[0] < num:
-        raise ValueError(f"could not draw {num} distinct subsets of {num_tasks}.")
-    return masks[:num]
+def extra_methods(workload, run, config) -> dict:
+    """LOO-effect predictions ``{name: [K, T]}`` beyond the pipeline's: the
+    first-order estimate of the LOO sets, and gradient alignment at ``θ*``."""
+    key = pipeline.stage_keys(config.seed)["estimated"]  # the estimate's key
+    loo = np.asarray(leave_one_out_masks(workload.num_tasks))
+    estimate = np.asarray(pipeline.WORKLOADS["rl"].estimate(
+        workload, loo, key=key, base_params=run.theta, config=config))
+    examples, task, adv, _ = workload.linearized_rollouts(
+        key=key, base_params=run.theta, proj_dim=config.proj_dim)
+    grads = np.asarray(policy_gradients(examples, adv))
+    per_variant = np.stack([grads[task == i].mean(0)
+                            for i in range(workload.num_tasks)])  # [K, d]
+    # Removing variant i removes its share of the update; for target t the
+    # first-order change of minus the return is <g_t, g_i> (TracIn at θ*).
+    return {"first-order estimate of the LOO sets": estimate[1:] - estimate[0],
+            "gradient alignment (TracIn at θ*)":
+                per_variant @ per_variant[list(workload.targets)].T}
 
 
 def main():
@@ -67,97 +71,74 @@ def main():
     ap.add_argument("--preset", default="cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="FIELD=VALUE", help="RLConfig field to override")
-    ap.add_argument("--num-fit", type=int, default=60)
-    ap.add_argument("--num-heldout", type=int, default=20)
-    ap.add_argument("--subset-size", type=int, default=None,
-                    help="variants per random subset (default: each in with "
-                         "probability 1/2)")
-    ap.add_argument("--proj-dim", type=int, default=128)
+    ap.add_argument("--num-fit", type=int, default=None,
+                    help="subsets to fit on (default: the pipeline's)")
+    ap.add_argument("--num-heldout", type=int, default=None)
+    ap.add_argument("--drop", type=int, default=None,
+                    help="variants each random subset drops (default: subsets of "
+                         "any size but empty, full and leave-one-out)")
+    ap.add_argument("--replicates", type=int, default=4)
+    ap.add_argument("--proj-dim", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out-dir", default=None,
+                    help="store the pipeline's stages here (a rerun resumes)")
     ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_rl_selection.json"))
     args = ap.parse_args()
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"preset {args.preset}")
-    w = rl_workload(args.preset, **parse_overrides(args.overrides))
-    k = w.num_tasks
-    key = jax.random.key(args.seed)
-    base, base_s = _timed(lambda: w.base_params(key=key))
-    trained = -np.asarray(w.evaluate(base))
+    overrides = parse_overrides(args.overrides)
+    config = pipeline.check_config(pipeline.PipelineConfig(
+        workload="rl", preset=args.preset, seed=args.seed, replicates=args.replicates,
+        num_subsets=args.num_fit, num_heldout=args.num_heldout, drop=args.drop,
+        proj_dim=args.proj_dim, overrides=tuple(overrides.items())))
+    w = rl_workload(args.preset, **overrides)
+    k, m, replicates = w.num_tasks, config.num_subsets, config.replicates
+    run = pipeline.collect(config, workload=w, out_dir=args.out_dir)
+    trained = -np.asarray(w.evaluate(run.theta))
     untrained = -np.asarray(w.evaluate(w.init_fn(jax.random.key(args.seed + 100))))
-    print(f"θ* trained in {base_s:.1f} s ({w.config.iterations} iterations)\n")
+    print(f"\nθ* trained in {run.seconds['base']:.1f} s "
+          f"({w.config.iterations} iterations)\n")
     print(format_table(
         [{"variant": n, "θ* return": float(a), "untrained return": float(b)}
          for n, a, b in zip(w.task_names, trained, untrained, strict=True)],
         ["variant", "θ* return", "untrained return"]))
 
-    # Ground truth: LOO fine-tuning, twice (another training key).
-    loo = np.asarray(leave_one_out_masks(k))
-    truth, loo_s = _timed(lambda: np.asarray(w.exact_scores(loo, key=key)))
-    true_effects = truth[1:] - truth[0]  # [K, T]
-    replicate = np.asarray(w.exact_scores(loo, key=jax.random.fold_in(key, 1)))
-    replicate_effects = replicate[1:] - replicate[0]
-
-    masks = _random_subsets(jax.random.fold_in(key, 2),
-                            args.num_fit + args.num_heldout, k, args.subset_size)
-    m = args.num_fit
-    exact, exact_s = _timed(lambda: np.asarray(w.exact_scores(masks, key=key)))
-    estimated, estimate_s = _timed(lambda: np.asarray(
-        w.estimated_scores(masks, key=key, proj_dim=args.proj_dim)))
-    rel = float(np.mean(metrics.relative_error(estimated, exact)))
-    rho = float(metrics.mean_spearman(exact, estimated))
-    print(f"\n{masks.shape[0]} random subsets: fine-tuning {exact_s:.1f} s, "
-          f"first-order estimate {estimate_s:.1f} s ({exact_s / estimate_s:.1f}x); "
-          f"estimate relative error {rel:.2%}, Spearman across subsets {rho:.3f}")
-
-    # Methods' LOO effects [K, T].
-    effects, heldout = {}, {}
-    fits = {}
-    for source, scores in (("exact", exact), ("estimated", estimated)):
-        fits[source] = pipeline.fit_surrogates(masks[:m], scores[:m], seed=args.seed)
-        for kind in ("linear", "kernel"):
-            name = f"{kind} surrogate ({source})"
-            surrogate = fits[source][kind]
-            effects[name] = np.asarray(attribution.loo_scores(surrogate))
-            heldout[name] = float(metrics.mean_spearman(
-                exact[m:], surrogate.predict(masks[m:])))
-    loo_estimate = np.asarray(w.estimated_scores(loo, key=key, proj_dim=args.proj_dim))
-    effects["first-order estimate of the LOO sets"] = loo_estimate[1:] - loo_estimate[0]
-    examples, task, adv, _ = w.linearized_rollouts(key=key, proj_dim=args.proj_dim)
-    grads = np.asarray(policy_gradients(examples, adv))
-    per_variant = np.stack([grads[task == i].mean(0) for i in range(k)])  # [K, d]
-    # Removing variant i removes its share of the update; for target t the
-    # first-order change of minus the return is <g_t, g_i> (TracIn at θ*).
-    effects["gradient alignment (TracIn at θ*)"] = (
-        per_variant @ per_variant[list(w.targets)].T)
-    effects["LOO fine-tuning, another key"] = replicate_effects
-    rows = []
-    for name, eff in effects.items():
-        corr = metrics.loo_correlation(eff, true_effects)
-        rows.append({"method": name, "LOO Spearman": float(corr.mean),
-                     "LOO Spearman (mean target)": float(corr.mean_target),
-                     "held-out Spearman": heldout.get(name)})
+    results = pipeline.evaluate(config, run._replace(
+        baselines={**run.baselines, **extra_methods(w, run, config)}))
+    est = results["estimation"]
+    masks = run.masks
+    exact_s, estimate_s = run.seconds["subsets"], run.seconds["estimated"]
+    print(f"\n{masks.shape[0]} random subsets: fine-tuning {exact_s:.1f} s "
+          f"({replicates} replicates), first-order estimate {estimate_s:.1f} s; "
+          f"estimate median relative error {est['median_relative_error']:.2%}, "
+          f"Spearman across subsets {est['spearman_across_subsets']:.3f}")
     print("\nAttribution: agreement with leave-one-out fine-tuning")
-    print(format_table(rows, ["method", "LOO Spearman", "LOO Spearman (mean target)",
-                              "held-out Spearman"]))
+    print(report.format_table(results))
 
-    # Selection per target: exhaustive over the 2^K - 1 subsets.
+    # Selection per target: exhaustive over the 2^K - 1 subsets, under the
+    # surrogates the evaluation fit (same scores, settings and seed).
+    exact = np.asarray(run.exact).mean(0)
+    fits = pipeline.fit_surrogates(masks[:m], exact[:m], seed=config.seed)
     chosen = {}
     for kind in ("linear", "kernel"):
         for t in range(w.num_targets):
             weights = np.eye(w.num_targets)[t]
-            objective = selection.surrogate_objective(fits["exact"][kind],
+            objective = selection.surrogate_objective(fits[kind],
                                                       target_weights=weights)
             chosen[(kind, t)] = selection.select_subset(objective, k).mask
     picks = np.stack([chosen[(kind, t)] for kind in ("linear", "kernel")
                       for t in range(w.num_targets)])
-    picked_scores, select_s = _timed(lambda: np.asarray(
-        w.exact_scores(picks, key=key)))
+    # Fine-tuned as the ground truth is: the mean of the same replicates.
+    picked_scores, select_s = _timed(lambda: np.asarray(w.replicate_scores(
+        picks, key=pipeline.stage_keys(config.seed)["base"], regime=config.regime,
+        replicates=replicates, base_params=run.theta,
+        chunk_size=config.chunk_size)).mean(0))
     sel_rows, returns = [], {}
     for i, kind in enumerate(("linear", "kernel")):
         per_target = picked_scores[i * w.num_targets:(i + 1) * w.num_targets]
         returns[kind] = -np.diagonal(per_target)
-    returns["all variants"] = -truth[0]
+    returns["all variants"] = -np.asarray(run.loo_scores)[:, 0].mean(0)
     returns["random subsets (mean)"] = -exact.mean(0)
     returns[f"best of the {m} fitting subsets"] = -exact[:m].min(0)
     for t, target in enumerate(w.targets):
@@ -186,14 +167,13 @@ def main():
 
     path = write_json(args.out, {
         "args": vars(args), "environment": environment(),
-        "config": w.store_config(), "base_seconds": base_s, "loo_seconds": loo_s,
-        "exact_seconds": exact_s, "estimate_seconds": estimate_s,
-        "theta_star_returns": trained, "untrained_returns": untrained,
-        "estimate_relative_error": rel, "estimate_spearman": rho,
-        "loo_table": rows, "selection": sel_rows,
-        "improvement_kernel_over_linear": improvement,
-        "true_effects": true_effects, "masks": masks, "exact": exact,
-        "estimated": estimated,
+        "config": w.store_config(), "pipeline_config": config.to_json(),
+        "seconds": run.seconds, "theta_star_returns": trained,
+        "untrained_returns": untrained, "estimation": est,
+        "ceiling": results["ceiling"], "methods": results["methods"],
+        "selection": sel_rows, "improvement_kernel_over_linear": improvement,
+        "true_effects": pipeline.loo_effects(run.loo_scores), "masks": masks,
+        "exact": np.asarray(run.exact), "estimated": run.estimated,
     })
     print(f"\nwrote {path}")
 

@@ -94,6 +94,7 @@ from tasksurrogate_jax.subsets import (
     bernoulli_masks,
     fixed_size_masks,
     leave_one_out_masks,
+    size_range_masks,
     unique_masks,
 )
 from tasksurrogate_jax.surrogates import (
@@ -181,6 +182,7 @@ __all__ = [
     "bernoulli_masks",
     "fixed_size_masks",
     "leave_one_out_masks",
+    "size_range_masks",
     "unique_masks",
     # kernels
     "KERNELS",

@@ -23,14 +23,24 @@ per-target arrays; average over the last axis for the mean target.
   surrogate fit on k-subsets is never evaluated elsewhere): how much better a
   task fills an open slot than the average candidate, and how much a pair
   together departs from the sum of its members, in random contexts.
+  :func:`fixed_size_effects_from_scores` is the quantity
+  :func:`fixed_size_effects` estimates, computed from scores of the subsets
+  themselves (true scores of every k-subset, say): the ground truth the
+  pipeline compares it with.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax._checks import (
+    as_typed_key,
+    check_masks,
+    check_positive_int,
+    check_scores,
+)
 from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.surrogates import (
     LinearSurrogate,
@@ -197,6 +207,56 @@ def fixed_size_effects(surrogate, *, key, size: int, num_samples: int = 1000,
     return total / jnp.maximum(count, 1e-30)
 
 
+def fixed_size_effects_from_scores(masks, scores) -> np.ndarray:
+    """The value of each task within subsets of one size, from their scores.
+
+    With ``k`` the common size of the subsets, task i's effect is
+
+        ``(K - k) / (K - k + 1) * (mean F(s) over the subsets without i
+        - mean F(s) over the subsets with i)``
+
+    (positive = helps). Over every k-subset (or a uniform sample of them) this
+    is what :func:`fixed_size_effects` estimates by sampling contexts: a
+    context ``C`` of ``k - 1`` tasks and an open slot give each k-subset with
+    i once (``C + e_i``) and each k-subset without i ``k`` times, so the mean
+    over the open slot minus ``F(C + e_i)``, averaged over the contexts
+    without i, is the expression above.
+
+    Args:
+      masks: ``[n, K]`` subsets, every row of the same size ``k < K``.
+      scores: ``[n, T]`` their scores (losses).
+
+    Returns:
+      ``[K, T]`` float64 (NumPy).
+    """
+    check_scores(scores, num_rows=check_masks(masks).shape[0])
+    masks = np.asarray(masks, np.float64)
+    scores = np.asarray(scores, np.float64).reshape(masks.shape[0], -1)
+    num_tasks = masks.shape[1]
+    sizes = masks.sum(1)
+    size = int(sizes[0])
+    if not (sizes == size).all():
+        raise ValueError(
+            f"masks must all hold the same number of tasks, got sizes from "
+            f"{int(sizes.min())} to {int(sizes.max())}."
+        )
+    if not 1 <= size < num_tasks:
+        raise ValueError(f"masks must hold 1 to {num_tasks - 1} tasks each, got "
+                         f"{size}.")
+    with_count = masks.sum(0)
+    without_count = masks.shape[0] - with_count
+    missing = np.nonzero((with_count == 0) | (without_count == 0))[0]
+    if missing.size:
+        raise ValueError(
+            f"tasks {missing[:10].tolist()} are in every subset or in none; each "
+            "task needs subsets with and without it (score more subsets)."
+        )
+    with_mean = masks.T @ scores / with_count[:, None]
+    without_mean = (1.0 - masks).T @ scores / without_count[:, None]
+    scale = (num_tasks - size) / (num_tasks - size + 1)
+    return scale * (without_mean - with_mean)
+
+
 def fixed_size_interactions(surrogate, *, key, size: int, num_samples: int = 200,
                             batch_size: int = 8) -> jax.Array:
     """Pairwise interactions within subsets of exactly ``size`` tasks.
@@ -250,6 +310,7 @@ def fixed_size_interactions(surrogate, *, key, size: int, num_samples: int = 200
 __all__ = [
     "banzhaf_values",
     "fixed_size_effects",
+    "fixed_size_effects_from_scores",
     "fixed_size_interactions",
     "interaction_matrix",
     "loo_scores",

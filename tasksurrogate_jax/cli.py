@@ -6,12 +6,19 @@
         [--num-subsets 96] [--num-heldout 32]
         [--estimation-method finetune|solve] [--proj-dim 512]
         [--baselines influence tracin trak] [--set num_steps=300 ...]
+    tasksurrogate run rl --preset tiny [--replicates 4] [--proj-dim 128] ...
+    tasksurrogate run icl --preset tiny [--shots 4] [--truth-prompts 20000] ...
+
+``list`` shows each workload's presets and protocol (``loo``: leave-one-out
+from the full set; ``fixed_size``: prompts of ``--shots`` demonstrations; see
+:mod:`tasksurrogate_jax.pipeline`). Options left out take the workload's
+defaults; an option that does not apply to the workload is an error.
 
 ``run`` prints the table, writes ``results.json`` and the plots to ``--out``
-(default ``results/<workload>-<preset>-<regime>-seed<seed>``) and resumes from
-what a previous run with the same configuration left there. Bad arguments (and
-an output folder of another configuration) print one line on stderr and exit
-with status 2; any other error is raised with its traceback.
+(default ``results/<workload>-<preset>[-<regime>]-seed<seed>``) and resumes
+from what a previous run with the same configuration left there. Bad arguments
+(and an output folder of another configuration) print one line on stderr and
+exit with status 2; any other error is raised with its traceback.
 """
 
 from __future__ import annotations
@@ -69,30 +76,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tasksurrogate", description="Task attribution with kernel surrogates.")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the workloads and their presets")
-    run = sub.add_parser("run", help="run the attribution pipeline on a workload")
+    sub.add_parser("list", help="list the workloads, their presets and protocols")
+    run = sub.add_parser("run", help="run the attribution pipeline on a workload",
+                         description="Options left out take the workload's "
+                                     "defaults (see `tasksurrogate list`).")
     run.add_argument("workload", help=f"one of {sorted(WORKLOADS)}")
     run.add_argument("--preset", default=defaults.preset)
     run.add_argument("--out", default=None,
-                     help="output folder (default results/<workload>-<preset>-"
-                          "seed<seed>); rerunning resumes from it")
+                     help="output folder (default results/<workload>-<preset>"
+                          "[-<regime>]-seed<seed>); rerunning resumes from it")
     run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--regime", default=defaults.regime, choices=REGIMES,
+    run.add_argument("--regime", default=None, choices=REGIMES,
                      help="ground truth: fine-tuning from θ* (what the estimates "
-                          "approximate) or training from scratch")
+                          "approximate; the default) or training from scratch "
+                          "(loo protocol)")
     run.add_argument("--replicates", type=int, default=defaults.replicates,
                      help="paired replicates of the ground truth (>= 2; their "
-                          "agreement is the ceiling)")
-    run.add_argument("--num-subsets", type=int, default=defaults.num_subsets,
-                     help="random subsets to fit the surrogates on")
-    run.add_argument("--num-heldout", type=int, default=defaults.num_heldout)
-    run.add_argument("--drop", type=int, default=defaults.drop,
-                     help="tasks dropped from each random subset (default: the "
-                          "workload's)")
+                          "agreement is the ceiling); fixed_size protocol: groups "
+                          "of a sampled truth")
+    run.add_argument("--num-subsets", type=int, default=None,
+                     help="random subsets (prompts) to fit the surrogates on")
+    run.add_argument("--num-heldout", type=int, default=None)
+    run.add_argument("--drop", type=int, default=None,
+                     help="tasks dropped from each random subset (loo protocol)")
+    run.add_argument("--shots", type=int, default=None,
+                     help="demonstrations per prompt (fixed_size protocol)")
+    run.add_argument("--truth-prompts", type=int, default=None,
+                     help="the most prompts the ground truth scores: all of them "
+                          "when there are no more, else this many random ones "
+                          "(fixed_size protocol)")
     run.add_argument("--estimation-method", default=defaults.estimation_method,
                      choices=ESTIMATION_METHODS,
                      help="linearized fine-tuning or the convex solve")
-    run.add_argument("--proj-dim", type=int, default=defaults.proj_dim)
+    run.add_argument("--proj-dim", type=int, default=None)
     run.add_argument("--estimation-ridge", type=parse_ridge,
                      default=defaults.estimation_ridge,
                      help="ridge of the convex solve: a number or 'auto'")
@@ -105,8 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=("loo", "kfold"))
     run.add_argument("--cv-criterion", default=defaults.cv_criterion,
                      choices=("mse", "spearman"))
-    run.add_argument("--baselines", nargs="*", default=list(defaults.baselines),
-                     choices=BASELINES)
+    run.add_argument("--baselines", nargs="*", default=None, choices=BASELINES,
+                     help="default: every baseline the workload supports")
     run.add_argument("--influence-damping", type=float,
                      default=defaults.influence_damping)
     run.add_argument("--influence-hessian", default=defaults.influence_hessian,
@@ -114,7 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--chunk-size", type=int, default=defaults.chunk_size,
                      help="subsets per retraining chunk (each stored when done)")
     run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
-    run.add_argument("--value-samples", type=int, default=defaults.value_samples)
+    run.add_argument("--value-samples", type=int, default=defaults.value_samples,
+                     help="coalitions of the Banzhaf values (loo protocol) or "
+                          "contexts of the fixed-size effects")
     run.add_argument("--confidence-level", type=float,
                      default=defaults.confidence_level)
     run.add_argument("--set", dest="overrides", type=parse_override, action="append",
@@ -129,24 +147,25 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.command == "list":
         for name, entry in WORKLOADS.items():
-            print(f"{name}: presets {', '.join(entry.presets)}")
+            print(f"{name}: presets {', '.join(entry.presets)} ({entry.protocol} "
+                  "protocol)")
         return 0
 
     config = PipelineConfig(
         workload=args.workload, preset=args.preset, seed=args.seed,
         regime=args.regime, replicates=args.replicates,
         num_subsets=args.num_subsets, num_heldout=args.num_heldout, drop=args.drop,
+        shots=args.shots, truth_prompts=args.truth_prompts,
         estimation_method=args.estimation_method, proj_dim=args.proj_dim,
         estimation_ridge=args.estimation_ridge, output_mode=args.output_mode,
         estimation_difference=args.estimation_difference, cv_method=args.cv_method,
-        cv_criterion=args.cv_criterion, baselines=tuple(args.baselines),
+        cv_criterion=args.cv_criterion,
+        baselines=None if args.baselines is None else tuple(args.baselines),
         influence_damping=args.influence_damping,
         influence_hessian=args.influence_hessian, trak_proj_dim=args.trak_proj_dim,
         chunk_size=args.chunk_size,
         value_samples=args.value_samples, confidence_level=args.confidence_level,
         overrides=tuple(args.overrides))
-    out = args.out or (f"results/{args.workload}-{args.preset}-{args.regime}-"
-                       f"seed{args.seed}")
     log = (lambda line: None) if args.quiet else (
         lambda line: print(line, file=sys.stderr, flush=True))
     if dict(config.overrides).get("precision") == "float64":
@@ -157,6 +176,8 @@ def main(argv=None) -> int:
         check_workload_fits(config, workload)
     except (ValueError, TypeError) as err:
         parser.error(str(err))
+    regime = "" if config.regime is None else f"-{config.regime}"
+    out = args.out or f"results/{args.workload}-{args.preset}{regime}-seed{args.seed}"
     try:
         results = run_pipeline(config, workload=workload, out_dir=out, log=log,
                                progress=not args.quiet)

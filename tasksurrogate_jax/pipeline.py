@@ -1,7 +1,11 @@
 """One end-to-end attribution run on a workload, resumable from its folder.
 
-Stages (each timed; the expensive ones stored as they finish and reused by a
-rerun with the same configuration):
+Every registered workload follows a protocol its registry entry declares
+(:attr:`WorkloadEntry.protocol`, a key of :data:`PROTOCOL_STAGES`).
+
+``"loo"`` (digits, modular, rl): the ground truth is leave-one-out from the
+full set. Stages (each timed; the expensive ones stored as they finish and
+reused by a rerun with the same configuration):
 
 1. ``base``: ``θ*``, the model trained on all tasks.
 2. ``loo``: the ground truth of the full set and of every leave-one-out set,
@@ -9,27 +13,53 @@ rerun with the same configuration):
    (``"finetune"`` from ``θ*`` or ``"scratch"``); the effects are
    ``F(1 − e_i) − F(1)`` averaged over replicates.
 3. ``subsets``: ``num_subsets + num_heldout`` random subsets, each dropping
-   ``drop`` tasks; their ground truth ``[R, m, T]`` in the same regime.
+   ``drop`` tasks (``drop=None``, the RL workload's default: uniform over the
+   subsets that are neither empty, full nor leave-one-out); their ground truth
+   ``[R, m, T]`` in the same regime.
 4. ``estimated``: first-order estimates of the same subsets' scores from
    ``θ*`` (no retraining).
-5. ``baselines``: influence functions, TracIn and TRAK at ``θ*``.
+5. ``baselines``: influence functions, TracIn and TRAK at ``θ*`` (supervised
+   workloads).
 6. surrogates (linear, kernel with cross-validated ``(γ, λ)``) on the exact
    and on the estimated scores of the fitting subsets; attribution; metrics,
    each with a bootstrap interval, beside the ground truth's own ``ceiling``
    (its split-half reliability across the replicates, Spearman-Brown
    corrected: :mod:`tasksurrogate_jax.reliability`).
 
-All randomness derives from ``jax.random.key(config.seed)``. The results are a
-plain dict (see :func:`run_pipeline`), written by :mod:`report`.
+``"fixed_size"`` (icl): every subset holds exactly ``shots`` tasks (a prompt of
+``shots`` demonstrations), so there is no full set to leave one out of. Stages:
+
+1. ``prompts``: ``num_subsets + num_heldout`` distinct random ``shots``-prompts
+   and their exact scores (forward passes: deterministic).
+2. ``truth``: the effect of including each demonstration in a prompt,
+   :func:`~tasksurrogate_jax.attribution.fixed_size_effects_from_scores`: the
+   mean loss of the prompts without it minus the mean loss of those with it
+   (scaled by ``(K − k)/(K − k + 1)``), over every ``shots``-prompt when there
+   are at most ``truth_prompts`` of them: exact and deterministic, ceiling 1.
+   Otherwise over ``truth_prompts`` random prompts in ``replicates`` equal
+   groups: the truth is the mean of the groups' effects and the ceiling their
+   split-half reliability.
+3. ``estimated``: first-order estimates of the prompts' scores.
+4. surrogates as above; each method's effects are read with
+   :func:`~tasksurrogate_jax.attribution.fixed_size_effects` (the same
+   quantity, from ``value_samples`` random contexts of the surrogate) and the
+   interactions with ``fixed_size_interactions``; metrics with intervals
+   beside the ceiling (held-out prompts: 1, their scores being exact).
+
+All randomness derives from ``jax.random.key(config.seed)``
+(:func:`stage_keys`). The results are a plain dict (see :func:`run_pipeline`),
+written by :mod:`report`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, NamedTuple
 
 import jax
@@ -38,55 +68,165 @@ import numpy as np
 from tasksurrogate_jax import attribution, baselines, metrics, reliability, surrogates
 from tasksurrogate_jax.estimation import EstimationSettings
 from tasksurrogate_jax.store import ChunkStore, config_hash
-from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.subsets import (
+    fixed_size_masks,
+    leave_one_out_masks,
+    size_range_masks,
+)
 from tasksurrogate_jax.workloads.digits import PRESETS as DIGITS_PRESETS
 from tasksurrogate_jax.workloads.digits import digits_workload
+from tasksurrogate_jax.workloads.icl import PRESETS as ICL_PRESETS
+from tasksurrogate_jax.workloads.icl import SyntheticICLWorkload, icl_workload
 from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
 from tasksurrogate_jax.workloads.modular import modular_workload
+from tasksurrogate_jax.workloads.rl import PRESETS as RL_PRESETS
+from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload
 from tasksurrogate_jax.workloads.supervised import REGIMES, SupervisedWorkload
+
+BASELINES = ("influence", "tracin", "trak")
+
+
+def _estimate_supervised(workload, masks, *, key, base_params, config):
+    return workload.estimated_scores(masks, key=key, base_params=base_params,
+                                     settings=estimation_settings(config))
+
+
+def _estimate_rl(workload, masks, *, key, base_params, config):
+    return workload.estimated_scores(masks, key=key, base_params=base_params,
+                                     proj_dim=config.proj_dim)
+
+
+def _estimate_icl(workload, masks, *, key, base_params, config):
+    del base_params, config  # a prompt's estimate has no θ* and no settings here
+    return workload.estimated_scores(masks, key=key)
 
 
 class WorkloadEntry(NamedTuple):
-    """A workload the command line knows by name.
+    """A workload the pipeline and the command line know by name.
 
     Attributes:
-      factory: ``factory(preset, **overrides) -> SupervisedWorkload``.
+      factory: ``factory(preset, **overrides)``, the workload.
       presets: its presets by name.
-      drop: tasks each random subset drops, unless the config says.
+      drop: tasks each random subset drops unless the config says (``None``:
+        uniform over the subsets neither empty, full nor leave-one-out; unused
+        by the ``"fixed_size"`` protocol).
+      protocol: ``"loo"`` or ``"fixed_size"`` (see the module docstring).
+      kind: the class of its workloads (an instance of it may be passed to
+        :func:`collect` in place of building one).
+      baselines: the baselines it supports (a subset of :data:`BASELINES`),
+        all computed by default.
+      defaults: :class:`PipelineConfig` fields left ``None`` by the config,
+        for every preset.
+      preset_defaults: per preset, fields over ``defaults``.
+      unused: :class:`PipelineConfig` fields that do not apply to it: they must
+        keep their defaults.
+      estimate: ``estimate(workload, masks, *, key, base_params, config)``:
+        the workload's first-order estimates with the config's settings.
     """
 
-    factory: Callable[..., SupervisedWorkload]
+    factory: Callable[..., Any]
     presets: dict
-    drop: int
+    drop: int | None
+    protocol: str = "loo"
+    kind: type = SupervisedWorkload
+    baselines: tuple[str, ...] = BASELINES
+    defaults: Mapping[str, Any] = MappingProxyType({})
+    preset_defaults: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
+    unused: tuple[str, ...] = ()
+    estimate: Callable = _estimate_supervised
 
 
-WORKLOADS: dict[str, WorkloadEntry] = {
-    "digits": WorkloadEntry(digits_workload, DIGITS_PRESETS, drop=4),
-    "modular": WorkloadEntry(modular_workload, MODULAR_PRESETS, drop=3),
+# Fields of the first-order estimate and the baselines of a supervised model.
+_SUPERVISED_ONLY = ("estimation_method", "estimation_ridge", "output_mode",
+                    "estimation_difference", "influence_damping",
+                    "influence_hessian", "trak_proj_dim")
+_SUPERVISED = {
+    "defaults": MappingProxyType({"regime": "finetune", "num_subsets": 96,
+                                  "num_heldout": 32, "proj_dim": 512}),
+    "unused": ("shots", "truth_prompts"),
 }
-BASELINES = ("influence", "tracin", "trak")
+WORKLOADS: dict[str, WorkloadEntry] = {
+    "digits": WorkloadEntry(digits_workload, DIGITS_PRESETS, drop=4, **_SUPERVISED),
+    "modular": WorkloadEntry(modular_workload, MODULAR_PRESETS, drop=3,
+                             **_SUPERVISED),
+    "icl": WorkloadEntry(
+        icl_workload, ICL_PRESETS, drop=None, protocol="fixed_size",
+        kind=SyntheticICLWorkload, baselines=(),
+        defaults=MappingProxyType({"shots": 4, "num_subsets": 80,
+                                   "num_heldout": 120, "truth_prompts": 20_000}),
+        preset_defaults=MappingProxyType({"tiny": {"num_subsets": 30,
+                                                   "num_heldout": 30}}),
+        unused=("regime", "drop", "proj_dim", "chunk_size", *_SUPERVISED_ONLY),
+        estimate=_estimate_icl),
+    "rl": WorkloadEntry(
+        rl_workload, RL_PRESETS, drop=None, kind=RLWorkload, baselines=(),
+        defaults=MappingProxyType({"regime": "finetune", "num_subsets": 60,
+                                   "num_heldout": 20, "proj_dim": 128}),
+        preset_defaults=MappingProxyType({"tiny": {"num_subsets": 7,
+                                                   "num_heldout": 3}}),
+        unused=("shots", "truth_prompts", *_SUPERVISED_ONLY), estimate=_estimate_rl),
+}
+# A SupervisedWorkload instance under a name the registry does not hold.
+_INSTANCE = WorkloadEntry(None, {}, drop=3, **_SUPERVISED)
+
+
+def workload_entry(name: str, workload=None) -> WorkloadEntry:
+    """The registry entry a run of workload ``name`` follows.
+
+    Args:
+      name: ``config.workload``.
+      workload: the workload instance given to the run, if any: an instance of
+        the registered kind under a registered name, or any
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`
+        (the ``"loo"`` protocol, ``drop`` 3 by default) under another name.
+    """
+    if workload is None:
+        if name not in WORKLOADS:
+            raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
+                             f"{name!r}.")
+        return WORKLOADS[name]
+    if name in WORKLOADS and isinstance(workload, WORKLOADS[name].kind):
+        return WORKLOADS[name]
+    if isinstance(workload, SupervisedWorkload):
+        return _INSTANCE
+    kinds = sorted({e.kind.__name__ for e in WORKLOADS.values()})
+    raise TypeError(
+        f"workload must be a SupervisedWorkload, or one of {kinds} under its "
+        f"registered name, got {type(workload).__name__} for {name!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """Everything that determines a run's results (JSON-able).
 
+    Fields left ``None`` take the workload's default
+    (:attr:`WorkloadEntry.defaults`; :func:`check_config` fills them in); a
+    field the workload does not use (:attr:`WorkloadEntry.unused`) must keep
+    its default.
+
     Attributes:
       workload: a name in :data:`WORKLOADS` (or the name of the workload
         instance given to :func:`run_pipeline`).
       preset: the workload's preset.
       seed: the run's PRNG seed.
-      regime: the ground truth's training: ``"finetune"`` (from ``θ*``, what
-        the first-order estimates approximate) or ``"scratch"``.
+      regime: the ground truth's training (``"loo"`` protocol):
+        ``"finetune"`` (from ``θ*``, what the first-order estimates
+        approximate) or ``"scratch"``.
       replicates: paired replicates of the ground truth (``>= 2``: the ceiling
-        is their split-half agreement).
+        is their split-half agreement); for the ``"fixed_size"`` protocol, the
+        groups of a sampled truth (unused when every prompt is scored).
       num_subsets: random subsets the surrogates are fit on.
       num_heldout: random subsets held out to evaluate them.
-      drop: tasks dropped from each random subset (``None``: the workload's
-        default in :data:`WORKLOADS`).
+      drop: tasks dropped from each random subset (``"loo"`` protocol; see
+        :attr:`WorkloadEntry.drop`).
+      shots: tasks in every subset (``"fixed_size"`` protocol: demonstrations
+        per prompt, ``>= 2``).
+      truth_prompts: the most prompts the ``"fixed_size"`` truth scores: every
+        ``shots``-prompt when there are no more, else this many random ones.
       estimation_method: ``"finetune"`` (linearized fine-tuning) or ``"solve"``
         (the convex solve); see :class:`~tasksurrogate_jax.estimation.
-        EstimationSettings` for this and the next four fields.
+        EstimationSettings` for this and the next four fields (supervised
+        workloads).
       proj_dim: projection dimension of the estimation.
       estimation_ridge: ridge of the convex solve, a number or ``"auto"``.
       output_mode: ``"logits"`` or ``"margin"``.
@@ -94,13 +234,15 @@ class PipelineConfig:
         all tasks.
       cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
       cv_criterion: ``"mse"`` or ``"spearman"``.
-      baselines: names in :data:`BASELINES` to compute.
+      baselines: names in :data:`BASELINES` to compute (among those the
+        workload supports).
       influence_damping: ``λ`` of ``(H + λI)^{-1}``.
       influence_hessian: ``"gauss_newton"`` (positive semi-definite, safe for
         conjugate gradients on non-convex models) or ``"exact"``.
       trak_proj_dim: projection dimension of TRAK's features.
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
-        values (0 = skip).
+        values (``"loo"`` protocol; 0 = skip), or sampled contexts of each
+        method's fixed-size effects (``"fixed_size"`` protocol; >= 1).
       confidence_level: of the bootstrap intervals.
       bootstrap_resamples: resamples per interval.
       chunk_size: (subset, replicate) rows per retraining chunk (each finished
@@ -111,19 +253,21 @@ class PipelineConfig:
     workload: str = "digits"
     preset: str = "cpu"
     seed: int = 0
-    regime: str = "finetune"
+    regime: str | None = None
     replicates: int = 4
-    num_subsets: int = 96
-    num_heldout: int = 32
+    num_subsets: int | None = None
+    num_heldout: int | None = None
     drop: int | None = None
+    shots: int | None = None
+    truth_prompts: int | None = None
     estimation_method: str = "finetune"
-    proj_dim: int = 512
+    proj_dim: int | None = None
     estimation_ridge: float | str = "auto"
     output_mode: str = "logits"
     estimation_difference: bool = False
     cv_method: str = "loo"
     cv_criterion: str = "spearman"
-    baselines: tuple[str, ...] = BASELINES
+    baselines: tuple[str, ...] | None = None
     influence_damping: float = 1.0
     influence_hessian: str = "gauss_newton"
     trak_proj_dim: int = 512
@@ -135,32 +279,42 @@ class PipelineConfig:
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
-        out["baselines"] = list(self.baselines)
+        out["baselines"] = None if self.baselines is None else list(self.baselines)
         out["overrides"] = {k: v for k, v in self.overrides}
         return out
 
 
-def check_config(config: PipelineConfig, *, registered: bool = True) -> PipelineConfig:
+def check_config(config: PipelineConfig, *, workload=None) -> PipelineConfig:
     """Validates names and counts; raises ``ValueError`` naming the field.
 
+    Args:
+      config: the :class:`PipelineConfig`.
+      workload: the workload instance given to the run, if any (see
+        :func:`workload_entry`).
+
     Returns:
-      ``config`` with ``drop`` resolved to the workload's default when ``None``
-      (a workload instance's default is 3).
+      ``config`` with the fields left ``None`` set to the workload's defaults.
     """
     if not isinstance(config, PipelineConfig):
         raise TypeError(
             f"config must be a PipelineConfig, got {type(config).__name__}.")
-    drop = 3
-    if registered:
-        if config.workload not in WORKLOADS:
-            raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
-                             f"{config.workload!r}.")
-        presets = WORKLOADS[config.workload].presets
-        if config.preset not in presets:
-            raise ValueError(f"preset must be one of {sorted(presets)} for workload "
-                             f"{config.workload!r}, got {config.preset!r}.")
-        drop = WORKLOADS[config.workload].drop
-    if config.regime not in REGIMES:
+    entry = workload_entry(config.workload, workload)
+    name = config.workload
+    if entry is not _INSTANCE and config.preset not in entry.presets:
+        raise ValueError(f"preset must be one of {sorted(entry.presets)} for workload "
+                         f"{name!r}, got {config.preset!r}.")
+    blank = PipelineConfig()
+    for field in entry.unused:
+        if getattr(config, field) != getattr(blank, field):
+            raise ValueError(
+                f"{field} does not apply to workload {name!r} ({entry.protocol} "
+                f"protocol), got {getattr(config, field)!r}.")
+    defaults = {**entry.defaults, **entry.preset_defaults.get(config.preset, {}),
+                "baselines": entry.baselines, "drop": entry.drop}
+    config = dataclasses.replace(config, **{
+        field: value for field, value in defaults.items()
+        if getattr(config, field) is None and field not in entry.unused})
+    if config.regime is not None and config.regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {config.regime!r}.")
     if config.replicates < 2:
         raise ValueError("replicates must be >= 2: a ceiling needs at least 2 "
@@ -171,30 +325,39 @@ def check_config(config: PipelineConfig, *, registered: bool = True) -> Pipeline
     if config.num_heldout < 3:
         raise ValueError("num_heldout must be >= 3 for a held-out Spearman, got "
                          f"{config.num_heldout}.")
-    unknown = sorted(set(config.baselines) - set(BASELINES))
+    unknown = sorted(set(config.baselines) - set(entry.baselines))
+    if unknown and not entry.baselines:
+        raise ValueError(f"workload {name!r} has no baselines, got {unknown}.")
     if unknown:
-        raise ValueError(f"baselines must be among {BASELINES}, got {unknown}.")
+        raise ValueError(f"baselines must be among {entry.baselines}, got {unknown}.")
     if config.influence_hessian not in baselines.HESSIANS:
         raise ValueError(f"influence_hessian must be one of {baselines.HESSIANS}, "
                          f"got {config.influence_hessian!r}.")
-    for name in ("proj_dim", "trak_proj_dim", "chunk_size", "bootstrap_resamples"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    for field in ("proj_dim", "trak_proj_dim", "chunk_size", "bootstrap_resamples",
+                  "truth_prompts"):
+        value = getattr(config, field)
+        if value is not None and value < 1:
+            raise ValueError(f"{field} must be >= 1, got {value}.")
     if config.drop is not None and config.drop < 1:
         raise ValueError(f"drop must be >= 1, got {config.drop}.")
-    if config.value_samples < 0:
-        raise ValueError(f"value_samples must be >= 0, got {config.value_samples}.")
+    if config.shots is not None and config.shots < 2:
+        raise ValueError(f"shots must be >= 2 (interactions need pairs), got "
+                         f"{config.shots}.")
+    minimum = 1 if entry.protocol == "fixed_size" else 0
+    if config.value_samples < minimum:
+        raise ValueError(f"value_samples must be >= {minimum} for the "
+                         f"{entry.protocol} protocol, got {config.value_samples}.")
     if not 0.0 < config.confidence_level < 1.0:
         raise ValueError("confidence_level must be in (0, 1), got "
                          f"{config.confidence_level}.")
-    try:
-        estimation_settings(config)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"estimation settings (estimation_method, proj_dim, "
-                         f"estimation_ridge, output_mode, estimation_difference): "
-                         f"{err}") from err
-    if config.drop is None:
-        config = dataclasses.replace(config, drop=drop)
+    if "estimation_method" not in entry.unused:
+        try:
+            estimation_settings(config)
+        except (TypeError, ValueError) as err:
+            raise ValueError(
+                f"estimation settings (estimation_method, proj_dim, "
+                f"estimation_ridge, output_mode, estimation_difference): "
+                f"{err}") from err
     return config
 
 
@@ -206,24 +369,59 @@ def estimation_settings(config: PipelineConfig) -> EstimationSettings:
         difference=config.estimation_difference)
 
 
+def _available(config: PipelineConfig, num_tasks: int) -> tuple[int, str]:
+    """How many distinct random subsets the config's design has, and what."""
+    if config.shots is not None:
+        return math.comb(num_tasks, config.shots), (
+            f"prompts of {config.shots} of {num_tasks} demonstrations")
+    if config.drop is None:
+        return 2 ** num_tasks - num_tasks - 2, (
+            f"subsets of {num_tasks} tasks neither empty, full nor leave-one-out")
+    return math.comb(num_tasks, config.drop), (
+        f"subsets dropping {config.drop} of {num_tasks} tasks")
+
+
 def check_workload_fits(config: PipelineConfig, workload) -> None:
-    """The subset counts must fit the workload's number of tasks."""
+    """The config (checked by :func:`check_config`) must fit the workload: its
+    number of tasks and, for prompts, its context."""
     num_tasks = workload.num_tasks
-    if config.drop >= num_tasks:
+    if config.drop is not None and config.drop >= num_tasks:
         raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
                          f"{config.drop}.")
-    available = math.comb(num_tasks, config.drop)
+    if config.shots is not None:
+        if config.shots >= num_tasks:
+            raise ValueError(f"shots must be < the pool of {num_tasks} "
+                             f"demonstrations, got {config.shots}.")
+        if config.shots > workload.max_demos:
+            raise ValueError(f"shots must be <= {workload.max_demos}, the most "
+                             "demonstrations a prompt fits in the model's context, "
+                             f"got {config.shots}.")
+    available, what = _available(config, num_tasks)
     wanted = config.num_subsets + config.num_heldout
     if wanted > available:
         raise ValueError(
-            f"num_subsets + num_heldout = {wanted} distinct subsets dropping "
-            f"{config.drop} of {num_tasks} tasks were asked for, but only "
-            f"{available} exist; lower them or change drop.")
+            f"num_subsets + num_heldout = {wanted} distinct {what} were asked for, "
+            f"but only {available} exist; lower them"
+            + (" or change drop." if config.shots is None else "."))
+    if (config.shots is not None and available > config.truth_prompts
+            and config.truth_prompts < 2 * config.replicates):
+        raise ValueError(
+            f"truth_prompts must be >= 2 * replicates = {2 * config.replicates} "
+            f"when the truth samples prompts (there are {available}), got "
+            f"{config.truth_prompts}.")
 
 
-def make_workload(config: PipelineConfig) -> SupervisedWorkload:
+def make_workload(config: PipelineConfig):
     """The configured workload."""
     return WORKLOADS[config.workload].factory(config.preset, **dict(config.overrides))
+
+
+def stage_keys(seed: int) -> dict:
+    """The PRNG keys of a run's stages: ``{"base", "subsets", "estimated",
+    "baselines"}`` (the ``"fixed_size"`` protocol draws its prompts from
+    ``"subsets"`` and a sampled truth from ``fold_in(subsets, 1)``)."""
+    names = ("base", "subsets", "estimated", "baselines")
+    return dict(zip(names, jax.random.split(jax.random.key(seed), 4), strict=True))
 
 
 # The configuration fields each stage's result depends on. A run folder holds
@@ -242,13 +440,21 @@ STAGE_FIELDS = {
     "baselines": ("baselines", "influence_damping", "influence_hessian",
                   "trak_proj_dim"),
 }
+FIXED_SIZE_STAGE_FIELDS = {
+    "prompts": ("shots", "num_subsets", "num_heldout"),
+    "truth": ("shots", "truth_prompts", "replicates"),
+    "estimated": ("shots", "num_subsets", "num_heldout"),
+}
+PROTOCOL_STAGES = {"loo": STAGE_FIELDS, "fixed_size": FIXED_SIZE_STAGE_FIELDS}
 
 
 class _Stages:
     """Stage outputs stored under ``out/stages`` (one npz per finished stage)."""
 
-    def __init__(self, out_dir: Path | None, config: dict, log: Callable):
+    def __init__(self, out_dir: Path | None, config: dict, log: Callable,
+                 stage_fields: dict):
         self.out_dir, self.config, self.log = out_dir, config, log
+        self.stage_fields = stage_fields
         identity = {k: config[k] for k in IDENTITY_FIELDS}
         if out_dir is not None:  # refuses a folder of another workload identity
             ChunkStore(out_dir / "stages", identity)
@@ -256,7 +462,7 @@ class _Stages:
 
     def fields(self, name: str) -> dict:
         """The configuration fields stage ``name`` depends on."""
-        return {k: self.config[k] for k in IDENTITY_FIELDS + STAGE_FIELDS[name]}
+        return {k: self.config[k] for k in IDENTITY_FIELDS + self.stage_fields[name]}
 
     def folder(self, parent: str, name: str) -> Path | None:
         """``out/<parent>/<name>-<hash of the stage's fields>``, or ``None``."""
@@ -324,19 +530,21 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
     return {"linear": linear, "kernel": kernel, "search": search}
 
 
-def _loo_metrics(effects, true_effects, config: PipelineConfig) -> dict:
-    """LOO agreement with the ground truth, each figure with its interval."""
+def _effect_metrics(effects, true_effects, config: PipelineConfig,
+                    prefix: str) -> dict:
+    """Agreement of ``[K, T]`` task effects with the true ones (``prefix``
+    ``"loo"`` or ``"effect"``), each Spearman with its interval."""
     spear = metrics.loo_correlation(effects, true_effects, method="spearman")
     pear = metrics.loo_correlation(effects, true_effects, method="pearson")
     interval = _interval_settings(config)
-    return {"loo_spearman": float(spear.mean),
-            "loo_spearman_interval": reliability.interval_over_targets(
+    return {f"{prefix}_spearman": float(spear.mean),
+            f"{prefix}_spearman_interval": reliability.interval_over_targets(
                 np.asarray(spear.per_target), **interval),
-            "loo_spearman_mean_target": float(spear.mean_target),
-            "loo_spearman_mean_target_interval": reliability.loo_spearman_interval(
-                effects, true_effects, **interval),
-            "loo_pearson": float(pear.mean),
-            "loo_pearson_mean_target": float(pear.mean_target)}
+            f"{prefix}_spearman_mean_target": float(spear.mean_target),
+            f"{prefix}_spearman_mean_target_interval":
+                reliability.loo_spearman_interval(effects, true_effects, **interval),
+            f"{prefix}_pearson": float(pear.mean),
+            f"{prefix}_pearson_mean_target": float(pear.mean_target)}
 
 
 def _heldout_metrics(surrogate, masks, true_scores, config: PipelineConfig) -> dict:
@@ -358,7 +566,8 @@ def _interval_settings(config: PipelineConfig) -> dict:
 
 
 class RunScores(NamedTuple):
-    """Everything a run computes before the surrogates (see :func:`collect`).
+    """Everything a ``"loo"`` run computes before the surrogates (see
+    :func:`collect`).
 
     Attributes:
       workload: the workload object.
@@ -384,61 +593,152 @@ class RunScores(NamedTuple):
     seconds: dict
 
 
-def collect(config: PipelineConfig, *, workload: SupervisedWorkload | None = None,
-            out_dir=None, log: Callable = print, progress: bool = True) -> RunScores:
+class PromptRunScores(NamedTuple):
+    """Everything a ``"fixed_size"`` run computes before the surrogates.
+
+    Attributes:
+      workload: the workload object.
+      masks: ``[num_subsets + num_heldout, K]`` random ``shots``-prompts
+        (fitting rows first).
+      exact: ``[num_subsets + num_heldout, T]`` their exact scores.
+      estimated: ``[num_subsets + num_heldout, T]`` their first-order estimates.
+      truth_effects: ``[G, K, T]`` the true fixed-size effects (one group when
+        every prompt was scored, else ``replicates`` groups of random prompts);
+        the truth is their mean.
+      num_truth_prompts: prompts the truth scored.
+      truth_exhaustive: whether they were every ``shots``-prompt.
+      seconds: ``{stage: seconds}`` (stored stages report their first run).
+    """
+
+    workload: Any
+    masks: np.ndarray
+    exact: np.ndarray
+    estimated: np.ndarray
+    truth_effects: np.ndarray
+    num_truth_prompts: int
+    truth_exhaustive: bool
+    seconds: dict
+
+
+def loo_effects(loo_scores) -> np.ndarray:
+    """The true leave-one-out effects ``[K, T]``: ``F(1 − e_i) − F(1)`` averaged
+    over the replicates of ``loo_scores`` ``[R, K + 1, T]`` (full set first)."""
+    loo = np.asarray(loo_scores)
+    return (loo[:, 1:] - loo[:, :1]).mean(0)
+
+
+def loo_protocol_masks(key, config: PipelineConfig, num_tasks: int) -> np.ndarray:
+    """The ``"loo"`` protocol's random subsets ``[num_subsets + num_heldout, K]``,
+    distinct: each dropping ``config.drop`` tasks, or (``drop=None``) uniform
+    over those with 1 to ``K - 2`` tasks."""
+    count = config.num_subsets + config.num_heldout
+    if config.drop is None:
+        masks = size_range_masks(key, count, num_tasks, min_size=1,
+                                 max_size=num_tasks - 2, unique=True)
+    else:
+        masks = fixed_size_masks(key, count, num_tasks,
+                                 subset_size=num_tasks - config.drop, unique=True)
+    return np.asarray(masks)
+
+
+def all_fixed_size_masks(num_tasks: int, size: int) -> np.ndarray:
+    """Every subset of ``size`` of ``num_tasks`` tasks, ``[C(K, size), K]``, in
+    lexicographic order of their tasks."""
+    rows = np.array(list(itertools.combinations(range(num_tasks), size)), np.int64)
+    masks = np.zeros((len(rows), num_tasks), np.float32)
+    np.put_along_axis(masks, rows, 1.0, axis=1)
+    return masks
+
+
+def fixed_size_truth(workload, *, shots: int, max_prompts: int, groups: int,
+                     key) -> dict:
+    """The ``"fixed_size"`` protocol's ground truth from exact scores.
+
+    Returns:
+      ``{"effects": [G, K, T], "num_prompts", "exhaustive"}``: over every
+      ``shots``-prompt when there are at most ``max_prompts`` (``G = 1``), else
+      over ``max_prompts`` distinct random ones split into ``groups`` equal
+      groups (the remainder dropped).
+    """
+    num_tasks = workload.num_tasks
+    exhaustive = math.comb(num_tasks, shots) <= max_prompts
+    if exhaustive:
+        masks, groups = all_fixed_size_masks(num_tasks, shots), 1
+    else:
+        masks = np.asarray(fixed_size_masks(key, max_prompts, num_tasks,
+                                            subset_size=shots, unique=True))
+    scores = np.asarray(workload.exact_scores(masks))
+    size = masks.shape[0] // groups
+    effects = np.stack([attribution.fixed_size_effects_from_scores(
+        masks[g * size:(g + 1) * size], scores[g * size:(g + 1) * size])
+        for g in range(groups)])
+    return {"effects": effects, "num_prompts": groups * size,
+            "exhaustive": exhaustive}
+
+
+def collect(config: PipelineConfig, *, workload=None, out_dir=None,
+            log: Callable = print, progress: bool = True):
     """Runs the expensive stages (stored under ``out_dir``, reused on rerun).
 
     Args:
       config: the :class:`PipelineConfig`.
-      workload: a workload instance (e.g. your own
-        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`);
-        ``None`` builds ``config.workload`` from :data:`WORKLOADS`.
+      workload: a workload instance (your own
+        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`, or
+        one of a registered workload's kind, e.g. an ``icl_workload`` already
+        trained); ``None`` builds ``config.workload`` from :data:`WORKLOADS`.
       out_dir: folder for stored stages and retraining chunks (resume); ``None``
         keeps nothing on disk. A folder of another configuration is refused.
       log: called with one line per stage.
       progress: progress bars on the retraining stages.
 
     Returns:
-      :class:`RunScores`.
+      :class:`RunScores` (``"loo"`` protocol) or :class:`PromptRunScores`
+      (``"fixed_size"``).
     """
-    config = check_config(config, registered=workload is None)
-    if workload is not None and not isinstance(workload, SupervisedWorkload):
-        raise TypeError("workload must be a SupervisedWorkload (or None to build "
-                        f"config.workload), got {type(workload).__name__}.")
+    entry = workload_entry(config.workload, workload)
+    config = check_config(config, workload=workload)
     out_dir = None if out_dir is None else Path(out_dir)
     seconds: dict[str, float] = {}
     if workload is None:
         workload = _timed(seconds, "workload", lambda: make_workload(config))
-    identity = {**config.to_json(), "description": config_hash(workload.description)}
     check_workload_fits(config, workload)
-    stages = _Stages(out_dir, identity, log)
+    description = (workload.description if isinstance(workload, SupervisedWorkload)
+                   else workload.store_config())
+    identity = {**config.to_json(), "description": config_hash(description)}
+    stages = _Stages(out_dir, identity, log, PROTOCOL_STAGES[entry.protocol])
     stages.seconds.update(seconds)
-    key = jax.random.key(config.seed)
-    k_base, k_subsets, k_est, k_trak = jax.random.split(key, 4)
+    keys = stage_keys(config.seed)
+    if entry.protocol == "fixed_size":
+        return _collect_fixed_size(config, entry, workload, stages, keys)
+    return _collect_loo(config, entry, workload, stages, keys, progress)
+
+
+def _collect_loo(config, entry, workload, stages, keys, progress) -> RunScores:
     num_tasks = workload.num_tasks
 
     def ground_truth(name, masks):
         return {"scores": workload.replicate_scores(
-            masks, key=k_base, regime=config.regime, replicates=config.replicates,
-            base_params=theta, store_dir=stages.folder("retraining", name),
+            masks, key=keys["base"], regime=config.regime,
+            replicates=config.replicates, base_params=theta,
+            store_dir=stages.folder("retraining", name),
             chunk_size=config.chunk_size, progress=progress)}
 
-    masks = np.asarray(fixed_size_masks(k_subsets, config.num_subsets +
-                                        config.num_heldout, num_tasks,
-                                        subset_size=num_tasks - config.drop,
-                                        unique=True))  # before any training
-    like = jax.eval_shape(workload.init_fn, k_base)  # structure only
+    # Drawn before any training.
+    masks = loo_protocol_masks(keys["subsets"], config, num_tasks)
+    like = jax.eval_shape(workload.init_fn, keys["base"])  # structure only
     theta = _params_from_arrays(stages.run(
-        "base", lambda: _params_arrays(workload.base_params(key=k_base))), like)
+        "base", lambda: _params_arrays(workload.base_params(key=keys["base"]))), like)
     loo_masks = leave_one_out_masks(num_tasks)
     loo = stages.run("loo", lambda: ground_truth("loo", loo_masks))["scores"]
     exact = stages.run("subsets", lambda: ground_truth("subsets", masks))["scores"]
-    estimated = stages.run("estimated", lambda: {"scores": workload.estimated_scores(
-        masks, key=k_est, base_params=theta,
-        settings=estimation_settings(config))})["scores"]
+    estimated = stages.run("estimated", lambda: {"scores": entry.estimate(
+        workload, masks, key=keys["estimated"], base_params=theta,
+        config=config)})["scores"]
 
     def compute_baselines():
         out = {}
+        if not config.baselines:
+            return out
         args = (workload.apply_fn, theta, workload.data, workload.target)
         loss_fn = workload.loss_fn
         if "influence" in config.baselines:
@@ -450,12 +750,35 @@ def collect(config: PipelineConfig, *, workload: SupervisedWorkload | None = Non
                 workload.apply_fn, [theta], *args[2:], loss_fn=loss_fn)
         if "trak" in config.baselines:
             out["trak"] = baselines.trak_scores(
-                *args, key=k_trak, proj_dim=config.trak_proj_dim, loss_fn=loss_fn)
+                *args, key=keys["baselines"], proj_dim=config.trak_proj_dim,
+                loss_fn=loss_fn)
         return out
 
     baseline_effects = stages.run("baselines", compute_baselines)
     return RunScores(workload, theta, loo, masks, exact, estimated, baseline_effects,
                      stages.seconds)
+
+
+def _collect_fixed_size(config, entry, workload, stages, keys) -> PromptRunScores:
+    masks = np.asarray(workload.sample_prompts(
+        keys["subsets"], config.num_subsets + config.num_heldout, shots=config.shots))
+    exact = stages.run("prompts", lambda: {
+        "scores": workload.exact_scores(masks)})["scores"]
+    truth = stages.run("truth", lambda: fixed_size_truth(
+        workload, shots=config.shots, max_prompts=config.truth_prompts,
+        groups=config.replicates, key=jax.random.fold_in(keys["subsets"], 1)))
+    estimated = stages.run("estimated", lambda: {"scores": entry.estimate(
+        workload, masks, key=keys["estimated"], base_params=None,
+        config=config)})["scores"]
+    return PromptRunScores(workload, masks, exact, estimated, truth["effects"],
+                           int(truth["num_prompts"]), bool(truth["exhaustive"]),
+                           stages.seconds)
+
+
+def _attainable(values: dict) -> dict:
+    """``sqrt`` of each ceiling: the most a noise-free method can expect
+    against one ground truth (correction for attenuation)."""
+    return {k: float(np.sqrt(max(v, 0.0))) for k, v in values.items()}
 
 
 def ceiling(loo_scores, heldout_scores, *, seed: int = 0) -> dict:
@@ -480,27 +803,102 @@ def ceiling(loo_scores, heldout_scores, *, seed: int = 0) -> dict:
               "loo_spearman_mean_target": loo.mean_target,
               "heldout_spearman": held.per_target}
     return {**values, "num_replicates": loo.num_replicates,
-            "attainable": {k: float(np.sqrt(max(v, 0.0))) for k, v in values.items()}}
+            "attainable": _attainable(values)}
 
 
-def evaluate(config: PipelineConfig, run: RunScores) -> dict:
-    """Surrogates, attribution and metrics from collected scores (cheap).
+def fixed_size_ceiling(truth_effects, *, exhaustive: bool, seed: int = 0) -> dict:
+    """The ``"fixed_size"`` truth's reliability.
+
+    Args:
+      truth_effects: ``[G, K, T]`` the truth's effects per group of prompts.
+      exhaustive: whether the truth scored every prompt (``G = 1``).
+      seed: of the random splits of the groups.
 
     Returns:
-      A dict with ``config``, ``regime``, ``task_names``, ``target_description``,
-      ``ceiling`` (see :func:`ceiling`), ``methods`` (per method: ``effects``
-      ``[K]`` on the mean target, LOO Spearman/Pearson per target and on the
-      mean target, and held-out Spearman and normalized error for surrogates;
-      each Spearman with its bootstrap ``*_interval``), ``true_effects`` ``[K]``,
-      ``interactions`` ``[K, K]`` (kernel surrogate on exact scores, mean
-      target), ``heldout`` (true and predicted mean-target scores),
-      ``estimation`` (errors of the estimates against the ground truth),
-      ``surrogate_hyperparameters`` and ``seconds`` per stage.
+      ``{"effect_spearman_per_target", "effect_spearman_mean_target",
+      "heldout_spearman", "num_replicates", "deterministic", "attainable"}``.
+      Exact scores are forward passes, so a truth over every prompt and the
+      held-out prompts' scores are deterministic: ceiling 1. A truth over
+      sampled prompts has the split-half reliability of its ``G`` groups
+      (:func:`~tasksurrogate_jax.reliability.subset_reliability` across tasks).
     """
-    if config.drop is None:  # the run's masks say what was dropped
+    effects = np.asarray(truth_effects)
+    if exhaustive:
+        values = {"effect_spearman_per_target": 1.0,
+                  "effect_spearman_mean_target": 1.0}
+    else:
+        reliable = reliability.subset_reliability(effects, seed=seed)
+        values = {"effect_spearman_per_target": reliable.per_target,
+                  "effect_spearman_mean_target": reliable.mean_target}
+    values["heldout_spearman"] = 1.0
+    return {**values, "num_replicates": int(effects.shape[0]),
+            "deterministic": bool(exhaustive), "attainable": _attainable(values)}
+
+
+def _fit_exact_and_estimated(config, masks, exact, estimated, timed) -> dict:
+    """:func:`fit_surrogates` on the exact and on the estimated scores of the
+    fitting rows: ``{"exact": ..., "estimated": ...}``."""
+    m = config.num_subsets
+    cv = {"cv_method": config.cv_method, "cv_criterion": config.cv_criterion,
+          "seed": config.seed}
+    return timed("surrogates", lambda: {
+        "exact": fit_surrogates(masks[:m], exact[:m], **cv),
+        "estimated": fit_surrogates(masks[:m], estimated[:m], **cv)})
+
+
+def _estimation_errors(true_scores, estimated, truth: str) -> dict:
+    """The estimates' errors against the ground truth of the same subsets."""
+    return {
+        "truth": truth,
+        # Median: a target the model fits perfectly has F = 0 in float32.
+        "median_relative_error": float(np.median(
+            metrics.relative_error(estimated, true_scores))),
+        "mean_target_relative_error": float(np.mean(metrics.relative_error(
+            estimated.mean(1), true_scores.mean(1)))),
+        "spearman_across_subsets": float(metrics.mean_spearman(true_scores,
+                                                               estimated)),
+        "spearman_mean_target": float(metrics.spearman(true_scores.mean(1),
+                                                       estimated.mean(1))),
+    }
+
+
+def _hyperparameters(fits: dict) -> dict:
+    return {scores_name: {"gamma": float(f["search"].gamma),
+                          "ridge": float(f["search"].ridge)}
+            for scores_name, f in fits.items()}
+
+
+def evaluate(config: PipelineConfig, run) -> dict:
+    """Surrogates, attribution and metrics from collected scores (cheap).
+
+    Args:
+      config: the run's :class:`PipelineConfig`.
+      run: what :func:`collect` returned (or your own :class:`RunScores` /
+        :class:`PromptRunScores`, e.g. with more methods in ``baselines``).
+
+    Returns:
+      A dict with ``config``, ``protocol``, ``task_names``,
+      ``target_description``, ``ceiling`` (:func:`ceiling` or
+      :func:`fixed_size_ceiling`), ``methods`` (per method: ``effects`` ``[K]``
+      on the mean target, their Spearman/Pearson with the true effects per
+      target and on the mean target, and held-out Spearman and normalized error
+      for surrogates; each Spearman with its bootstrap ``*_interval``; keys
+      ``loo_*`` for the ``"loo"`` protocol, ``effect_*`` for
+      ``"fixed_size"``), ``true_effects`` ``[K]``, ``interactions`` ``[K, K]``
+      (kernel surrogate on exact scores, mean target), ``heldout`` (true and
+      predicted mean-target scores), ``estimation`` (errors of the estimates
+      against the ground truth), ``surrogate_hyperparameters`` and ``seconds``
+      per stage; ``"loo"`` runs add ``regime`` and ``full_set_loss``,
+      ``"fixed_size"`` runs ``shots``, ``truth`` and ``mean_prompt_loss``.
+    """
+    entry = workload_entry(config.workload, run.workload)
+    if entry.protocol == "fixed_size":
+        return _evaluate_fixed_size(check_config(config, workload=run.workload), run)
+    if config.drop is None and entry.drop is not None:
+        # The run's masks say what was dropped.
         config = dataclasses.replace(
             config, drop=int(run.masks.shape[1] - run.masks[0].sum()))
-    config = check_config(config, registered=False)
+    config = check_config(config, workload=run.workload)
     seconds = dict(run.seconds)
 
     def timed(name, compute):
@@ -508,14 +906,11 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
 
     m = config.num_subsets
     loo = np.asarray(run.loo_scores)
-    true_effects = (loo[:, 1:] - loo[:, :1]).mean(0)  # [K, T]
+    true_effects = loo_effects(loo)  # [K, T]
     exact = np.asarray(run.exact).mean(0)
-    fit_masks, heldout_masks = run.masks[:m], run.masks[m:]
-    cv = {"cv_method": config.cv_method, "cv_criterion": config.cv_criterion,
-          "seed": config.seed}
-    fits = timed("surrogates", lambda: {
-        "exact": fit_surrogates(fit_masks, exact[:m], **cv),
-        "estimated": fit_surrogates(fit_masks, run.estimated[:m], **cv)})
+    estimated = np.asarray(run.estimated)
+    heldout_masks = run.masks[m:]
+    fits = _fit_exact_and_estimated(config, run.masks, exact, estimated, timed)
 
     heldout_true = exact[m:]
     methods, heldout_predicted = {}, {}
@@ -527,10 +922,11 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
             held = _heldout_metrics(surrogate, heldout_masks, heldout_true, config)
             heldout_predicted[name] = held.pop("_heldout_predicted_mean")
             methods[name] = {"effects": effects.mean(1),
-                             **_loo_metrics(effects, true_effects, config), **held}
+                             **_effect_metrics(effects, true_effects, config, "loo"),
+                             **held}
     for name, effects in run.baselines.items():
         methods[name] = {"effects": effects.mean(1),
-                         **_loo_metrics(effects, true_effects, config)}
+                         **_effect_metrics(effects, true_effects, config, "loo")}
 
     kernel_exact = fits["exact"]["kernel"]
     interactions = timed("attribution", lambda: np.asarray(
@@ -542,28 +938,13 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
                 num_samples=config.value_samples)))
         methods["kernel surrogate (exact), Banzhaf"] = {
             "effects": banzhaf.mean(1),
-            **_loo_metrics(banzhaf, true_effects, config)}
+            **_effect_metrics(banzhaf, true_effects, config, "loo")}
     reliable = timed("ceiling", lambda: ceiling(loo, np.asarray(run.exact)[:, m:],
                                                 seed=config.seed))
-
-    fit_true, fit_est = exact[:m], run.estimated[:m]
-    estimation = {
-        "truth": f"{config.regime} ground truth",
-        # Median: a target the model fits perfectly has F = 0 in float32.
-        "median_relative_error": float(np.median(
-            metrics.relative_error(fit_est, fit_true))),
-        "mean_target_relative_error": float(np.mean(metrics.relative_error(
-            fit_est.mean(1), fit_true.mean(1)))),
-        "spearman_across_subsets": float(metrics.mean_spearman(fit_true, fit_est)),
-        "spearman_mean_target": float(metrics.spearman(fit_true.mean(1),
-                                                       fit_est.mean(1))),
-    }
-    hyper = {scores_name: {"gamma": float(f["search"].gamma),
-                           "ridge": float(f["search"].ridge)}
-             for scores_name, f in fits.items()}
     workload = run.workload
     return {
         "config": config.to_json(),
+        "protocol": entry.protocol,
         "regime": config.regime,
         "task_names": list(workload.task_names),
         "target_description": workload.target_description,
@@ -574,24 +955,91 @@ def evaluate(config: PipelineConfig, run: RunScores) -> dict:
         "methods": methods,
         "interactions": interactions,
         "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
-        "estimation": estimation,
-        "surrogate_hyperparameters": hyper,
+        "estimation": _estimation_errors(exact[:m], estimated[:m],
+                                         f"{config.regime} ground truth"),
+        "surrogate_hyperparameters": _hyperparameters(fits),
         "seconds": seconds,
     }
 
 
-def run_pipeline(config: PipelineConfig, *, workload: SupervisedWorkload | None = None,
-                 out_dir=None, log: Callable = print, progress: bool = True) -> dict:
+def _evaluate_fixed_size(config: PipelineConfig, run: PromptRunScores) -> dict:
+    seconds = dict(run.seconds)
+
+    def timed(name, compute):
+        return _timed(seconds, name, compute)
+
+    m, shots = config.num_subsets, config.shots
+    exact, estimated = np.asarray(run.exact), np.asarray(run.estimated)
+    true_effects = np.asarray(run.truth_effects).mean(0)  # [K, T]
+    heldout_masks, heldout_true = run.masks[m:], exact[m:]
+    fits = _fit_exact_and_estimated(config, run.masks, exact, estimated, timed)
+    key = jax.random.key(config.seed)
+    methods, heldout_predicted = {}, {}
+
+    def read_effects():
+        for scores_name, fitted in fits.items():
+            for kind in ("linear", "kernel"):
+                surrogate = fitted[kind]
+                name = f"{kind} surrogate ({scores_name})"
+                effects = np.asarray(attribution.fixed_size_effects(
+                    surrogate, key=jax.random.fold_in(key, 9), size=shots,
+                    num_samples=config.value_samples))
+                held = _heldout_metrics(surrogate, heldout_masks, heldout_true,
+                                        config)
+                heldout_predicted[name] = held.pop("_heldout_predicted_mean")
+                methods[name] = {
+                    "effects": effects.mean(1),
+                    **_effect_metrics(effects, true_effects, config, "effect"),
+                    **held}
+
+    timed("attribution_values", read_effects)
+    interactions = timed("attribution", lambda: np.asarray(
+        attribution.fixed_size_interactions(
+            fits["exact"]["kernel"], key=jax.random.fold_in(key, 10),
+            size=shots)).mean(-1))
+    reliable = timed("ceiling", lambda: fixed_size_ceiling(
+        run.truth_effects, exhaustive=run.truth_exhaustive, seed=config.seed))
+    truth = (f"forward passes of all {run.num_truth_prompts} {shots}-prompts"
+             if run.truth_exhaustive else
+             f"forward passes of {run.num_truth_prompts} random {shots}-prompts in "
+             f"{config.replicates} groups")
+    workload = run.workload
+    return {
+        "config": config.to_json(),
+        "protocol": "fixed_size",
+        "shots": shots,
+        "truth": truth,
+        "task_names": list(workload.task_names),
+        "target_description": workload.target_description,
+        "num_targets": int(workload.num_targets),
+        "mean_prompt_loss": float(exact.mean()),
+        "ceiling": reliable,
+        "true_effects": true_effects.mean(1),
+        "methods": methods,
+        "interactions": interactions,
+        "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
+        "estimation": _estimation_errors(exact[:m], estimated[:m], "forward passes"),
+        "surrogate_hyperparameters": _hyperparameters(fits),
+        "seconds": seconds,
+    }
+
+
+def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
+                 log: Callable = print, progress: bool = True) -> dict:
     """:func:`collect` then :func:`evaluate`: the results dict of a whole run.
 
     Pass ``workload`` to run on your own workload instance (``config.workload``
-    then only names it).
+    then only names it, unless it is registered and the instance of its kind).
     """
-    config = check_config(config, registered=workload is None)
+    config = check_config(config, workload=workload)
     return evaluate(config, collect(config, workload=workload, out_dir=out_dir,
                                     log=log, progress=progress))
 
 
-__all__ = ["BASELINES", "STAGE_FIELDS", "WORKLOADS", "PipelineConfig", "RunScores",
-           "WorkloadEntry", "ceiling", "check_config", "check_workload_fits",
-           "collect", "evaluate", "make_workload", "run_pipeline"]
+__all__ = ["BASELINES", "FIXED_SIZE_STAGE_FIELDS", "PROTOCOL_STAGES",
+           "STAGE_FIELDS", "WORKLOADS", "PipelineConfig", "PromptRunScores",
+           "RunScores", "WorkloadEntry", "all_fixed_size_masks", "ceiling",
+           "check_config", "check_workload_fits", "collect", "evaluate",
+           "fixed_size_ceiling", "fixed_size_truth", "loo_effects",
+           "loo_protocol_masks", "make_workload", "run_pipeline", "stage_keys",
+           "workload_entry"]

@@ -15,7 +15,9 @@ caller saves or shows:
 From the dict returned by :func:`tasksurrogate_jax.pipeline.run_pipeline`:
 :func:`format_table`, :func:`summary`, :func:`write_json`, and
 :func:`write_plots` (the three plots above on the mean target, as
-``loo_effects.png``, ``interactions.png`` and ``heldout.png``).
+``loo_effects.png``, ``interactions.png`` and ``heldout.png``). Each follows
+the run's protocol: leave-one-out effects (``"loo"``) or effects within prompts
+of one size (``"fixed_size"``, whose ``loo_effects.png`` plots those).
 """
 
 from __future__ import annotations
@@ -43,6 +45,29 @@ TABLE_COLUMNS = (
 CEILING_COLUMNS = {"loo_spearman": "loo_spearman_per_target",
                    "loo_spearman_mean_target": "loo_spearman_mean_target",
                    "heldout_spearman": "heldout_spearman"}
+# The "fixed_size" protocol (prompts): effects within prompts of one size.
+FIXED_SIZE_TABLE_COLUMNS = (
+    ("effect_spearman", "effect Spearman (per target)"),
+    ("effect_spearman_mean_target", "effect Spearman (mean target)"),
+    ("heldout_spearman", "held-out Spearman"),
+    ("normalized_error", "held-out norm. error"),
+)
+FIXED_SIZE_CEILING_COLUMNS = {
+    "effect_spearman": "effect_spearman_per_target",
+    "effect_spearman_mean_target": "effect_spearman_mean_target",
+    "heldout_spearman": "heldout_spearman"}
+
+
+def _columns(results: dict) -> tuple[tuple, dict]:
+    """The table's columns and ceiling columns for the run's protocol."""
+    if results.get("protocol") == "fixed_size":
+        return FIXED_SIZE_TABLE_COLUMNS, FIXED_SIZE_CEILING_COLUMNS
+    return TABLE_COLUMNS, CEILING_COLUMNS
+
+
+def _number(value) -> str:
+    """``value`` to 3 decimals; ``None`` (NaN read back from JSON) as nan."""
+    return f"{math.nan if value is None else value:.3f}"
 
 
 def _cell(values: dict, key: str) -> str:
@@ -52,7 +77,8 @@ def _cell(values: dict, key: str) -> str:
     interval = values.get(f"{key}_interval")
     if interval is None:
         return f"{value:.3f}"
-    low, high = interval
+    # NaN bounds (a degenerate bootstrap) are null once read back from JSON.
+    low, high = (math.nan if bound is None else bound for bound in interval)
     return f"{value:.3f} [{low:.2f}, {high:.2f}]"
 
 
@@ -60,16 +86,18 @@ def format_table(results: dict) -> str:
     """The per-method metrics as a Markdown table (also readable in a terminal):
     the ground truth's ceiling first, then each method's figure with its
     bootstrap interval in brackets."""
-    rows = [["method", *(title for _, title in TABLE_COLUMNS)]]
+    columns, ceiling_columns = _columns(results)
+    rows = [["method", *(title for _, title in columns)]]
     ceiling = results["ceiling"]
-    rows.append([f"ceiling ({ceiling['num_replicates']} replicates)", *(
-        f"{ceiling[CEILING_COLUMNS[key]]:.3f}" if key in CEILING_COLUMNS else "-"
-        for key, _ in TABLE_COLUMNS)])
-    rows.append(["attainable (√ceiling)", *(
-        f"{ceiling['attainable'][CEILING_COLUMNS[key]]:.3f}"
-        if key in CEILING_COLUMNS else "-" for key, _ in TABLE_COLUMNS)])
+    label = ("deterministic truth" if ceiling.get("deterministic")
+             else f"{ceiling['num_replicates']} replicates")
+    for name, values in ((f"ceiling ({label})", ceiling),
+                         ("attainable (√ceiling)", ceiling["attainable"])):
+        rows.append([name, *(
+            _number(values[ceiling_columns[key]]) if key in ceiling_columns else "-"
+            for key, _ in columns)])
     for name, values in results["methods"].items():
-        rows.append([name, *(_cell(values, key) for key, _ in TABLE_COLUMNS)])
+        rows.append([name, *(_cell(values, key) for key, _ in columns)])
     return _markdown(rows)
 
 
@@ -79,17 +107,34 @@ def summary(results: dict) -> str:
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
     cfg = results["config"]
     level = round(100 * cfg["confidence_level"])
+    head = (f"{cfg['workload']} ({cfg['preset']}), seed {cfg['seed']}: "
+            f"{len(results['task_names'])} tasks, {results['num_targets']} targets "
+            f"({results['target_description']}); ")
+    ceiling = ("ceiling: agreement of two independent ground truths of this size "
+               "(split-half, Spearman-Brown)")
+    if results.get("protocol") == "fixed_size":
+        head += (f"prompts of {results['shots']} ({cfg['num_subsets']} to fit, "
+                 f"{cfg['num_heldout']} held out); ground truth: {results['truth']}"
+                 f"; mean prompt loss {results['mean_prompt_loss']:.4f}")
+        ceiling = (
+            f"effect: how much lower the mean loss of {results['shots']}-prompts "
+            "is with a demonstration than without (positive = helps), read off "
+            "each surrogate in random contexts; " + (
+                "ceiling 1: the truth is deterministic (forward passes of every "
+                "prompt)" if results["ceiling"]["deterministic"] else
+                "ceiling: agreement of two independent truths of this size "
+                "(split-half over the truth's groups of random prompts, "
+                "Spearman-Brown), held-out 1 (forward passes)"))
+    else:
+        head += (f"ground truth: {results['regime']} regime, mean of "
+                 f"{results['ceiling']['num_replicates']} paired replicates; "
+                 f"full-set loss {results['full_set_loss']:.4f}")
     return "\n".join([
-        f"{cfg['workload']} ({cfg['preset']}), seed {cfg['seed']}: "
-        f"{len(results['task_names'])} tasks, {results['num_targets']} targets "
-        f"({results['target_description']}); ground truth: {results['regime']} "
-        f"regime, mean of {results['ceiling']['num_replicates']} paired replicates; "
-        f"full-set loss {results['full_set_loss']:.4f}",
+        head,
         "",
         format_table(results),
         "",
-        "ceiling: agreement of two independent ground truths of this size "
-        "(split-half, Spearman-Brown); attainable: the most a noise-free method "
+        f"{ceiling}; attainable: the most a noise-free method "
         f"can expect against one; brackets: {level}% bootstrap intervals (over "
         "targets for per-target figures, over tasks for the mean target)",
         f"estimated vs {est['truth']} of the fitting subsets: median relative "
@@ -211,7 +256,8 @@ def format_correlation_table(true, predicted: Mapping[str, ArrayLike]) -> str:
 
 def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
                      task_names: Sequence[str] | None = None,
-                     title: str | None = None) -> Figure:
+                     title: str | None = None,
+                     xlabel: str = "true LOO effect") -> Figure:
     """Predicted against true leave-one-out effects, one panel per method.
 
     Each panel has its own scale (methods report effects in different units:
@@ -222,6 +268,7 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
       predicted: ``{method name: [K]}`` each method's effects of the same tasks.
       task_names: ``K`` names written beside the points; ``None``: no labels.
       title: the figure's title; ``None``: none.
+      xlabel: the horizontal axes' label (e.g. another kind of effect).
 
     Returns:
       A pyplot figure (``fig.savefig(path)``; ``plt.close(fig)`` when done).
@@ -244,7 +291,7 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
                         fontsize=6)
         ax.set_title(f"{method}\nSpearman {_spearman(true, values):.2f}",
                      fontsize=9)
-        ax.set_xlabel("true LOO effect", fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel("predicted", fontsize=8)
     for ax in axes.flat[len(predicted):]:
         ax.axis("off")
@@ -341,19 +388,28 @@ def write_plots(results: dict, out_dir) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     names = results["task_names"]
+    if results.get("protocol") == "fixed_size":
+        shots = results["shots"]
+        effects = {"title": f"Effects within {shots}-prompts on the mean target "
+                            "(positive = helps)",
+                   "xlabel": f"true effect in {shots}-prompts"}
+        within, subsets = f" within {shots}-prompts", "prompts"
+    else:
+        effects = {"title": "Leave-one-out effects on the mean target "
+                            "(positive = helps)"}
+        within, subsets = "", "subsets"
     plots = {
         "loo_effects.png": lambda: plot_loo_effects(
             results["true_effects"],
             {name: values["effects"] for name, values in results["methods"].items()},
-            task_names=names,
-            title="Leave-one-out effects on the mean target (positive = helps)"),
+            task_names=names, **effects),
         "interactions.png": lambda: plot_interactions(
             results["interactions"], task_names=names,
-            title="Kernel surrogate interactions (mean target)\n"
+            title=f"Kernel surrogate interactions{within} (mean target)\n"
                   "> 0: substitutes, < 0: complements"),
         "heldout.png": lambda: plot_heldout(
             results["heldout"]["true"], results["heldout"]["predicted"],
-            title="Held-out subsets: loss on the mean target"),
+            title=f"Held-out {subsets}: loss on the mean target"),
     }
     plt = _pyplot()
     paths = []

@@ -78,6 +78,47 @@ def fixed_size_masks(
     return draw(check_key(key), num_subsets)
 
 
+def size_range_masks(
+    key, num_subsets: int, num_tasks: int, *, min_size: int, max_size: int,
+    unique: bool = False, dtype=jnp.float32,
+) -> jax.Array:
+    """Subsets of ``min_size`` to ``max_size`` tasks, uniform over all of them.
+
+    Each of the ``sum_s C(K, s)`` subsets is equally likely: the size ``s`` is
+    drawn with probability proportional to ``C(K, s)``, then a uniform subset of
+    that size. This is ``bernoulli_masks(p=0.5)`` conditioned on the size, e.g.
+    ``min_size=1, max_size=K - 2``: every subset but the empty one, the full
+    set and the leave-one-out sets.
+
+    Returns:
+      ``[num_subsets, num_tasks]`` masks.
+    """
+    num_subsets = check_positive_int(num_subsets, "num_subsets")
+    num_tasks = check_positive_int(num_tasks, "num_tasks")
+    min_size = check_positive_int(min_size, "min_size", minimum=0)
+    max_size = check_positive_int(max_size, "max_size", minimum=0)
+    if not min_size <= max_size <= num_tasks:
+        raise ValueError(
+            f"need 0 <= min_size <= max_size <= num_tasks={num_tasks}, got "
+            f"min_size={min_size}, max_size={max_size}."
+        )
+    sizes = np.arange(min_size, max_size + 1)
+    counts = [_binomial(num_tasks, int(s)) for s in sizes]
+    log_counts = jnp.log(jnp.asarray(counts, jnp.float32))
+
+    def draw(k, m):
+        k_size, k_order = jax.random.split(k)
+        size = jnp.asarray(sizes)[jax.random.categorical(k_size, log_counts,
+                                                         shape=(m,))]
+        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (m, num_tasks)),
+                                        1), 1)
+        return (ranks < size[:, None]).astype(dtype)
+
+    if unique:
+        return _distinct_rows(key, num_subsets, draw, sum(counts))
+    return draw(check_key(key), num_subsets)
+
+
 def leave_one_out_masks(num_tasks: int, *, dtype=jnp.float32) -> jax.Array:
     """The full set and the K leave-one-out subsets.
 

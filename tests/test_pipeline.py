@@ -99,7 +99,7 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "nope"], "workload must be one of ['digits', 'modular']"),
+    (["run", "nope"], "workload must be one of ['digits', 'icl', 'modular', 'rl']"),
     (["run", "modular", "--preset", "huge"], "preset must be one of"),
     (["run", "digits", "--replicates", "1"],
      "a ceiling needs at least 2 replicates, got 1"),
@@ -110,6 +110,36 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
      "drop must be < the workload's 16 tasks"),
     (["run", "modular", "--set", "widht=3"], "unknown ModularConfig fields"),
     (["run", "modular", "--set", "width"], "expected FIELD=VALUE"),
+    # ICL (fixed_size protocol) and RL: options that do not apply, bad sizes.
+    (["run", "icl", "--regime", "scratch"],
+     "regime does not apply to workload 'icl' (fixed_size protocol)"),
+    (["run", "icl", "--drop", "3"], "drop does not apply to workload 'icl'"),
+    (["run", "icl", "--proj-dim", "64"], "proj_dim does not apply to workload 'icl'"),
+    (["run", "icl", "--chunk-size", "8"], "chunk_size does not apply to workload"),
+    (["run", "icl", "--baselines", "tracin"],
+     "workload 'icl' has no baselines, got ['tracin']"),
+    (["run", "icl", "--shots", "1"], "shots must be >= 2"),
+    (["run", "icl", "--value-samples", "0"],
+     "value_samples must be >= 1 for the fixed_size protocol"),
+    (["run", "icl", "--preset", "tiny", "--set", "widht=3"],
+     "unknown ICLConfig fields ['widht']"),
+    (["run", "rl", "--shots", "4"],
+     "shots does not apply to workload 'rl' (loo protocol)"),
+    (["run", "rl", "--estimation-method", "solve"],
+     "estimation_method does not apply to workload 'rl'"),
+    (["run", "rl", "--influence-damping", "3"],
+     "influence_damping does not apply to workload 'rl'"),
+    (["run", "rl", "--baselines", "influence"], "workload 'rl' has no baselines"),
+    (["run", "rl", "--preset", "huge"],
+     "preset must be one of ['cpu', 'paper', 'tiny'] for workload 'rl'"),
+    (["run", "rl", "--replicates", "1"], "a ceiling needs at least 2 replicates"),
+    (["run", "rl", "--preset", "tiny", "--set", "gamma=0.9"],
+     "unknown RLConfig fields ['gamma']"),
+    (["run", "rl", "--preset", "tiny", "--num-subsets", "8"],
+     "num_subsets + num_heldout = 11 distinct subsets of 4 tasks neither empty, "
+     "full nor leave-one-out were asked for, but only 10 exist"),
+    (["run", "rl", "--preset", "tiny", "--drop", "4"],
+     "drop must be < the workload's 4 tasks"),
 ])
 def test_bad_arguments_exit_with_status_2_and_a_message(args, message, capsys,
                                                         tmp_path):

@@ -11,6 +11,11 @@ through this interface:
   first-order estimate without retraining (docs/method.md);
 - ``presets``: named configurations (``"cpu"`` small, ``"paper"`` full size).
 
+Both scoring methods take ``key`` (the PRNG key of any randomness: training,
+batches, projections; a workload without randomness accepts it and documents
+it as unused) and name every other option as an explicit keyword argument: an
+unknown option is a ``TypeError``, never silently ignored.
+
 Scores are losses: lower is better, and the LOO effect of task ``i`` is
 ``F(s* - e_i) - F(s*)``.
 """
@@ -69,13 +74,17 @@ class Workload(abc.ABC):
         """What the T score columns are."""
 
     @abc.abstractmethod
-    def exact_scores(self, masks, *, key, **kwargs) -> jax.Array:
-        """True subset scores ``[num_subsets, num_targets]`` (lower = better)."""
+    def exact_scores(self, masks, *, key) -> jax.Array:
+        """True subset scores ``[num_subsets, num_targets]`` (lower = better).
+
+        Subclasses add their options as explicit keyword-only arguments."""
 
     @abc.abstractmethod
-    def estimated_scores(self, masks, *, key, **kwargs) -> jax.Array:
+    def estimated_scores(self, masks, *, key) -> jax.Array:
         """First-order estimates ``[num_subsets, num_targets]`` of the subset
-        scores, without retraining (docs/method.md)."""
+        scores, without retraining (docs/method.md).
+
+        Subclasses add their options as explicit keyword-only arguments."""
 
     def check_masks(self, masks, name: str = "masks") -> jax.Array:
         """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""

@@ -345,13 +345,16 @@ class ICLWorkload(Workload):
             )
         return scores
 
-    def exact_scores(self, masks, *, key=None, **kwargs) -> jax.Array:
+    def exact_scores(self, masks, *, key=None) -> jax.Array:
         """Per-query cross-entropy of each prompt, by forward passes.
+
+        Deterministic: the same masks give the same scores.
 
         Args:
           masks: ``[num_subsets, num_tasks]``; each row's demonstrations, in
             pool order, followed by the query, make a prompt.
-          key: unused (no randomness); accepted for the workload interface.
+          key: unused (forward passes draw no randomness); accepted so that
+            every workload's ``exact_scores`` takes a key.
 
         Returns:
           ``[num_subsets, num_targets]`` losses.
@@ -451,8 +454,7 @@ class ICLWorkload(Workload):
                                       jnp.asarray(self.query_labels))
         return e0, loss0, grads
 
-    def estimated_scores(self, masks, *, key=None, anchor="mean",
-                         **kwargs) -> jax.Array:
+    def estimated_scores(self, masks, *, key=None, anchor="mean") -> jax.Array:
         """First-order estimates ``L(E₀) + <∇_E L(E₀), E_s - E₀>`` of the scores.
 
         The gradient is taken once per query (and number of shots) at the
@@ -461,7 +463,8 @@ class ICLWorkload(Workload):
 
         Args:
           masks: ``[num_subsets, num_tasks]``.
-          key: unused; accepted for the workload interface.
+          key: unused (the linearization draws no randomness); accepted so
+            that every workload's ``estimated_scores`` takes a key.
           anchor: see :meth:`anchor_embeddings`.
 
         Returns:

@@ -14,7 +14,10 @@ which subset to train on?
   from a key (the same episodes for every subset). Lower is better, like a
   loss.
 - ``exact_scores``: the fine-tuning of every subset, vmapped over subsets,
-  variants and episodes in one compiled program per chunk of subsets.
+  variants and episodes in one compiled program per chunk of subsets;
+  ``replicate_scores`` repeats it with other training keys (paired replicates
+  from the same ``θ*``, ``[R, m, T]``: the ground truth's noise, for its
+  ceiling).
 - ``estimated_scores``: the policy's action logits linearized around ``θ*``
   with projected gradient features (``estimation.linearized_examples``), on
   rollouts of ``θ*``; per subset, a policy-improvement problem in the
@@ -50,8 +53,10 @@ from tasksurrogate_jax.estimation import (
     solve_subsets,
 )
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
+from tasksurrogate_jax.retraining import replicate_key
 from tasksurrogate_jax.store import ChunkStore, array_digest
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset
+from tasksurrogate_jax.workloads.supervised import check_regime
 
 # Parameters a variant may set, with their valid ranges (inclusive). Derived
 # CartPole quantities (total_mass, polemass_length) are recomputed.
@@ -463,26 +468,44 @@ class RLWorkload(Workload):
             self.base_history = np.asarray(history)
         return self._base_params[cache]
 
-    def train_subsets(self, masks, *, key=None, from_scratch: bool = False,
+    def train_subsets(self, masks, *, key=None, replicate: int = 0,
+                      from_scratch: bool = False, base_params=None,
                       chunk_size: int | None = 16):
         """Fine-tunes ``θ*`` (or trains from scratch) on every subset.
 
         All subsets share the training keys (common random numbers), so their
         differences come from the masks. Vmapped over subsets in chunks.
 
+        Keys: the training streams of replicate 0 derive from ``key`` itself,
+        those of replicate ``r >= 1`` from ``fold_in(key, r)``: fine-tuning
+        episodes from ``fold_in(., 5)``, the fresh initialisation of
+        ``from_scratch`` from ``fold_in(., 3)``. ``θ*`` is the same for every
+        replicate: :meth:`base_params` of ``key``, unless ``base_params``.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``, no row empty.
+          key: default from the config's seed.
+          replicate: which replicate's training streams.
+          from_scratch: train from a fresh initialisation instead of ``θ*``.
+          base_params: ``θ*`` to fine-tune from, if at hand (unused with
+            ``from_scratch``).
+          chunk_size: subsets per compiled call (``None``: all at once).
+
         Returns:
           The trained policies, a pytree with a leading ``[num_subsets]`` axis.
         """
         masks = self.check_masks(masks)
         key = self._key(key)
+        replicate = check_positive_int(replicate, "replicate", minimum=0)
+        stream = key if replicate == 0 else replicate_key(key, replicate)
         c = self.config
         if from_scratch:
-            init = self.init_fn(jax.random.fold_in(key, 3))
+            init = self.init_fn(jax.random.fold_in(stream, 3))
             iterations, lr = c.iterations, c.learning_rate
         else:
-            init = self.base_params(key=key)
+            init = self.base_params(key=key) if base_params is None else base_params
             iterations, lr = c.finetune_iterations, c.finetune_learning_rate
-        train_key = jax.random.fold_in(key, 5)
+        train_key = jax.random.fold_in(stream, 5)
         trainer = self._chunk_trainer(iterations, lr)
         return map_padded_chunks(lambda chunk: trainer(init, train_key, chunk), masks,
                                  chunk_size)
@@ -499,53 +522,104 @@ class RLWorkload(Workload):
             self._trainers[cache] = jax.jit(one_chunk)
         return self._trainers[cache]
 
+    def replicate_scores(self, masks, *, key=None, regime: str = "finetune",
+                         replicates: int = 1, base_params=None, chunk_size: int = 16,
+                         store_dir=None, progress: bool = False) -> jax.Array:
+        """Minus the target returns after training on each subset, per replicate.
+
+        Replicates are paired: within one, every subset shares ``θ*`` and the
+        training episodes' keys, so the mask is the only difference; replicates
+        differ in those keys (see :meth:`train_subsets`). Evaluation episodes
+        are the same fixed ones everywhere: they are part of ``F``.
+
+        Args:
+          masks: ``[num_subsets, num_tasks]``, no row empty.
+          key: default from the config's seed.
+          regime: ``"finetune"`` (from ``θ*``) or ``"scratch"`` (from a fresh
+            initialisation per replicate).
+          replicates: ``R >= 1``; replicate 0 is :meth:`exact_scores` of ``key``.
+          base_params: ``θ*`` to fine-tune from, if at hand (e.g. read back from
+            a store); ``None``: :meth:`base_params` of ``key``.
+          chunk_size: subsets per compiled call (memory); the last chunk is
+            padded, so every chunk runs the same program.
+          store_dir: folder to save each finished (replicate, chunk) of scores
+            to and resume from (:class:`~tasksurrogate_jax.store.ChunkStore`,
+            keyed on this workload's configuration, the masks, the key, ``θ*``
+            when given and the settings).
+          progress: a progress bar over chunks.
+
+        Returns:
+          ``[replicates, num_subsets, num_targets]``.
+        """
+        masks = np.asarray(self.check_masks(masks))
+        key = self._key(key)
+        from_scratch = check_regime(regime) == "scratch"
+        replicates = check_positive_int(replicates, "replicates")
+        size = min(check_positive_int(chunk_size, "chunk_size"), masks.shape[0])
+        store = None
+        if store_dir is not None:
+            settings = {"workload": self.store_config(), "masks": array_digest(masks),
+                        "key": np.asarray(jax.random.key_data(key)).tolist(),
+                        "from_scratch": from_scratch, "chunk_size": size}
+            # Named only when used: stores of exact_scores stay valid.
+            if replicates > 1:
+                settings["replicates"] = replicates
+            if base_params is not None:
+                settings["base_params"] = _params_digest(base_params)
+            store = ChunkStore(store_dir, settings)
+        jobs = [(r, start) for r in range(replicates)
+                for start in range(0, masks.shape[0], size)]
+        if progress:
+            from tqdm.auto import tqdm
+
+            jobs = tqdm(jobs, desc=f"fine-tuning ({size}/chunk)", unit="chunk")
+        scores = []
+        for index, (r, start) in enumerate(jobs):
+            rows = masks[start:start + size]
+            if store is not None and store.has_chunk(index):
+                scores.append(store.load_chunk(index)["scores"])
+                continue
+            policies = self.train_subsets(pad_rows(rows, size), key=key, replicate=r,
+                                          from_scratch=from_scratch,
+                                          base_params=base_params, chunk_size=size)
+            chunk = np.asarray(self._evaluate_many(policies))[:len(rows)]
+            if store is not None:
+                store.save_chunk(index, {"scores": chunk})
+            scores.append(chunk)
+        return jnp.asarray(np.concatenate(scores).reshape(
+            replicates, masks.shape[0], self.num_targets))
+
     def exact_scores(self, masks, *, key=None, from_scratch: bool = False,
-                     chunk_size: int = 16, store_dir=None, **kwargs) -> jax.Array:
-        """Minus the target returns after training on each subset.
+                     base_params=None, chunk_size: int = 16,
+                     store_dir=None) -> jax.Array:
+        """Minus the target returns after training on each subset: replicate 0
+        of :meth:`replicate_scores` (``from_scratch``: the ``"scratch"``
+        regime), ``[num_subsets, num_targets]``.
 
         Args:
           masks: ``[num_subsets, num_tasks]``, no row empty.
           key: training key (``θ*``, fine-tuning); default from the seed.
           from_scratch: train from a fresh initialisation instead of ``θ*``.
-          chunk_size: subsets per compiled call (memory); the last chunk is
-            padded, so every chunk runs the same program.
-          store_dir: folder to save each finished chunk's scores to and resume
-            from (:class:`~tasksurrogate_jax.store.ChunkStore`, keyed on this
-            workload's configuration, the masks, the key and the settings).
-
-        Returns:
-          ``[num_subsets, num_targets]``.
+          base_params, chunk_size, store_dir: as for :meth:`replicate_scores`.
         """
-        masks = np.asarray(self.check_masks(masks))
-        key = self._key(key)
-        size = min(check_positive_int(chunk_size, "chunk_size"), masks.shape[0])
-        store = None
-        if store_dir is not None:
-            store = ChunkStore(store_dir, {
-                "workload": self.store_config(), "masks": array_digest(masks),
-                "key": np.asarray(jax.random.key_data(key)).tolist(),
-                "from_scratch": from_scratch, "chunk_size": size})
-        scores = []
-        for index, start in enumerate(range(0, masks.shape[0], size)):
-            rows = masks[start:start + size]
-            if store is not None and store.has_chunk(index):
-                scores.append(store.load_chunk(index)["scores"])
-                continue
-            policies = self.train_subsets(pad_rows(rows, size), key=key,
-                                          from_scratch=from_scratch,
-                                          chunk_size=size)
-            chunk = np.asarray(self._evaluate_many(policies))[:len(rows)]
-            if store is not None:
-                store.save_chunk(index, {"scores": chunk})
-            scores.append(chunk)
-        return jnp.asarray(np.concatenate(scores))
+        return self.replicate_scores(
+            masks, key=key, regime="scratch" if from_scratch else "finetune",
+            base_params=base_params, chunk_size=chunk_size, store_dir=store_dir)[0]
 
     # -- the first-order estimate -------------------------------------------
 
-    def linearized_rollouts(self, *, key=None, proj_dim: int = 64,
+    def linearized_rollouts(self, *, key=None, base_params=None, proj_dim: int = 64,
                             num_episodes: int | None = None,
                             batch_size: int | None = 4096):
         """Rollouts of ``θ*`` and the projected Jacobians of its action logits.
+
+        Args:
+          key: the rollouts use ``fold_in(key, 11)``, the projection
+            ``fold_in(key, 13)``; default from the config's seed.
+          base_params: ``θ*``; ``None``: :meth:`base_params` of ``key``.
+          proj_dim: d.
+          num_episodes: per variant (default ``episodes``).
+          batch_size: steps per Jacobian batch.
 
         Returns:
           ``(examples, task_of_example, advantages, projection)``:
@@ -555,15 +629,15 @@ class RLWorkload(Workload):
           of each step, ``[n]`` advantages, and the projection.
         """
         key = self._key(key)
+        params = self.base_params(key=key) if base_params is None else base_params
         num_episodes = self.config.episodes if num_episodes is None else num_episodes
-        cache = (_key_bytes(key), proj_dim, num_episodes)
+        cache = (_key_bytes(key), _params_digest(params), proj_dim, num_episodes)
         if cache not in self._linearized:
-            self._linearized[cache] = self._linearize(key, proj_dim, num_episodes,
-                                                      batch_size)
+            self._linearized[cache] = self._linearize(key, params, proj_dim,
+                                                      num_episodes, batch_size)
         return self._linearized[cache]
 
-    def _linearize(self, key, proj_dim, num_episodes, batch_size):
-        params = self.base_params(key=key)
+    def _linearize(self, key, params, proj_dim, num_episodes, batch_size):
         traj = jax.jit(self.rollouts, static_argnums=2)(
             params, jax.random.fold_in(key, 11), num_episodes)
         adv = self.advantages(traj)
@@ -579,11 +653,11 @@ class RLWorkload(Workload):
             projection=projection, output_mode="logits", batch_size=batch_size)
         return examples, task, np.asarray(adv).reshape(-1)[alive], projection
 
-    def estimated_scores(self, masks, *, key=None, method: str = "pg",
-                         proj_dim: int = 128, ridge: float | None = None,
-                         temperature: float = 1.0, num_episodes: int | None = None,
-                         settings: SolverSettings | None = None,
-                         **kwargs) -> jax.Array:
+    def estimated_scores(self, masks, *, key=None, base_params=None,
+                         method: str = "pg", proj_dim: int = 128,
+                         ridge: float | None = None, temperature: float = 1.0,
+                         num_episodes: int | None = None,
+                         settings: SolverSettings | None = None) -> jax.Array:
         """First-order estimates ``[num_subsets, num_targets]`` (no training).
 
         The policy's logits are linearized around ``θ*`` in a random
@@ -602,7 +676,10 @@ class RLWorkload(Workload):
 
         Args:
           masks: ``[num_subsets, num_tasks]``, no row empty.
-          key: as for :meth:`exact_scores`.
+          key: the rollouts and projection (:meth:`linearized_rollouts`) and
+            the calibrating fine-tuning (replicate 0 of :meth:`train_subsets`);
+            ``θ*`` is :meth:`base_params` of ``key`` unless ``base_params``.
+          base_params: ``θ*`` to linearize around.
           method: ``"pg"`` or ``"awr"``.
           proj_dim: d.
           ridge: the L2 penalty, which sets how far each update moves. ``None``:
@@ -616,12 +693,15 @@ class RLWorkload(Workload):
         if method not in ESTIMATORS:
             raise ValueError(f"method must be one of {ESTIMATORS}, got {method!r}.")
         masks = np.asarray(self.check_masks(masks))
+        key = self._key(key)
+        params = self.base_params(key=key) if base_params is None else base_params
         examples, task, adv, projection = self.linearized_rollouts(
-            key=key, proj_dim=proj_dim, num_episodes=num_episodes)
+            key=key, base_params=params, proj_dim=proj_dim, num_episodes=num_episodes)
         weights = masks[:, task]  # [m, n]
         if method == "pg":
             if ridge is None:
-                ridge = self.calibrated_ridge(key=key, proj_dim=proj_dim,
+                ridge = self.calibrated_ridge(key=key, base_params=params,
+                                              proj_dim=proj_dim,
                                               num_episodes=num_episodes)
             w = jnp.asarray(weights, jnp.float32) @ policy_gradients(examples, adv)
             w = w / jnp.asarray(weights.sum(1, keepdims=True), jnp.float32) / ridge
@@ -633,26 +713,28 @@ class RLWorkload(Workload):
                                                 examples.features.dtype),
                               output_mode="logits",
                               settings=settings or SolverSettings()).w
-        params = self.base_params(key=key)
         deltas = unproject(projection, w, params)
         policies = jax.tree.map(lambda p, d: p[None] + d, params, deltas)
         return self._evaluate_many(policies)
 
-    def calibrated_ridge(self, *, key=None, proj_dim: int = 128,
+    def calibrated_ridge(self, *, key=None, base_params=None, proj_dim: int = 128,
                          num_episodes: int | None = None) -> float:
         """The ``"pg"`` ridge whose full-set update ``P ŵ`` has the norm of one
-        real fine-tuning of ``θ*`` on all variants (one training run per key)."""
+        real fine-tuning of ``θ*`` on all variants (replicate 0 of
+        :meth:`train_subsets`; one training run per key and ``θ*``)."""
         key = self._key(key)
+        params = self.base_params(key=key) if base_params is None else base_params
         examples, task, adv, projection = self.linearized_rollouts(
-            key=key, proj_dim=proj_dim, num_episodes=num_episodes)
-        params = self.base_params(key=key)
+            key=key, base_params=params, proj_dim=proj_dim, num_episodes=num_episodes)
         g = policy_gradients(examples, adv).mean(0)
         step = _tree_norm(unproject(projection, g, params))
-        if _key_bytes(key) not in self._moved:
-            tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key)
-            self._moved[_key_bytes(key)] = float(_tree_norm(
+        cache = (_key_bytes(key), _params_digest(params))
+        if cache not in self._moved:
+            tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key,
+                                       base_params=params)
+            self._moved[cache] = float(_tree_norm(
                 jax.tree.map(lambda a, b: a[0] - b, tuned, params)))
-        return float(step) / self._moved[_key_bytes(key)]
+        return float(step) / self._moved[cache]
 
 
 def policy_gradients(examples: Linearized, advantages) -> jax.Array:
@@ -667,6 +749,11 @@ def policy_gradients(examples: Linearized, advantages) -> jax.Array:
 def _key_bytes(key) -> bytes:
     """A typed key's data, as a cache key."""
     return np.asarray(jax.random.key_data(key)).tobytes()
+
+
+def _params_digest(params) -> str:
+    """A digest of a policy's parameters, as a cache and store key."""
+    return array_digest(*jax.tree.leaves(params))
 
 
 def _tree_norm(tree) -> jax.Array:
