@@ -94,7 +94,7 @@ def errors(estimated, truth, num_loo: int, seed: int) -> dict:
         "relative_error_max": float(relative[subsets].max()),
         # Median: a target the model fits perfectly has F = 0 in float32.
         "relative_error_columns": float(np.nanmedian(
-            metrics.relative_error(estimated[subsets], truth[subsets]))),
+            metrics.relative_error(true=truth[subsets], predicted=estimated[subsets]))),
         "spearman_subsets": float(metrics.spearman(true_mean[subsets],
                                                    est_mean[subsets])),
         "spearman_subsets_interval": interval(true_mean[subsets], est_mean[subsets],

@@ -38,7 +38,7 @@ from tasksurrogate_jax.pipeline import PipelineConfig, ceiling, collect
 
 def scores_of(surrogate, true_effects, heldout_masks, heldout_true):
     effects = np.asarray(attribution.loo_scores(surrogate))
-    loo = metrics.loo_correlation(effects, true_effects)
+    loo = metrics.loo_correlation(true_effects=true_effects, predicted_effects=effects)
     predicted = np.asarray(surrogate.predict(heldout_masks))
     return {"loo_spearman": float(loo.mean),
             "loo_spearman_mean_target": float(loo.mean_target),

@@ -95,7 +95,8 @@ def check_estimation(
         estimated=estimated,
         exact=exact,
         relative_error=jnp.abs(mean_est - mean_exact) / jnp.abs(mean_exact),
-        column_relative_error=metrics.relative_error(estimated, exact).mean(axis=1),
+        column_relative_error=metrics.relative_error(
+            true=exact, predicted=estimated).mean(axis=1),
         spearman=metrics.spearman(exact, estimated),
         param_shift=shift / base_norm,
         first_order=first_order,

@@ -2,6 +2,13 @@
 
 Arrays are ``[n, num_targets]`` (rows = subsets or tasks, columns = targets); 1-D
 inputs are one target. All functions are jittable.
+
+One argument order: the ground truth first, then the prediction. Where the
+order changes the result (an error normalised by the truth) the arguments are
+keyword-only, ``true=`` and ``predicted=`` (``true_effects=`` and
+``predicted_effects=`` for effects), so a swapped call cannot pass silently.
+The correlations (:func:`pearson`, :func:`spearman`, :func:`mean_spearman`)
+are symmetric and positional.
 """
 
 from __future__ import annotations
@@ -95,14 +102,14 @@ def mean_spearman(true, predicted) -> jax.Array:
     return jnp.nanmean(spearman(true, predicted))
 
 
-def normalized_error(true, predicted) -> jax.Array:
+def normalized_error(*, true, predicted) -> jax.Array:
     """Per-target ``MSE / Var(true)``: ``[num_targets]`` (0 = perfect, 1 = mean)."""
     true, predicted = _pair(true, predicted, ("true", "predicted"))
     mse = jnp.mean((predicted - true) ** 2, axis=0)
     return mse / jnp.var(true, axis=0)
 
 
-def pooled_normalized_error(true, predicted) -> jax.Array:
+def pooled_normalized_error(*, true, predicted) -> jax.Array:
     """``sum_t MSE_t / sum_t Var_t(true)``: one figure over all targets (0 =
     perfect, 1 = as good as each target's mean). Unlike a mean of per-target
     ratios, targets whose scores barely vary cannot dominate it."""
@@ -110,10 +117,10 @@ def pooled_normalized_error(true, predicted) -> jax.Array:
     return jnp.mean((predicted - true) ** 2) / jnp.mean(jnp.var(true, axis=0))
 
 
-def relative_error(estimate, truth) -> jax.Array:
-    """Elementwise ``|estimate - truth| / |truth|``."""
-    estimate, truth = _pair(estimate, truth, ("estimate", "truth"))
-    return jnp.abs(estimate - truth) / jnp.abs(truth)
+def relative_error(*, true, predicted) -> jax.Array:
+    """Elementwise ``|predicted - true| / |true|``."""
+    true, predicted = _pair(true, predicted, ("true", "predicted"))
+    return jnp.abs(predicted - true) / jnp.abs(true)
 
 
 class LOOCorrelation(NamedTuple):
@@ -131,12 +138,13 @@ class LOOCorrelation(NamedTuple):
     mean_target: jax.Array
 
 
-def loo_correlation(predicted_effects, true_effects, *, method: str = "spearman"):
+def loo_correlation(*, true_effects, predicted_effects, method: str = "spearman"):
     """Agreement of predicted and true LOO effects ``[num_tasks, num_targets]``.
 
     Args:
-      predicted_effects: ``[num_tasks, num_targets]`` (or ``[num_tasks]``).
-      true_effects: same shape, e.g. ``F(s* - e_i) - F(s*)`` from retraining.
+      true_effects: ``[num_tasks, num_targets]`` (or ``[num_tasks]``), e.g.
+        ``F(s* - e_i) - F(s*)`` from retraining.
+      predicted_effects: same shape.
       method: ``"spearman"`` or ``"pearson"``.
 
     Returns:

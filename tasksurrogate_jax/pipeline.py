@@ -534,8 +534,9 @@ def _effect_metrics(effects, true_effects, config: PipelineConfig,
                     prefix: str) -> dict:
     """Agreement of ``[K, T]`` task effects with the true ones (``prefix``
     ``"loo"`` or ``"effect"``), each Spearman with its interval."""
-    spear = metrics.loo_correlation(effects, true_effects, method="spearman")
-    pear = metrics.loo_correlation(effects, true_effects, method="pearson")
+    pair = {"true_effects": true_effects, "predicted_effects": effects}
+    spear = metrics.loo_correlation(**pair, method="spearman")
+    pear = metrics.loo_correlation(**pair, method="pearson")
     interval = _interval_settings(config)
     return {f"{prefix}_spearman": float(spear.mean),
             f"{prefix}_spearman_interval": reliability.interval_over_targets(
@@ -556,7 +557,7 @@ def _heldout_metrics(surrogate, masks, true_scores, config: PipelineConfig) -> d
             "heldout_spearman_mean_target": float(metrics.spearman(
                 true_scores.mean(1), predicted.mean(1))),
             "normalized_error": float(metrics.pooled_normalized_error(
-                true_scores, predicted)),
+                true=true_scores, predicted=predicted)),
             "_heldout_predicted_mean": predicted.mean(1)}
 
 
@@ -852,9 +853,9 @@ def _estimation_errors(true_scores, estimated, truth: str) -> dict:
         "truth": truth,
         # Median: a target the model fits perfectly has F = 0 in float32.
         "median_relative_error": float(np.median(
-            metrics.relative_error(estimated, true_scores))),
+            metrics.relative_error(true=true_scores, predicted=estimated))),
         "mean_target_relative_error": float(np.mean(metrics.relative_error(
-            estimated.mean(1), true_scores.mean(1)))),
+            true=true_scores.mean(1), predicted=estimated.mean(1)))),
         "spearman_across_subsets": float(metrics.mean_spearman(true_scores,
                                                                estimated)),
         "spearman_mean_target": float(metrics.spearman(true_scores.mean(1),

@@ -72,23 +72,42 @@ def test_normalized_and_relative_error():
     true = RNG.normal(size=(50, 3))
     pred = true + RNG.normal(scale=0.1, size=(50, 3))
     expected = ((pred - true) ** 2).mean(0) / true.var(0)
-    np.testing.assert_allclose(metrics.normalized_error(true, pred), expected)
-    np.testing.assert_allclose(metrics.normalized_error(true, true.mean(0) +
-                                                        0 * true), 1.0)
-    np.testing.assert_allclose(metrics.relative_error(pred, true),
+    np.testing.assert_allclose(metrics.normalized_error(true=true, predicted=pred),
+                               expected)
+    np.testing.assert_allclose(
+        metrics.normalized_error(true=true, predicted=true.mean(0) + 0 * true), 1.0)
+    np.testing.assert_allclose(metrics.relative_error(true=true, predicted=pred),
                                np.abs(pred - true) / np.abs(true))
+    pooled = ((pred - true) ** 2).mean() / true.var(0).mean()
+    np.testing.assert_allclose(
+        metrics.pooled_normalized_error(true=true, predicted=pred), pooled)
+
+
+def test_order_sensitive_metrics_take_keywords_only():
+    # The errors are normalised by the truth: a swapped positional call would
+    # give another number, so positional calls are refused.
+    true, pred = np.ones((4, 2)), np.full((4, 2), 2.0)
+    for fn in (metrics.normalized_error, metrics.pooled_normalized_error,
+               metrics.relative_error):
+        with pytest.raises(TypeError):
+            fn(true, pred)
+    with pytest.raises(TypeError):
+        metrics.loo_correlation(true, pred)
+    assert float(metrics.relative_error(true=true, predicted=pred).max()) == 1.0
+    assert float(metrics.relative_error(true=pred, predicted=true).max()) == 0.5
 
 
 def test_loo_correlation_per_target_mean_and_mean_target():
     true = RNG.normal(size=(25, 8))
     pred = true + RNG.normal(scale=0.5, size=(25, 8))
-    out = metrics.loo_correlation(pred, true)
+    out = metrics.loo_correlation(true_effects=true, predicted_effects=pred)
     ref = [scipy.stats.spearmanr(pred[:, j], true[:, j]).statistic for j in range(8)]
     np.testing.assert_allclose(out.per_target, ref, rtol=1e-12)
     assert float(out.mean) == pytest.approx(np.mean(ref))
     ref_mean = scipy.stats.spearmanr(pred.mean(1), true.mean(1)).statistic
     assert float(out.mean_target) == pytest.approx(ref_mean)
-    pearson = metrics.loo_correlation(pred, true, method="pearson")
+    pearson = metrics.loo_correlation(true_effects=true, predicted_effects=pred,
+                                      method="pearson")
     assert float(pearson.mean_target) == pytest.approx(
         scipy.stats.pearsonr(pred.mean(1), true.mean(1)).statistic)
 
@@ -99,4 +118,5 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="n >= 2"):
         metrics.pearson(np.zeros((1, 2)), np.zeros((1, 2)))
     with pytest.raises(ValueError, match="method must be"):
-        metrics.loo_correlation(np.zeros((4, 2)), np.zeros((4, 2)), method="kendall")
+        metrics.loo_correlation(true_effects=np.zeros((4, 2)),
+                                predicted_effects=np.zeros((4, 2)), method="kendall")

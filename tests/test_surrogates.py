@@ -260,8 +260,10 @@ def test_kernel_surrogate_captures_an_interaction_the_linear_one_misses():
     kernel = surrogates.fit_kernel_surrogate(masks[train], xor[train], gamma=0.5,
                                              ridge=1e-3)
     linear = surrogates.fit_linear_surrogate(masks[train], xor[train])
-    kernel_error = metrics.normalized_error(xor[test], kernel.predict(masks[test]))
-    linear_error = metrics.normalized_error(xor[test], linear.predict(masks[test]))
+    kernel_error = metrics.normalized_error(true=xor[test],
+                                            predicted=kernel.predict(masks[test]))
+    linear_error = metrics.normalized_error(true=xor[test],
+                                            predicted=linear.predict(masks[test]))
     assert float(kernel_error[0]) < 0.05 < 0.9 < float(linear_error[0])
 
 
