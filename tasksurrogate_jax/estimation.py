@@ -444,7 +444,7 @@ def _linearize_data(apply_fn, params, data, target, projection, output_mode,
 def calibrate_ridge(train: Linearized, data: TaskData, projection, params, *,
                     update_norm: float, output_mode: str,
                     settings: SolverSettings, bounds=(1e-8, 1e8),
-                    iterations: int = 40) -> float:
+                    iterations: int = 30) -> float:
     """The ridge whose solution on all tasks has ``||P ŵ|| = update_norm``.
 
     ``||P ŵ(ridge)||`` falls monotonically with the ridge; bisection on

@@ -75,6 +75,40 @@ def mixed_masks(num_tasks, seed=0):
     return rows[np.random.default_rng(seed).permutation(len(rows))]
 
 
+def last_logits(model):
+    """``tokens [..., length] -> [..., num_labels]``: the model's label logits
+    at the last position, by its plain forward pass (jitted per length)."""
+    graphdef, params = nnx.split(model)
+    return jax.jit(lambda tokens: nnx.merge(graphdef, params)(tokens)[..., -1, :])
+
+
+def reference_performance(forward, demos, queries, labels, mask):
+    """Loss and correctness of one prompt on every query, by forward passes of
+    ``[demonstrations in pool order, query]``: ``(losses [Q], correct [Q],
+    near_tie [Q])``, ``near_tie`` where the two largest logits are within 1e-4
+    (where rounding may decide the argmax)."""
+    prompt = demos[np.nonzero(mask)[0]].reshape(-1)
+    tokens = np.concatenate(
+        [np.broadcast_to(prompt, (len(queries), prompt.size)), queries], axis=1)
+    logits = np.asarray(forward(jnp.asarray(tokens, jnp.int32)), np.float64)
+    rows = np.arange(len(queries))
+    top = logits.max(1)
+    losses = top + np.log(np.exp(logits - top[:, None]).sum(1)) - logits[rows, labels]
+    ordered = np.sort(logits, axis=1)
+    near_tie = ordered[:, -1] - ordered[:, -2] < 1e-4
+    return losses, logits.argmax(1) == labels, near_tie
+
+
+def assert_performance_matches(performance, forward, demos, queries, labels, masks):
+    for i, mask in enumerate(masks):
+        losses, correct, near_tie = reference_performance(forward, demos, queries,
+                                                          labels, mask)
+        np.testing.assert_allclose(performance.loss[i], losses.mean(), rtol=1e-5)
+        # The accuracy is the fraction of queries whose label has the largest
+        # logit; only a near-tie may go either way.
+        assert abs(performance.accuracy[i] - correct.mean()) <= near_tie.mean(), i
+
+
 def test_exact_scores_equal_a_loop_of_single_forward_passes():
     scorer, model = transformer_scorer()
     demos, queries, labels = random_problem(vocab=CONFIG.vocab_size)
@@ -83,11 +117,11 @@ def test_exact_scores_equal_a_loop_of_single_forward_passes():
     masks = mixed_masks(7)
     scores = np.asarray(workload.exact_scores(masks))
     expected = np.zeros_like(scores)
+    forward = last_logits(model)
     for i, row in enumerate(masks):
         prompt = demos[np.nonzero(row)[0]].reshape(-1)  # increasing pool order
         for t, (query, label) in enumerate(zip(queries, labels, strict=True)):
-            tokens = jnp.asarray(np.concatenate([prompt, query]))
-            logits = model(tokens)[-1]
+            logits = forward(jnp.asarray(np.concatenate([prompt, query])))
             expected[i, t] = jax.nn.logsumexp(logits) - logits[label]
     np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
     # The chunking (and its padding) changes nothing.
@@ -115,17 +149,21 @@ def test_embedding_linearization_equals_jvp_of_the_loss(anchor):
         logits = scorer.label_logits(scorer.params, embeddings)
         return jax.nn.logsumexp(logits) - logits[label]
 
+    @jax.jit  # compiled once per prompt length
+    def first_order(tokens, anchor, label):
+        e = scorer.embed(scorer.params, tokens)
+        value, slope = jax.jvp(lambda x: loss(x, label), (anchor,), (e - anchor,))
+        return value + slope
+
     for i, row in enumerate(masks):
         shots = int(row.sum())
         e0 = workload.anchor_embeddings(shots, anchors[shots])
         prompt = demos[np.nonzero(row)[0]].reshape(-1)
         for t, (query, label) in enumerate(zip(queries, labels, strict=True)):
             tokens = jnp.asarray(np.concatenate([prompt, query]))
-            e = scorer.embed(scorer.params, tokens)
-            value, slope = jax.jvp(lambda x, y=label: loss(x, y), (e0[t],),
-                                   (e - e0[t],))
-            np.testing.assert_allclose(estimated[i, t], value + slope, rtol=1e-6,
-                                       atol=1e-6)
+            np.testing.assert_allclose(estimated[i, t],
+                                       first_order(tokens, e0[t], label),
+                                       rtol=1e-6, atol=1e-6)
 
 
 def test_mean_anchor_averages_the_pool_at_every_slot():
@@ -154,11 +192,26 @@ def test_estimate_is_exact_at_the_anchor_prompt():
     assert check.relative_error < 1e-6
 
 
+def test_prompt_performance_equals_forward_passes_on_held_out_queries():
+    scorer, model = transformer_scorer()
+    demos, queries, labels = random_problem(vocab=CONFIG.vocab_size)
+    _, heldout, heldout_labels = random_problem(num_queries=40,
+                                                vocab=CONFIG.vocab_size, seed=3)
+    workload = ICLWorkload(scorer, demos, queries, labels,
+                           max_length=CONFIG.max_length, heldout_queries=heldout,
+                           heldout_labels=heldout_labels)
+    masks = mixed_masks(7)
+    masks = masks[masks.sum(1) == 2][:5]  # one prompt length: one compilation
+    assert_performance_matches(workload.prompt_performance(masks), last_logits(model),
+                               demos, heldout, heldout_labels, masks)
+
+
 @pytest.fixture(scope="module")
 def tiny():
-    return icl_workload("tiny")
+    return icl_workload("tiny")  # trains for about 15 s: slow tier
 
 
+@pytest.mark.slow
 def test_trained_tiny_model_learns_in_context(tiny):
     accuracy = tiny.in_context_accuracy(jax.random.key(0), num_sequences=2000)
     assert accuracy.shape == (tiny.config.max_demos + 1,)
@@ -168,6 +221,7 @@ def test_trained_tiny_model_learns_in_context(tiny):
     assert tiny.training_losses[-100:].mean() < tiny.training_losses[:100].mean()
 
 
+@pytest.mark.slow
 def test_tiny_workload_prompts_and_performance(tiny):
     masks = tiny.sample_prompts(jax.random.key(1), 30, shots=4)
     assert masks.shape == (30, tiny.config.pool_size)
@@ -177,8 +231,17 @@ def test_tiny_workload_prompts_and_performance(tiny):
     assert scores.shape == (30, tiny.num_targets) and np.isfinite(scores).all()
     target = tiny.prompt_performance(masks, split="targets")
     np.testing.assert_allclose(target.loss, scores.mean(1), rtol=1e-5)
-    heldout = tiny.prompt_performance(masks)
-    assert ((heldout.accuracy >= 0) & (heldout.accuracy <= 1)).all()
+    # Held-out loss and accuracy of the trained transformer, against its plain
+    # forward pass on [4 demonstrations, query] for every held-out query.
+    model = ICLTransformer(tiny.config, rngs=nnx.Rngs(0))
+    nnx.update(model, tiny.model_params)
+    heldout_queries, heldout_labels = tiny.heldout
+    some = np.asarray(masks)[:4]
+    assert_performance_matches(tiny.prompt_performance(some), last_logits(model),
+                               tiny.demonstrations, heldout_queries,
+                               heldout_labels, some)
+    # The prompts differ in what they teach: their held-out losses differ.
+    assert np.ptp(tiny.prompt_performance(masks).loss) > 0.01
     # The names mark the demonstrations shown with a wrong label.
     assert len(tiny.task_names) == tiny.num_tasks
     assert sum(" (wrong)" in n for n in tiny.task_names) == tiny.pool_flipped.sum()

@@ -11,8 +11,12 @@ cannot take its place.
 from pathlib import Path
 
 import nbformat
+import pytest
 from ipykernel.kernelspec import write_kernel_spec
 from nbclient import NotebookClient
+
+# 40-50 s each on 2 cores: the slow tier (pytest -m slow).
+pytestmark = pytest.mark.slow
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")
@@ -89,3 +93,17 @@ def test_rl_notebook_executes(tmp_path, monkeypatch):
     assert "| linear | " in text and "| kernel | " in text
     assert "| target | all variants |" in text
     assert num_images == 3  # returns, effect heatmaps, selection
+
+
+def test_your_own_model_notebook_executes(tmp_path, monkeypatch):
+    text, num_images, work = _execute("your_own_model.ipynb", tmp_path, monkeypatch)
+    assert "ceiling of the LOO ground truth (mean target)" in text
+    assert "| first-order estimate | " in text and "| kernel surrogate | " in text
+    assert "| kernel surrogate (exact) |" in text  # the pipeline's table
+    assert "| ceiling (2 replicates) |" in text
+    # The two corrupted sources are the most harmful, with the plain-JAX model.
+    assert "most harmful sources: ['" in text
+    line = text.split("most harmful sources: ")[1].splitlines()[0]
+    assert "random labels" in line and "shifted labels" in line
+    assert num_images == 2  # LOO effects, interactions
+    assert (work / "results" / "my-digits" / "results.json").stat().st_size > 0

@@ -322,6 +322,7 @@ KILL_AFTER_TWO = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a subprocess that imports JAX and compiles, then is killed
 def test_resume_after_sigkill(tmp_path, monkeypatch):
     out = tmp_path / "store"
     env = dict(os.environ, JAX_ENABLE_X64=str(jax.config.jax_enable_x64).lower())

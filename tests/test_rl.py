@@ -1,5 +1,10 @@
-"""The multi-objective RL workload: rollouts, training, linearization, bad input."""
+"""The multi-objective RL workload: rollouts, training, linearization, bad input.
 
+Everything that trains or rolls out a policy (θ* of the tiny preset alone
+compiles for about 10 s) is in the slow tier (``pytest -m slow``).
+"""
+
+import gymnax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +13,7 @@ import pytest
 from tasksurrogate_jax.estimation import linearized_examples
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.workloads.rl import (
-    CARTPOLE_VARIANTS,
+    ACROBOT_VARIANTS,
     make_variant_params,
     policy_gradients,
     rl_workload,
@@ -20,6 +25,48 @@ def tiny():
     return rl_workload("tiny")
 
 
+def replay_episode(workload, params, env_params, key, *, shaping=(0.0, 0.0)):
+    """One episode re-simulated step by step in gymnax, independently of the
+    workload's scan: the same key protocol (reset and step keys, one action
+    key and one environment key per step), the policy sampled at every step,
+    CartPole's position shaping ``1 - w |x - x*| / x_threshold`` applied to the
+    reward. Returns numpy ``(obs, actions, rewards, alive)``."""
+    env = workload.env
+    weight, target_x = shaping
+    sample = jax.jit(lambda obs, k: jax.random.categorical(
+        k, workload.apply_fn(params, obs.astype(jnp.float32))))
+    step = jax.jit(env.step_env)
+    reset_key, steps_key = jax.random.split(key)
+    obs, state = env.reset_env(reset_key, env_params)
+    alive, rows = 1.0, []
+    for step_key in jax.random.split(steps_key, workload.config.horizon):
+        k_act, k_env = jax.random.split(step_key)
+        action = int(sample(obs, k_act))
+        next_obs, next_state, reward, done, _ = step(k_env, state, action, env_params)
+        reward = float(reward)
+        if weight:
+            reward *= 1.0 - weight * abs(float(state.x) - target_x) / float(
+                env_params.x_threshold)
+        rows.append((np.asarray(obs, np.float64), action, alive * reward, alive))
+        alive *= 1.0 - float(done)
+        obs, state = next_obs, next_state
+    obs, actions, rewards, alive = zip(*rows, strict=True)
+    return np.stack(obs), np.array(actions), np.array(rewards), np.array(alive)
+
+
+def assert_episode_equals_replay(traj, replayed):
+    obs, actions, rewards, alive = replayed
+    np.testing.assert_array_equal(np.asarray(traj.alive), alive)
+    live = alive > 0
+    assert live.sum() >= 10  # enough of an episode to compare
+    np.testing.assert_array_equal(np.asarray(traj.actions)[live], actions[live])
+    np.testing.assert_allclose(np.asarray(traj.obs)[live], obs[live], rtol=1e-6,
+                               atol=1e-6)
+    np.testing.assert_allclose(np.asarray(traj.rewards), rewards, rtol=1e-6,
+                               atol=1e-6)
+
+
+@pytest.mark.slow
 def test_rollouts_are_reproducible_from_the_key(tiny):
     params = tiny.init_fn(jax.random.key(0))
     a = tiny.rollout(params, 1, jax.random.key(3))
@@ -33,6 +80,14 @@ def test_rollouts_are_reproducible_from_the_key(tiny):
     assert (np.diff(alive) <= 0).all()
     assert (np.asarray(a.rewards)[alive == 0] == 0).all()
     np.testing.assert_array_equal(tiny.evaluate(params), tiny.evaluate(params))
+    # Variant 3 (gravity 19.6, reward centred on x* = 0.5) re-simulated in
+    # gymnax with its parameters set here: same states, actions and rewards.
+    _, default = gymnax.make("CartPole-v1")
+    variant = default.replace(gravity=19.6)
+    key = jax.random.key(8)
+    assert_episode_equals_replay(
+        tiny.rollout(params, 3, key),
+        replay_episode(tiny, params, variant, key, shaping=(1.0, 0.5)))
 
 
 def test_variant_parameters_reach_the_environment():
@@ -44,6 +99,7 @@ def test_variant_parameters_reach_the_environment():
     np.testing.assert_array_equal(shaping, [[0.0, 0.0], [0.0, 0.0]])
 
 
+@pytest.mark.slow
 def test_vmapped_subset_training_equals_one_at_a_time(tiny):
     masks = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]], np.float32)
     together = tiny.train_subsets(masks, chunk_size=None)
@@ -57,6 +113,7 @@ def test_vmapped_subset_training_equals_one_at_a_time(tiny):
                  together, chunked)
 
 
+@pytest.mark.slow
 def test_trained_cpu_policy_beats_a_random_policy():
     cpu = rl_workload("cpu")  # θ* trains in about 10 s
     trained = -np.asarray(cpu.evaluate(cpu.base_params()))
@@ -65,6 +122,7 @@ def test_trained_cpu_policy_beats_a_random_policy():
     assert cpu.base_history[-5:].mean() > 3.0 * cpu.base_history[:5].mean()
 
 
+@pytest.mark.slow
 def test_linearized_logits_match_jvp(tiny):
     params = tiny.base_params()
     traj = tiny.rollout(params, 0, jax.random.key(5))
@@ -92,6 +150,7 @@ def test_linearized_logits_match_jvp(tiny):
     np.testing.assert_allclose(linear_logp, logp_slope, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_policy_gradient_estimate_is_the_gradient_in_the_subspace(tiny):
     examples, task, adv, projection = tiny.linearized_rollouts(proj_dim=8)
     params = tiny.base_params()
@@ -115,17 +174,75 @@ def test_policy_gradient_estimate_is_the_gradient_in_the_subspace(tiny):
         np.testing.assert_allclose(row, expected, rtol=2e-3, atol=1e-5)
 
 
-def test_scores_have_the_right_shape_and_the_estimate_tracks_them(tiny):
+def _tree_norm(tree):
+    return float(np.sqrt(sum(np.sum(np.asarray(x, np.float64) ** 2)
+                             for x in jax.tree.leaves(tree))))
+
+
+@pytest.mark.slow
+def test_exact_scores_are_the_returns_of_each_subsets_own_training(tiny):
     masks = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 0, 0]], np.float32)
     exact = np.asarray(tiny.exact_scores(masks))
-    assert exact.shape == (3, tiny.num_targets) and np.isfinite(exact).all()
-    assert (exact <= 0).all()  # minus returns of non-negative rewards
-    for method in ("pg", "awr"):
-        estimated = np.asarray(tiny.estimated_scores(masks, method=method,
-                                                     proj_dim=16))
-        assert estimated.shape == exact.shape and np.isfinite(estimated).all()
-    scratch = np.asarray(tiny.exact_scores(masks[:1], from_scratch=True))
-    assert scratch.shape == (1, tiny.num_targets)
+    scratch = np.asarray(tiny.exact_scores(masks[2:], from_scratch=True))
+    assert exact.shape == (3, tiny.num_targets)
+    # Independent: each subset trained alone (one REINFORCE run on its variants,
+    # the documented keys), then minus its mean return on each target.
+    c, key = tiny.config, jax.random.key(tiny.config.seed)
+    finetune = jax.jit(lambda p, m: tiny.train(
+        p, m, jax.random.fold_in(key, 5), iterations=c.finetune_iterations,
+        learning_rate=c.finetune_learning_rate)[0])
+    for mask, row in zip(masks, exact, strict=True):
+        tuned = finetune(tiny.base_params(), jnp.asarray(mask))
+        np.testing.assert_allclose(row, tiny.evaluate(tuned), rtol=1e-5, atol=1e-3)
+    fresh = tiny.train(tiny.init_fn(jax.random.fold_in(key, 3)),
+                       jnp.asarray(masks[2]), jax.random.fold_in(key, 5),
+                       iterations=c.iterations, learning_rate=c.learning_rate)[0]
+    np.testing.assert_allclose(scratch[0], tiny.evaluate(fresh), rtol=1e-5,
+                               atol=1e-3)
+    # Fine-tuning θ* on different variants ends at different policies.
+    assert np.abs(exact[0] - exact[2]).max() > 0.5
+
+
+@pytest.mark.slow
+def test_estimated_scores_equal_a_numpy_policy_gradient_step(tiny):
+    masks = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 0, 0]], np.float32)
+    estimated = np.asarray(tiny.estimated_scores(masks, method="pg", proj_dim=16))
+    # Independent, in float64 numpy: each alive step's projected policy
+    # gradient A_n Φ_nᵀ(e_{a_n} - softmax(z_n)), averaged over the steps of the
+    # subset's variants and divided by the ridge.
+    examples, task, adv, projection = tiny.linearized_rollouts(proj_dim=16)
+    logits = np.asarray(examples.outputs, np.float64)
+    probs = np.exp(logits - logits.max(1, keepdims=True))
+    probs /= probs.sum(1, keepdims=True)
+    onehot = np.eye(tiny.num_actions)[np.asarray(examples.labels)]
+    grads = np.einsum("nc,ncd->nd", onehot - probs,
+                      np.asarray(examples.features, np.float64))
+    grads *= np.asarray(adv, np.float64)[:, None]
+    theta = tiny.base_params()
+    theta64 = jax.tree.map(lambda leaf: np.asarray(leaf, np.float64), theta)
+    # The calibrated ridge: the full set's step P ŵ is as long as one real
+    # fine-tuning of θ* on all variants.
+    c, key = tiny.config, jax.random.key(tiny.config.seed)
+    tuned = tiny.train(theta, jnp.ones(tiny.num_tasks), jax.random.fold_in(key, 5),
+                       iterations=c.finetune_iterations,
+                       learning_rate=c.finetune_learning_rate)[0]
+    moved = _tree_norm(jax.tree.map(lambda a, b: np.asarray(a, np.float64) - b,
+                                    tuned, theta64))
+    ridge = _tree_norm(unproject(projection, grads.mean(0), theta64)) / moved
+    np.testing.assert_allclose(tiny.calibrated_ridge(proj_dim=16), ridge, rtol=1e-4)
+    steps = []
+    for mask, row in zip(masks, estimated, strict=True):
+        w = grads[mask[task] > 0].mean(0) / ridge
+        step = unproject(projection, w, theta64)
+        steps.append(_tree_norm(step))
+        policy = jax.tree.map(lambda a, d: (a + np.asarray(d)).astype(np.float32),
+                              theta64, step)
+        # Minus the mean return of the moved policy on each target.
+        np.testing.assert_allclose(row, tiny.evaluate(policy), rtol=1e-5, atol=1e-3)
+    np.testing.assert_allclose(steps[0], moved, rtol=1e-6)
+    assert np.abs(estimated[0] - estimated[2]).max() > 0.5  # the masks matter
+    awr = np.asarray(tiny.estimated_scores(masks, method="awr", proj_dim=16))
+    assert awr.shape == estimated.shape and np.isfinite(awr).all()
 
 
 # -- bad input ---------------------------------------------------------------
@@ -164,16 +281,30 @@ def test_masks_selecting_no_environment(tiny):
         tiny.estimated_scores(masks[:1], method="ppo")
 
 
-def test_acrobot_family_builds():
+@pytest.mark.slow
+def test_acrobot_variants_reach_the_environment_and_replay_in_gymnax():
     workload = rl_workload("tiny", env="Acrobot-v1", variants=None, horizon=20)
-    assert workload.num_tasks == 8 and workload.num_actions == 3
+    assert workload.num_tasks == len(ACROBOT_VARIANTS) and workload.num_actions == 3
+    _, default = gymnax.make("Acrobot-v1")
     params = workload.init_fn(jax.random.key(0))
-    returns = -np.asarray(workload.evaluate(params))
-    assert (returns <= 0).all()  # -1 per step until the goal
+    # Variants 1 (a shorter first link), 6 (torque noise: the environment key
+    # matters) and 7 (a larger time step), each re-simulated in gymnax with
+    # its parameter set here.
+    for index, change in ((1, {"link_length_1": 0.7}),
+                          (6, {"torque_noise_max": 0.2}), (7, {"dt": 0.1})):
+        key = jax.random.key(index)
+        traj = workload.rollout(params, index, key)
+        replayed = replay_episode(workload, params, default.replace(**change), key)
+        assert_episode_equals_replay(traj, replayed)
+        # -1 per step until the goal height: out of reach of 20 steps of a
+        # random policy, so the return is exactly -20.
+        np.testing.assert_array_equal(np.asarray(traj.rewards), -1.0)
+    evaluated = np.asarray(workload.evaluate(params))
+    np.testing.assert_array_equal(evaluated, 20.0)  # minus the mean return
     assert workload.task_names[0] == "default"
-    assert len(CARTPOLE_VARIANTS) == 10
 
 
+@pytest.mark.slow
 def test_exact_scores_are_stored_and_resumed(tiny, tmp_path, monkeypatch):
     masks = np.array([[1, 0, 0, 1], [0, 1, 1, 0], [1, 1, 1, 1]], np.float32)
     first = np.asarray(tiny.exact_scores(masks, chunk_size=2, store_dir=tmp_path))

@@ -216,7 +216,8 @@ def test_linearized_finetuning_tracks_the_loo_effects_of_real_finetuning(tiny):
 def test_difference_form_is_exact_on_all_tasks_and_auto_ridge_matches_the_run(tiny):
     masks = np.concatenate([np.ones((1, tiny.num_tasks), np.float32),
                             leave_one_out_masks(tiny.num_tasks)[:2]])
-    settings = EstimationSettings(method="solve", ridge="auto", difference=True)
+    settings = EstimationSettings(method="solve", proj_dim=64, ridge="auto",
+                                  difference=True)
     estimate = tiny.estimate(masks, key=KEY, settings=settings)
     reference = tiny.retrain(masks[:1], key=KEY, regime="finetune",
                              return_params=True, progress=False)
