@@ -851,8 +851,9 @@ def _estimation_errors(true_scores, estimated, truth: str) -> dict:
     """The estimates' errors against the ground truth of the same subsets."""
     return {
         "truth": truth,
-        # Median: a target the model fits perfectly has F = 0 in float32.
-        "median_relative_error": float(np.median(
+        # Median, NaNs left out: a target the model fits perfectly has F = 0
+        # in float32 (and F̂ = 0 gives 0 / 0).
+        "median_relative_error": float(np.nanmedian(
             metrics.relative_error(true=true_scores, predicted=estimated))),
         "mean_target_relative_error": float(np.mean(metrics.relative_error(
             true=true_scores.mean(1), predicted=estimated.mean(1)))),
