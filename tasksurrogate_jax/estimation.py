@@ -166,7 +166,7 @@ def example_losses(outputs, labels, output_mode: str):
     """Per-example cross-entropy from logits ``[n, C]`` or margins ``[n]``."""
     if output_mode == "logits":
         return softmax_cross_entropy(outputs, labels)
-    return jax.nn.softplus(-outputs)
+    return margin_cross_entropy(outputs, labels)
 
 
 def linearized_examples(
