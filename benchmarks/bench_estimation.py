@@ -41,7 +41,6 @@ import time
 
 import jax
 import numpy as np
-import scipy.stats
 from _common import (
     REPO_ROOT,
     environment,
@@ -76,10 +75,8 @@ def timed(fn):
 
 def interval(x, y, seed: int) -> list[float]:
     """Bootstrap 95% interval of Spearman(x, y) over the paired rows."""
-    low, high = reliability.bootstrap_interval(
-        lambda a, b: scipy.stats.spearmanr(a, b).statistic,
-        (np.asarray(x), np.asarray(y)), num_resamples=1000, seed=seed)
-    return [float(low), float(high)]
+    return list(reliability.loo_spearman_interval(x, y, num_resamples=1000,
+                                                  seed=seed))
 
 
 def errors(estimated, truth, num_loo: int, seed: int) -> dict:
