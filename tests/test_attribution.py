@@ -209,6 +209,7 @@ def _enumerated_fixed_size(predict, size):
     return effects / effect_counts, inter / np.maximum(inter_counts, 1)
 
 
+@pytest.mark.slow
 def test_fixed_size_effects_and_interactions_match_enumeration():
     kernel = kernel_fit()
 
@@ -244,6 +245,7 @@ def test_fixed_size_effects_and_interactions_match_enumeration():
     assert min(rest.min(), e[0], e[4]) - e[5] > margin
 
 
+@pytest.mark.slow
 def test_fixed_size_functions_of_a_linear_surrogate():
     linear = surrogates.fit_linear_surrogate(FIT, planted_loss(FIT))
     key = jax.random.key(0)

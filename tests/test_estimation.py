@@ -35,6 +35,7 @@ DATA, TARGET, PARAMS = make_problem()
 MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], float)
 
 
+@pytest.mark.slow
 def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     # Softmax regression is linear in its parameters: the linearization is exact,
     # so the full-space estimate is the converged fine-tuned model's target loss.
@@ -88,6 +89,7 @@ def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
     assert float(np.min(shift)) > 1e-3  # the models did move
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_projected_linearized_finetuning_is_gradient_descent_on_the_features(
         output_mode):
@@ -161,6 +163,7 @@ def test_difference_form_anchors_the_estimates():
         est.difference_form(estimated, estimated[0], jnp.zeros(3))
 
 
+@pytest.mark.slow
 def test_auto_ridge_reproduces_the_reference_update_norm():
     key = jax.random.key(2)
     full = jnp.ones((1, NUM_TASKS))
@@ -193,6 +196,7 @@ def test_estimation_settings_validate():
     assert not est.EstimationSettings().needs_reference_run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_projection_to_every_dimension_equals_the_full_space_solution(output_mode):
     # P is square and invertible, so both spaces hold the same minimisers; with
@@ -219,6 +223,7 @@ def test_margin_mode_loss_at_theta_star_is_the_cross_entropy():
         rtol=1e-12)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("solver", est.SOLVERS)
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
@@ -245,6 +250,7 @@ def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
         assert objective(np.asarray(solution.w[j])) <= ref.fun + 1e-12
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_closed_form_hessian_equals_jax_hessian(output_mode):
     projection = proj.make_projection(jax.random.key(4), 6)

@@ -38,6 +38,7 @@ def assert_float32(*arrays):
 # -- metrics -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_correlations_and_errors_of_float32_scores_match_float64():
     (x, y, ties), (x64, y64, ties64) = as32(
         RNG.normal(size=(40, 5)), RNG.normal(size=(40, 5)),
@@ -80,6 +81,7 @@ def _surrogate_problem(num_subsets=48, num_tasks=8, num_targets=3):
     return as32(masks, scores, new)
 
 
+@pytest.mark.slow
 def test_linear_and_kernel_surrogates_fit_in_float32_as_in_float64():
     (masks, scores, new), (masks64, scores64, new64) = _surrogate_problem()
     scale = np.abs(scores64).max()
@@ -96,6 +98,7 @@ def test_linear_and_kernel_surrogates_fit_in_float32_as_in_float64():
                                    atol=1e-5 * scale, err_msg=str(kw))
 
 
+@pytest.mark.slow
 def test_hyperparameter_search_in_float32_tabulates_the_float64_criterion():
     (masks, scores, _), (masks64, scores64, _) = _surrogate_problem()
     grid = dict(gammas=[0.0625, 0.25], ridges=[0.05, 0.5, 5.0])

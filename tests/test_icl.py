@@ -109,6 +109,7 @@ def assert_performance_matches(performance, forward, demos, queries, labels, mas
         assert abs(performance.accuracy[i] - correct.mean()) <= near_tie.mean(), i
 
 
+@pytest.mark.slow
 def test_exact_scores_equal_a_loop_of_single_forward_passes():
     scorer, model = transformer_scorer()
     demos, queries, labels = random_problem(vocab=CONFIG.vocab_size)
@@ -131,6 +132,7 @@ def test_exact_scores_equal_a_loop_of_single_forward_passes():
                                rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("anchor", ["mean", "indices"])
 def test_embedding_linearization_equals_jvp_of_the_loss(anchor):
     scorer = tanh_scorer()

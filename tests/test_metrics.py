@@ -97,6 +97,7 @@ def test_order_sensitive_metrics_take_keywords_only():
     assert float(metrics.relative_error(true=pred, predicted=true).max()) == 0.5
 
 
+@pytest.mark.slow
 def test_loo_correlation_per_target_mean_and_mean_target():
     true = RNG.normal(size=(25, 8))
     pred = true + RNG.normal(scale=0.5, size=(25, 8))

@@ -71,6 +71,7 @@ def test_fixed_size_effects_from_scores_is_the_context_average_over_every_prompt
         effects, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_sampled_fixed_size_effects_of_a_surrogate_converge_to_the_exact_ones():
     rng = np.random.default_rng(1)
     num_tasks, size = 6, 3
@@ -94,6 +95,7 @@ def test_fixed_size_effects_from_scores_rejects_what_it_cannot_measure():
         attribution.fixed_size_effects_from_scores(masks[:2], np.zeros((3, 1)))
 
 
+@pytest.mark.slow
 def test_size_range_masks_are_uniform_over_their_subsets():
     # Subsets of 4 tasks neither empty, full nor leave-one-out: 4 + 6 of them.
     every = np.asarray(size_range_masks(jax.random.key(0), 10, 4, min_size=1,
@@ -131,6 +133,7 @@ def test_registered_protocols_and_their_defaults():
         "finetune", 96, 32, 4, 512, pipeline.BASELINES)
 
 
+@pytest.mark.slow
 def test_fixed_size_ceiling_is_one_for_every_prompt_else_the_groups_reliability():
     rng = np.random.default_rng(2)
     exact = pipeline.fixed_size_ceiling(rng.normal(size=(1, 6, 3)), exhaustive=True)

@@ -45,6 +45,7 @@ def test_spearman_brown_known_values():
         spearman_brown(0.5, 0)
 
 
+@pytest.mark.slow
 def test_even_r_correction_is_two_r_over_one_plus_r():
     rng = np.random.default_rng(0)
     rel = loo_reliability(_loo_scores(rng, _true_effects(rng), 6, 1.0))
@@ -54,6 +55,7 @@ def test_even_r_correction_is_two_r_over_one_plus_r():
     assert rel.mean_target == pytest.approx(2 * r_h / (1 + r_h))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_replicates", [4, 5])
 def test_corrected_split_half_matches_independent_ground_truths(num_replicates):
     """The estimate predicts the agreement of two fresh R-replicate means.
@@ -101,6 +103,7 @@ def test_more_noise_lowers_reliability():
     assert abs(noise.per_target) < 0.15
 
 
+@pytest.mark.slow
 def test_subset_reliability_shares_the_split_half():
     rng = np.random.default_rng(4)
     scores = _loo_scores(rng, _true_effects(rng), 5, 1.0)

@@ -73,6 +73,7 @@ def _reference_gd(params, x, y, *, lr, steps):
     return params
 
 
+@pytest.mark.slow
 def test_weighted_full_batch_equals_training_on_filtered_data():
     data, target = _problem()
     spec = SPEC_SGD
@@ -120,6 +121,7 @@ def test_vmapped_chunks_equal_one_at_a_time():
         np.testing.assert_array_equal(res.accuracy[j], acc)
 
 
+@pytest.mark.slow
 def test_keys_masks_and_seed_modes():
     data, target = _problem()
     spec = SPEC_ADAM

@@ -42,6 +42,7 @@ def _linear_model(data):
     return apply_fn, init_fn
 
 
+@pytest.mark.slow
 def test_digits_tiny_trains_to_its_stated_accuracy(tiny):
     theta = tiny.base_params(key=KEY)
     assert tiny.base_params(key=KEY) is theta  # trained once per key
@@ -49,6 +50,7 @@ def test_digits_tiny_trains_to_its_stated_accuracy(tiny):
     assert float(tiny.accuracy(theta)) > 0.8
 
 
+@pytest.mark.slow
 def test_scratch_full_set_of_replicate_zero_is_theta_stars_training(tiny):
     ones = np.ones((1, tiny.num_tasks), np.float32)
     res = tiny.retrain(ones, key=KEY, regime="scratch", replicates=2,
@@ -59,6 +61,7 @@ def test_scratch_full_set_of_replicate_zero_is_theta_stars_training(tiny):
     assert not np.allclose(res.losses[0, 0], res.losses[1, 0])  # replicate 1 differs
 
 
+@pytest.mark.slow
 def test_finetune_with_zero_steps_returns_theta_stars_scores(tiny):
     config = DigitsConfig(**{**tiny.description, "finetune_steps": 0})
     frozen = DigitsWorkload(config)
@@ -72,6 +75,7 @@ def test_finetune_with_zero_steps_returns_theta_stars_scores(tiny):
                                rtol=1e-5, atol=1e-6)  # float32: batched vs direct
 
 
+@pytest.mark.slow
 def test_finetune_replicates_share_theta_star_and_differ_in_batch_order(tiny):
     masks = leave_one_out_masks(tiny.num_tasks)[:3]
     scores = np.asarray(tiny.replicate_scores(masks, key=KEY, regime="finetune",
@@ -171,6 +175,7 @@ def test_missing_workload_member_is_a_clear_error():
                                     finetune=None)
 
 
+@pytest.mark.slow
 def test_float64_results_do_not_depend_on_the_chunk_size(tiny):
     # conftest enables 64-bit JAX; float32 would round differently per chunking.
     config = DigitsConfig(**{**tiny.description, "precision": "float64"})
@@ -197,6 +202,7 @@ def test_float64_needs_64_bit_jax(tiny):
         DigitsWorkload(DigitsConfig(**{**tiny.description, "precision": "half"}))
 
 
+@pytest.mark.slow
 def test_linearized_finetuning_tracks_the_loo_effects_of_real_finetuning(tiny):
     # The default estimator: the fine-tuning program (20 SGD steps) on the
     # linearized model. Measured: Pearson 0.987 of the LOO effects against the
@@ -213,6 +219,7 @@ def test_linearized_finetuning_tracks_the_loo_effects_of_real_finetuning(tiny):
     assert float(np.mean(np.abs(scores - real) / real)) < 0.08
 
 
+@pytest.mark.slow
 def test_difference_form_is_exact_on_all_tasks_and_auto_ridge_matches_the_run(tiny):
     masks = np.concatenate([np.ones((1, tiny.num_tasks), np.float32),
                             leave_one_out_masks(tiny.num_tasks)[:2]])
