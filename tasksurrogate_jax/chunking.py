@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import check_positive_int
 
 
@@ -32,13 +33,18 @@ def pad_rows(rows, size: int):
     return xp.concatenate([rows, xp.repeat(rows[-1:], missing, axis=0)])
 
 
-def map_padded_chunks(fn, rows, chunk_size: int | None):
+def map_padded_chunks(fn, rows, chunk_size: int | None, *, mesh=None):
     """``fn`` over chunks of ``chunk_size`` rows (the last one padded).
 
     Args:
       fn: ``[chunk_size, ...] -> pytree`` of arrays with a leading chunk axis.
       rows: ``[n, ...]``.
       chunk_size: rows per call; ``None`` = all ``n`` at once.
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis, or ``None``. With
+        a mesh, chunks are rounded up to a multiple of its ``"subsets"`` length,
+        each chunk is split over it (:func:`sharding.shard_subsets`) before
+        ``fn`` and its outputs are gathered (:func:`sharding.to_host`; every
+        process must call this when the mesh spans several).
 
     Returns:
       The outputs concatenated along the leading axis and cut to ``n`` rows.
@@ -46,8 +52,14 @@ def map_padded_chunks(fn, rows, chunk_size: int | None):
     n = rows.shape[0]
     size = n if chunk_size is None else min(
         check_positive_int(chunk_size, "chunk_size"), n)
-    outs = [fn(pad_rows(rows[start:start + size], size))
-            for start in range(0, n, size)]
+    if mesh is None:
+        outs = [fn(pad_rows(rows[start:start + size], size))
+                for start in range(0, n, size)]
+    else:
+        size = sharding.round_up(size, mesh)
+        outs = [sharding.to_host(fn(sharding.shard_subsets(
+                    pad_rows(rows[start:start + size], size), mesh)))
+                for start in range(0, n, size)]
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
 
 

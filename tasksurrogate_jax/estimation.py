@@ -39,13 +39,19 @@ to about a thousand with ``"margin"``) and ``"lbfgs"`` (optax L-BFGS with zoom
 line search: no Hessian, for ``"logits"`` with many classes). ``proj_dim=None``
 works in the full parameter space through ``jax.jvp`` (``linearize.linearize``),
 as a check of the projection's error.
+
+Both split each chunk of subsets over the devices of a mesh (``mesh``, see
+:mod:`tasksurrogate_jax.sharding`; default: every device): linearized
+fine-tuning through ``retraining.retrain``; the convex solve by GSPMD on its
+vmapped solver (projected space) or one ``lax.map`` per device
+(``jax.shard_map``, full space).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
@@ -54,7 +60,7 @@ import optax
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import retraining
+from tasksurrogate_jax import retraining, sharding
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.chunking import map_padded_chunks
 from tasksurrogate_jax.data import (
@@ -353,7 +359,7 @@ def estimate_scores(
     key=None, proj_dim: int | None = 128, ridge: float | str = 1e-3,
     reference_update_norm: float | None = None, output_mode: str = "logits",
     projection_kind: str = "rademacher", settings: SolverSettings | None = None,
-    batch_size: int | None = 256, chunk_size: int = 64,
+    batch_size: int | None = 256, chunk_size: int = 64, mesh=None,
 ) -> EstimationResult:
     """First-order estimates of ``F(s)`` by the convex solve, from one ``θ*``.
 
@@ -375,7 +381,11 @@ def estimate_scores(
       projection_kind: ``"rademacher"`` or ``"gaussian"``.
       settings: :class:`SolverSettings` (default: Newton, 50 iterations, 1e-6).
       batch_size: examples per chunk when computing features.
-      chunk_size: subsets solved per compiled call.
+      chunk_size: subsets solved per compiled call (padded to a multiple of the
+        device count).
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
+        chunk over; ``None``: every device (see
+        :func:`tasksurrogate_jax.sharding.subset_mesh`).
 
     Returns:
       :class:`EstimationResult` with ``scores`` ``[m, T]``.
@@ -391,6 +401,7 @@ def estimate_scores(
             "Use a positive ridge or SolverSettings(solver='lbfgs')."
         )
     chunk_size = check_positive_int(chunk_size, "chunk_size")
+    mesh = sharding.check_mesh(mesh)
     masks = check_nonempty_masks(masks, data)
     _check_params_structure(apply_fn, params, data)
     weights = mask_to_weights(masks, data.task_ids).astype(
@@ -399,7 +410,8 @@ def estimate_scores(
     if proj_dim is None:
         return _estimate_full_space(apply_fn, params, data, target, weights,
                                     ridge=ridge, output_mode=output_mode,
-                                    settings=settings, chunk_size=chunk_size)
+                                    settings=settings, chunk_size=chunk_size,
+                                    mesh=mesh)
     projection = _projection(key, proj_dim, projection_kind, params)
     train, tgt = _linearize_data(apply_fn, params, data, target, projection,
                                  output_mode, batch_size)
@@ -407,6 +419,8 @@ def estimate_scores(
         ridge = calibrate_ridge(train, data, projection, params,
                                 update_norm=reference_update_norm,
                                 output_mode=output_mode, settings=settings)
+    train, tgt, projection, params = sharding.replicate(
+        (train, tgt, projection, params), mesh)
 
     def solve_chunk(chunk):
         sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
@@ -415,7 +429,8 @@ def estimate_scores(
                 _update_norms(projection, sol.w, params), sol.grad_norm,
                 sol.iterations)
 
-    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size),
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size,
+                                               mesh=mesh),
                             ridge=float(ridge))
 
 
@@ -487,7 +502,7 @@ def _update_norms(projection, w, params):
 
 
 def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
-                         output_mode, settings, chunk_size):
+                         output_mode, settings, chunk_size, mesh):
     """Full-parameter-space linearized solves (L-BFGS over the update pytree)."""
     if settings.solver == "newton":
         settings = settings._replace(solver="lbfgs")  # no dense Hessian in p dims
@@ -503,8 +518,7 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
     flat_params, unravel = ravel_pytree(params)
     zero = jnp.zeros_like(flat_params)
 
-    @jax.jit
-    def solve_chunk(chunk):
+    def solve_rows(chunk):
         def one(omega):
             def objective(delta):
                 losses = example_losses(f_lin_train(unravel(delta), data.inputs),
@@ -519,7 +533,11 @@ def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
 
         return jax.lax.map(one, chunk)
 
-    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size),
+    # lax.map is sequential: under GSPMD every device would run every row, so
+    # each device maps over its own rows (shard_map).
+    solve_chunk = jax.jit(sharding.per_shard(solve_rows, mesh))
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size,
+                                               mesh=mesh),
                             ridge=float(ridge))
 
 
@@ -551,6 +569,7 @@ def linearized_finetune_scores(
     finetune: retraining.TrainSpec, key, batch_key, proj_dim: int | None = 512,
     output_mode: str = "logits", projection_kind: str = "rademacher",
     replicates: int = 1, batch_size: int | None = 256, chunk_size: int = 64,
+    mesh=None, store_dir=None, store_config: Mapping | None = None,
 ) -> EstimationResult:
     """First-order estimates of ``F(s)`` by linearized fine-tuning.
 
@@ -576,7 +595,16 @@ def linearized_finetune_scores(
       replicates: batch orders averaged (replicate ``r`` draws the batches of
         ``retraining.replicate_key(batch_key, r)``).
       batch_size: examples per chunk when computing features.
-      chunk_size: subsets per compiled call.
+      chunk_size: subsets per compiled call (padded to a multiple of the device
+        count).
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis, passed to
+        ``retraining.retrain``; ``None``: every device.
+      store_dir: folder to save each finished chunk to and resume from (the
+        ``retraining.retrain`` store of the linearized runs: its digests cover
+        ``θ*`` and the projection through the linearized data).
+      store_config: JSON-serialisable description of the model and the
+        fine-tuning (what the arguments cannot show); required with
+        ``store_dir``.
 
     Returns:
       :class:`EstimationResult` with ``scores`` ``[m, T]`` (the mean over
@@ -590,8 +618,18 @@ def linearized_finetune_scores(
     replicates = check_positive_int(replicates, "replicates")
     masks = check_nonempty_masks(masks, data)
     _check_params_structure(apply_fn, params, data)
+    mesh = sharding.check_mesh(mesh)
     run = {"masks": masks, "key": batch_key, "replicates": replicates,
-           "chunk_size": chunk_size, "return_params": True, "progress": False}
+           "chunk_size": chunk_size, "return_params": True, "progress": False,
+           "mesh": mesh, "store_dir": store_dir}
+    if store_dir is not None:
+        if store_config is None:
+            raise ValueError("store_config is required with store_dir (a JSON "
+                             "description of the model and the fine-tuning).")
+        run["store_config"] = {
+            "estimation": "linearized_finetune", "proj_dim": proj_dim,
+            "output_mode": output_mode, "projection_kind": projection_kind,
+            "user": dict(store_config)}
 
     if proj_dim is None:
         if output_mode != "logits":

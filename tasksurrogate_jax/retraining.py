@@ -35,6 +35,16 @@ optimizer. Flax NNX models enter through ``nnx.split``/``nnx.merge`` (see
 
 Results can be stored chunk by chunk (:mod:`tasksurrogate_jax.store`) and are
 resumed: finished chunks are read back, not recomputed.
+
+**Devices.** Each chunk is split over the devices of a mesh
+(:mod:`tasksurrogate_jax.sharding`; default: every device): the masks and the
+per-row keys and parameters along the ``"subsets"`` axis, the data, target and
+shared parameters replicated, and every device trains its rows with no
+communication (``jax.shard_map`` of the vmapped program). Compiled chunks are
+padded to a multiple of the device count. With several processes
+(``jax.distributed.initialize()``) every process calls :func:`retrain` with
+the same arguments; each computes the rows of its devices and the results are
+gathered so that every process returns all of them.
 """
 
 from __future__ import annotations
@@ -51,6 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.chunking import pad_rows
 from tasksurrogate_jax.data import (
@@ -208,11 +219,11 @@ def retrain_one(mask, params, key, data: TaskData, target: TargetData, *, spec):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("spec", "params_batched", "keys_batched")
+    jax.jit, static_argnames=("spec", "params_batched", "keys_batched", "mesh")
 )
 def retrain_chunk(
     masks, params, keys, data: TaskData, target: TargetData, *, spec,
-    params_batched: bool = False, keys_batched: bool = False,
+    params_batched: bool = False, keys_batched: bool = False, mesh=None,
 ):
     """A chunk of subsets trained in one compiled, vmapped call.
 
@@ -226,23 +237,42 @@ def retrain_chunk(
       spec: the :class:`TrainSpec` (static).
       params_batched: whether ``params`` has a leading chunk axis (static).
       keys_batched: whether ``keys`` has a leading chunk axis (static).
+      mesh: ``None``, or a ``jax.sharding.Mesh`` (static) whose ``"subsets"``
+        axis the chunk is split over: each device trains its rows
+        (``jax.shard_map``; the chunk a multiple of the axis length).
 
     Returns:
       ``(losses [chunk, T], accuracy [chunk, T] or None, params [chunk, ...])``.
     """
     in_axes = (0, 0 if params_batched else None, 0 if keys_batched else None,
                None, None)
-    fn = functools.partial(_retrain_single, spec=spec)
-    return jax.vmap(fn, in_axes=in_axes)(masks, params, keys, data, target)
+    fn = jax.vmap(functools.partial(_retrain_single, spec=spec), in_axes=in_axes)
+    if mesh is not None:
+        batched = tuple(axis == 0 for axis in in_axes)
+        fn = sharding.per_shard(fn, mesh, batched)
+    return fn(masks, params, keys, data, target)
 
 
 # ---------------------------------------------------------------------------
 # Driver: chunks, memory, progress, store, resume.
 
 
-def default_memory_budget() -> int:
-    """Bytes a chunk may use: half the accelerator's limit, a quarter of host RAM."""
-    device = jax.devices()[0]
+def default_memory_budget(*, mesh=None) -> int:
+    """Bytes a chunk may use on each device.
+
+    Half the accelerator's memory limit; on CPU (no limit reported), a quarter
+    of the host's RAM, shared evenly by the devices of ``mesh`` that run in this
+    process (simulated CPU devices share one memory).
+
+    Args:
+      mesh: the ``jax.sharding.Mesh`` the chunks run on (``None``: one device).
+    """
+    if mesh is None:
+        device, sharing = jax.devices()[0], 1
+    else:
+        index = jax.process_index()
+        local = [d for d in mesh.devices.flat if d.process_index == index]
+        device, sharing = (local or [jax.devices()[0]])[0], max(len(local), 1)
     try:
         stats = device.memory_stats() or {}
     except Exception:  # noqa: BLE001 - backends without memory stats
@@ -253,7 +283,7 @@ def default_memory_budget() -> int:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         ram = 8 * 2**30
-    return int(ram * 0.25)
+    return int(ram * 0.25) // sharing
 
 
 def _tree_bytes(tree) -> int:
@@ -288,18 +318,28 @@ def estimate_subset_bytes(
 
 def choose_chunk_size(
     num_subsets: int, subset_bytes: int, *, memory_budget: int,
-    max_chunk_size: int = 256,
+    max_chunk_size: int = 256, num_devices: int = 1,
 ) -> int:
     """Largest chunk within the memory budget, balanced to limit padding.
 
+    Args:
+      num_subsets: rows to compute.
+      subset_bytes: memory of one row's program.
+      memory_budget: bytes each device's share of a chunk may use.
+      max_chunk_size: most rows per device.
+      num_devices: devices a chunk is split over.
+
     Returns:
-      ``c`` with ``c * subset_bytes <= memory_budget`` (at least 1), at most
-      ``max_chunk_size`` and ``num_subsets``, and the chunks as even as possible.
+      ``num_devices * c``, where each device's share ``c`` has
+      ``c * subset_bytes <= memory_budget`` (at least 1), at most
+      ``max_chunk_size`` and ``ceil(num_subsets / num_devices)``, and the chunks
+      are as even as possible.
     """
+    per_device = -(-num_subsets // num_devices)
     fit = max(1, memory_budget // max(subset_bytes, 1))
-    chunk = int(min(fit, max_chunk_size, num_subsets))
-    num_chunks = -(-num_subsets // chunk)
-    return -(-num_subsets // num_chunks)
+    chunk = int(min(fit, max_chunk_size, per_device))
+    num_chunks = -(-per_device // chunk)
+    return -(-per_device // num_chunks) * num_devices
 
 
 def replicate_key(key, replicate: int):
@@ -324,6 +364,7 @@ def retrain(
     store_config: Mapping | None = None,
     return_params: bool = False,
     progress: bool = True,
+    mesh=None,
 ) -> RetrainResult:
     """Trains one model per mask (and replicate) and scores the targets: ``F(s)``.
 
@@ -346,10 +387,13 @@ def retrain(
         replicates in the same compiled program: replicate ``r`` is exactly the
         run with :func:`replicate_key` ``(key, r)`` (its own initialisation, or
         the same ``init_params``, and its own batch order), shared by its masks.
-      chunk_size: (mask, replicate) rows per compiled call; ``None`` picks the
-        largest that fits ``memory_budget`` (from XLA's memory analysis; with an
-        existing store, the stored chunk size).
-      memory_budget: bytes a chunk may use (default: :func:`default_memory_budget`).
+      chunk_size: (mask, replicate) rows per chunk (per stored chunk); ``None``
+        picks the largest multiple of the device count that fits
+        ``memory_budget`` on each device (from XLA's memory analysis; with an
+        existing store, the stored chunk size). A compiled call pads its chunk
+        to a multiple of the device count.
+      memory_budget: bytes each device's share of a chunk may use (default:
+        :func:`default_memory_budget`).
       store_dir: folder to save each finished chunk to (and resume from).
       store_config: JSON-serialisable description of what the arguments cannot
         show (model, optimizer, their hyperparameters); required with
@@ -357,7 +401,15 @@ def retrain(
         target, key, initial parameters and the training settings, and refuses
         a folder holding a different configuration.
       return_params: also return the trained parameters (stacked).
-      progress: show a tqdm progress bar over chunks.
+      progress: show a tqdm progress bar over chunks (on process 0).
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
+        chunk over (:func:`tasksurrogate_jax.sharding.subset_mesh`); ``None``:
+        every device (of every process, after ``jax.distributed.initialize()``;
+        every process must then make the same call). The store does not depend
+        on it: a run stored with one device count resumes with another (its
+        rows agree to float rounding). With several processes, process 0
+        writes the chunks and every process reads the finished ones back, so
+        ``store_dir`` must be on a file system they share.
 
     Returns:
       A :class:`RetrainResult` with ``losses`` ``[num_subsets, num_targets]``, or
@@ -371,6 +423,7 @@ def retrain(
     """
     masks = _check_retrain_args(masks, data, target, spec, init_fn, init_params,
                                 seeds, store_dir, store_config)
+    mesh = sharding.check_mesh(mesh)
     key = as_typed_key(key)
     if replicates is not None:
         replicates = check_positive_int(replicates, "replicates")
@@ -395,10 +448,10 @@ def retrain(
         chunk_size = _auto_chunk_size(
             masks, params0, init_fn if scratch and per_row else None, init_key,
             batch_key, data, target, spec, num_rows=num_rows, store_dir=store_dir,
-            memory_budget=memory_budget)
+            memory_budget=memory_budget, mesh=mesh)
     store = None
     if store_dir is not None:
-        store = ChunkStore(store_dir, {
+        store = _open_store(store_dir, mesh, {
             "kind": "retraining",
             "user": dict(store_config),
             "num_subsets": int(num_masks),
@@ -418,52 +471,119 @@ def retrain(
             "accuracy": spec.accuracy_fn is not None,
         })
 
-    chunks = range(-(-num_rows // chunk_size))
-    if progress:
+    num_chunks = -(-num_rows // chunk_size)
+    done = _finished_chunks(store, num_chunks, mesh)
+    # With a mesh over several processes, process 0 writes the store.
+    writer = not sharding.is_multiprocess(mesh) or jax.process_index() == 0
+    # Every compiled call has one shape: the chunk padded to the device count.
+    compiled_size = sharding.round_up(chunk_size, mesh)
+    split = mesh if sharding.num_shards(mesh) > 1 else None  # else: one program
+    masks_host = np.asarray(masks)
+    shared = sharding.replicate(
+        {"data": data, "target": target, "key": key, "batch_key": batch_key,
+         "params": None if scratch and per_row else params0}, mesh)
+    chunks = range(num_chunks)
+    if progress and writer:
         from tqdm.auto import tqdm
 
         chunks = tqdm(chunks, desc=f"retraining ({chunk_size}/chunk)", unit="chunk")
-    outputs = []
+    collected = _Collected(num_rows)
     for c in chunks:
-        if store is not None and store.has_chunk(c):
-            outputs.append(store.load_chunk(c))
+        if done[c]:
+            collected.add(_load_chunk(store, c))
             continue
         rows = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_rows))
-        padded = pad_rows(rows, chunk_size)
-        params, keys = params0, batch_key
+        padded = pad_rows(rows, compiled_size)
+        params, keys = shared["params"], shared["batch_key"]
         if per_row:
             init_keys, keys = _row_keys(
-                key, jnp.asarray(padded, jnp.uint32), num_masks=num_masks,
-                replicated=replicates is not None,
+                shared["key"], sharding.shard_subsets(padded.astype(np.uint32), mesh),
+                num_masks=num_masks, replicated=replicates is not None,
                 independent=seeds == "independent")
             if scratch:
                 params = _init_rows(init_keys, init_fn=init_fn)
-        trained = retrain_chunk(
-            masks[padded % num_masks], params, keys, data, target, spec=spec,
+        losses, accuracy, trained = retrain_chunk(
+            sharding.shard_subsets(masks_host[padded % num_masks], mesh), params,
+            keys, shared["data"], shared["target"], spec=spec,
             params_batched=per_row and scratch, keys_batched=per_row,
+            mesh=split,
         )
-        out = _chunk_arrays(rows, *trained, return_params=return_params)
-        if store is not None:
+        host = sharding.to_host((losses, accuracy,
+                                 trained if return_params else None))
+        out = _chunk_arrays(rows, *host, return_params=return_params)
+        if store is not None and writer:
             store.save_chunk(c, out)
-        outputs.append(out)
+        collected.add(out)
 
     lead = (num_masks,) if replicates is None else (replicates, num_masks)
-    return _assemble(outputs, lead, like=params0, accuracy=spec.accuracy_fn is not None,
-                     return_params=return_params)
+    return collected.result(lead, like=params0, accuracy=spec.accuracy_fn is not None,
+                            return_params=return_params)
 
 
 def _auto_chunk_size(masks, params0, init_fn, init_key, batch_key, data, target,
-                     spec, *, num_rows, store_dir, memory_budget) -> int:
-    """A stored run's chunk size, else the largest that fits the memory budget
-    (``init_fn`` given: rows start from their own initialisation)."""
-    stored = None if store_dir is None else _stored_chunk_size(store_dir)
-    if stored is not None:
-        return stored
-    example = params0 if init_fn is None else jax.jit(init_fn)(init_key)
-    subset_bytes = estimate_subset_bytes(masks, example, batch_key, data, target,
-                                         spec=spec)
-    budget = default_memory_budget() if memory_budget is None else memory_budget
-    return choose_chunk_size(num_rows, subset_bytes, memory_budget=int(budget))
+                     spec, *, num_rows, store_dir, memory_budget, mesh) -> int:
+    """A stored run's chunk size, else the largest multiple of the device count
+    whose share fits each device's memory budget (``init_fn`` given: rows start
+    from their own initialisation). With several processes, process 0's."""
+    chunk = None if store_dir is None else _stored_chunk_size(store_dir)
+    if chunk is None:
+        example = params0 if init_fn is None else jax.jit(init_fn)(init_key)
+        subset_bytes = estimate_subset_bytes(masks, example, batch_key, data,
+                                             target, spec=spec)
+        budget = (default_memory_budget(mesh=mesh) if memory_budget is None
+                  else memory_budget)
+        chunk = choose_chunk_size(num_rows, subset_bytes, memory_budget=int(budget),
+                                  num_devices=sharding.num_shards(mesh))
+    if sharding.is_multiprocess(mesh):  # hosts may differ in memory
+        from jax.experimental import multihost_utils
+
+        chunk = int(multihost_utils.broadcast_one_to_all(np.int64(chunk)))
+    return chunk
+
+
+def _open_store(store_dir, mesh, config) -> ChunkStore:
+    """The run's :class:`ChunkStore`. With several processes, process 0 opens
+    (creates) it first; the others then open the same folder, which must be on
+    a file system they share."""
+    if not sharding.is_multiprocess(mesh):
+        return ChunkStore(store_dir, config)
+    from jax.experimental import multihost_utils
+
+    store, error = None, None
+    if jax.process_index() == 0:
+        try:
+            store = ChunkStore(store_dir, config)
+        except (TypeError, ValueError) as err:
+            error = err
+    opened = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is not None:
+        raise error
+    if not int(opened):
+        raise ValueError(f"process 0 could not open the store folder "
+                         f"{str(store_dir)!r}; see its error.")
+    return store if store is not None else ChunkStore(store_dir, config)
+
+
+def _finished_chunks(store, num_chunks, mesh) -> np.ndarray:
+    """``[num_chunks]`` bool: the chunks to read back, as process 0 sees them."""
+    done = np.zeros(num_chunks, bool)
+    if store is None:
+        return done
+    done[[c for c in store.finished_chunks() if c < num_chunks]] = True
+    if sharding.is_multiprocess(mesh):
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return done
+
+
+def _load_chunk(store, index) -> dict:
+    if not store.has_chunk(index):
+        raise FileNotFoundError(
+            f"chunk {index} of the store folder {str(store.folder)!r} is finished "
+            "on process 0 but missing here: with several processes, store_dir "
+            "must be on a file system every process shares.")
+    return store.load_chunk(index)
 
 
 def _chunk_arrays(rows, losses, accuracy, trained, *, return_params) -> dict:
@@ -478,20 +598,40 @@ def _chunk_arrays(rows, losses, accuracy, trained, *, return_params) -> dict:
     return out
 
 
-def _assemble(outputs, lead, *, like, accuracy: bool,
-              return_params: bool) -> RetrainResult:
-    """The chunks' arrays stacked with leading axes ``lead``."""
+class _Collected:
+    """The rows of finished chunks, written into arrays allocated once: the
+    results never sit in memory twice (no list of chunks to concatenate, and
+    ``jnp.asarray`` of the host arrays does not copy on CPU)."""
 
-    def gather(name):
-        stacked = np.concatenate([o[name] for o in outputs])
-        return jnp.asarray(stacked.reshape(lead + stacked.shape[1:]))
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.arrays: dict[str, np.ndarray] = {}
 
-    params_out = None
-    if return_params:
-        leaves = [gather(f"param_{i:05d}") for i in range(len(jax.tree.leaves(like)))]
-        params_out = jax.tree.unflatten(jax.tree.structure(like), leaves)
-    return RetrainResult(gather("losses"), gather("accuracy") if accuracy else None,
-                         params_out)
+    def add(self, chunk: dict) -> None:
+        rows = chunk["rows"]
+        for name, values in chunk.items():
+            if name == "rows":
+                continue
+            if name not in self.arrays:
+                self.arrays[name] = np.empty((self.num_rows,) + values.shape[1:],
+                                             values.dtype)
+            self.arrays[name][rows] = values
+
+    def result(self, lead, *, like, accuracy: bool,
+               return_params: bool) -> RetrainResult:
+        """The arrays with leading axes ``lead``."""
+
+        def gather(name):
+            values = self.arrays.pop(name)
+            return jnp.asarray(values.reshape(lead + values.shape[1:]))
+
+        params_out = None
+        if return_params:
+            leaves = [gather(f"param_{i:05d}")
+                      for i in range(len(jax.tree.leaves(like)))]
+            params_out = jax.tree.unflatten(jax.tree.structure(like), leaves)
+        return RetrainResult(gather("losses"), gather("accuracy") if accuracy else None,
+                             params_out)
 
 
 def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,

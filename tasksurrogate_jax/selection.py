@@ -21,6 +21,12 @@ The objective is called inside one ``jax.jit`` on chunks of masks
 task indices. The last chunk of each batch is padded by repeating its last row,
 so all the calls of one search have the same shape and compile once. An
 exhaustive search keeps its running best on the device and reads it back once.
+
+Each chunk is split over the devices of a mesh (``mesh``, see
+:mod:`tasksurrogate_jax.sharding`; default: every device) along its rows, the
+objective's arrays replicated; ``jax.jit`` partitions the call (GSPMD), so any
+traceable objective gives the same result as on one device. Chunks are padded
+to a multiple of the device count.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import check_positive_int, is_concrete
 from tasksurrogate_jax.chunking import pad_rows
 from tasksurrogate_jax.surrogates import (
@@ -415,12 +422,12 @@ def _combination_chunks(free: np.ndarray, free_sizes, width: int, sentinel: int,
         yield pad_rows(np.concatenate(pending), chunk), num_pending
 
 
-def _exhaustive(parts, base, free, num_required, lo, hi, count, batch_size):
+def _exhaustive(parts, base, free, num_required, lo, hi, count, batch_size, mesh):
     """Exact minimum over every feasible subset: ``(row, value, num_evaluated)``."""
     static_fn, dynamic, _ = parts
     num_tasks = base.shape[0]
     width = hi - num_required
-    chunk = min(batch_size, count)
+    chunk = sharding.round_up(min(batch_size, count), mesh)
     dtype = jnp.result_type(float)
     best = _Best(
         value=jnp.full((), jnp.inf, dtype),
@@ -429,13 +436,15 @@ def _exhaustive(parts, base, free, num_required, lo, hi, count, batch_size):
         bad_row=jnp.full((width,), num_tasks, jnp.int32),
         bad_value=jnp.zeros((), dtype),
     )
+    dynamic, base, best = sharding.replicate((dynamic, base, best), mesh)
     num_evaluated = 0
     free_sizes = range(lo - num_required, hi - num_required + 1)
     for idx, num_real in _combination_chunks(free, free_sizes, width, num_tasks,
                                              chunk):
-        best = _reduce_chunk(static_fn, dynamic, base, idx, best)
+        best = _reduce_chunk(static_fn, dynamic, base,
+                             sharding.shard_subsets(idx, mesh), best)
         num_evaluated += num_real
-    best = jax.device_get(best)
+    best = sharding.to_host(best)
     if best.bad:
         raise _non_finite_error(best.bad_value, _row_indices(best.bad_row, num_tasks))
     return np.asarray(best.row), float(best.value), num_evaluated
@@ -455,13 +464,16 @@ def _beam_chunk_size(num_free: int, num_required: int, lo: int, hi: int,
     return max(1, min(batch_size, most))
 
 
-def _beam(parts, base, free, num_required, lo, hi, beam_width, batch_size):
+def _beam(parts, base, free, num_required, lo, hi, beam_width, batch_size, mesh):
     """Beam search over added free tasks: ``(row, value, num_evaluated)``."""
     static_fn, dynamic, _ = parts
     num_tasks = base.shape[0]
     num_free = free.shape[0]
     width = hi - num_required
-    chunk = _beam_chunk_size(num_free, num_required, lo, hi, beam_width, batch_size)
+    chunk = sharding.round_up(
+        _beam_chunk_size(num_free, num_required, lo, hi, beam_width, batch_size),
+        mesh)
+    dynamic, base = sharding.replicate((dynamic, base), mesh)
 
     def to_rows(members: np.ndarray) -> np.ndarray:
         """``[n, num_free]`` bool membership -> ``[n, width]`` task indices."""
@@ -475,8 +487,9 @@ def _beam(parts, base, free, num_required, lo, hi, beam_width, batch_size):
         out = []
         for start in range(0, rows.shape[0], chunk):
             part = rows[start:start + chunk]
-            scores = _score_chunk(static_fn, dynamic, base, pad_rows(part, chunk))
-            out.append(np.asarray(scores)[:part.shape[0]])
+            idx = sharding.shard_subsets(pad_rows(part, chunk), mesh)
+            scores = sharding.to_host(_score_chunk(static_fn, dynamic, base, idx))
+            out.append(scores[:part.shape[0]])
         scores = np.concatenate(out)
         bad = ~np.isfinite(scores)
         if bad.any():
@@ -511,6 +524,7 @@ def select_subset(
     objective, num_tasks: int, *, size: int | None = None, min_size: int = 1,
     max_size: int | None = None, required=(), excluded=(), method: str = "auto",
     beam_width: int = 16, max_exhaustive: int = 2**20, batch_size: int = 8192,
+    mesh=None,
 ) -> SelectionResult:
     """The feasible subset of tasks with the lowest objective (scores are losses).
 
@@ -540,7 +554,13 @@ def select_subset(
       beam_width: subsets kept per size by ``"beam"`` (and ``"auto"``).
       max_exhaustive: ``"auto"`` is exhaustive up to this many feasible subsets;
         ``"exhaustive"`` refuses more.
-      batch_size: most masks per objective call.
+      batch_size: most masks per objective call (rounded up to a multiple of
+        the device count).
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
+        chunk of masks over; ``None``: every device (see
+        :func:`tasksurrogate_jax.sharding.subset_mesh`; after
+        ``jax.distributed.initialize()`` every process must then make the same
+        call, or pass ``subset_mesh(jax.local_devices())``).
 
     Returns:
       ``SelectionResult``.
@@ -562,6 +582,7 @@ def select_subset(
     beam_width = check_positive_int(beam_width, "beam_width")
     max_exhaustive = check_positive_int(max_exhaustive, "max_exhaustive")
     batch_size = check_positive_int(batch_size, "batch_size")
+    mesh = sharding.check_mesh(mesh)
 
     taken = set(required) | set(excluded)
     free = np.array([i for i in range(num_tasks) if i not in taken], np.int32)
@@ -580,11 +601,11 @@ def select_subset(
     base = jnp.asarray(base_np, parts[2])
     if method == "exhaustive":
         row, value, num_evaluated = _exhaustive(parts, base, free, len(required), lo,
-                                                hi, count, batch_size)
+                                                hi, count, batch_size, mesh)
     else:
         width = 1 if method == "greedy" else beam_width
         row, value, num_evaluated = _beam(parts, base, free, len(required), lo, hi,
-                                          width, batch_size)
+                                          width, batch_size, mesh)
     indices = tuple(sorted(list(required) + _row_indices(row, num_tasks)))
     mask = np.zeros(num_tasks, np.float32)
     mask[list(indices)] = 1.0

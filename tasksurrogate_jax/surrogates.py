@@ -5,7 +5,9 @@
   ``rcond * s_max`` are dropped, as ``numpy.linalg.lstsq`` does).
 - ``fit_kernel_surrogate``: kernel ridge regression ``g(s) = k(s, S) @ alpha``,
   ``alpha = (K + (ridge + jitter) I)^{-1} Y``; one Cholesky factor serves all
-  target columns.
+  target columns. Beyond ``AUTO_EXACT_MAX_SUBSETS`` rows (or with
+  ``solver="nystrom"``) the same model on Nyström centres, solved by
+  preconditioned conjugate gradients (module ``nystrom``).
 - ``select_kernel_hyperparameters``: cross-validation over a (gamma, ridge) grid,
   closed-form leave-one-out (one eigendecomposition per gamma serves every ridge)
   or k-fold.
@@ -218,12 +220,48 @@ class KernelSurrogate:
         return raw * self.y_scale + self.y_mean
 
 
+AUTO_EXACT_MAX_SUBSETS = 10_000
+"""``solver="auto"`` fits exactly up to this many subsets (rows), with Nyström
+beyond: at 10,000 rows the exact fit holds three ``m x m`` matrices (2.4 GB in
+float64) and takes ``m^3 / 3 ≈ 3e11`` flops for the Cholesky factor."""
+
+NYSTROM_DEFAULT_SEED = 0
+"""Seed of the centres when ``fit_kernel_surrogate`` uses Nyström with
+``key=None``: ``jax.random.key(0)``, so the fit is reproducible."""
+
+SOLVERS = ("auto", "exact", "nystrom")
+
+
+def _resolve_solver(solver, num_subsets, num_centers, key) -> str:
+    if not isinstance(solver, str) or solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}.")
+    if solver == "auto":
+        return "exact" if num_subsets <= AUTO_EXACT_MAX_SUBSETS else "nystrom"
+    if solver == "exact":
+        for name, value in (("num_centers", num_centers), ("key", key)):
+            if value is not None:
+                raise ValueError(
+                    f"{name} is used only by solver='nystrom' (or 'auto' above "
+                    f"{AUTO_EXACT_MAX_SUBSETS} subsets); got {name} with "
+                    "solver='exact'.")
+    return solver
+
+
 def fit_kernel_surrogate(
     masks, scores, *, kernel: str = "rbf", gamma=None, ridge=1e-2,
     degree: int = 3, coef0: float = 1.0, jitter: float = 1e-8,
-    standardize: bool = True,
+    standardize: bool = True, solver: str = "auto", num_centers: int | None = None,
+    key=None,
 ) -> KernelSurrogate:
     """Kernel ridge regression of scores on masks.
+
+    ``solver="exact"`` factors the ``m x m`` kernel matrix (``O(m^2)`` memory,
+    ``O(m^3)`` time). ``solver="nystrom"`` fits the same model restricted to
+    ``num_centers`` centres drawn from the masks, by FALKON's preconditioned
+    conjugate gradients (:func:`nystrom.fit_nystrom_surrogate`, whose
+    diagnostics it drops and whose non-convergence warning it passes on).
+    ``solver="auto"`` (the default) is exact for at most
+    :data:`AUTO_EXACT_MAX_SUBSETS` (10,000) rows and Nyström beyond.
 
     Args:
       masks: ``[num_subsets, num_tasks]`` of 0/1.
@@ -242,11 +280,33 @@ def fit_kernel_surrogate(
         mean, not towards zero. On by default: without it (as in the paper's
         reference code) the shrinkage of scores whose level is large against
         the task effects can invert the sign of every LOO effect.
+      solver: ``"auto"``, ``"exact"`` or ``"nystrom"`` (see above). Nyström
+        needs a positive ``ridge``, concrete inputs (not under ``jit``), and
+        ignores ``jitter`` (it uses its own on the centres' kernel matrix).
+      num_centers: Nyström centres; ``None`` =
+        :func:`nystrom.default_num_centers` (``min(m, max(2000, 10 sqrt(m)))``).
+        Only with ``solver="nystrom"`` or ``"auto"``.
+      key: PRNG key drawing the Nyström centres; ``None`` = ``jax.random.key(``
+        :data:`NYSTROM_DEFAULT_SEED` ``)``. Only with ``"nystrom"`` or ``"auto"``.
 
     Returns:
-      ``KernelSurrogate``.
+      ``KernelSurrogate`` (for Nyström, ``train_masks`` are the centres).
     """
     masks, scores = _check_fit_inputs(masks, scores)
+    if _resolve_solver(solver, masks.shape[0], num_centers, key) == "nystrom":
+        from tasksurrogate_jax import nystrom  # nystrom imports this module
+
+        if key is None:
+            key = jax.random.key(NYSTROM_DEFAULT_SEED)
+        if not (is_concrete(masks) and is_concrete(scores)):
+            raise TypeError(
+                "solver='nystrom' needs concrete masks and scores (not traced inside "
+                "jit); use solver='exact' under jit.")
+        _check_ridge(ridge, positive=True)
+        return nystrom.fit_nystrom_surrogate(
+            masks, scores, num_centers=num_centers, key=key, kernel=kernel,
+            gamma=gamma, ridge=ridge, degree=degree, coef0=coef0,
+            standardize=standardize).surrogate
     kernel = check_kernel_name(kernel)
     gamma = check_gamma(gamma, masks.shape[1])
     ridge = _check_ridge(ridge)
@@ -397,7 +457,8 @@ def predict(surrogate, masks) -> jax.Array:
 
 @_pytree_dataclass(meta=("criterion", "method"))
 class HyperparameterSearch:
-    """Result of ``select_kernel_hyperparameters``.
+    """Result of ``select_kernel_hyperparameters`` (and of
+    ``nystrom.select_nystrom_hyperparameters``).
 
     Attributes:
       gamma: chosen width: a scalar, or ``[num_targets]`` with ``per_target``.
@@ -407,7 +468,8 @@ class HyperparameterSearch:
       table: ``[num_gammas, num_ridges, num_targets]`` criterion per target.
       mean_table: ``[num_gammas, num_ridges]`` criterion averaged over targets.
       criterion: ``"mse"`` (lower is better) or ``"spearman"`` (higher is better).
-      method: ``"loo"`` or ``"kfold"``.
+      method: ``"loo"`` or ``"kfold"`` (``"holdout"`` or ``"kfold"`` for
+        the Nyström search).
     """
 
     gamma: jax.Array

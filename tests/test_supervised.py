@@ -93,13 +93,8 @@ def test_finetune_replicates_share_theta_star_and_differ_in_batch_order(tiny):
                           progress=False), scores.mean(0), rtol=1e-6)
 
 
-def test_stored_replicates_resume_and_refuse_another_regime_or_count(tiny, tmp_path,
-                                                                      monkeypatch):
-    masks = leave_one_out_masks(tiny.num_tasks)
-    store = tmp_path / "truth"
-    kw = dict(key=KEY, regime="finetune", chunk_size=4, store_dir=store,
-              progress=False)
-    first = tiny.replicate_scores(masks, replicates=2, **kw)  # 18 rows, 5 chunks
+def _count_chunk_calls(monkeypatch) -> list:
+    """A list that gets one item per compiled retraining chunk from now on."""
     calls = []
     real_chunk = rt.retrain_chunk
 
@@ -108,6 +103,17 @@ def test_stored_replicates_resume_and_refuse_another_regime_or_count(tiny, tmp_p
         return real_chunk(*args, **kwargs)
 
     monkeypatch.setattr(rt, "retrain_chunk", counting)
+    return calls
+
+
+def test_stored_replicates_resume_and_refuse_another_regime_or_count(tiny, tmp_path,
+                                                                      monkeypatch):
+    masks = leave_one_out_masks(tiny.num_tasks)
+    store = tmp_path / "truth"
+    kw = dict(key=KEY, regime="finetune", chunk_size=4, store_dir=store,
+              progress=False)
+    first = tiny.replicate_scores(masks, replicates=2, **kw)  # 18 rows, 5 chunks
+    calls = _count_chunk_calls(monkeypatch)
     (store / "chunk_00002.npz").unlink()  # as if interrupted there
     again = tiny.replicate_scores(masks, replicates=2, **kw)
     assert len(calls) == 1  # only the missing chunk is recomputed
@@ -116,6 +122,26 @@ def test_stored_replicates_resume_and_refuse_another_regime_or_count(tiny, tmp_p
         tiny.replicate_scores(masks, replicates=3, **kw)
     with pytest.raises(StoreMismatchError, match="regime"):
         tiny.replicate_scores(masks, replicates=2, **{**kw, "regime": "scratch"})
+
+
+@pytest.mark.slow
+def test_stored_estimation_resumes_and_refuses_another_projection(tiny, tmp_path,
+                                                                  monkeypatch):
+    masks = leave_one_out_masks(tiny.num_tasks)
+    store = tmp_path / "estimates"
+    settings = EstimationSettings(proj_dim=16)
+    kw = dict(key=KEY, chunk_size=4, store_dir=store)
+    first = tiny.estimate(masks, settings=settings, **kw)  # 10 rows, 3 chunks
+    calls = _count_chunk_calls(monkeypatch)
+    (store / "chunk_00001.npz").unlink()  # as if interrupted there
+    again = tiny.estimate(masks, settings=settings, **kw)
+    assert len(calls) == 1  # only the missing chunk is recomputed
+    np.testing.assert_array_equal(again.scores, first.scores)
+    np.testing.assert_array_equal(again.delta_norm, first.delta_norm)
+    with pytest.raises(StoreMismatchError, match="proj_dim"):
+        tiny.estimate(masks, settings=EstimationSettings(proj_dim=8), **kw)
+    with pytest.raises(ValueError, match="store_dir needs settings.method"):
+        tiny.estimate(masks, settings=EstimationSettings(method="solve"), **kw)
 
 
 def test_bad_regime_and_replicates(tiny):

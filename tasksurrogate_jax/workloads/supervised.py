@@ -255,7 +255,8 @@ class SupervisedWorkload(Workload):
 
     def retrain(self, masks, *, key, regime: str, replicates: int = 1,
                 base_params=None, chunk_size: int | None = None, store_dir=None,
-                return_params: bool = False, progress: bool = True) -> RetrainResult:
+                return_params: bool = False, progress: bool = True,
+                mesh=None) -> RetrainResult:
         """Trains every (replicate, mask) pair in ``regime``: a
         :class:`~tasksurrogate_jax.retraining.RetrainResult` with ``losses``
         ``[replicates, num_subsets, num_targets]``.
@@ -273,6 +274,9 @@ class SupervisedWorkload(Workload):
           store_dir: folder to store finished chunks in and resume from.
           return_params: also return the trained parameters.
           progress: a progress bar over chunks.
+          mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
+            the chunks over (``None``: every device; see
+            :func:`tasksurrogate_jax.sharding.subset_mesh`).
         """
         masks = self.check_masks(masks)
         check_regime(regime)
@@ -287,8 +291,8 @@ class SupervisedWorkload(Workload):
             "store_dir": store_dir, "store_config": self.store_config(regime)}
         return retrain(masks, data=self.data, target=self.target, spec=spec, key=key,
                        replicates=replicates, chunk_size=chunk_size,
-                       return_params=return_params, progress=progress, **init,
-                       **store)
+                       return_params=return_params, progress=progress, mesh=mesh,
+                       **init, **store)
 
     def replicate_scores(self, masks, *, key, regime: str, replicates: int = 1,
                          base_params=None, chunk_size: int | None = None,
@@ -310,7 +314,8 @@ class SupervisedWorkload(Workload):
             progress=progress).mean(0)
 
     def estimate(self, masks, *, key, settings: EstimationSettings | None = None,
-                 base_params=None, chunk_size: int = 64) -> EstimationResult:
+                 base_params=None, chunk_size: int = 64,
+                 mesh=None, store_dir=None) -> EstimationResult:
         """First-order estimates around ``θ*`` with diagnostics.
 
         Args:
@@ -324,6 +329,10 @@ class SupervisedWorkload(Workload):
             (default: linearized fine-tuning of the ``finetune`` program).
           base_params: ``θ*`` to linearize around.
           chunk_size: subsets per compiled call.
+          mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
+            the chunks over (``None``: every device).
+          store_dir: folder to save each finished chunk of the linearized
+            fine-tuning to and resume from (``method="finetune"`` only).
 
         Returns:
           :class:`~tasksurrogate_jax.estimation.EstimationResult`.
@@ -335,20 +344,28 @@ class SupervisedWorkload(Workload):
             raise TypeError("settings must be an EstimationSettings, got "
                             f"{type(settings).__name__}.")
         spec = self._require_finetune("estimation")
+        if store_dir is not None and settings.method != "finetune":
+            raise ValueError("store_dir needs settings.method='finetune' (the convex "
+                             f"solve keeps no store), got {settings.method!r}.")
         params = self.base_params(key=key) if base_params is None else base_params
         reference = None
         if settings.needs_reference_run:
             reference = self.retrain(np.ones((1, self.num_tasks), np.float32),
                                      key=key, regime="finetune", base_params=params,
-                                     return_params=True, progress=False)
+                                     return_params=True, progress=False, mesh=mesh)
         rows = masks if not settings.difference else jnp.concatenate(
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
         common = {"key": jax.random.fold_in(key, 1), "proj_dim": settings.proj_dim,
-                  "output_mode": settings.output_mode, "chunk_size": chunk_size}
+                  "output_mode": settings.output_mode, "chunk_size": chunk_size,
+                  "mesh": mesh}
         if settings.method == "finetune":
             result = linearized_finetune_scores(
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
-                batch_key=key, replicates=settings.replicates, **common)
+                batch_key=key, replicates=settings.replicates, store_dir=store_dir,
+                store_config=None if store_dir is None else {
+                    **self.store_config("finetune"),
+                    "replicates": settings.replicates},
+                **common)
         else:
             norm = None
             if settings.ridge == "auto":
