@@ -65,7 +65,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from tasksurrogate_jax import attribution, baselines, metrics, reliability, surrogates
+from tasksurrogate_jax import (
+    attribution,
+    baselines,
+    metrics,
+    nystrom,
+    reliability,
+    surrogates,
+)
 from tasksurrogate_jax.estimation import EstimationSettings
 from tasksurrogate_jax.store import ChunkStore, config_hash
 from tasksurrogate_jax.subsets import (
@@ -512,6 +519,10 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
                    cv_criterion: str = "spearman", seed: int = 0) -> dict:
     """The pipeline's two surrogates of ``(masks, scores)``.
 
+    Above ``surrogates.AUTO_EXACT_MAX_SUBSETS`` subsets the kernel surrogate is
+    the Nyström one, its hyperparameters chosen on a held-out fifth
+    (``cv_method="loo"``) or by k-fold on the approximate model.
+
     Returns:
       ``{"linear": LinearSurrogate (least squares), "kernel": KernelSurrogate
       (RBF, (gamma, ridge) cross-validated with ``cv_method`` on
@@ -522,11 +533,18 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
     # meaningless CV errors.
     ridges = surrogates.default_ridge_grid(fit_masks.shape[0],
                                            np.asarray(fit_scores).dtype)
-    search = surrogates.select_kernel_hyperparameters(
-        fit_masks, fit_scores, method=cv_method, criterion=cv_criterion,
-        ridges=ridges, key=jax.random.key(seed))
+    key = jax.random.key(seed)
+    if fit_masks.shape[0] > surrogates.AUTO_EXACT_MAX_SUBSETS:
+        search = nystrom.select_nystrom_hyperparameters(
+            fit_masks, fit_scores, key=key, criterion=cv_criterion, ridges=ridges,
+            method="holdout" if cv_method == "loo" else "kfold")
+    else:
+        search = surrogates.select_kernel_hyperparameters(
+            fit_masks, fit_scores, method=cv_method, criterion=cv_criterion,
+            ridges=ridges, key=key)
     kernel = surrogates.fit_kernel_surrogate(
-        fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge))
+        fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge),
+        solver="auto")
     return {"linear": linear, "kernel": kernel, "search": search}
 
 

@@ -56,6 +56,7 @@ class LinearizeTest(chex.TestCase):
                                            atol=1e-12, err_msg=mode)
 
 
+@pytest.mark.slow
 def test_projected_grads_do_not_depend_on_chunking():
     projection = proj.make_projection(jax.random.key(2), 8, kind="gaussian")
     results = [lin.per_example_grads(loss, PARAMS, X, Y, projection=projection,

@@ -82,6 +82,7 @@ def test_per_target_hyperparameters_equal_exact_solution():
     np.testing.assert_array_equal(fit.surrogate.ridge, ridge)
 
 
+@pytest.mark.slow
 def test_2000_subsets_500_centers_close_to_exact():
     """m = 2,000 subsets of 20 tasks, 500 centres (more than the 211 Walsh
     functions of degree <= 2 that carry the signal), ridge 0.1 (the better of
@@ -129,6 +130,7 @@ def test_blocked_kernel_rows_match_cached():
     assert np.abs(np.asarray(blocked.iterations - cached.iterations)).max() <= 1
 
 
+@pytest.mark.slow
 def test_float32_converges_close_to_float64():
     masks, scores = small_data(m=400, num_tasks=10, seed=3)
     f64 = nystrom_fit(masks, scores, num_centers=150)
@@ -263,6 +265,7 @@ def gp_data(true_gamma, m=600, num_tasks=14, seed=7):
 GRID = {"gammas": [0.05, 0.5, 5.0], "ridges": [1e-2, 1e-1, 1.0]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("true_gamma", [0.05, 0.5])
 def test_holdout_search_picks_true_gamma(true_gamma):
     masks, scores = gp_data(true_gamma)
@@ -274,6 +277,7 @@ def test_holdout_search_picks_true_gamma(true_gamma):
     assert float(search.ridge) in GRID["ridges"]
 
 
+@pytest.mark.slow
 def test_kfold_search_picks_true_gamma_per_target():
     masks, scores = gp_data(0.5)
     search = nystrom.select_nystrom_hyperparameters(
@@ -283,6 +287,7 @@ def test_kfold_search_picks_true_gamma_per_target():
     np.testing.assert_allclose(search.gamma, 0.5)
 
 
+@pytest.mark.slow
 def test_select_table_matches_direct_holdout_fit():
     """One cell of the table = a fit on the training split scored on the rest."""
     search = nystrom.select_nystrom_hyperparameters(

@@ -154,3 +154,24 @@ def test_list_and_the_installed_entry_point():
                           capture_output=True, text=True, check=True)
     assert "modular: presets paper, cpu, tiny" in done.stdout
     assert "digits: presets cpu, random, tiny" in done.stdout
+
+
+def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
+    from tasksurrogate_jax import surrogates
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((120, 8)) < 0.5).astype(np.float64)
+    scores = np.stack([masks @ rng.normal(size=8) + np.sin(masks.sum(1)),
+                       (masks[:, 0] * masks[:, 1]) + 0.1 * rng.normal(size=120)], 1)
+    small = pipeline.fit_surrogates(masks, scores)
+    assert small["search"].method == "loo"
+    monkeypatch.setattr(surrogates, "AUTO_EXACT_MAX_SUBSETS", 50)
+    large = pipeline.fit_surrogates(masks, scores)
+    assert large["search"].method == "holdout"
+    # Below the default number of centres every distinct mask is a centre: the
+    # Nyström fit is the exact fit with the same hyperparameters.
+    exact = surrogates.fit_kernel_surrogate(
+        masks, scores, gamma=float(large["search"].gamma),
+        ridge=float(large["search"].ridge), solver="exact")
+    np.testing.assert_allclose(large["kernel"].predict(masks), exact.predict(masks),
+                               rtol=1e-5, atol=1e-6 * np.abs(scores).max())

@@ -90,6 +90,7 @@ def test_corrected_split_half_matches_independent_ground_truths(num_replicates):
     assert np.mean(values) == pytest.approx(np.mean(empirical_pt), abs=0.06)
 
 
+@pytest.mark.slow
 def test_more_noise_lowers_reliability():
     rng = np.random.default_rng(2)
     mu = _true_effects(rng)
@@ -120,6 +121,7 @@ def test_subset_reliability_shares_the_split_half():
     assert two.split_half_per_target == pytest.approx(r_h)
 
 
+@pytest.mark.slow
 def test_same_key_or_seed_same_result():
     rng = np.random.default_rng(5)
     scores = _loo_scores(rng, _true_effects(rng), 10, 2.0)  # 126 splits > 20

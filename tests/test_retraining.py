@@ -105,6 +105,7 @@ def test_weighted_full_batch_equals_training_on_filtered_data():
                                                          atol=1e-12), ft.params, ref)
 
 
+@pytest.mark.slow
 def test_vmapped_chunks_equal_one_at_a_time():
     data, target = _problem()
     spec = SPEC_ADAM

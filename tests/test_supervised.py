@@ -106,6 +106,7 @@ def _count_chunk_calls(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.slow
 def test_stored_replicates_resume_and_refuse_another_regime_or_count(tiny, tmp_path,
                                                                       monkeypatch):
     masks = leave_one_out_masks(tiny.num_tasks)

@@ -253,6 +253,7 @@ def test_per_target_selection_picks_the_best_cell_of_each_column():
     assert fitted.predict(NEW).shape == (NEW.shape[0], SCORES.shape[1])
 
 
+@pytest.mark.slow
 def test_kernel_surrogate_captures_an_interaction_the_linear_one_misses():
     masks = np.asarray(jnp.asarray(RNG.integers(0, 2, (200, 6)), float))
     xor = (masks[:, 0] != masks[:, 1]).astype(float)[:, None]
