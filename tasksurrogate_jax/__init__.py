@@ -29,6 +29,7 @@ from tasksurrogate_jax import (
     store,
     subsets,
     surrogates,
+    uncertainty,
     workloads,
 )
 from tasksurrogate_jax.attribution import (
@@ -114,6 +115,14 @@ from tasksurrogate_jax.surrogates import (
     predict,
     select_kernel_hyperparameters,
 )
+from tasksurrogate_jax.uncertainty import (
+    KernelPosterior,
+    calibrate_kappa,
+    fit_posterior,
+    lcb_objective,
+    sequential_selection,
+    trust_region_objective,
+)
 from tasksurrogate_jax.workloads import (
     ICLWorkload,
     PromptScorer,
@@ -150,6 +159,7 @@ __all__ = [
     "store",
     "subsets",
     "surrogates",
+    "uncertainty",
     "workloads",
     # data and workloads
     "TargetData",
@@ -210,6 +220,12 @@ __all__ = [
     "select_nystrom_hyperparameters",
     # attribution, selection and baselines
     "SelectionResult",
+    "KernelPosterior",
+    "calibrate_kappa",
+    "fit_posterior",
+    "lcb_objective",
+    "sequential_selection",
+    "trust_region_objective",
     "banzhaf_values",
     "influence_scores",
     "interaction_matrix",

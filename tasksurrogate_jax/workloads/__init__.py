@@ -13,6 +13,12 @@ from tasksurrogate_jax.workloads.icl import (
     SyntheticICLWorkload,
     icl_workload,
 )
+from tasksurrogate_jax.workloads.lm_scorer import (
+    causal_lm_scorer,
+    lm_icl_workload,
+    nnx_causal_lm_scorer,
+    tiny_gpt,
+)
 from tasksurrogate_jax.workloads.modular import (
     ModularConfig,
     ModularWorkload,
@@ -41,9 +47,13 @@ __all__ = [
     "SyntheticICLWorkload",
     "TrainSettings",
     "Workload",
+    "causal_lm_scorer",
     "digits_workload",
     "icl_workload",
+    "lm_icl_workload",
     "modular_workload",
+    "nnx_causal_lm_scorer",
     "nnx_model_functions",
     "rl_workload",
+    "tiny_gpt",
 ]
