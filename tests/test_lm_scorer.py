@@ -122,6 +122,7 @@ def test_multi_token_verbalizers_score_their_teacher_forced_log_probability():
     assert workload.demonstrations.shape[1] == 4 + 3  # longest input + verbalizer
 
 
+@pytest.mark.slow
 def test_exact_scores_equal_a_loop_of_forward_passes_and_cross_entropy():
     demos, demo_labels, queries, query_labels = problem()
     workload = make_workload()
@@ -151,6 +152,7 @@ def test_exact_scores_equal_a_loop_of_forward_passes_and_cross_entropy():
     np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_linearization_is_exact_at_the_anchor_and_equals_the_jvp():
     workload = make_workload()
     scorer = workload.scorer

@@ -360,6 +360,7 @@ def check_run(result, init, kappa=2.0):
 
 
 class TestSequential:
+    @pytest.mark.slow
     def test_finds_optimum_a_one_shot_fit_misses(self):
         """With the hyperparameters the LOO search picks on the initial design
         (gamma=1/16, ridge=1e-3; the slow test below searches every round)."""
