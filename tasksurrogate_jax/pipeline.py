@@ -84,6 +84,11 @@ from tasksurrogate_jax.workloads.digits import PRESETS as DIGITS_PRESETS
 from tasksurrogate_jax.workloads.digits import digits_workload
 from tasksurrogate_jax.workloads.icl import PRESETS as ICL_PRESETS
 from tasksurrogate_jax.workloads.icl import SyntheticICLWorkload, icl_workload
+from tasksurrogate_jax.workloads.icl_regression import PRESETS as ICL_REGRESSION_PRESETS
+from tasksurrogate_jax.workloads.icl_regression import (
+    ICLRegressionWorkload,
+    icl_regression_workload,
+)
 from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
 from tasksurrogate_jax.workloads.modular import modular_workload
 from tasksurrogate_jax.workloads.rl import PRESETS as RL_PRESETS
@@ -152,6 +157,16 @@ _SUPERVISED = {
                                   "num_heldout": 32, "proj_dim": 512}),
     "unused": ("shots", "truth_prompts"),
 }
+# The prompt workloads' shared settings (the ``fixed_size`` protocol).
+_ICL_ENTRY = MappingProxyType({
+    "defaults": MappingProxyType({"shots": 4, "num_subsets": 80, "num_heldout": 120,
+                                  "truth_prompts": 20_000}),
+    "preset_defaults": MappingProxyType({"tiny": {"num_subsets": 30,
+                                                  "num_heldout": 30}}),
+    "unused": ("regime", "drop", "proj_dim", "chunk_size", *_SUPERVISED_ONLY),
+    "estimate": _estimate_icl,
+})
+
 WORKLOADS: dict[str, WorkloadEntry] = {
     "digits": WorkloadEntry(digits_workload, DIGITS_PRESETS, drop=4, **_SUPERVISED),
     "modular": WorkloadEntry(modular_workload, MODULAR_PRESETS, drop=3,
@@ -159,12 +174,13 @@ WORKLOADS: dict[str, WorkloadEntry] = {
     "icl": WorkloadEntry(
         icl_workload, ICL_PRESETS, drop=None, protocol="fixed_size",
         kind=SyntheticICLWorkload, baselines=(),
-        defaults=MappingProxyType({"shots": 4, "num_subsets": 80,
-                                   "num_heldout": 120, "truth_prompts": 20_000}),
-        preset_defaults=MappingProxyType({"tiny": {"num_subsets": 30,
-                                                   "num_heldout": 30}}),
-        unused=("regime", "drop", "proj_dim", "chunk_size", *_SUPERVISED_ONLY),
-        estimate=_estimate_icl),
+        **_ICL_ENTRY),
+    # The smooth family: in-context regression, where the first-order model of
+    # the prediction around the nearest anchor prompt holds.
+    "icl_regression": WorkloadEntry(
+        icl_regression_workload, ICL_REGRESSION_PRESETS, drop=None,
+        protocol="fixed_size", kind=ICLRegressionWorkload, baselines=(),
+        **_ICL_ENTRY),
     "rl": WorkloadEntry(
         rl_workload, RL_PRESETS, drop=None, kind=RLWorkload, baselines=(),
         defaults=MappingProxyType({"regime": "finetune", "num_subsets": 60,

@@ -168,6 +168,46 @@ def test_embedding_linearization_equals_jvp_of_the_loss(anchor):
                                        rtol=1e-6, atol=1e-6)
 
 
+def test_output_linearization_at_the_nearest_anchor_equals_jvp_of_the_logits():
+    # linearize="output" (GradSel): the cross-entropy of the first-order
+    # logits, expanded at the anchor nearest to each prompt.
+    scorer = tanh_scorer()
+    demos, queries, labels = random_problem(num_labels=3)
+    workload = ICLWorkload(scorer, demos, queries, labels, max_length=14)
+    anchors = np.array([[0, 1], [2, 5], [3, 6]])
+    masks = mixed_masks(7, seed=2)
+    masks = masks[masks.sum(1) == 2][:6]
+    estimated = np.asarray(workload.estimated_scores(masks, anchor=anchors,
+                                                     linearize="output"))
+    e0 = np.asarray(workload.anchor_embeddings(2, anchors))  # [T, A, L, W]
+    assert e0.shape[:2] == (5, 3)
+
+    @jax.jit
+    def first_order(tokens, anchor, label):
+        e = scorer.embed(scorer.params, tokens)
+        value, slope = jax.jvp(lambda x: scorer.label_logits(scorer.params, x),
+                               (anchor,), (e - anchor,))
+        logits = value + slope
+        return jax.nn.logsumexp(logits) - logits[label]
+
+    for i, row in enumerate(masks):
+        prompt = demos[np.nonzero(row)[0]].reshape(-1)
+        for t, (query, label) in enumerate(zip(queries, labels, strict=True)):
+            tokens = jnp.asarray(np.concatenate([prompt, query]))
+            e = np.asarray(scorer.embed(scorer.params, tokens))
+            nearest = ((e[None] - e0[t]) ** 2).sum((1, 2)).argmin()
+            np.testing.assert_allclose(estimated[i, t],
+                                       first_order(tokens, e0[t, nearest], label),
+                                       rtol=1e-6, atol=1e-6)
+    # Each anchor prompt is its own nearest anchor: estimated = exact there.
+    at_anchors = np.zeros((3, 7), np.float32)
+    np.put_along_axis(at_anchors, anchors, 1.0, axis=1)
+    np.testing.assert_allclose(
+        np.asarray(workload.estimated_scores(at_anchors, anchor=anchors,
+                                             linearize="output")),
+        np.asarray(workload.exact_scores(at_anchors)), rtol=1e-6)
+
+
 def test_mean_anchor_averages_the_pool_at_every_slot():
     scorer = tanh_scorer()
     demos, queries, labels = random_problem(num_labels=3)

@@ -99,7 +99,8 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["run", "nope"], "workload must be one of ['digits', 'icl', 'modular', 'rl']"),
+    (["run", "nope"],
+     "workload must be one of ['digits', 'icl', 'icl_regression', 'modular', 'rl']"),
     (["run", "modular", "--preset", "huge"], "preset must be one of"),
     (["run", "digits", "--replicates", "1"],
      "a ceiling needs at least 2 replicates, got 1"),

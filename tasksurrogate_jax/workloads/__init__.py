@@ -9,9 +9,15 @@ from tasksurrogate_jax.workloads.digits import (
 from tasksurrogate_jax.workloads.icl import (
     ICLConfig,
     ICLWorkload,
+    NearestAnchors,
     PromptScorer,
     SyntheticICLWorkload,
     icl_workload,
+)
+from tasksurrogate_jax.workloads.icl_regression import (
+    ICLRegressionConfig,
+    ICLRegressionWorkload,
+    icl_regression_workload,
 )
 from tasksurrogate_jax.workloads.lm_scorer import (
     causal_lm_scorer,
@@ -37,9 +43,12 @@ __all__ = [
     "DigitsConfig",
     "DigitsWorkload",
     "ICLConfig",
+    "ICLRegressionConfig",
+    "ICLRegressionWorkload",
     "ICLWorkload",
     "ModularConfig",
     "ModularWorkload",
+    "NearestAnchors",
     "PromptScorer",
     "RLConfig",
     "RLWorkload",
@@ -49,6 +58,7 @@ __all__ = [
     "Workload",
     "causal_lm_scorer",
     "digits_workload",
+    "icl_regression_workload",
     "icl_workload",
     "lm_icl_workload",
     "modular_workload",

@@ -3,21 +3,34 @@
 The attribution problem is the paper's: a pool of K candidate demonstrations
 (the tasks), T target queries, and prompts made of the demonstrations a mask
 selects. A prompt lists its demonstrations in increasing pool order, then the
-query; ``F(s)`` per query is the cross-entropy of the query's label given the
-prompt (over the label logits at the prompt's last position). Nothing is
+query; ``F(s)`` per query is the query's loss given the prompt, read at the
+prompt's last position: the cross-entropy of its label (a classification head)
+or the squared error of a real prediction (a regression head). Nothing is
 retrained: each score is one forward pass.
 
 Two layers:
 
 - :class:`ICLWorkload` works with any model through a :class:`PromptScorer`
-  (parameters, an embedding function and a function from embeddings to label
-  logits), so a researcher can plug in their own Flax language model.
-- :func:`icl_workload` builds the synthetic workload: it trains its own small
-  decoder-only transformer (no weights can be downloaded here) to learn in
-  context, and draws the pool and queries from one fixed task.
+  (parameters, an embedding function and a head from embeddings to label
+  logits or to a real prediction), so a researcher can plug in their own Flax
+  model. Prompts are token ids (``[length]`` int, a language model) or real
+  input vectors (``[length, input_dim]``, e.g. in-context regression:
+  :mod:`tasksurrogate_jax.workloads.icl_regression`).
+- :func:`icl_workload` builds the synthetic token workload: it trains its own
+  small decoder-only transformer (no weights can be downloaded here) to learn
+  in context, and draws the pool and queries from one fixed task.
 
-The synthetic family (a random token-to-label map with a distractor feature,
-where in-context learning is induction-head copying):
+The estimate linearizes in the prompt's input embeddings around an anchor
+prompt (GradSel-style): either the loss itself (``linearize="loss"``:
+``L(E₀) + <∇L(E₀), E_s - E₀>``) or the head's output, the loss then taken of
+the first-order output (``linearize="output"``: ``ℓ(f(E₀) + J_f(E₀)(E_s -
+E₀), y)``, as GradSel does for a language model's output). The anchor is the
+pool's mean embedding (``"mean"``), one prompt, or several prompts, each
+prompt then estimated at the nearest one in embedding space
+(:class:`NearestAnchors`, or ``[num_anchors, shots]`` pool indices).
+
+The synthetic token family (a random token-to-label map with a distractor
+feature, where in-context learning is induction-head copying):
 
 - a *task* is a random map ``f`` from ``num_symbols`` symbols to
   ``num_labels`` labels;
@@ -62,6 +75,7 @@ from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import TransformerBlock
 
 ANCHORS = ("mean",)
+LINEARIZE = ("loss", "output")
 
 # ----------------------------------------------------------------------------
 # Any model: the prompt scorer and the workload
@@ -69,34 +83,63 @@ ANCHORS = ("mean",)
 
 
 class PromptScorer(NamedTuple):
-    """A language model seen as a scorer of prompts.
+    """A model seen as a scorer of prompts.
+
+    Exactly one head is given: ``label_logits`` (classification: a query's
+    loss is the cross-entropy of its label, its accuracy whether the label gets
+    the largest logit) or ``prediction`` (regression: a query's loss is the
+    squared error ``(prediction - label)²``).
 
     Attributes:
-      params: the model's parameters (any pytree), passed to both functions.
-      embed: ``embed(params, tokens [length] int32) -> [length, width]``: the
-        input embeddings of a whole prompt (positions included if the model
-        adds them there). The estimation linearizes in this output.
+      params: the model's parameters (any pytree), passed to every function.
+      embed: ``embed(params, inputs) -> [length, width]``: the input
+        embeddings of a whole prompt (positions included if the model adds
+        them there), from ``inputs`` ``[length]`` int32 token ids (token
+        prompts) or ``[length, input_dim]`` real vectors (vector prompts). The
+        estimation linearizes in this output.
       label_logits: ``label_logits(params, embeddings [length, width]) ->
         [num_labels]``: the logits of the label tokens at the last position
-        (for a language model, its next-token logits at the label token ids).
+        (for a language model, its next-token logits at the label token ids);
+        ``None`` for a regression scorer.
+      prediction: ``prediction(params, embeddings [length, width]) -> []``:
+        the real prediction of the query's label at the last position;
+        ``None`` for a classification scorer.
     """
 
     params: Any
     embed: Callable
-    label_logits: Callable
+    label_logits: Callable | None = None
+    prediction: Callable | None = None
+
+
+class NearestAnchors(NamedTuple):
+    """Several random anchor prompts: each prompt is estimated at the one
+    nearest to it (squared Euclidean distance of the prompts' embeddings, per
+    query), as with ``[num_anchors, shots]`` anchor indices.
+
+    Attributes:
+      num_anchors: distinct random prompts of the estimated prompts' number of
+        shots, drawn uniformly from the pool (demonstrations in pool order).
+      seed: of the draw (``jax.random.key(seed)``); the same seed gives the
+        same anchors.
+    """
+
+    num_anchors: int
+    seed: int = 0
 
 
 class PromptPerformance(NamedTuple):
     """Mean over queries of each prompt's loss and accuracy.
 
     Attributes:
-      loss: ``[num_prompts]`` mean cross-entropy of the query labels.
+      loss: ``[num_prompts]`` mean loss of the queries (cross-entropy of the
+        labels, or squared error of a regression scorer's predictions).
       accuracy: ``[num_prompts]`` fraction of queries whose label gets the
-        largest logit.
+        largest logit; ``None`` for a regression scorer.
     """
 
     loss: np.ndarray
-    accuracy: np.ndarray
+    accuracy: np.ndarray | None
 
 
 class EmbeddingEstimate(NamedTuple):
@@ -115,10 +158,10 @@ class EmbeddingEstimate(NamedTuple):
     spearman: float
 
 
-def _int_array(x, name: str, ndim: int) -> np.ndarray:
+def _int_array(x, name: str, ndim: int, what: str = "token ids") -> np.ndarray:
     arr = np.asarray(x)
     if not np.issubdtype(arr.dtype, np.integer):
-        raise TypeError(f"{name} must hold integer token ids, got dtype {arr.dtype}.")
+        raise TypeError(f"{name} must hold integer {what}, got dtype {arr.dtype}.")
     if arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}.")
     if arr.size == 0:
@@ -126,22 +169,53 @@ def _int_array(x, name: str, ndim: int) -> np.ndarray:
     return arr.astype(np.int32)
 
 
+def _prompt_inputs(x, name: str) -> np.ndarray:
+    """Token ids ``[n, length]`` (int32) or input vectors ``[n, length, dim]``
+    (floating, finite), or a clear error."""
+    arr = np.asarray(x)
+    tokens = np.issubdtype(arr.dtype, np.integer) and arr.ndim == 2
+    vectors = np.issubdtype(arr.dtype, np.floating) and arr.ndim == 3
+    if not (tokens or vectors):
+        raise TypeError(
+            f"{name} must hold integer token ids [num, length] or real input "
+            f"vectors [num, length, input_dim], got dtype {arr.dtype} and shape "
+            f"{arr.shape}."
+        )
+    if arr.size == 0:
+        raise ValueError(f"{name} must be non-empty, got shape {arr.shape}.")
+    if tokens:
+        return arr.astype(np.int32)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite, found "
+                         f"{int((~np.isfinite(arr)).sum())} non-finite values.")
+    return arr
+
+
 class ICLWorkload(Workload):
     """Demonstration attribution for any prompt scorer.
 
     Args:
-      scorer: a :class:`PromptScorer`.
-      demonstrations: ``[num_tasks, demo_length]`` int token ids of the pool.
-      queries: ``[num_targets, query_length]`` int token ids of the target
-        queries.
-      query_labels: ``[num_targets]`` label index (into the label logits) of
-        each query.
-      max_length: the model's context: the longest prompt it accepts.
+      scorer: a :class:`PromptScorer` (a classification or a regression head).
+      demonstrations: the pool: ``[num_tasks, demo_length]`` int token ids, or
+        ``[num_tasks, demo_length, input_dim]`` real input vectors.
+      queries: the target queries, of the demonstrations' kind:
+        ``[num_targets, query_length]`` token ids or ``[num_targets,
+        query_length, input_dim]`` vectors.
+      query_labels: ``[num_targets]``: a classification scorer's label index
+        (into its label logits) of each query, or a regression scorer's real
+        target.
+      max_length: the model's context: the longest prompt it accepts
+        (positions: tokens or input vectors).
       heldout_queries, heldout_labels: optional queries kept out of the
         targets, to judge a chosen prompt (:meth:`prompt_performance`).
       task_names: names of the demonstrations (default ``"demo0"``, ...).
       description: what the targets are.
       chunk_size: prompts per compiled call.
+      anchor: the default anchor of the estimates (:meth:`anchor_embeddings`):
+        ``"mean"`` or a :class:`NearestAnchors` (index anchors depend on the
+        number of shots: pass them per call).
+      linearize: the default of the estimates: ``"loss"`` or ``"output"``
+        (:meth:`estimated_scores`).
     """
 
     name: ClassVar[str] = "icl"
@@ -149,15 +223,33 @@ class ICLWorkload(Workload):
     def __init__(self, scorer: PromptScorer, demonstrations, queries, query_labels,
                  *, max_length: int, heldout_queries=None, heldout_labels=None,
                  task_names: Sequence[str] | None = None,
-                 description: str | None = None, chunk_size: int = 256):
+                 description: str | None = None, chunk_size: int = 256,
+                 anchor: str | NearestAnchors = "mean", linearize: str = "loss"):
         if not isinstance(scorer, PromptScorer):
             raise TypeError(
                 f"scorer must be a PromptScorer, got {type(scorer).__name__}."
             )
+        if (scorer.label_logits is None) == (scorer.prediction is None):
+            raise ValueError(
+                "scorer must have exactly one head: label_logits (classification) "
+                "or prediction (regression), got "
+                + ("both." if scorer.label_logits is not None else "neither.")
+            )
         self.scorer = scorer
-        self.demonstrations = _int_array(demonstrations, "demonstrations", 2)
+        self.head = "classification" if scorer.label_logits is not None else \
+            "regression"
+        self.demonstrations = _prompt_inputs(demonstrations, "demonstrations")
         self.max_length = check_positive_int(max_length, "max_length")
         self.chunk_size = check_positive_int(chunk_size, "chunk_size")
+        if not (isinstance(anchor, NearestAnchors)
+                or (isinstance(anchor, str) and anchor in ANCHORS)):
+            raise ValueError(
+                f"the default anchor must be 'mean' or a NearestAnchors (index "
+                f"anchors depend on the number of shots), got {anchor!r}.")
+        if linearize not in LINEARIZE:
+            raise ValueError(
+                f"linearize must be 'loss' or 'output', got {linearize!r}.")
+        self.anchor, self.linearize = anchor, linearize
         self.queries, self.query_labels = self._check_queries(
             queries, query_labels, "queries", "query_labels")
         if (heldout_queries is None) != (heldout_labels is None):
@@ -175,44 +267,95 @@ class ICLWorkload(Workload):
                 f"demonstration ({num_tasks})."
             )
         self._task_names = tuple(str(n) for n in task_names)
+        loss = ("label cross-entropy" if self.head == "classification"
+                else "squared error")
         self._description = description or (
-            f"per-query label cross-entropy of {self.queries.shape[0]} queries")
+            f"per-query {loss} of {self.queries.shape[0]} queries")
         self._compiled = {}
 
+    @property
+    def vector_inputs(self) -> bool:
+        """Whether prompts are real input vectors (else token ids)."""
+        return self.demonstrations.ndim == 3
+
+    @property
+    def _unit(self) -> str:
+        return "input vectors" if self.vector_inputs else "tokens"
+
     def _check_queries(self, queries, labels, qname, lname):
-        queries = _int_array(queries, qname, 2)
-        labels = _int_array(labels, lname, 1)
+        queries = _prompt_inputs(queries, qname)
+        if queries.ndim != self.demonstrations.ndim or (
+                self.vector_inputs
+                and queries.shape[2] != self.demonstrations.shape[2]):
+            raise ValueError(
+                f"{qname} must be of the demonstrations' kind ("
+                + (f"input vectors [num, length, {self.demonstrations.shape[2]}]"
+                   if self.vector_inputs else "token ids [num, length]")
+                + f"), got shape {queries.shape}."
+            )
+        if self.vector_inputs:
+            queries = queries.astype(self.demonstrations.dtype)
+        length = self.demonstrations.shape[1] + queries.shape[1]
+        if length > self.max_length:
+            raise ValueError(
+                f"a one-demonstration prompt is {length} {self._unit}, longer than "
+                f"the model's context max_length={self.max_length}."
+            )
+        num_labels = self._check_scorer(length)
+        if self.head == "classification":
+            labels = _int_array(labels, lname, 1, "label indices")
+        else:
+            labels = np.asarray(labels)
+            if not (np.issubdtype(labels.dtype, np.integer)
+                    or np.issubdtype(labels.dtype, np.floating)):
+                raise TypeError(f"{lname} of a regression scorer must be real "
+                                f"numbers, got dtype {labels.dtype}.")
+            if labels.ndim != 1:
+                raise ValueError(f"{lname} must be 1-D, got shape {labels.shape}.")
+            if not np.isfinite(labels).all():
+                raise ValueError(f"{lname} must be finite.")
+            labels = labels.astype(np.result_type(labels.dtype, np.float32))
         if labels.shape[0] != queries.shape[0]:
             raise ValueError(
                 f"{lname} has {labels.shape[0]} labels, expected one per query "
                 f"({queries.shape[0]})."
             )
-        length = self.demonstrations.shape[1] + queries.shape[1]
-        if length > self.max_length:
-            raise ValueError(
-                f"a one-demonstration prompt is {length} tokens, longer than the "
-                f"model's context max_length={self.max_length}."
-            )
-        num_labels = self._num_labels(length)
-        if labels.min() < 0 or labels.max() >= num_labels:
+        if num_labels is not None and (labels.min() < 0
+                                       or labels.max() >= num_labels):
             raise ValueError(
                 f"{lname} must lie in [0, {num_labels}) (the scorer's label "
                 f"logits), got values in [{labels.min()}, {labels.max()}]."
             )
         return queries, labels
 
-    def _num_labels(self, length: int) -> int:
-        """Checks the scorer's output shapes on a prompt of ``length`` tokens."""
+    def _check_scorer(self, length: int) -> int | None:
+        """Checks the scorer's output shapes on a prompt of ``length``
+        positions; returns the number of labels (``None``: regression)."""
         s = self.scorer
-        tokens = jax.ShapeDtypeStruct((length,), jnp.int32)
-        emb = jax.eval_shape(s.embed, s.params, tokens)
+        if self.vector_inputs:
+            inputs = jax.ShapeDtypeStruct(
+                (length, self.demonstrations.shape[2]), self.demonstrations.dtype)
+            what = f"input vectors [{length}, {self.demonstrations.shape[2]}]"
+        else:
+            inputs = jax.ShapeDtypeStruct((length,), jnp.int32)
+            what = f"tokens [{length}]"
+        emb = jax.eval_shape(s.embed, s.params, inputs)
         if not (hasattr(emb, "shape") and len(emb.shape) == 2
                 and emb.shape[0] == length
                 and jnp.issubdtype(emb.dtype, jnp.floating)):
             raise ValueError(
-                f"scorer.embed must map tokens [{length}] to floating embeddings "
+                f"scorer.embed must map {what} to floating embeddings "
                 f"[{length}, width], got {getattr(emb, 'shape', emb)}."
             )
+        if self.head == "regression":
+            out = jax.eval_shape(s.prediction, s.params, emb)
+            if not (hasattr(out, "shape") and out.shape == ()
+                    and jnp.issubdtype(out.dtype, jnp.floating)):
+                raise ValueError(
+                    "scorer.prediction must return one real number (shape ()) "
+                    f"for one prompt, got {getattr(out, 'shape', out)}."
+                )
+            return None
         out = jax.eval_shape(s.label_logits, s.params, emb)
         if not (hasattr(out, "shape") and len(out.shape) == 1 and out.shape[0] >= 2):
             raise ValueError(
@@ -261,9 +404,10 @@ class ICLWorkload(Workload):
         if shots > self.max_demos:
             length = shots * self.demonstrations.shape[1] + self.queries.shape[1]
             raise ValueError(
-                f"{name}: a prompt of {shots} demonstrations is {length} tokens, "
-                f"longer than the model's context max_length={self.max_length} "
-                f"(at most {self.max_demos} demonstrations fit)."
+                f"{name}: a prompt of {shots} demonstrations is {length} "
+                f"{self._unit}, longer than the model's context "
+                f"max_length={self.max_length} (at most {self.max_demos} "
+                "demonstrations fit)."
             )
 
     def _groups(self, masks):
@@ -280,19 +424,24 @@ class ICLWorkload(Workload):
         groups = {}
         for shots in np.unique(counts):
             rows = np.nonzero(counts == shots)[0]
-            # Increasing pool order: the fixed order of a prompt.
-            order = np.argsort(1 - masks[rows], axis=1, kind="stable")
-            indices = np.sort(order[:, :shots], axis=1).astype(np.int32)
-            groups[int(shots)] = (rows, indices)
+            groups[int(shots)] = (rows, _pool_order(masks[rows], int(shots)))
         return groups, masks.shape[0]
 
+    def prompt_inputs(self, indices, query):
+        """The model input of one prompt: the demonstrations ``indices``
+        ``[shots]`` (in that order), then ``query``: ``[length]`` token ids or
+        ``[length, input_dim]`` vectors."""
+        return self._prompt(jnp.asarray(self.demonstrations),
+                            jnp.asarray(indices, jnp.int32), jnp.asarray(query))
+
     def _prompt(self, demonstrations, indices, query):
-        return jnp.concatenate([demonstrations[indices].reshape(-1), query])
+        demos = demonstrations[indices]
+        return jnp.concatenate([demos.reshape((-1,) + demos.shape[2:]), query])
 
     def _per_prompt(self, name, masks, queries, labels, query_fn, extra=None):
         """Maps ``query_fn`` over prompts and queries, chunk by chunk.
 
-        ``query_fn(params, tokens [length], label, *per_query_extra) -> outputs``;
+        ``query_fn(params, inputs, label, *per_query_extra) -> outputs``;
         returns each output stacked to ``[num_subsets, num_queries]``.
         """
         groups, num_rows = self._groups(masks)
@@ -323,30 +472,51 @@ class ICLWorkload(Workload):
         def step(params, demonstrations, indices, queries, labels, *extra):
             def one_prompt(idx):
                 def one_query(query, label, *query_extra):
-                    tokens = self._prompt(demonstrations, idx, query)
-                    return query_fn(params, tokens, label, *query_extra)
+                    inputs = self._prompt(demonstrations, idx, query)
+                    return query_fn(params, inputs, label, *query_extra)
                 return jax.vmap(one_query)(queries, labels, *extra)
             return jax.vmap(one_prompt)(indices)
 
         return self._jitted((name, shots), step)
 
-    def _loss_and_correct(self, params, tokens, label):
+    # -- the head and its loss ----------------------------------------------
+
+    def _output(self, params, embeddings):
+        """The head's output: label logits ``[C]`` or a prediction ``[]``."""
         s = self.scorer
-        logits = s.label_logits(params, s.embed(params, tokens))
-        return softmax_cross_entropy(logits, label), jnp.argmax(logits) == label
+        head = s.label_logits if self.head == "classification" else s.prediction
+        return head(params, embeddings)
+
+    def _output_loss(self, output, label):
+        if self.head == "classification":
+            return softmax_cross_entropy(output, label)
+        return jnp.square(output - label)
+
+    def _embedding_loss(self, params, embeddings, label):
+        return self._output_loss(self._output(params, embeddings), label)
+
+    def _loss_and_correct(self, params, inputs, label):
+        """``(loss, correct)`` (classification) or ``(loss,)`` (regression)."""
+        output = self._output(params, self.scorer.embed(params, inputs))
+        loss = self._output_loss(output, label)
+        if self.head == "classification":
+            return loss, jnp.argmax(output) == label
+        return (loss,)
 
     def _finite(self, scores, what):
         bad = ~np.isfinite(scores)
         if bad.any():
             rows = np.unique(np.nonzero(bad)[0])
+            head = ("label_logits" if self.head == "classification"
+                    else "prediction")
             raise ValueError(
                 f"the scorer returned {int(bad.sum())} non-finite {what} (prompts "
-                f"{rows[:10].tolist()}); check scorer.label_logits."
+                f"{rows[:10].tolist()}); check scorer.{head}."
             )
         return scores
 
     def exact_scores(self, masks, *, key=None) -> jax.Array:
-        """Per-query cross-entropy of each prompt, by forward passes.
+        """Per-query loss of each prompt, by forward passes.
 
         Deterministic: the same masks give the same scores.
 
@@ -359,8 +529,8 @@ class ICLWorkload(Workload):
         Returns:
           ``[num_subsets, num_targets]`` losses.
         """
-        loss, _ = self._per_prompt("exact", masks, self.queries, self.query_labels,
-                                   self._loss_and_correct)
+        loss = self._per_prompt("exact", masks, self.queries, self.query_labels,
+                                self._loss_and_correct)[0]
         return jnp.asarray(self._finite(loss, "losses"))
 
     def prompt_performance(self, masks, *, split: str = "heldout") -> PromptPerformance:
@@ -378,55 +548,97 @@ class ICLWorkload(Workload):
             queries, labels = self.queries, self.query_labels
         else:
             raise ValueError(f"split must be 'heldout' or 'targets', got {split!r}.")
-        loss, correct = self._per_prompt("exact", masks, queries, labels,
-                                         self._loss_and_correct)
-        loss = self._finite(loss, "losses")
-        return PromptPerformance(loss=loss.mean(1), accuracy=correct.mean(1))
+        outs = self._per_prompt("exact", masks, queries, labels,
+                                self._loss_and_correct)
+        loss = self._finite(outs[0], "losses")
+        accuracy = outs[1].mean(1) if self.head == "classification" else None
+        return PromptPerformance(loss=loss.mean(1), accuracy=accuracy)
 
     # -- embedding-space linearization ------------------------------------
 
-    def anchor_embeddings(self, shots: int, anchor="mean") -> jax.Array:
-        """The anchor prompt's embeddings ``E₀`` for each target query.
+    def anchor_prompts(self, shots: int, anchor=None) -> tuple[np.ndarray, bool]:
+        """The prompts behind an anchor.
+
+        Args:
+          shots: demonstrations per prompt.
+          anchor: see :meth:`anchor_embeddings` (``None``: the default).
+
+        Returns:
+          ``(groups [num_anchors, P, shots], single)``: each anchor's embedding
+          is the mean of its ``P`` prompts' embeddings (``P = num_tasks`` for
+          ``"mean"``, 1 for real prompts); ``single`` when there is one anchor
+          and no nearest-anchor choice.
+        """
+        shots = check_positive_int(shots, "shots")
+        self._check_shots(shots, "shots")
+        anchor = self.anchor if anchor is None else anchor
+        k = self.num_tasks
+        if isinstance(anchor, str):
+            if anchor not in ANCHORS:
+                raise ValueError(
+                    f"anchor must be 'mean', [shots] or [num_anchors, shots] pool "
+                    f"indices, or a NearestAnchors, got {anchor!r}."
+                )
+            prompts = (np.arange(k)[:, None] + np.arange(shots)[None, :]) % k
+            return prompts[None].astype(np.int32), True
+        if isinstance(anchor, NearestAnchors):
+            num = check_positive_int(anchor.num_anchors, "NearestAnchors.num_anchors")
+            if not isinstance(anchor.seed, (int, np.integer)):
+                raise TypeError(f"NearestAnchors.seed must be an int, got "
+                                f"{anchor.seed!r}.")
+            masks = np.asarray(fixed_size_masks(jax.random.key(int(anchor.seed)), num,
+                                                k, subset_size=shots, unique=True))
+            return _pool_order(masks, shots)[:, None, :], False
+        idx = np.asarray(anchor)
+        if (idx.ndim not in (1, 2) or idx.shape[-1] != shots or idx.size == 0
+                or not np.issubdtype(idx.dtype, np.integer)
+                or idx.min() < 0 or idx.max() >= k):
+            raise ValueError(
+                f"anchor must be 'mean' or {shots} pool indices in [0, {k}) (one "
+                f"prompt), [num_anchors, {shots}] of them (several prompts) or a "
+                f"NearestAnchors, got {anchor!r}."
+            )
+        if idx.ndim == 1:
+            return idx[None, None, :].astype(np.int32), True
+        return idx[:, None, :].astype(np.int32), False
+
+    def anchor_embeddings(self, shots: int, anchor=None) -> jax.Array:
+        """The anchor prompts' embeddings ``E₀`` for each target query.
 
         Args:
           shots: demonstrations per prompt.
           anchor: ``"mean"``: at every position, the mean embedding over the
             pool (the average of ``num_tasks`` prompts whose slot ``j`` holds
             demonstration ``(r + j) mod num_tasks``, ``r = 0..num_tasks-1``);
-            or ``[shots]`` pool indices of one anchor prompt.
+            ``[shots]`` pool indices of one anchor prompt (in that slot
+            order); ``[num_anchors, shots]`` indices of several anchor
+            prompts, or a :class:`NearestAnchors` (random ones): a prompt is
+            then estimated at the anchor nearest to it. ``None``: the
+            workload's default (``self.anchor``).
 
         Returns:
-          ``[num_targets, length, width]``.
+          ``[num_targets, length, width]``, or ``[num_targets, num_anchors,
+          length, width]`` with several anchors.
         """
-        shots = check_positive_int(shots, "shots")
-        self._check_shots(shots, "shots")
-        k = self.num_tasks
-        if isinstance(anchor, str):
-            if anchor not in ANCHORS:
-                raise ValueError(
-                    f"anchor must be 'mean' or [shots] pool indices, got {anchor!r}."
-                )
-            prompts = (np.arange(k)[:, None] + np.arange(shots)[None, :]) % k
-        else:
-            idx = np.asarray(anchor)
-            if (idx.shape != (shots,) or not np.issubdtype(idx.dtype, np.integer)
-                    or idx.min() < 0 or idx.max() >= k):
-                raise ValueError(
-                    f"anchor must be 'mean' or {shots} pool indices in [0, {k}), "
-                    f"got {anchor!r}."
-                )
-            prompts = idx[None, :].astype(np.int32)
-        return self._jitted("mean_embedding", self._mean_embedding)(
-            self.scorer.params, jnp.asarray(self.demonstrations),
-            jnp.asarray(prompts, jnp.int32), jnp.asarray(self.queries))
+        groups, single = self.anchor_prompts(shots, anchor)
+        e0 = self._anchor_stack(groups)
+        return e0[:, 0] if single else e0
 
-    def _mean_embedding(self, params, demonstrations, prompts, queries):
-        """``[T, length, width]``: per query, the mean embedding of ``prompts``."""
+    def _anchor_stack(self, groups) -> jax.Array:
+        return self._jitted("anchor_embedding", self._anchor_embedding)(
+            self.scorer.params, jnp.asarray(self.demonstrations),
+            jnp.asarray(groups, jnp.int32), jnp.asarray(self.queries))
+
+    def _anchor_embedding(self, params, demonstrations, groups, queries):
+        """``[T, A, length, width]``: per query and anchor, the mean embedding
+        of the anchor's prompts (``groups [A, P, shots]``)."""
         def one_query(query):
-            def one_prompt(idx):
-                return self.scorer.embed(params,
-                                         self._prompt(demonstrations, idx, query))
-            return jax.vmap(one_prompt)(prompts).mean(0)
+            def one_anchor(prompts):
+                def one_prompt(idx):
+                    return self.scorer.embed(
+                        params, self._prompt(demonstrations, idx, query))
+                return jax.vmap(one_prompt)(prompts).mean(0)
+            return jax.vmap(one_anchor)(groups)
         return jax.vmap(one_query)(queries)
 
     def _jitted(self, name, fn):
@@ -435,59 +647,121 @@ class ICLWorkload(Workload):
             self._compiled[name] = jax.jit(fn)
         return self._compiled[name]
 
-    def _embedding_loss(self, params, embeddings, label):
-        logits = self.scorer.label_logits(params, embeddings)
-        return softmax_cross_entropy(logits, label)
+    def _check_linearize(self, linearize) -> str:
+        if linearize is None:
+            return self.linearize
+        if linearize not in LINEARIZE:
+            raise ValueError(
+                f"linearize must be 'loss' or 'output', got {linearize!r}.")
+        return linearize
 
-    def linearization(self, shots: int, anchor="mean"):
-        """The first-order model of each query's loss around the anchor.
+    def linearization(self, shots: int, anchor=None, *, linearize=None):
+        """The first-order model of each query around the anchor(s).
+
+        Args:
+          shots: demonstrations per prompt.
+          anchor: see :meth:`anchor_embeddings` (``None``: the default).
+          linearize: ``"loss"`` (the query's loss) or ``"output"`` (the head's
+            output: label logits or prediction); ``None``: the default.
 
         Returns:
-          ``(anchor_embeddings, anchor_losses, gradients)``: ``E₀ [T, length,
-          width]``, ``L(E₀) [T]`` and ``∇_E L(E₀) [T, length, width]``, one
-          gradient per query.
+          ``(anchor_embeddings, values, slopes)``: ``E₀ [T, length, width]``;
+          ``"loss"``: the losses ``L(E₀) [T]`` and gradients ``∇_E L(E₀) [T,
+          length, width]``; ``"output"``: the outputs ``f(E₀) [T, *out]`` and
+          Jacobians ``[T, *out, length, width]`` (``out = (num_labels,)`` or
+          ``()``). With several anchors, an anchor axis follows ``T`` in each.
         """
-        e0 = self.anchor_embeddings(shots, anchor)
-        value_and_grad = self._jitted("value_and_grad", jax.vmap(
-            jax.value_and_grad(self._embedding_loss, 1), in_axes=(None, 0, 0)))
-        loss0, grads = value_and_grad(self.scorer.params, e0,
-                                      jnp.asarray(self.query_labels))
-        return e0, loss0, grads
+        groups, single = self.anchor_prompts(shots, anchor)
+        out = self._linearization_stack(groups, self._check_linearize(linearize))
+        return jax.tree.map(lambda x: x[:, 0], out) if single else out
 
-    def estimated_scores(self, masks, *, key=None, anchor="mean") -> jax.Array:
-        """First-order estimates ``L(E₀) + <∇_E L(E₀), E_s - E₀>`` of the scores.
+    def _linearization_stack(self, groups, linearize):
+        """``(E₀ [T, A, L, W], values [T, A, ...], slopes [T, A, ..., L, W])``."""
+        e0 = self._anchor_stack(groups)
+        if linearize == "loss":
+            fn = jax.value_and_grad(self._embedding_loss, 1)
+        else:
+            def fn(params, embeddings, label):
+                del label
+                jac, out = jax.jacrev(
+                    lambda e: (self._output(params, e),) * 2, has_aux=True)(
+                    embeddings)
+                return out, jac
+        per_anchor = jax.vmap(fn, in_axes=(None, 0, None))
+        stack = self._jitted(("linearize", linearize),
+                             jax.vmap(per_anchor, in_axes=(None, 0, 0)))
+        values, slopes = stack(self.scorer.params, e0, jnp.asarray(self.query_labels))
+        return e0, values, slopes
 
-        The gradient is taken once per query (and number of shots) at the
-        anchor prompt; each prompt then costs one embedding lookup and an inner
-        product, no forward pass through the model.
+    def estimated_scores(self, masks, *, key=None, anchor=None,
+                         linearize=None) -> jax.Array:
+        """First-order estimates of the scores, linearized in the embeddings.
+
+        ``linearize="loss"``: ``L(E₀) + <∇_E L(E₀), E_s - E₀>``;
+        ``linearize="output"``: the loss of the first-order output,
+        ``ℓ(f(E₀) + J_f(E₀)(E_s - E₀), y)`` (GradSel). The gradient (or
+        Jacobian) is taken once per query and anchor (and number of shots);
+        each prompt then costs one embedding lookup and inner products, no
+        forward pass through the model. With several anchors each prompt (and
+        query) is expanded around the anchor nearest in embedding space.
 
         Args:
           masks: ``[num_subsets, num_tasks]``.
           key: unused (the linearization draws no randomness); accepted so
             that every workload's ``estimated_scores`` takes a key.
-          anchor: see :meth:`anchor_embeddings`.
+          anchor: see :meth:`anchor_embeddings` (``None``: ``self.anchor``).
+          linearize: ``"loss"`` or ``"output"`` (``None``: ``self.linearize``).
 
         Returns:
           ``[num_subsets, num_targets]`` estimated losses.
         """
-        # The anchor enters the compiled program as arguments (E₀, L(E₀), ∇).
+        linearize = self._check_linearize(linearize)
+        # The anchors enter the compiled program as arguments (E₀, values, ∇).
         estimates = self._per_prompt(
-            "first_order", masks, self.queries, self.query_labels, self._first_order,
-            lambda shots: self.linearization(shots, anchor))
+            f"first_order_{linearize}", masks, self.queries, self.query_labels,
+            self._first_order_loss if linearize == "loss"
+            else self._first_order_output,
+            lambda shots: self._linearization_stack(
+                self.anchor_prompts(shots, anchor)[0], linearize))
         return jnp.asarray(self._finite(estimates, "estimates"))
 
-    def _first_order(self, params, tokens, label, e0, loss0, grad):
-        embeddings = self.scorer.embed(params, tokens)
-        return loss0 + jnp.vdot(grad, embeddings - e0)
+    def _nearest(self, embeddings, e0):
+        """Index of the anchor ``e0 [A, L, W]`` nearest to ``embeddings``."""
+        if e0.shape[0] == 1:
+            return 0
+        # ||E - E_a||² up to ||E||², without an [A, L, W] difference.
+        distance = (jnp.sum(jnp.square(e0), axis=(1, 2))
+                    - 2.0 * jnp.einsum("lw,alw->a", embeddings, e0))
+        return jnp.argmin(distance)
 
-    def estimation_error(self, masks, *, anchor="mean") -> EmbeddingEstimate:
+    def _first_order_loss(self, params, inputs, label, e0, loss0, grad):
+        embeddings = self.scorer.embed(params, inputs)
+        a = self._nearest(embeddings, e0)
+        return loss0[a] + jnp.vdot(grad[a], embeddings - e0[a])
+
+    def _first_order_output(self, params, inputs, label, e0, out0, jac):
+        embeddings = self.scorer.embed(params, inputs)
+        a = self._nearest(embeddings, e0)
+        delta = embeddings - e0[a]
+        output = out0[a] + jnp.tensordot(jac[a], delta, axes=delta.ndim)
+        return self._output_loss(output, label)
+
+    def estimation_error(self, masks, *, anchor=None,
+                         linearize=None) -> EmbeddingEstimate:
         """Exact and estimated scores of ``masks`` and the estimate's error."""
         exact = self.exact_scores(masks)
-        estimated = self.estimated_scores(masks, anchor=anchor)
+        estimated = self.estimated_scores(masks, anchor=anchor, linearize=linearize)
         rel = float(jnp.mean(jnp.abs(estimated - exact) / jnp.abs(exact)))
         rho = float(mean_spearman(exact, estimated)) if exact.shape[0] > 2 else np.nan
         return EmbeddingEstimate(exact=exact, estimated=estimated,
                                  relative_error=rel, spearman=rho)
+
+
+def _pool_order(masks: np.ndarray, shots: int) -> np.ndarray:
+    """``[m, num_tasks]`` masks of ``shots`` ones -> ``[m, shots]`` int32 pool
+    indices in increasing pool order (the fixed order of a prompt)."""
+    order = np.argsort(1 - np.asarray(masks), axis=1, kind="stable")
+    return np.sort(order[:, :shots], axis=1).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------
