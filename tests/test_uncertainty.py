@@ -550,3 +550,30 @@ class TestBadInputs:
 def test_module_exports():
     for name in uncertainty.__all__:
         assert hasattr(uncertainty, name)
+
+
+def test_trust_region_avoids_an_extrapolation_trap_that_mean_selection_falls_into():
+    # Every task lowers the loss by 0.2, but tasks 0 and 1 together add 2.0;
+    # the fitting masks hold at most 4 tasks and never both 0 and 1.
+    num_tasks = 8
+
+    def truth(masks):
+        masks = np.atleast_2d(masks)
+        return (2.0 - 0.2 * masks.sum(1) + 2.0 * masks[:, 0] * masks[:, 1])[:, None]
+
+    masks = np.array([row for row in all_masks(num_tasks, min_size=1)
+                      if row.sum() <= 4 and not (row[0] and row[1])])
+    scores = truth(masks) + 0.02 * np.random.default_rng(0).normal(size=(len(masks), 1))
+    search = surrogates.select_kernel_hyperparameters(masks, scores)
+    fitted = surrogates.fit_kernel_surrogate(
+        masks, scores, gamma=float(search.gamma), ridge=float(search.ridge))
+    plain = select_subset(fitted, num_tasks, method="exhaustive")
+    assert plain.mask[0] and plain.mask[1]  # the trap: additive extrapolation
+    assert float(truth(plain.mask)[0, 0]) > 2.0
+    for radius in (0, 1, 2):
+        robust = select_subset(
+            trust_region_objective(fitted, max_distance=radius, masks=masks),
+            num_tasks, method="exhaustive")
+        assert not (robust.mask[0] and robust.mask[1])
+        assert hamming_to_data(robust.mask[None], masks)[0] <= radius
+        assert float(truth(robust.mask)[0, 0]) < 1.25
