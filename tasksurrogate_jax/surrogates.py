@@ -42,11 +42,12 @@ MIN_SUBSETS = 2
 MAX_JITTER_TRIES = 8
 
 
-def _pytree_dataclass(cls=None, *, meta=()):
-    """Frozen dataclass registered as a pytree; ``meta`` fields are static."""
+def _pytree_dataclass(cls=None, *, meta=(), eq: bool = True):
+    """Frozen dataclass registered as a pytree; ``meta`` fields are static;
+    ``eq=False`` keeps identity comparison and hashing."""
 
     def wrap(c):
-        c = dataclasses.dataclass(frozen=True)(c)
+        c = dataclasses.dataclass(frozen=True, eq=eq)(c)
         fields = [f.name for f in dataclasses.fields(c)]
         return jax.tree_util.register_dataclass(
             c, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta)

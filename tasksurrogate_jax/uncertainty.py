@@ -95,6 +95,7 @@ from tasksurrogate_jax.surrogates import (
     KernelSurrogate,
     LinearSurrogate,
     _factor_error,
+    _pytree_dataclass,
     check_surrogate,
     fit_kernel_surrogate,
     select_kernel_hyperparameters,
@@ -102,19 +103,6 @@ from tasksurrogate_jax.surrogates import (
 
 MODES = ("pessimistic", "optimistic")
 TAILS = ("upper", "lower", "both")
-
-
-def _pytree_dataclass(cls=None, *, meta=()):
-    """Frozen dataclass registered as a pytree; ``meta`` fields are static."""
-
-    def wrap(c):
-        c = dataclasses.dataclass(frozen=True, eq=False)(c)
-        fields = [f.name for f in dataclasses.fields(c)]
-        return jax.tree_util.register_dataclass(
-            c, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta)
-        )
-
-    return wrap if cls is None else wrap(cls)
 
 
 # ----------------------------------------------------------------------------
@@ -151,7 +139,7 @@ def _check_block_size(block_size):
     return block_size
 
 
-@_pytree_dataclass
+@partial(_pytree_dataclass, eq=False)
 class KernelPosterior:
     """GP posterior of a fitted exact :class:`KernelSurrogate` (module docstring).
 
