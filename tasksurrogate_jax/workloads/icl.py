@@ -72,7 +72,10 @@ from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset
-from tasksurrogate_jax.workloads.transformer import TransformerBlock
+from tasksurrogate_jax.workloads.transformer import (
+    TransformerBlock,
+    train_on_fresh_batches,
+)
 
 ANCHORS = ("mean",)
 LINEARIZE = ("loss", "output")
@@ -916,24 +919,13 @@ def train_icl_transformer(config: ICLConfig):
         0.0, c.learning_rate, min(c.warmup_steps, c.num_steps), c.num_steps)
     optimizer = optax.adamw(schedule, weight_decay=c.weight_decay)
 
-    def loss_fn(p, tokens, shown):
+    def batch_loss(p, step_key):
+        tokens, shown, _ = sample_sequences(step_key, c, c.batch_size)
         logits = nnx.merge(graphdef, p)(tokens)[:, 1::3]
         return softmax_cross_entropy(logits, shown).mean()
 
-    @jax.jit
-    def train(params, key):
-        def step(carry, step_key):
-            p, state = carry
-            tokens, shown, _ = sample_sequences(step_key, c, c.batch_size)
-            loss, grads = jax.value_and_grad(loss_fn)(p, tokens, shown)
-            updates, state = optimizer.update(grads, state, p)
-            return (optax.apply_updates(p, updates), state), loss
-
-        (p, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
-                                      jax.random.split(key, c.num_steps))
-        return p, losses
-
-    return train(params, jax.random.fold_in(key, 1))
+    return train_on_fresh_batches(params, batch_loss, optimizer,
+                                  num_steps=c.num_steps, key=jax.random.fold_in(key, 1))
 
 
 class SyntheticICLWorkload(ICLWorkload):

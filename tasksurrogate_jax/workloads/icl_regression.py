@@ -74,7 +74,10 @@ from flax import nnx
 from tasksurrogate_jax._checks import check_key, check_positive_int
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.icl import ICLWorkload, NearestAnchors, PromptScorer
-from tasksurrogate_jax.workloads.transformer import TransformerBlock
+from tasksurrogate_jax.workloads.transformer import (
+    TransformerBlock,
+    train_on_fresh_batches,
+)
 
 DESIGNS = ("probe", "random")
 
@@ -300,25 +303,14 @@ def train_regression_transformer(config: ICLRegressionConfig):
     optimizer = optax.chain(optax.clip_by_global_norm(1.0),
                             optax.adamw(schedule, weight_decay=c.weight_decay))
 
-    def loss_fn(p, batch):
+    def batch_loss(p, step_key):
+        batch = sample_sequences(step_key, c, c.batch_size)
         predictions = nnx.merge(graphdef, p).query_predictions(
             batch["demonstrations"], batch["queries"], c.demo_length)
         return jnp.mean(jnp.square(predictions - batch["query_labels"]))
 
-    @jax.jit
-    def train(params, key):
-        def step(carry, step_key):
-            p, state = carry
-            loss, grads = jax.value_and_grad(loss_fn)(
-                p, sample_sequences(step_key, c, c.batch_size))
-            updates, state = optimizer.update(grads, state, p)
-            return (optax.apply_updates(p, updates), state), loss
-
-        (p, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
-                                      jax.random.split(key, c.num_steps))
-        return p, losses
-
-    return train(params, jax.random.fold_in(key, 1))
+    return train_on_fresh_batches(params, batch_loss, optimizer,
+                                  num_steps=c.num_steps, key=jax.random.fold_in(key, 1))
 
 
 def bayes_predictions(pair_x, pair_y, query_x, *, noise: float):

@@ -1,8 +1,12 @@
-"""The pre-LayerNorm transformer block shared by the workloads' small models."""
+"""The pre-LayerNorm transformer block shared by the workloads' small models,
+and their training loop on freshly sampled batches."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
+import optax
 from flax import nnx
 
 
@@ -30,3 +34,28 @@ class TransformerBlock(nnx.Module):
         """``x [..., length, width]``, ``mask [..., 1, length, length]``."""
         x = x + self.attn(self.ln1(x), mask=mask)
         return x + self.fc2(jax.nn.relu(self.fc1(self.ln2(x))))
+
+
+def train_on_fresh_batches(params, batch_loss: Callable, optimizer, *,
+                           num_steps: int, key):
+    """Minimises ``batch_loss(params, step_key) -> scalar`` with ``optimizer``,
+    each step on the batch its own key draws (one compiled ``lax.scan``).
+
+    Returns:
+      ``(params, losses [num_steps])``: the trained parameters and the loss of
+      every step.
+    """
+
+    def step(carry, step_key):
+        p, state = carry
+        loss, grads = jax.value_and_grad(batch_loss)(p, step_key)
+        updates, state = optimizer.update(grads, state, p)
+        return (optax.apply_updates(p, updates), state), loss
+
+    @jax.jit
+    def train(params, key):
+        (p, _), losses = jax.lax.scan(step, (params, optimizer.init(params)),
+                                      jax.random.split(key, num_steps))
+        return p, losses
+
+    return train(params, key)
