@@ -6,8 +6,8 @@ memory is that measurement's alone):
 1. **Kernel surrogate fit + predict**, K = ``--num-tasks`` (50) tasks, T =
    ``--num-targets`` (100) targets, m in ``--sizes`` (1,000 to 100,000) random
    masks (each task in with probability 1/2), 1,000 held-out masks. The scores
-   are a planted smooth function (linear effects plus low-rank pairwise
-   interactions) with noise; the held-out Spearman (mean over targets) is
+   are a planted smooth function (linear effects plus a rank-4 tanh term, so
+   tasks interact) with noise; the held-out Spearman (mean over targets) is
    against the noiseless function. The exact solver (dense m × m Cholesky)
    runs up to ``--exact-max`` subsets, the large-m solver (Nyström centres,
    preconditioned conjugate gradients) at every size; both with the same
