@@ -1,33 +1,37 @@
 """Demonstration selection for in-context learning: kernel vs linear surrogates.
 
-The paper's protocol (docs/method.md) on the synthetic ICL
-workload (``tasksurrogate_jax.workloads.icl``), evaluated by the pipeline's
-``"fixed_size"`` protocol (``tasksurrogate_jax.pipeline``; the same evaluation
-as ``tasksurrogate run icl``):
+The paper's protocol (docs/method.md) on one of two in-context families,
+evaluated by the pipeline's ``"fixed_size"`` protocol
+(``tasksurrogate_jax.pipeline``; the same evaluation as ``tasksurrogate run
+icl`` / ``icl_regression``):
 
-1. Train the workload's transformer; show it learns in context (query
-   accuracy by number of demonstrations, on fresh tasks).
-2. Draw 200 distinct random 4-shot prompts from the pool of 50; score them
-   exactly (forward passes) and by the embedding-space linearization; report
-   the estimate's relative error and Spearman (``pipeline.evaluate``) and the
-   time of each scorer.
-3. Fit linear and kernel surrogates on 80 prompts (exact or estimated scores);
-   held-out Spearman and normalized error on the other 120 (against the exact
-   scores), and the Spearman of each surrogate's demonstration effects with
-   the true ones (forward passes of many 4-shot prompts), beside the truth's
-   ceiling.
-4. Under each surrogate, choose the 4-shot prompt with the lowest predicted
-   mean target loss (exhaustive search over all C(50, 4) prompts) and measure
-   its true loss and accuracy on held-out queries, beside random prompts, the
-   best of the 80 fitting prompts and the best of the 200 sampled prompts
-   (optionally the true best prompt, ``--oracle``).
-5. Print the improvement of kernel over linear selection: the relative
-   reduction of held-out loss and the relative gain in held-out accuracy.
+- ``--family induction`` (workload ``icl``): token prompts whose answer hinges
+  on an exact symbol match (the embedding linearization fails there);
+- ``--family smooth`` (workload ``icl_regression``): in-context linear
+  regression over probe inputs, where the prediction varies smoothly with the
+  demonstrations (the linearization holds).
 
-Repeats draw new prompt sets (seeds ``--seed + r``); tables give mean ± std.
+1. Train the workload's transformer; show it learns in context.
+2. Per draw (``--draws``, seed ``--seed + d``): 200 distinct random 4-shot
+   prompts from the pool of 50, scored exactly (forward passes) and by the
+   embedding-space linearization; the estimate's relative error and Spearman
+   and the scorers' time.
+3. Surrogates fit on 80 prompts (exact or estimated scores): held-out
+   Spearman on the other 120 and the Spearman of each surrogate's
+   demonstration effects with the true ones, beside the truth's ceiling.
+4. Under each chooser of ``benchmarks/_selection.py`` (linear, kernel,
+   kernel + LCB, kernel + trust region) the 4-shot prompt with the lowest
+   predicted mean target loss (exhaustive over all C(50, 4) prompts), and its
+   true loss on held-out queries, beside a random prompt (the mean of the
+   200), the best of the 80 fitting prompts and the best of the 200.
+5. Mean and 95% Student-t interval over the draws of each chooser's held-out
+   loss; paired differences to the linear chooser and the relative gain of
+   kernel over linear (``_selection.RELATIVE_GAIN_FORMULA``).
 
-    python benchmarks/bench_icl_selection.py            # cpu preset, ~8 min
-    python benchmarks/bench_icl_selection.py --preset paper --oracle   # GPU/TPU
+    python benchmarks/bench_icl_selection.py --family smooth     # ~25 min
+    python benchmarks/bench_icl_selection.py --family induction  # ~25 min
+    python benchmarks/bench_icl_selection.py --family induction --preset paper \
+        --oracle   # GPU/TPU
 """
 
 from __future__ import annotations
@@ -36,12 +40,15 @@ import argparse
 import itertools
 import time
 
+import _selection
 import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import pipeline, selection
-from tasksurrogate_jax.workloads.icl import icl_workload
+from tasksurrogate_jax import pipeline
+
+FAMILIES = {"induction": "icl", "smooth": "icl_regression"}
+SOURCES = ("exact", "estimated")
 
 
 def _timed(fn):
@@ -72,7 +79,21 @@ def _oracle_mask(workload, shots: int, chunk: int = 16384) -> np.ndarray:
             best, best_mask = loss.min(), masks[loss.argmin()]
 
 
-def one_repeat(workload, config, args) -> dict:
+def describe_prompt(workload, family: str, mask) -> dict:
+    """What a prompt holds of the pool's structure: distinct symbols and
+    flipped labels (induction), planted weaknesses (smooth)."""
+    chosen = np.nonzero(np.asarray(mask))[0]
+    if family == "induction":  # a demonstration is [distractor, symbol, label]
+        symbols = workload.demonstrations[chosen, 1]
+        return {"distinct symbols": len(set(symbols.tolist())),
+                "flipped labels": int(workload.pool_flipped[chosen].sum())}
+    sources = workload.pool_duplicate_of[chosen]
+    return {"noisy": int(workload.pool_noisy[chosen].sum()),
+            "outliers": int(workload.pool_outlier[chosen].sum()),
+            "duplicate pairs": int(np.isin(sources[sources >= 0], chosen).sum())}
+
+
+def one_draw(workload, config, args) -> dict:
     """Steps 2-4 on one draw of prompts (``config.seed``)."""
     k, m = args.shots, args.num_fit
     run = pipeline.collect(config, workload=workload, log=lambda line: None)
@@ -86,6 +107,7 @@ def one_repeat(workload, config, args) -> dict:
     exact = np.asarray(exact)
     estimation = results["estimation"]
     out = {
+        "seed": config.seed,
         "exact_seconds": exact_s, "estimate_seconds": estimate_s,
         "estimate_median_relative_error": estimation["median_relative_error"],
         "estimate_spearman": estimation["spearman_across_subsets"],
@@ -93,33 +115,30 @@ def one_repeat(workload, config, args) -> dict:
         "methods": results["methods"], "selection": {},
     }
 
-    def performance(name, mask_rows, target_loss):
+    def performance(name, mask_rows, target_loss, **extra):
         perf = workload.prompt_performance(mask_rows)
-        out["selection"][name] = {
-            "heldout_loss": float(perf.loss.mean()),
-            "heldout_accuracy": float(perf.accuracy.mean()),
-            "target_loss": float(np.mean(target_loss)),
-        }
-        if len(mask_rows) == 1:  # a demonstration is [distractor, symbol, label]
-            symbols = workload.demonstrations[np.nonzero(mask_rows[0])[0], 1]
-            out["selection"][name]["distinct_symbols"] = len(set(symbols.tolist()))
+        row = {"heldout_loss": float(perf.loss.mean()),
+               "target_loss": float(np.mean(target_loss)), **extra}
+        if perf.accuracy is not None:
+            row["heldout_accuracy"] = float(perf.accuracy.mean())
+        if len(mask_rows) == 1:
+            row["prompt"] = [workload.task_names[i]
+                             for i in np.nonzero(mask_rows[0])[0]]
+            row.update(describe_prompt(workload, args.family, mask_rows[0]))
+        out["selection"][name] = row
 
-    for source, scores in (("exact", exact), ("estimated", run.estimated)):
-        # The surrogates the evaluation fit (same scores, settings and seed).
-        fits = pipeline.fit_surrogates(masks[:m], scores[:m], seed=config.seed)
-        for kind in ("linear", "kernel"):
-            surrogate, name = fits[kind], f"{kind} ({source})"
-            chosen, seconds = _timed(
-                lambda s=surrogate: selection.select_subset(s, workload.num_tasks,
-                                                            size=k))
-            performance(name, chosen.mask[None],
-                        workload.exact_scores(chosen.mask[None]))
-            out["selection"][name].update(
-                prompt=[workload.task_names[i] for i in chosen.indices],
-                predicted_loss=chosen.predicted, search_seconds=seconds,
-                method=chosen.method, num_evaluated=chosen.num_evaluated)
+    for source, scores in zip(SOURCES, (exact, run.estimated), strict=True):
+        fits = _selection.fit_selectors(masks[:m], scores[:m], seed=config.seed)
+        chosen, seconds = _timed(lambda f=fits: _selection.choose_subsets(
+            f, workload.num_tasks, size=k, coverage=args.coverage))
+        for chooser, pick in chosen.items():
+            extra = {key: pick[key] for key in ("kappa", "radius") if key in pick}
+            performance(f"{chooser} ({source})", pick["mask"][None],
+                        workload.exact_scores(pick["mask"][None]),
+                        predicted_loss=pick["predicted"], **extra)
+        out[f"choose_seconds_{source}"] = seconds
     mean_loss = exact.mean(1)
-    performance(f"random prompt (mean of the {args.num_prompts})", masks, mean_loss)
+    performance("random prompt", masks, mean_loss)
     performance(f"best of the {m} fitting prompts",
                 masks[np.argmin(mean_loss[:m])][None], mean_loss[:m].min())
     performance(f"best of the {args.num_prompts} prompts",
@@ -127,84 +146,61 @@ def one_repeat(workload, config, args) -> dict:
     return out
 
 
-def improvement(selection_rows: dict, source: str, metric: str) -> float:
-    """Kernel selection relative to linear selection on held-out queries:
-    ``(L_linear - L_kernel) / L_linear`` for the loss, ``A_kernel / A_linear - 1``
-    for the accuracy (``+0.4`` = 40% better)."""
-    linear = selection_rows[f"linear ({source})"][metric]
-    kernel = selection_rows[f"kernel ({source})"][metric]
-    if metric == "heldout_accuracy":
-        return kernel / linear - 1.0
-    return (linear - kernel) / linear
+def column(draws, *path):
+    values = []
+    for draw in draws:
+        for key in path:
+            draw = draw[key]
+        values.append(draw)
+    return values
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="FIELD=VALUE", help="ICLConfig field to override")
-    ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--num-fit", type=int, default=80)
-    ap.add_argument("--shots", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="independent draws of the prompts")
-    ap.add_argument("--anchor", default="mean")
-    ap.add_argument("--truth-prompts", type=int, default=None,
-                    help="prompts the true effects are computed on (default: the "
-                         "pipeline's)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--oracle", action="store_true",
-                    help="also score every prompt exactly to find the true best")
-    ap.add_argument("--out",
-                    default=str(REPO_ROOT / "results/bench_icl_selection.json"))
-    args = ap.parse_args()
-    if not 2 < args.num_fit < args.num_prompts - 2:
-        ap.error("--num-fit must leave at least 3 prompts on each side")
+def _metrics(draws) -> list[str]:
+    """The true-score metrics of a pick: the mean target loss (what every
+    chooser minimises), the held-out loss (and accuracy: classification)."""
+    has_accuracy = "heldout_accuracy" in draws[0]["selection"]["random prompt"]
+    return ["target_loss", "heldout_loss"] + (["heldout_accuracy"] if has_accuracy
+                                              else [])
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-          f"preset {args.preset}")
-    overrides = parse_overrides(args.overrides)
-    workload, train_s = _timed(lambda: icl_workload(args.preset, **overrides))
-    c = workload.config
-    print(f"trained the transformer in {train_s:.1f} s ({c.num_steps} steps); "
-          f"pool {workload.num_tasks} demonstrations "
-          f"({int(workload.pool_flipped.sum())} with a wrong label), "
-          f"{workload.num_targets} target queries, "
-          f"{workload.heldout[0].shape[0]} held-out queries\n")
-    accuracy = workload.in_context_accuracy(jax.random.key(args.seed + 1))
-    print("In-context learning: query accuracy on fresh tasks by demonstrations shown")
-    print(format_table([{"shots": str(i), "accuracy": float(a)}
-                        for i, a in enumerate(accuracy)], ["shots", "accuracy"]))
 
-    repeats = []
-    for r in range(args.repeats):
-        config = pipeline.check_config(pipeline.PipelineConfig(
-            workload="icl", preset=args.preset, seed=args.seed + r, shots=args.shots,
-            num_subsets=args.num_fit, num_heldout=args.num_prompts - args.num_fit,
-            truth_prompts=args.truth_prompts, overrides=tuple(overrides.items())))
-        repeats.append(one_repeat(workload, config, args))
-        print(f"\nrepeat {r + 1}/{args.repeats} done")
-    oracle = None
-    if args.oracle:
-        mask, seconds = _timed(lambda: _oracle_mask(workload, args.shots))
-        perf = workload.prompt_performance(mask[None])
-        oracle = {"heldout_loss": float(perf.loss[0]),
-                  "heldout_accuracy": float(perf.accuracy[0]),
-                  "prompt": [n for n, b in zip(workload.task_names, mask, strict=True)
-                             if b], "seconds": seconds}
+def summarize(draws) -> dict:
+    """Intervals over the draws: each chooser's held-out loss (and accuracy),
+    its paired difference to the linear chooser, the relative gain."""
+    interval = _selection.mean_interval
+    names = list(draws[0]["selection"])
+    metrics = _metrics(draws)
+    summary = {"choosers": {}, "versus_linear": {}}
+    for name in names:
+        summary["choosers"][name] = {
+            metric: interval(column(draws, "selection", name, metric))
+            for metric in metrics}
+    for source in SOURCES:
+        linear = {metric: np.array(column(draws, "selection", f"linear ({source})",
+                                          metric)) for metric in metrics}
+        for chooser in _selection.CHOOSERS[1:]:
+            name = f"{chooser} ({source})"
+            row = {}
+            for metric in metrics:
+                values = np.array(column(draws, "selection", name, metric))
+                lower = metric != "heldout_accuracy"
+                sign = 1.0 if lower else -1.0
+                gain = sign * (linear[metric] - values)
+                row[f"{metric} improvement"] = interval(gain)
+                row[f"{metric} relative gain"] = interval(_selection.relative_gain(
+                    values, linear[metric], lower_is_better=lower))
+                row[f"{metric} better/tied/worse"] = [
+                    int(np.sum(gain > 0)), int(np.sum(gain == 0)),
+                    int(np.sum(gain < 0))]
+            summary["versus_linear"][name] = row
+    return summary
 
-    def column(path):
-        vals = []
-        for rep in repeats:
-            v = rep
-            for p in path:
-                v = v[p]
-            vals.append(v)
-        return vals
 
-    print("\nEstimation (embedding-space linearization, anchor "
-          f"{args.anchor!r}) on {args.num_prompts} prompts")
-    est = {key: _pm(column([key])) for key in (
+def print_tables(workload, draws, summary, args, oracle):
+    fmt = _selection.format_interval
+    print(f"\nEstimation (embedding-space linearization, anchor "
+          f"{args.anchor or 'the workload default'}) on {args.num_prompts} "
+          f"prompts; mean ± std over {len(draws)} draws")
+    est = {key: _pm(column(draws, key)) for key in (
         "exact_seconds", "estimate_seconds", "estimate_median_relative_error",
         "estimate_spearman")}
     print(format_table([est], list(est)))
@@ -212,61 +208,155 @@ def main():
     print(f"\nHeld-out prompts: fit on {args.num_fit}, predict "
           f"{args.num_prompts - args.num_fit} (exact scores as truth); effects: "
           f"Spearman with the true effect of each demonstration in "
-          f"{args.shots}-shot prompts ({repeats[0]['truth']})")
+          f"{args.shots}-shot prompts ({draws[0]['truth']}); mean ± std over draws")
     columns = ["surrogate", "held-out Spearman", "normalized error",
                "effect Spearman (per target)", "effect Spearman (mean target)"]
-    ceiling = {"surrogate": "ceiling of the truth",
-               "held-out Spearman": _pm(column(["ceiling", "heldout_spearman"])),
-               "effect Spearman (per target)": _pm(
-                   column(["ceiling", "effect_spearman_per_target"])),
-               "effect Spearman (mean target)": _pm(
-                   column(["ceiling", "effect_spearman_mean_target"]))}
-    rows = [ceiling] + [
-        {"surrogate": name,
-         "held-out Spearman": _pm(column(["methods", name, "heldout_spearman"])),
-         "normalized error": _pm(column(["methods", name, "normalized_error"])),
-         "effect Spearman (per target)": _pm(
-             column(["methods", name, "effect_spearman"])),
-         "effect Spearman (mean target)": _pm(
-             column(["methods", name, "effect_spearman_mean_target"]))}
-        for name in repeats[0]["methods"]]
+    rows = [{"surrogate": "ceiling of the truth",
+             "held-out Spearman": _pm(column(draws, "ceiling", "heldout_spearman")),
+             "effect Spearman (per target)": _pm(
+                 column(draws, "ceiling", "effect_spearman_per_target")),
+             "effect Spearman (mean target)": _pm(
+                 column(draws, "ceiling", "effect_spearman_mean_target"))}]
+    rows += [{"surrogate": name,
+              "held-out Spearman": _pm(column(draws, "methods", name,
+                                              "heldout_spearman")),
+              "normalized error": _pm(column(draws, "methods", name,
+                                             "normalized_error")),
+              "effect Spearman (per target)": _pm(
+                  column(draws, "methods", name, "effect_spearman")),
+              "effect Spearman (mean target)": _pm(
+                  column(draws, "methods", name, "effect_spearman_mean_target"))}
+             for name in draws[0]["methods"]]
     print(format_table(rows, columns))
 
-    print(f"\nSelected {args.shots}-shot prompt: true loss and accuracy on "
-          "held-out queries")
-    rows = [{"prompt chosen by": name,
-             "held-out loss": _pm(column(["selection", name, "heldout_loss"])),
-             "held-out accuracy": _pm(column(["selection", name, "heldout_accuracy"])),
-             "target loss": _pm(column(["selection", name, "target_loss"])),
-             "predicted target loss": (
-                 _pm(column(["selection", name, "predicted_loss"]))
-                 if "predicted_loss" in repeats[0]["selection"][name] else ""),
-             "distinct symbols": (
-                 _pm(column(["selection", name, "distinct_symbols"]))
-                 if "distinct_symbols" in repeats[0]["selection"][name] else "")}
-            for name in repeats[0]["selection"]]
+    first = draws[0]["selection"]
+    described = [key for key in first[f"linear ({SOURCES[0]})"]
+                 if key in ("distinct symbols", "flipped labels", "noisy",
+                            "outliers", "duplicate pairs")]
+    metrics = _metrics(draws)
+    titles = {"target_loss": "target loss", "heldout_loss": "held-out loss",
+              "heldout_accuracy": "held-out accuracy"}
+    print(f"\nSelected {args.shots}-shot prompt: true mean loss on the "
+          f"{workload.num_targets} target queries (what every chooser minimises) "
+          f"and on {workload.heldout[0].shape[0]} held-out queries; mean and 95% "
+          f"interval over {len(draws)} draws; prompt contents: mean over draws")
+    rows = []
+    for name in first:
+        chooser = summary["choosers"][name]
+        row = {"prompt chosen by": name}
+        row.update({titles[metric]: fmt(chooser[metric]) for metric in metrics})
+        if "predicted_loss" in first[name]:
+            row["predicted target loss"] = _pm(
+                column(draws, "selection", name, "predicted_loss"))
+        for key in described:
+            if key in first[name]:
+                row[key] = f"{np.mean(column(draws, 'selection', name, key)):.1f}"
+        rows.append(row)
     if oracle is not None:
         rows.append({"prompt chosen by": "true best prompt (all scored exactly)",
                      "held-out loss": f"{oracle['heldout_loss']:.4f}",
-                     "held-out accuracy": f"{oracle['heldout_accuracy']:.4f}"})
-    print(format_table(rows, ["prompt chosen by", "held-out loss",
-                              "held-out accuracy", "target loss",
-                              "predicted target loss", "distinct symbols"]))
+                     "target loss": f"{oracle['target_loss']:.4f}"})
+    print(format_table(rows, ["prompt chosen by", *(titles[m] for m in metrics),
+                              "predicted target loss", *described]))
 
-    gains = {}
-    for source in ("exact", "estimated"):
-        for metric in ("heldout_loss", "heldout_accuracy"):
-            values = [improvement(rep["selection"], source, metric) for rep in repeats]
-            gains[f"{source}/{metric}"] = values
-            print(f"kernel over linear selection ({source} scores, {metric}): "
-                  f"{_pm(values)} "
-                  f"(per repeat: {', '.join(f'{v:+.0%}' for v in values)})")
-    path = write_json(args.out, {
+    print("\nAgainst the linear chooser on the same scores, paired over the "
+          "draws (improvement: loss reduction or accuracy gain, mean and 95% "
+          f"interval); {_selection.RELATIVE_GAIN_FORMULA}")
+    rows = []
+    for name, row in summary["versus_linear"].items():
+        for metric in metrics:
+            rows.append({"chooser": name, "metric": titles[metric],
+                         "improvement": fmt(row[f"{metric} improvement"]),
+                         "relative gain": fmt(row[f"{metric} relative gain"], 3),
+                         "better/tied/worse": "/".join(
+                             map(str, row[f"{metric} better/tied/worse"]))})
+    print(format_table(rows, ["chooser", "metric", "improvement", "relative gain",
+                              "better/tied/worse"]))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--family", choices=sorted(FAMILIES), default="smooth")
+    ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--set", dest="overrides", action="append", default=[],
+                    metavar="FIELD=VALUE", help="workload config field to override")
+    ap.add_argument("--num-prompts", type=int, default=200)
+    ap.add_argument("--num-fit", type=int, default=80)
+    ap.add_argument("--shots", type=int, default=4)
+    ap.add_argument("--draws", type=int, default=10,
+                    help="independent draws of the prompts")
+    ap.add_argument("--anchor", default=None,
+                    help="the estimate's anchor (default: the workload's)")
+    ap.add_argument("--coverage", type=float, default=0.9,
+                    help="leave-one-out coverage the LCB's kappa is calibrated to")
+    ap.add_argument("--truth-prompts", type=int, default=None,
+                    help="prompts the true effects are computed on (default: the "
+                         "pipeline's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--oracle", action="store_true",
+                    help="also score every prompt exactly to find the true best")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default: "
+                         "results/bench_icl_selection_<family>.json)")
+    args = ap.parse_args()
+    if not 2 < args.num_fit < args.num_prompts - 2:
+        ap.error("--num-fit must leave at least 3 prompts on each side")
+    if args.draws < 2:
+        ap.error("--draws must be at least 2 (intervals over draws)")
+    out = args.out or str(REPO_ROOT / f"results/bench_icl_selection_{args.family}.json")
+    name = FAMILIES[args.family]
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, family "
+          f"{args.family} (workload {name}), preset {args.preset}")
+    overrides = parse_overrides(args.overrides)
+    entry = pipeline.WORKLOADS[name]
+    workload, train_s = _timed(lambda: entry.factory(args.preset, **overrides))
+    print(f"trained the transformer in {train_s:.1f} s; pool of "
+          f"{workload.num_tasks} demonstrations, {workload.num_targets} target "
+          f"queries, {workload.heldout[0].shape[0]} held-out queries "
+          f"({workload.target_description})")
+    if args.family == "induction":
+        learning = {"accuracy": workload.in_context_accuracy(
+            jax.random.key(args.seed + 1))}
+        print(format_table([{"shots": str(i), "query accuracy": float(a)}
+                            for i, a in enumerate(learning["accuracy"])],
+                           ["shots", "query accuracy"]))
+    else:
+        learning = workload.in_context_loss(jax.random.key(args.seed + 1))
+        print(format_table([{"demonstrations": str(i), "model": float(a),
+                             "Bayes-optimal": float(b)}
+                            for i, (a, b) in enumerate(zip(
+                                learning["model"], learning["bayes"], strict=True))],
+                           ["demonstrations", "model", "Bayes-optimal"]))
+
+    draws, summary, oracle = [], None, None
+    for d in range(args.draws):
+        config = pipeline.check_config(pipeline.PipelineConfig(
+            workload=name, preset=args.preset, seed=args.seed + d, shots=args.shots,
+            num_subsets=args.num_fit, num_heldout=args.num_prompts - args.num_fit,
+            truth_prompts=args.truth_prompts, overrides=tuple(overrides.items())))
+        draws.append(one_draw(workload, config, args))
+        summary = summarize(draws) if len(draws) > 1 else None
+        # Every finished draw is on disk: an interrupted run keeps them.
+        write_json(out, {"args": vars(args), "environment": environment(),
+                         "config": workload.store_config(), "train_seconds": train_s,
+                         "in_context_learning": learning, "draws": draws,
+                         "summary": summary,
+                         "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA})
+        print(f"draw {d + 1}/{args.draws} done", flush=True)
+    if args.oracle:
+        mask, seconds = _timed(lambda: _oracle_mask(workload, args.shots))
+        perf = workload.prompt_performance(mask[None])
+        oracle = {"heldout_loss": float(perf.loss[0]), "seconds": seconds,
+                  "target_loss": float(np.asarray(
+                      workload.exact_scores(mask[None])).mean()),
+                  "prompt": [workload.task_names[i] for i in np.nonzero(mask)[0]]}
+    print_tables(workload, draws, summary, args, oracle)
+    path = write_json(out, {
         "args": vars(args), "environment": environment(),
         "config": workload.store_config(), "train_seconds": train_s,
-        "in_context_accuracy": accuracy, "repeats": repeats,
-        "improvement_kernel_over_linear": gains, "oracle": oracle,
-    })
+        "in_context_learning": learning, "draws": draws, "summary": summary,
+        "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA, "oracle": oracle})
     print(f"\nwrote {path}")
 
 

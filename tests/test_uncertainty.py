@@ -552,9 +552,10 @@ def test_module_exports():
         assert hasattr(uncertainty, name)
 
 
-def test_trust_region_avoids_an_extrapolation_trap_that_mean_selection_falls_into():
-    # Every task lowers the loss by 0.2, but tasks 0 and 1 together add 2.0;
-    # the fitting masks hold at most 4 tasks and never both 0 and 1.
+def extrapolation_trap():
+    """Every task lowers the loss by 0.2, but tasks 0 and 1 together add 2.0;
+    the fitting masks hold at most 4 tasks and never both 0 and 1, so an
+    additive extrapolation takes every task (true loss 2.4; the best is 0.6)."""
     num_tasks = 8
 
     def truth(masks):
@@ -564,6 +565,11 @@ def test_trust_region_avoids_an_extrapolation_trap_that_mean_selection_falls_int
     masks = np.array([row for row in all_masks(num_tasks, min_size=1)
                       if row.sum() <= 4 and not (row[0] and row[1])])
     scores = truth(masks) + 0.02 * np.random.default_rng(0).normal(size=(len(masks), 1))
+    return num_tasks, truth, masks, scores
+
+
+def test_trust_region_avoids_an_extrapolation_trap_that_mean_selection_falls_into():
+    num_tasks, truth, masks, scores = extrapolation_trap()
     search = surrogates.select_kernel_hyperparameters(masks, scores)
     fitted = surrogates.fit_kernel_surrogate(
         masks, scores, gamma=float(search.gamma), ridge=float(search.ridge))
@@ -577,3 +583,23 @@ def test_trust_region_avoids_an_extrapolation_trap_that_mean_selection_falls_int
         assert not (robust.mask[0] and robust.mask[1])
         assert hamming_to_data(robust.mask[None], masks)[0] <= radius
         assert float(truth(robust.mask)[0, 0]) < 1.25
+
+
+def test_pessimistic_bound_avoids_the_trap_that_mean_selection_falls_into():
+    """With a lengthscale under which the trap (4 flips from the data) is
+    uncertain, mean + 4 std picks a best mask (true loss 0.6) where the mean
+    alone falls into the trap; the margins are 0.04 and more (no near-ties)."""
+    num_tasks, truth, masks, scores = extrapolation_trap()
+    fitted = surrogates.fit_kernel_surrogate(masks, scores, gamma=0.25, ridge=0.01)
+    posterior = uncertainty.fit_posterior(fitted, masks, scores)
+    every = all_masks(num_tasks, min_size=1)
+    trap = np.ones((1, num_tasks))
+    plain = select_subset(fitted, num_tasks, method="exhaustive")
+    np.testing.assert_array_equal(plain.mask, trap[0])
+    mean = np.asarray(fitted.predict(every))[:, 0]
+    assert np.sort(mean)[1] - mean.min() > 0.03
+    bound = lcb_objective(posterior, kappa=4.0, mode="pessimistic")
+    robust = select_subset(bound, num_tasks, method="exhaustive")
+    assert not (robust.mask[0] and robust.mask[1])
+    assert float(truth(robust.mask)[0, 0]) == pytest.approx(0.6)
+    assert float(bound(trap)[0]) - robust.predicted > 0.03
