@@ -157,6 +157,23 @@ def test_list_and_the_installed_entry_point():
     assert "digits: presets cpu, random, tiny" in done.stdout
 
 
+def test_ridge_grid_follows_the_dtype_the_fit_computes_in():
+    """float64 scores are fit in float32 without x64: no ridge below float32's
+    rounding error is searched (the search would warn and could pick it)."""
+    import warnings
+
+    import jax
+
+    rng = np.random.default_rng(0)
+    masks = (rng.random((240, 10)) < 0.5).astype(np.float64)
+    scores = (masks @ rng.normal(size=10))[:, None] + 0.1 * rng.normal(size=(240, 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        fits = pipeline.fit_surrogates(masks, scores)
+    eps = np.finfo(jax.dtypes.canonicalize_dtype(np.float64)).eps
+    assert float(fits["search"].ridges.min()) >= 10 * eps * 240
+
+
 def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
     from tasksurrogate_jax import surrogates
 
