@@ -18,13 +18,24 @@ evaluation as ``tasksurrogate run rl``):
    first-order estimate of the LOO sets themselves and of gradient alignment
    at ``θ*`` (TracIn-style), each with a bootstrap interval beside the
    ceiling; held-out Spearman.
-5. Selection, for each target variant: the subset with the best predicted
-   target score under each surrogate (exhaustive over all non-empty subsets),
-   fine-tuned on for real (the replicates of the ground truth); its target
-   return beside training on all variants, on random subsets, and on the best
-   sampled subset. Improvement of kernel over linear selection.
+5. Selection over ``--draws`` independent draws. Draw ``d`` takes the
+   pipeline's fitting subsets of seed ``--seed + d`` (draw 0: those of step 3)
+   with the mean of their first ``--fit-replicates`` replicates (the
+   surrogates' input; the ground truth has more), fits the surrogates of
+   ``benchmarks/_selection.py`` on them and, for each target variant, picks
+   the subset with the best predicted target return under each chooser
+   (linear, kernel, kernel + LCB, kernel + trust region; exhaustive over all
+   non-empty subsets). Every pick, the best sampled subset of each target and
+   the full set are fine-tuned on again in ``--replicates`` paired replicates
+   with training and evaluation episodes of their own, independent of the
+   fitting scores, so that neither a surrogate nor the best sampled subset
+   profits from the noise it was chosen on. Per draw: the mean over targets of
+   each chooser's target return; over draws: means with 95% Student-t
+   intervals, paired differences to the linear chooser and the relative gain,
+   beside the measurement noise of the picks' returns.
 
-    python benchmarks/bench_rl_selection.py            # cpu preset, ~15 min
+    python benchmarks/bench_rl_selection.py             # cpu preset, 15-26 min
+    python benchmarks/bench_rl_selection.py --draws 0   # attribution only
 """
 
 from __future__ import annotations
@@ -32,19 +43,21 @@ from __future__ import annotations
 import argparse
 import time
 
+import _selection
 import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import pipeline, report, selection
+from tasksurrogate_jax import pipeline, reliability, report
+from tasksurrogate_jax.chunking import pad_rows
 from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
+# Subsets per compiled call when re-measuring picks: a draw has 10 to 50
+# distinct ones, padded to a multiple of this (one compiled shape).
+PICK_CHUNK = 8
+CHOOSERS = _selection.CHOOSERS
+BASELINES = ("best sampled", "all variants")
 
 
 def extra_methods(workload, run, config) -> dict:
@@ -66,6 +79,220 @@ def extra_methods(workload, run, config) -> dict:
                 per_variant @ per_variant[list(workload.targets)].T}
 
 
+def attribution(workload, config, out_dir) -> tuple:
+    """Steps 1-4: prints the tables; returns ``(run, results, θ* returns,
+    untrained returns)``."""
+    run = pipeline.collect(config, workload=workload, out_dir=out_dir)
+    trained = -np.asarray(workload.evaluate(run.theta))
+    untrained = -np.asarray(workload.evaluate(
+        workload.init_fn(jax.random.key(config.seed + 100))))
+    print(f"\nθ* trained in {run.seconds['base']:.1f} s "
+          f"({workload.config.iterations} iterations)\n")
+    print(format_table(
+        [{"variant": n, "θ* return": float(a), "untrained return": float(b)}
+         for n, a, b in zip(workload.task_names, trained, untrained, strict=True)],
+        ["variant", "θ* return", "untrained return"]))
+    results = pipeline.evaluate(config, run._replace(
+        baselines={**run.baselines, **extra_methods(workload, run, config)}))
+    est = results["estimation"]
+    print(f"\n{run.masks.shape[0]} random subsets: fine-tuning "
+          f"{run.seconds['subsets']:.1f} s ({config.replicates} replicates), "
+          f"first-order estimate {run.seconds['estimated']:.1f} s; estimate median "
+          f"relative error {est['median_relative_error']:.2%}, Spearman across "
+          f"subsets {est['spearman_across_subsets']:.3f}")
+    print("\nAttribution: agreement with leave-one-out fine-tuning")
+    print(report.format_table(results))
+    return run, results, trained, untrained
+
+
+def fresh_returns(workload, evaluate, masks, *, key, replicates: int,
+                  base_params) -> np.ndarray:
+    """Target returns ``[R, n, T]`` of fine-tuning ``θ*`` on each of ``masks``
+    in ``R`` paired replicates of their own: replicate ``r`` trains with the
+    streams of replicate ``r`` of ``fold_in(key, 1)`` and is evaluated on
+    episodes from ``fold_in(fold_in(key, 2), r)``, shared by the subsets
+    within it (``evaluate``: the vmapped ``workload.evaluate(params, key)``)."""
+    n = masks.shape[0]
+    padded = pad_rows(np.asarray(masks), -(-n // PICK_CHUNK) * PICK_CHUNK)
+    train_key, eval_key = jax.random.fold_in(key, 1), jax.random.fold_in(key, 2)
+    returns = []
+    for r in range(replicates):
+        policies = workload.train_subsets(padded, key=train_key, replicate=r,
+                                          base_params=base_params,
+                                          chunk_size=PICK_CHUNK)
+        returns.append(-np.asarray(evaluate(policies, jax.random.fold_in(
+            eval_key, r)))[:n])
+    return np.stack(returns)
+
+
+def fitting_data(workload, config, run, draw: int, replicates: int) -> tuple:
+    """Draw ``draw``'s fitting masks ``[m, K]`` and losses ``[replicates, m,
+    T]``: the pipeline's of seed ``config.seed + draw``, its first
+    ``replicates`` replicates (draw 0: the run's own)."""
+    m = config.num_subsets
+    if draw == 0:
+        return np.asarray(run.masks[:m]), np.asarray(run.exact)[:replicates, :m]
+    keys = pipeline.stage_keys(config.seed + draw)
+    masks = pipeline.loo_protocol_masks(keys["subsets"], config,
+                                        workload.num_tasks)[:m]
+    scores = workload.replicate_scores(
+        masks, key=keys["base"], regime=config.regime, replicates=replicates,
+        base_params=run.theta, chunk_size=config.chunk_size)
+    return masks, np.asarray(scores)
+
+
+def one_draw(workload, evaluate, config, run, draw: int,
+             fit_replicates: int) -> dict:
+    """One draw of step 5: picks, their re-measured returns and the noise."""
+    start = time.perf_counter()
+    num_tasks, num_targets = workload.num_tasks, workload.num_targets
+    replicates = config.replicates
+    masks, losses = fitting_data(workload, config, run, draw, fit_replicates)
+    fit_returns = -losses.mean(0)  # [m, T]
+    fits = _selection.fit_selectors(masks, losses.mean(0), seed=config.seed + draw)
+    picks = {name: [] for name in (*CHOOSERS, *BASELINES)}
+    predicted = {name: [] for name in CHOOSERS}
+    kappas = []
+    for t in range(num_targets):
+        chosen = _selection.choose_subsets(
+            fits, num_tasks, target_weights=np.eye(num_targets)[t])
+        for name in CHOOSERS:
+            picks[name].append(chosen[name]["mask"])
+            predicted[name].append(-chosen[name]["predicted"])
+        kappas.append(chosen["kernel + LCB"]["kappa"])
+        picks["best sampled"].append(masks[np.argmax(fit_returns[:, t])])
+        picks["all variants"].append(np.ones(num_tasks))
+    picks = {name: np.asarray(rows, np.float64) for name, rows in picks.items()}
+    unique, index = np.unique(np.concatenate(list(picks.values())), axis=0,
+                              return_inverse=True)
+    index = index.reshape(len(picks), num_targets)
+    measured = fresh_returns(workload, evaluate, unique,
+                             key=jax.random.key(config.seed + draw),
+                             replicates=replicates, base_params=run.theta)
+    targets = np.arange(num_targets)
+    per_replicate = {name: measured[:, index[i], targets]  # [R, T]
+                     for i, name in enumerate(picks)}
+    differences = {name: (per_replicate[name] - per_replicate["linear"]).mean(1)
+                   for name in CHOOSERS[1:]}  # [R] paired, per replicate
+    # Across the distinct subsets the choosers picked (not the baselines).
+    chosen_rows = np.unique(index[:len(CHOOSERS)])
+    pick_reliability = (reliability.subset_reliability(
+        measured[:, chosen_rows], seed=config.seed).per_target
+        if chosen_rows.size > 1 else float("nan"))
+    record = {
+        "draw": draw, "seed": config.seed + draw, "fit_masks": masks,
+        "fit_losses": losses, "unique_masks": unique, "unique_returns": measured,
+        "picks": {name: {"masks": rows, "index": index[i],
+                         "returns": per_replicate[name].mean(0),
+                         "standard_errors": per_replicate[name].std(0, ddof=1)
+                         / np.sqrt(replicates)}
+                  for i, (name, rows) in enumerate(picks.items())},
+        "predicted_returns": {name: np.asarray(v) for name, v in predicted.items()},
+        "best_sampled_fitting_returns": fit_returns.max(0),
+        "mean_return": {name: float(per_replicate[name].mean())
+                        for name in picks},
+        "paired_difference_standard_error": {
+            name: float(d.std(ddof=1) / np.sqrt(replicates))
+            for name, d in differences.items()},
+        "pick_reliability": float(pick_reliability),
+        "kernel_surrogate": {"gamma": fits.gamma, "ridge": fits.ridge},
+        "kappa": kappas, "trust_radius": fits.trust_radius,
+    }
+    record["mean_return"]["random subset"] = float(fit_returns.mean())
+    record["seconds"] = time.perf_counter() - start
+    return record
+
+
+def summarize(draws: list[dict]) -> dict:
+    """Intervals over draws of each chooser's mean target return, its paired
+    difference to the linear chooser and the relative gain, and the noise."""
+    interval = _selection.mean_interval
+    names = list(draws[0]["mean_return"])
+    value = {name: np.array([d["mean_return"][name] for d in draws])
+             for name in names}
+    versus = {}
+    for name in CHOOSERS[1:]:
+        per_case = np.concatenate([d["picks"][name]["returns"]
+                                   - d["picks"]["linear"]["returns"] for d in draws])
+        same = np.concatenate([d["picks"][name]["index"]
+                               == d["picks"]["linear"]["index"] for d in draws])
+        versus[name] = {
+            "difference": interval(value[name] - value["linear"]),
+            "relative_gain": interval(_selection.relative_gain(
+                value[name], value["linear"], lower_is_better=False)),
+            "better_same_pick_worse": [int(np.sum(per_case[~same] > 0)),
+                                       int(same.sum()),
+                                       int(np.sum(per_case[~same] < 0))],
+            "replicate_standard_error": float(np.mean(
+                [d["paired_difference_standard_error"][name] for d in draws])),
+        }
+    standard_errors = np.concatenate([d["picks"][n]["standard_errors"]
+                                      for d in draws for n in CHOOSERS])
+    return {
+        "mean_return": {name: interval(v) for name, v in value.items()},
+        "predicted_return": {name: interval([d["predicted_returns"][name].mean()
+                                             for d in draws]) for name in CHOOSERS},
+        "best_sampled_fitting_return": interval(
+            [d["best_sampled_fitting_returns"].mean() for d in draws]),
+        "versus_linear": versus,
+        "pick_standard_error": float(standard_errors.mean()),
+        "pick_reliability": float(np.nanmean([d["pick_reliability"]
+                                              for d in draws])),
+    }
+
+
+def percent(summary: dict) -> dict:
+    """A :func:`_selection.mean_interval` summary in percent."""
+    return {**summary, **{k: 100 * summary[k] for k in ("mean", "low", "high")}}
+
+
+def print_selection(workload, draws, summary, ceiling, replicates: int) -> None:
+    """Step 5's tables: choosers, per target, against linear, and the noise."""
+    fmt = _selection.format_interval
+    n = len(draws)
+    print(f"\nSelection over {n} draws: mean over the {workload.num_targets} "
+          "targets of the target return after fine-tuning on each target's pick "
+          f"(re-measured: {replicates} replicates of its own); mean and 95% "
+          "interval over draws")
+    expected = {name: fmt(v, 2) for name, v in summary["predicted_return"].items()}
+    expected["best sampled"] = (f"{fmt(summary['best_sampled_fitting_return'], 2)}"
+                                " (its fitting score)")
+    rows = [{"subsets": name, "target return": fmt(v, 2),
+             "predicted": expected.get(name)}
+            for name, v in summary["mean_return"].items()]
+    print(format_table(rows, ["subsets", "target return", "predicted"]))
+    print("\nPer target, means over draws (target return)")
+    per_target = []
+    for t, target in enumerate(workload.targets):
+        row = {"target": workload.task_names[target]}
+        row.update({name: float(np.mean([d["picks"][name]["returns"][t]
+                                         for d in draws]))
+                    for name in (*CHOOSERS, *BASELINES)})
+        per_target.append(row)
+    print(format_table(per_target, ["target", *CHOOSERS, *BASELINES]))
+    print("\nAgainst the linear chooser: paired difference of the draws' mean "
+          "target return; relative gain; (draw, target) cases where the pick is "
+          "better / the same subset / worse; replicate s.e.: standard error of "
+          f"one draw's paired difference from its replicates.\n"
+          f"{_selection.RELATIVE_GAIN_FORMULA}.")
+    rows = [{"chooser": name, "return difference": fmt(v["difference"], 2),
+             "relative gain": fmt(percent(v["relative_gain"]), 2) + " %",
+             "better / same / worse": " / ".join(map(str,
+                                                     v["better_same_pick_worse"])),
+             "replicate s.e.": f"{v['replicate_standard_error']:.2f}"}
+            for name, v in summary["versus_linear"].items()]
+    print(format_table(rows, ["chooser", "return difference", "relative gain",
+                              "better / same / worse", "replicate s.e."]))
+    print(f"\nMeasurement noise: standard error of one pick's target return "
+          f"{summary['pick_standard_error']:.2f} ({replicates} replicates); "
+          f"split-half reliability of the returns of the distinct picks "
+          f"(Spearman-Brown, per target, mean over draws) "
+          f"{summary['pick_reliability']:.3f}. Ground "
+          f"truth ceiling: LOO per target {ceiling['loo_spearman_per_target']:.3f}"
+          f", mean target {ceiling['loo_spearman_mean_target']:.3f}, held-out "
+          f"{ceiling['heldout_spearman']:.3f}.")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--preset", default="cpu")
@@ -77,14 +304,24 @@ def main():
     ap.add_argument("--drop", type=int, default=None,
                     help="variants each random subset drops (default: subsets of "
                          "any size but empty, full and leave-one-out)")
-    ap.add_argument("--replicates", type=int, default=4)
+    ap.add_argument("--replicates", type=int, default=8,
+                    help="paired replicates of the ground truth: the LOO sets, "
+                         "the random subsets and every pick's re-measurement")
+    ap.add_argument("--fit-replicates", type=int, default=4,
+                    help="replicates averaged into each draw's fitting scores "
+                         "(at most --replicates)")
+    ap.add_argument("--draws", type=int, default=10,
+                    help="independent selection draws (0: attribution only)")
     ap.add_argument("--proj-dim", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None,
                     help="store the pipeline's stages here (a rerun resumes)")
     ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_rl_selection.json"))
     args = ap.parse_args()
+    if not 1 <= args.fit_replicates <= args.replicates:
+        ap.error("--fit-replicates must be between 1 and --replicates")
 
+    start = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"preset {args.preset}")
     overrides = parse_overrides(args.overrides)
@@ -93,89 +330,32 @@ def main():
         num_subsets=args.num_fit, num_heldout=args.num_heldout, drop=args.drop,
         proj_dim=args.proj_dim, overrides=tuple(overrides.items())))
     w = rl_workload(args.preset, **overrides)
-    k, m, replicates = w.num_tasks, config.num_subsets, config.replicates
-    run = pipeline.collect(config, workload=w, out_dir=args.out_dir)
-    trained = -np.asarray(w.evaluate(run.theta))
-    untrained = -np.asarray(w.evaluate(w.init_fn(jax.random.key(args.seed + 100))))
-    print(f"\nθ* trained in {run.seconds['base']:.1f} s "
-          f"({w.config.iterations} iterations)\n")
-    print(format_table(
-        [{"variant": n, "θ* return": float(a), "untrained return": float(b)}
-         for n, a, b in zip(w.task_names, trained, untrained, strict=True)],
-        ["variant", "θ* return", "untrained return"]))
-
-    results = pipeline.evaluate(config, run._replace(
-        baselines={**run.baselines, **extra_methods(w, run, config)}))
-    est = results["estimation"]
-    masks = run.masks
-    exact_s, estimate_s = run.seconds["subsets"], run.seconds["estimated"]
-    print(f"\n{masks.shape[0]} random subsets: fine-tuning {exact_s:.1f} s "
-          f"({replicates} replicates), first-order estimate {estimate_s:.1f} s; "
-          f"estimate median relative error {est['median_relative_error']:.2%}, "
-          f"Spearman across subsets {est['spearman_across_subsets']:.3f}")
-    print("\nAttribution: agreement with leave-one-out fine-tuning")
-    print(report.format_table(results))
-
-    # Selection per target: exhaustive over the 2^K - 1 subsets, under the
-    # surrogates the evaluation fit (same scores, settings and seed).
-    exact = np.asarray(run.exact).mean(0)
-    fits = pipeline.fit_surrogates(masks[:m], exact[:m], seed=config.seed)
-    chosen = {}
-    for kind in ("linear", "kernel"):
-        for t in range(w.num_targets):
-            weights = np.eye(w.num_targets)[t]
-            objective = selection.surrogate_objective(fits[kind],
-                                                      target_weights=weights)
-            chosen[(kind, t)] = selection.select_subset(objective, k).mask
-    picks = np.stack([chosen[(kind, t)] for kind in ("linear", "kernel")
-                      for t in range(w.num_targets)])
-    # Fine-tuned as the ground truth is: the mean of the same replicates.
-    picked_scores, select_s = _timed(lambda: np.asarray(w.replicate_scores(
-        picks, key=pipeline.stage_keys(config.seed)["base"], regime=config.regime,
-        replicates=replicates, base_params=run.theta,
-        chunk_size=config.chunk_size)).mean(0))
-    sel_rows, returns = [], {}
-    for i, kind in enumerate(("linear", "kernel")):
-        per_target = picked_scores[i * w.num_targets:(i + 1) * w.num_targets]
-        returns[kind] = -np.diagonal(per_target)
-    returns["all variants"] = -np.asarray(run.loo_scores)[:, 0].mean(0)
-    returns["random subsets (mean)"] = -exact.mean(0)
-    returns[f"best of the {m} fitting subsets"] = -exact[:m].min(0)
-    for t, target in enumerate(w.targets):
-        row = {"target": w.task_names[target]}
-        row.update({name: float(r[t]) for name, r in returns.items()})
-        row["linear pick"] = "".join(str(int(b)) for b in chosen[("linear", t)])
-        row["kernel pick"] = "".join(str(int(b)) for b in chosen[("kernel", t)])
-        sel_rows.append(row)
-    mean_row = {"target": "mean"}
-    mean_row.update({name: float(np.mean(r)) for name, r in returns.items()})
-    sel_rows.append(mean_row)
-    print(f"\nSelection: target return after fine-tuning on the chosen subset "
-          f"({select_s:.1f} s)")
-    print(format_table(sel_rows, ["target", *returns, "linear pick", "kernel pick"]))
-    gain = {kind: returns[kind] - returns["all variants"] for kind in ("linear",
-                                                                      "kernel")}
-    linear_gain, kernel_gain = float(np.mean(gain["linear"])), float(
-        np.mean(gain["kernel"]))
-    improvement = (kernel_gain - linear_gain) / abs(linear_gain) if linear_gain else (
-        np.nan)
-    print(f"\nmean gain over training on all variants: linear {linear_gain:+.2f}, "
-          f"kernel {kernel_gain:+.2f} return; kernel over linear {improvement:+.0%}; "
-          f"kernel better on {int(np.sum(gain['kernel'] > gain['linear']))} of "
-          f"{w.num_targets} targets, worse on "
-          f"{int(np.sum(gain['kernel'] < gain['linear']))}")
-
-    path = write_json(args.out, {
+    run, results, trained, untrained = attribution(w, config, args.out_dir)
+    payload = {
         "args": vars(args), "environment": environment(),
         "config": w.store_config(), "pipeline_config": config.to_json(),
         "seconds": run.seconds, "theta_star_returns": trained,
-        "untrained_returns": untrained, "estimation": est,
+        "untrained_returns": untrained, "estimation": results["estimation"],
         "ceiling": results["ceiling"], "methods": results["methods"],
-        "selection": sel_rows, "improvement_kernel_over_linear": improvement,
-        "true_effects": pipeline.loo_effects(run.loo_scores), "masks": masks,
+        "true_effects": pipeline.loo_effects(run.loo_scores), "masks": run.masks,
         "exact": np.asarray(run.exact), "estimated": run.estimated,
-    })
-    print(f"\nwrote {path}")
+        "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA, "draws": [],
+    }
+    evaluate = jax.jit(jax.vmap(w.evaluate, in_axes=(0, None)))
+    for draw in range(args.draws):
+        record = one_draw(w, evaluate, config, run, draw, args.fit_replicates)
+        payload["draws"].append(record)
+        print(f"draw {draw}: " + ", ".join(
+            f"{name} {value:.1f}" for name, value in record["mean_return"].items())
+            + f" ({record['seconds']:.0f} s)", flush=True)
+        write_json(args.out, payload)  # every finished draw is kept
+    if args.draws:
+        payload["summary"] = summarize(payload["draws"])
+        print_selection(w, payload["draws"], payload["summary"], results["ceiling"],
+                        config.replicates)
+    payload["total_seconds"] = time.perf_counter() - start
+    path = write_json(args.out, payload)
+    print(f"\nwrote {path} ({payload['total_seconds']:.0f} s in all)")
 
 
 if __name__ == "__main__":
