@@ -8,17 +8,21 @@ On one supervised workload (``modular`` or ``digits``, ``cpu`` preset), from
    ``--fit-subsets + --heldout-subsets`` random subsets (each drops the
    pipeline's number of tasks), ``--replicates`` paired replicates averaged;
    its split-half reliability is the *ceiling* of every agreement below.
-2. **Estimators**, each an ``EstimationSettings`` (linearized fine-tuning,
-   margin outputs, a smaller projection, the convex solve with
-   ``ridge="auto"``), each also in its difference form, on the all-tasks, LOO
-   and first ``--fit-subsets`` (256) random subsets.
+2. **Estimators**, each an ``EstimationSettings`` (:data:`ESTIMATORS`; by
+   default the library's default, linearized fine-tuning in the full parameter
+   space and, where the fine-tuning optimizer is an ``estimation.Adam``, the
+   Adam-preconditioned program; ``--estimators`` adds margin outputs, other
+   projections and the convex solve), each also in its difference form, on the
+   all-tasks, LOO and first ``--fit-subsets`` (256) random subsets.
    Errors: mean relative error of the mean-target score, the same per target
    column, Spearman across subsets (mean target and per target), Spearman of
    the estimated LOO effects with the fine-tuned ones (mean target), each
    Spearman with its bootstrap interval.
-3. **Speed.** The default estimator against vmapped fine-tuning (one
-   replicate, same chunk size), both compiled on a first call, at every
-   ``--num-subsets``.
+3. **Speed.** Each estimator on the fitting subsets against vmapped
+   fine-tuning of them (one replicate, same chunk size), both compiled on a
+   first call; the default estimator also at every other ``--num-subsets``
+   (256: digits has only 140 fitting subsets; ``--num-subsets 256 1024`` for
+   the larger sweep).
 4. **Downstream.** Kernel (and linear) surrogates fitted to the estimated and
    to the fine-tuned scores of those subsets (the pipeline's
    cross-validated fit); LOO Spearman against the fine-tuned LOO effects and
@@ -30,12 +34,14 @@ the default estimator) and prints them last.
 
     python benchmarks/bench_estimation.py --workload modular
     python benchmarks/bench_estimation.py --workload digits
+    python benchmarks/bench_estimation.py --workload modular --estimators all
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import resource
 import time
 
@@ -50,7 +56,8 @@ from _common import (
 )
 
 from tasksurrogate_jax import attribution, metrics, reliability
-from tasksurrogate_jax.estimation import EstimationSettings, difference_form
+from tasksurrogate_jax.chunking import pad_rows
+from tasksurrogate_jax.estimation import Adam, EstimationSettings, difference_form
 from tasksurrogate_jax.pipeline import WORKLOADS, fit_surrogates
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 
@@ -58,13 +65,23 @@ from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
 # difference=True)`` anchors at the workload's fine-tuning on all tasks with the
 # run's key, which is replicate 0's all-tasks row of the ground truth here.
 ESTIMATORS = {
-    "linearized fine-tuning (default)": EstimationSettings(),
+    "linearized fine-tuning, d=512": EstimationSettings(proj_dim=512),
+    "full space": EstimationSettings(proj_dim=None),
+    "Adam-preconditioned, d=512": EstimationSettings(proj_dim=512,
+                                                     preconditioner="adam"),
     "linearized fine-tuning, margin": EstimationSettings(output_mode="margin"),
     "linearized fine-tuning, d=128": EstimationSettings(proj_dim=128),
+    "linearized fine-tuning, d=2048": EstimationSettings(proj_dim=2048),
+    "Adam-preconditioned, d=2048": EstimationSettings(proj_dim=2048,
+                                                      preconditioner="adam"),
     "convex solve, margin, ridge auto": EstimationSettings(
         method="solve", output_mode="margin"),
 }
-DEFAULT = "linearized fine-tuning (default)"
+DEFAULT_RUN = ["linearized fine-tuning, d=512", "full space",
+               "Adam-preconditioned, d=512"]
+# The headline: the library's default settings.
+DEFAULT = next(name for name, settings in ESTIMATORS.items()
+               if settings == EstimationSettings())
 
 
 def timed(fn):
@@ -125,15 +142,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workload", required=True, choices=("modular", "digits"))
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--num-subsets", type=int, nargs="+", default=[256, 1024],
-                    help="subset counts timed")
+    ap.add_argument("--num-subsets", type=int, nargs="+", default=[256],
+                    help="subset counts timed (e.g. 256 1024)")
     ap.add_argument("--fit-subsets", type=int, default=256,
                     help="subsets the errors and the surrogates are measured on")
     ap.add_argument("--heldout-subsets", type=int, default=128)
     ap.add_argument("--replicates", type=int, default=2,
                     help="paired fine-tuning replicates of the ground truth (>= 2)")
-    ap.add_argument("--estimators", nargs="*", default=list(ESTIMATORS),
-                    choices=list(ESTIMATORS))
+    ap.add_argument("--estimators", nargs="+", default=DEFAULT_RUN,
+                    choices=[*ESTIMATORS, "all"], metavar="NAME",
+                    help=f"'all' or names of {list(ESTIMATORS)} (default: "
+                         f"{DEFAULT_RUN}); the Adam-preconditioned ones run where "
+                         "the workload fine-tunes with estimation.Adam")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="FIELD=VALUE",
@@ -143,6 +163,9 @@ def main():
     ap.add_argument("--out", default=None,
                     help="default results/bench_estimation_<workload>.json")
     args = ap.parse_args()
+    start = time.perf_counter()
+    if "all" in args.estimators:
+        args.estimators = list(ESTIMATORS)
     if args.replicates < 2:
         ap.error("--replicates must be >= 2 (the ceiling is their agreement)")
     entry = WORKLOADS[args.workload]
@@ -158,12 +181,7 @@ def main():
               f"tasks: {fit} to fit, {held} held out.")
     subsets = np.asarray(fixed_size_masks(jax.random.fold_in(key, 7), fit + held,
                                           num_tasks, subset_size=size, unique=True))
-    # Timing only: repeats are allowed.
-    timing_subsets = np.asarray(fixed_size_masks(
-        jax.random.fold_in(key, 8), max(args.num_subsets), num_tasks,
-        subset_size=size))
     loo = np.asarray(leave_one_out_masks(num_tasks))  # all tasks, then each dropped
-    scored = np.concatenate([loo, subsets[:fit]])
     theta, base_seconds = timed(lambda: workload.base_params(key=key))
     print(f"{args.workload} {args.preset}: {num_tasks} tasks, θ* in "
           f"{base_seconds:.1f} s; fine-tuning {workload.finetune_spec.num_steps} "
@@ -175,21 +193,9 @@ def main():
             base_params=theta, chunk_size=args.chunk_size, progress=False))
 
     def estimate(masks, settings):
-        return np.asarray(workload.estimated_scores(masks, key=key, base_params=theta,
-                                                    settings=settings))
-
-    # Speed: both compiled on a first call of one chunk, then timed.
-    finetune(timing_subsets[:args.chunk_size], 1)
-    estimate(timing_subsets[:args.chunk_size], ESTIMATORS[DEFAULT])
-    speed = []
-    for m in sorted(args.num_subsets):
-        _, tune_s = timed(lambda m=m: finetune(timing_subsets[:m], 1))
-        _, est_s = timed(lambda m=m: estimate(timing_subsets[:m],
-                                              ESTIMATORS[DEFAULT]))
-        speed.append({"num_subsets": m, "finetune_s": tune_s, "estimate_s": est_s,
-                      "speedup": tune_s / est_s})
-        print(f"  m={m}: fine-tuning {tune_s:.1f} s, estimate {est_s:.1f} s",
-              flush=True)
+        return np.asarray(workload.estimate(
+            masks, key=key, base_params=theta, settings=settings,
+            chunk_size=args.chunk_size).scores)
 
     # Ground truth with its ceiling (the sets the errors and surrogates use).
     all_rows = np.concatenate([loo, subsets])
@@ -210,16 +216,51 @@ def main():
           f"{ceiling['loo_spearman']:.3f}", flush=True)
     truth_scored = truth[:1 + num_loo + fit]
 
-    rows, estimates = [], {}
+    # Speed: every program compiled on a first call of whole chunks, then timed
+    # on the fitting subsets (one replicate of fine-tuning).
+    finetune(subsets[:args.chunk_size], 1)
+    _, tune_s = timed(lambda: finetune(subsets[:fit], 1))
+    print(f"  fine-tuning of the {fit} fitting subsets: {tune_s:.1f} s", flush=True)
+    loo_chunks = pad_rows(loo, -(-len(loo) // args.chunk_size) * args.chunk_size)
+
+    rows, estimates, speed = [], {}, []
     measured_all = replicate_scores[0, 0]  # the difference form's anchor run
+    adam = isinstance(workload.finetune_spec.optimizer, Adam)
     for name in args.estimators:
-        result, seconds = timed(lambda name=name: estimate(scored, ESTIMATORS[name]))
+        settings = ESTIMATORS[name]
+        if settings.preconditioner == "adam" and not adam:
+            print(f"  {name}: skipped (the workload does not fine-tune with "
+                  "estimation.Adam)", flush=True)
+            continue
+        at_loo = estimate(loo_chunks, settings)[:len(loo)]  # compiles the chunk
+        at_fit, seconds = timed(lambda settings=settings: estimate(subsets[:fit],
+                                                                   settings))
+        speed.append({"estimator": name, "num_subsets": fit, "finetune_s": tune_s,
+                      "estimate_s": seconds, "speedup": tune_s / seconds})
+        result = np.concatenate([at_loo, at_fit])
         anchored = np.asarray(difference_form(result, result[0], measured_all))
         for label, values in ((name, result), (f"{name}, difference form", anchored)):
             estimates[label] = values
             rows.append({"estimator": label, "seconds": seconds,
                          **errors(values, truth_scored, num_loo, args.seed)})
-        print(f"  {name}: {seconds:.1f} s", flush=True)
+        print(f"  {name}: {seconds:.1f} s for the {fit} fitting subsets", flush=True)
+
+    # Other subset counts: the default estimator on subsets drawn with repeats.
+    timing_subsets = np.asarray(fixed_size_masks(
+        jax.random.fold_in(key, 8), max(args.num_subsets), num_tasks,
+        subset_size=size))
+    sweep = sorted(set(args.num_subsets) - {fit})
+    if sweep and DEFAULT not in estimates:  # compile it first
+        estimate(timing_subsets[:args.chunk_size], ESTIMATORS[DEFAULT])
+    for m in sweep:
+        _, m_tune_s = timed(lambda m=m: finetune(timing_subsets[:m], 1))
+        _, est_s = timed(lambda m=m: estimate(timing_subsets[:m],
+                                              ESTIMATORS[DEFAULT]))
+        speed.append({"estimator": DEFAULT, "num_subsets": m,
+                      "finetune_s": m_tune_s, "estimate_s": est_s,
+                      "speedup": m_tune_s / est_s})
+        print(f"  m={m}: fine-tuning {m_tune_s:.1f} s, {DEFAULT} {est_s:.1f} s",
+              flush=True)
 
     fit_masks = subsets[:fit]
     heldout = slice(1 + num_loo + fit, 1 + num_loo + fit + held)
@@ -233,11 +274,12 @@ def main():
             fit_masks, values[1 + num_loo:], *surrogate_args)
 
     headline = next((r for r in rows if r["estimator"] == DEFAULT), rows[0])
-    at_fit = min(speed, key=lambda row: row["num_subsets"])
+    # The headline speed: the headline estimator's, at the count nearest 256.
+    at_fit = min((row for row in speed if row["estimator"] == headline["estimator"]),
+                 key=lambda row: abs(row["num_subsets"] - 256))
     kernel_gap = (downstream_rows["fine-tuned scores"]["kernel"]["loo_spearman"]
                   - downstream_rows[f"estimated: {headline['estimator']}"]["kernel"]
                   ["loo_spearman"])
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
     print(f"\nEstimates against fine-tuning from θ* ({args.replicates} replicates "
           f"averaged; first {fit} subsets and the {num_loo} LOO sets):\n")
@@ -245,9 +287,10 @@ def main():
                               "relative_error_max", "relative_error_columns",
                               "spearman_subsets", "spearman_subsets_per_target",
                               "loo_spearman"]))
-    print("\nSpeed of the default estimator against vmapped fine-tuning:\n")
-    print(format_table(speed, ["num_subsets", "finetune_s", "estimate_s",
-                               "speedup"]))
+    print("\nSpeed against vmapped fine-tuning (both compiled first; fine-tuning "
+          "one replicate):\n")
+    print(format_table(speed, ["estimator", "num_subsets", "finetune_s",
+                               "estimate_s", "speedup"]))
     print(f"\nSurrogates fitted to {fit} subsets, against the fine-tuned truth "
           f"(mean target; held out: {held} subsets):\n")
     print(format_table(
@@ -256,6 +299,8 @@ def main():
          for kind, values in by_kind.items()],
         ["scores", "surrogate", "loo_spearman", "heldout_spearman"]))
 
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    wall_s = time.perf_counter() - start
     path = write_json(args.out or REPO_ROOT / f"results/bench_estimation_"
                       f"{args.workload}.json", {
         "benchmark": "bench_estimation", "environment": environment(),
@@ -263,7 +308,7 @@ def main():
         "finetune_steps": workload.finetune_spec.num_steps,
         "base_train_s": base_seconds, "ground_truth_s": truth_s,
         "ceiling": ceiling, "estimators": rows, "speed": speed,
-        "downstream": downstream_rows, "peak_rss_gb": peak_gb,
+        "downstream": downstream_rows, "peak_rss_gb": peak_gb, "wall_s": wall_s,
         "default_estimator": headline["estimator"],
         "kernel_loo_spearman_gap": kernel_gap,
         "relative_error_mean": headline["relative_error_mean"],
@@ -271,7 +316,9 @@ def main():
         "loo_spearman": headline["loo_spearman"],
         "speedup": at_fit["speedup"],
     })
-    print(f"\npeak memory {peak_gb:.2f} GB; wrote {path}")
+    print(f"\nwall time {wall_s:.0f} s, peak memory {peak_gb:.2f} GB (load "
+          f"average {os.getloadavg()[0]:.1f}); wrote {path}")
+    print(f"default estimator: {headline['estimator']}")
     print(f"ceiling: spearman_subsets {ceiling['spearman_subsets']:.3f}, "
           f"loo_spearman {ceiling['loo_spearman']:.3f}")
     print(f"kernel surrogate LOO Spearman, fine-tuned minus estimated scores: "

@@ -47,11 +47,13 @@ from tasksurrogate_jax.data import (
     mask_to_weights,
 )
 from tasksurrogate_jax.estimation import (
+    Adam,
     EstimationResult,
     EstimationSettings,
     SolverSettings,
     difference_form,
     estimate_scores,
+    gradient_second_moment,
     linearized_finetune_scores,
 )
 from tasksurrogate_jax.estimation_check import EstimationCheck, check_estimation
@@ -183,6 +185,7 @@ __all__ = [
     "make_train_spec",
     "retrain",
     # projection, linearization, estimation
+    "Adam",
     "EstimationCheck",
     "EstimationResult",
     "EstimationSettings",
@@ -191,6 +194,7 @@ __all__ = [
     "check_estimation",
     "difference_form",
     "estimate_scores",
+    "gradient_second_moment",
     "linearized_finetune_scores",
     "make_projection",
     "per_example_grads",

@@ -1,3 +1,5 @@
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -295,3 +297,205 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="key is required"):
         est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             proj_dim=4)
+
+
+# ---------------------------------------------------------------------------
+# Adam and the Adam preconditioner.
+
+ADAM_B1, ADAM_LR = 0.8, 0.05
+
+
+def _flat(tree) -> np.ndarray:
+    """Softmax-regression parameters as one vector in ``ravel_pytree`` order
+    (dict keys sorted: ``b``, then ``w``)."""
+    return np.concatenate([np.ravel(tree[k]) for k in ("b", "w")])
+
+
+def _rows(tree, i):
+    """Row ``i`` of a pytree with a leading axis."""
+    return jax.tree.map(lambda leaf: leaf[i], tree)
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_adam_updates_bitwise_as_optax_adam(weight_decay):
+    reference = optax.adamw(0.05, b1=0.8, b2=0.95, eps=1e-6,
+                            weight_decay=weight_decay)
+    ours = est.Adam(0.05, b1=0.8, b2=0.95, eps=1e-6, weight_decay=weight_decay)
+    params, states = [PARAMS, PARAMS], [reference.init(PARAMS), ours.init(PARAMS)]
+    for _ in range(5):
+        grads = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape)), PARAMS)
+        for i, optimizer in enumerate((reference, ours)):
+            updates, states[i] = optimizer.update(grads, states[i], params[i])
+            params[i] = optax.apply_updates(params[i], updates)
+    jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
+    assert ours.momentum() is est.Adam(0.05, b1=0.8).momentum()  # compiled once
+
+
+def test_unit_preconditioner_is_the_plain_momentum_program(monkeypatch):
+    # v ≡ 1 and ε = 0 give S = 1: the features are J P, and the program is
+    # momentum descent (Adam's β1 and learning rate) on w.
+    monkeypatch.setattr(est, "gradient_second_moment",
+                        lambda apply_fn, params, *a, **k: jax.tree.map(
+                            jnp.ones_like, params))
+    kw = dict(key=jax.random.key(3), batch_key=jax.random.key(4), proj_dim=6)
+
+    def spec(optimizer):
+        return retraining.make_train_spec(apply_fn=softmax_regression,
+                                          optimizer=optimizer, num_steps=20,
+                                          batch_size=16)
+
+    adam = est.Adam(ADAM_LR, b1=ADAM_B1, eps=0.0)
+    preconditioned = est.linearized_finetune_scores(
+        softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec(adam),
+        preconditioner="adam", **kw)
+    momentum = optax.chain(optax.ema(ADAM_B1, debias=True), optax.sgd(ADAM_LR))
+    plain = est.linearized_finetune_scores(
+        softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec(momentum),
+        **kw)
+    np.testing.assert_allclose(preconditioned.scores, plain.scores, rtol=1e-12)
+    np.testing.assert_allclose(preconditioned.delta_norm, plain.delta_norm,
+                               rtol=1e-12)
+    assert float(np.min(plain.delta_norm)) > 1e-3  # the program did move
+
+
+def _mlp(params, x):
+    return jnp.tanh(x @ params["hidden"]) @ params["out"]
+
+
+@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+def test_scaled_features_are_jvps_along_scaled_projection_columns(output_mode):
+    keys = jax.random.split(jax.random.key(7), 3)
+    params = {"hidden": jax.random.normal(keys[0], (NUM_FEATURES, 5)),
+              "out": jax.random.normal(keys[1], (5, NUM_CLASSES))}
+    scale = jax.tree.map(lambda p: jnp.exp(jax.random.normal(keys[2], p.shape)),
+                         params)
+    d = 4
+    projection = proj.make_projection(jax.random.key(8), d)
+    features = est.linearized_examples(_mlp, params, DATA.inputs, DATA.labels,
+                                       projection=projection,
+                                       output_mode=output_mode, scale=scale).features
+    columns = proj.unproject(projection, jnp.eye(d), params)  # P e_j, [d, ...]
+
+    def outputs(p):
+        logits = _mlp(p, DATA.inputs)
+        return logits if output_mode == "logits" else jax.vmap(losses.margin)(
+            logits, DATA.labels)
+
+    jvps = [jax.jvp(outputs, (params,), (jax.tree.map(
+        jnp.multiply, scale, _rows(columns, j)),))[1] for j in range(d)]
+    np.testing.assert_allclose(features, np.stack(jvps, axis=-1), rtol=1e-10,
+                               atol=1e-12)
+
+
+def test_gradient_second_moment_is_that_of_a_mini_batch_without_replacement():
+    # Six examples and two padding rows: every batch of 2 of the 6, averaged.
+    x = RNG.normal(size=(8, NUM_FEATURES))
+    labels = np.array([0, 1, 2, 0, 1, 2, 0, 0])
+    data = make_task_data(x, labels, np.array([0, 0, 1, 1, 2, 2, -1, -1]),
+                          num_classes=NUM_CLASSES, num_tasks=3)
+    per_example = jax.vmap(jax.grad(
+        lambda p, xi, yi: losses.softmax_cross_entropy(
+            softmax_regression(p, xi[None]), yi[None])[0]),
+        in_axes=(None, 0, 0))(PARAMS, data.inputs[:6], data.labels[:6])
+    grads = np.stack([_flat(_rows(per_example, i)) for i in range(6)])
+    expected = np.mean([grads[list(batch)].mean(0) ** 2
+                        for batch in itertools.combinations(range(6), 2)], axis=0)
+    for chunk_size in (3, None):
+        moment = est.gradient_second_moment(softmax_regression, PARAMS, data,
+                                            batch_size=2, chunk_size=chunk_size)
+        np.testing.assert_allclose(_flat(moment), expected, rtol=1e-10)
+    full = est.gradient_second_moment(softmax_regression, PARAMS, data,
+                                      batch_size=None)
+    np.testing.assert_allclose(_flat(full), grads.mean(0) ** 2, rtol=1e-10)
+
+
+@pytest.mark.slow
+def test_adam_preconditioner_is_momentum_descent_with_fixed_second_moment():
+    # Softmax regression is linear in its parameters, so the linearized model is
+    # the model: write the full-batch program out by hand in θ-space.
+    d, steps, eps = 6, 30, 1e-3
+    # Halved at steps 10 and 20: float32 rates (optax's), exact under jit too.
+    schedule = optax.piecewise_constant_schedule(ADAM_LR, {10: 0.5, 20: 0.5})
+    adam = est.Adam(schedule, b1=ADAM_B1, eps=eps)
+    key = jax.random.key(9)
+    projection = proj.make_projection(key, d, num_params=proj.num_parameters(PARAMS))
+    columns = proj.unproject(projection, jnp.eye(d), PARAMS)  # P e_j, [d, ...]
+    p_matrix = np.stack([_flat(_rows(columns, j)) for j in range(d)], axis=1)
+
+    def unflat(theta):
+        return {"b": theta[:NUM_CLASSES],
+                "w": theta[NUM_CLASSES:].reshape(NUM_FEATURES, NUM_CLASSES)}
+
+    def loss(theta, x, y, omega):
+        per_example = losses.softmax_cross_entropy(softmax_regression(unflat(theta), x),
+                                                   y)
+        return jnp.sum(omega * per_example) / jnp.sum(omega)
+
+    theta0 = jnp.asarray(_flat(PARAMS))
+    per_example = jax.vmap(jax.grad(loss), in_axes=(None, 0, 0, None))(
+        theta0, DATA.inputs[:, None], DATA.labels[:, None], jnp.ones(1))
+    scale = (np.sqrt(np.mean(np.asarray(per_example), 0) ** 2) + eps) ** -0.5
+
+    def reference(mask):
+        omega = jnp.asarray(np.asarray(mask)[np.asarray(DATA.task_ids)])
+        w, m = np.zeros(d), np.zeros(d)
+        for t in range(1, steps + 1):
+            theta = theta0 + scale * (p_matrix @ w)
+            grad_w = p_matrix.T @ (scale * np.asarray(jax.grad(loss)(
+                theta, DATA.inputs, DATA.labels, omega)))
+            m = ADAM_B1 * m + (1 - ADAM_B1) * grad_w
+            rate = float(schedule(jnp.int32(t - 1)))  # optax's int32 step count
+            w = w - rate * m / (1 - ADAM_B1 ** t)
+        delta = scale * (p_matrix @ w)
+        scores = losses.softmax_cross_entropy(
+            softmax_regression(unflat(theta0 + delta), TARGET.inputs), TARGET.labels)
+        return np.asarray(scores), np.linalg.norm(delta)
+
+    spec = retraining.make_train_spec(apply_fn=softmax_regression, optimizer=adam,
+                                      num_steps=steps)
+    estimate = est.linearized_finetune_scores(
+        softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
+        batch_key=jax.random.key(0), proj_dim=d, preconditioner="adam")
+    expected = [reference(mask) for mask in MASKS]
+    np.testing.assert_allclose(estimate.scores, np.stack([e[0] for e in expected]),
+                               rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(estimate.delta_norm, [e[1] for e in expected],
+                               rtol=1e-9)
+    assert min(e[1] for e in expected) > 1e-3  # the program did move
+
+
+def test_bad_preconditioner_settings():
+    with pytest.raises(ValueError, match="preconditioner must be one of"):
+        est.EstimationSettings(preconditioner="sgd")
+    with pytest.raises(ValueError, match=r"preconditioner='adam' needs a "
+                                         r"projection \(proj_dim\)"):
+        est.EstimationSettings(preconditioner="adam", proj_dim=None)
+    with pytest.raises(ValueError, match="preconditioner='adam' needs "
+                                         "method='finetune'"):
+        est.EstimationSettings(method="solve", preconditioner="adam")
+    for kwargs, name in (({"learning_rate": -1.0}, "learning_rate"),
+                         ({"learning_rate": "fast"}, "learning_rate"),
+                         ({"b1": 1.0}, "b1"), ({"b2": -0.1}, "b2"),
+                         ({"eps": -1e-8}, "eps"), ({"weight_decay": -1.0},
+                                                   "weight_decay")):
+        with pytest.raises(ValueError, match=f"^{name} must be"):
+            est.Adam(**{"learning_rate": 0.1, **kwargs})
+
+    def run(optimizer):
+        spec = retraining.make_train_spec(apply_fn=softmax_regression,
+                                          optimizer=optimizer, num_steps=2)
+        est.linearized_finetune_scores(
+            softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec,
+            key=jax.random.key(0), batch_key=jax.random.key(0), proj_dim=4,
+            preconditioner="adam")
+
+    with pytest.raises(ValueError, match=r"finetune\.optimizer.*got "
+                                         "GradientTransformationExtraArgs"):
+        run(optax.adam(0.1))
+    with pytest.raises(ValueError, match=r"finetune\.optimizer has weight_decay"):
+        run(est.Adam(0.1, weight_decay=0.1))
+    with pytest.raises(ValueError, match="scale must be a pytree shaped like "
+                                         "params"):
+        est.linearized_examples(softmax_regression, PARAMS, DATA.inputs, DATA.labels,
+                                projection=proj.make_projection(jax.random.key(0), 4),
+                                output_mode="logits", scale={"w": PARAMS["w"]})

@@ -10,7 +10,11 @@ import pytest
 
 import tasksurrogate_jax.retraining as rt
 from tasksurrogate_jax.data import make_task_data
-from tasksurrogate_jax.estimation import EstimationSettings
+from tasksurrogate_jax.estimation import (
+    Adam,
+    EstimationSettings,
+    linearized_finetune_scores,
+)
 from tasksurrogate_jax.store import StoreMismatchError
 from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads import (
@@ -143,6 +147,32 @@ def test_stored_estimation_resumes_and_refuses_another_projection(tiny, tmp_path
         tiny.estimate(masks, settings=EstimationSettings(proj_dim=8), **kw)
     with pytest.raises(ValueError, match="store_dir needs settings.method"):
         tiny.estimate(masks, settings=EstimationSettings(method="solve"), **kw)
+
+
+@pytest.mark.slow
+def test_adam_preconditioned_estimate_is_the_library_program_and_is_stored(
+        tiny, tmp_path):
+    apply_fn, init_fn = _linear_model(tiny.data)
+    own = SupervisedWorkload(apply_fn=apply_fn, init_fn=init_fn, data=tiny.data,
+                             target=tiny.target,
+                             train=TrainSettings(optax.adam(5e-2), 50, 64),
+                             finetune=TrainSettings(Adam(1e-2, b2=0.99), 20, 64),
+                             name="digits-linear-adam")
+    masks = leave_one_out_masks(own.num_tasks)[:3]
+    settings = EstimationSettings(proj_dim=16, preconditioner="adam")
+    store = tmp_path / "estimates"
+    estimate = own.estimate(masks, key=KEY, settings=settings, store_dir=store)
+    direct = linearized_finetune_scores(
+        apply_fn, own.base_params(key=KEY), own.data, own.target, masks,
+        finetune=own.finetune_spec, key=jax.random.fold_in(KEY, 1), batch_key=KEY,
+        proj_dim=16, preconditioner="adam")
+    np.testing.assert_array_equal(estimate.scores, direct.scores)
+    np.testing.assert_array_equal(estimate.delta_norm, direct.delta_norm)
+    with pytest.raises(StoreMismatchError, match="preconditioner"):
+        own.estimate(masks, key=KEY, store_dir=store, settings=dataclasses.replace(
+            settings, preconditioner="none"))
+    with pytest.raises(ValueError, match=r"finetune\.optimizer.*estimation\.Adam"):
+        tiny.estimate(masks, key=KEY, settings=settings)  # it fine-tunes with SGD
 
 
 def test_bad_regime_and_replicates(tiny):

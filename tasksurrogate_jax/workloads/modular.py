@@ -34,6 +34,7 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import make_target_data, make_task_data
+from tasksurrogate_jax.estimation import Adam
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.supervised import (
     SupervisedWorkload,
@@ -264,9 +265,10 @@ class ModularWorkload(SupervisedWorkload):
             train=TrainSettings(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2,
                                             weight_decay=c.weight_decay),
                                 c.num_steps, c.batch_size),
+            # estimation.Adam: optax.adam's training, with hyperparameters the
+            # Adam-preconditioned estimator reads.
             finetune=TrainSettings(
-                optax.adamw(self._finetune_learning_rate(), b1=c.b1, b2=c.b2,
-                            weight_decay=0.0),
+                Adam(self._finetune_learning_rate(), b1=c.b1, b2=c.b2),
                 self._finetune_steps(), c.batch_size),
             description=dataclasses.asdict(c), precision=c.precision)
 

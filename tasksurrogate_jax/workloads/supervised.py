@@ -70,7 +70,10 @@ class TrainSettings:
     """One training program's optimizer and length (the model comes apart).
 
     Attributes:
-      optimizer: an ``optax.GradientTransformation``.
+      optimizer: an ``optax.GradientTransformation``, or an
+        :class:`~tasksurrogate_jax.estimation.Adam` (optax's Adam with readable
+        hyperparameters: what fine-tuning needs for the estimator's
+        ``preconditioner="adam"``).
       num_steps: optimizer steps (``0`` only for fine-tuning: no update).
       batch_size: mini-batch size, or ``None`` for full batch.
     """
@@ -326,7 +329,9 @@ class SupervisedWorkload(Workload):
             ``retrain(..., key=key, regime="finetune")``, and so does the one
             real fine-tuning on all tasks that ``settings`` may need.
           settings: :class:`~tasksurrogate_jax.estimation.EstimationSettings`
-            (default: linearized fine-tuning of the ``finetune`` program).
+            (default: linearized fine-tuning of the ``finetune`` program);
+            ``preconditioner="adam"`` needs the ``finetune`` optimizer given as
+            an :class:`~tasksurrogate_jax.estimation.Adam`.
           base_params: ``θ*`` to linearize around.
           chunk_size: subsets per compiled call.
           mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
@@ -361,7 +366,8 @@ class SupervisedWorkload(Workload):
         if settings.method == "finetune":
             result = linearized_finetune_scores(
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
-                batch_key=key, replicates=settings.replicates, store_dir=store_dir,
+                batch_key=key, preconditioner=settings.preconditioner,
+                replicates=settings.replicates, store_dir=store_dir,
                 store_config=None if store_dir is None else {
                     **self.store_config("finetune"),
                     "replicates": settings.replicates},
