@@ -88,12 +88,11 @@ def choose_subsets(fits: SelectionFits, num_tasks: int, *, target_weights=None,
             fits.kernel, max_distance=fits.trust_radius, masks=fits.masks,
             target_weights=target_weights),
     }
-    kernel_mean = objectives["kernel"]
     chosen = {}
     for name, objective in objectives.items():
         result = selection.select_subset(objective, num_tasks, **bounds)
         mask = np.asarray(result.mask, np.float64)
-        predictor = objectives["linear"] if name == "linear" else kernel_mean
+        predictor = objectives["linear" if name == "linear" else "kernel"]
         chosen[name] = {"mask": mask, "indices": list(map(int, result.indices)),
                         "predicted": float(np.asarray(predictor(mask[None]))[0])}
     chosen["kernel + LCB"]["kappa"] = float(calibration.kappa)

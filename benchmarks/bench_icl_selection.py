@@ -164,8 +164,8 @@ def _metrics(draws) -> list[str]:
 
 
 def summarize(draws) -> dict:
-    """Intervals over the draws: each chooser's held-out loss (and accuracy),
-    its paired difference to the linear chooser, the relative gain."""
+    """Intervals over the draws: each chooser's target and held-out loss (and
+    accuracy), its paired difference to the linear chooser, the relative gain."""
     interval = _selection.mean_interval
     names = list(draws[0]["selection"])
     metrics = _metrics(draws)
@@ -330,6 +330,15 @@ def main():
                            ["demonstrations", "model", "Bayes-optimal"]))
 
     draws, summary, oracle = [], None, None
+
+    def save():
+        return write_json(out, {
+            "args": vars(args), "environment": environment(),
+            "config": workload.store_config(), "train_seconds": train_s,
+            "in_context_learning": learning, "draws": draws, "summary": summary,
+            "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA,
+            "oracle": oracle})
+
     for d in range(args.draws):
         config = pipeline.check_config(pipeline.PipelineConfig(
             workload=name, preset=args.preset, seed=args.seed + d, shots=args.shots,
@@ -338,11 +347,7 @@ def main():
         draws.append(one_draw(workload, config, args))
         summary = summarize(draws) if len(draws) > 1 else None
         # Every finished draw is on disk: an interrupted run keeps them.
-        write_json(out, {"args": vars(args), "environment": environment(),
-                         "config": workload.store_config(), "train_seconds": train_s,
-                         "in_context_learning": learning, "draws": draws,
-                         "summary": summary,
-                         "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA})
+        save()
         print(f"draw {d + 1}/{args.draws} done", flush=True)
     if args.oracle:
         mask, seconds = _timed(lambda: _oracle_mask(workload, args.shots))
@@ -352,12 +357,7 @@ def main():
                       workload.exact_scores(mask[None])).mean()),
                   "prompt": [workload.task_names[i] for i in np.nonzero(mask)[0]]}
     print_tables(workload, draws, summary, args, oracle)
-    path = write_json(out, {
-        "args": vars(args), "environment": environment(),
-        "config": workload.store_config(), "train_seconds": train_s,
-        "in_context_learning": learning, "draws": draws, "summary": summary,
-        "relative_gain_formula": _selection.RELATIVE_GAIN_FORMULA, "oracle": oracle})
-    print(f"\nwrote {path}")
+    print(f"\nwrote {save()}")
 
 
 if __name__ == "__main__":

@@ -547,9 +547,8 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
     # Ridges below the rounding error of the kernel's eigenvalues give
     # meaningless CV errors.
-    # The dtype the fit computes in: float64 scores are float32 without x64.
-    ridges = surrogates.default_ridge_grid(
-        fit_masks.shape[0], jax.dtypes.canonicalize_dtype(np.asarray(fit_scores).dtype))
+    ridges = surrogates.default_ridge_grid(fit_masks.shape[0],
+                                           np.asarray(fit_scores).dtype)
     key = jax.random.key(seed)
     if fit_masks.shape[0] > surrogates.AUTO_EXACT_MAX_SUBSETS:
         search = nystrom.select_nystrom_hyperparameters(

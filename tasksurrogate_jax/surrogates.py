@@ -491,11 +491,13 @@ def default_gamma_grid(num_tasks: int) -> np.ndarray:
 def default_ridge_grid(num_subsets: int | None = None, dtype=None) -> np.ndarray:
     """Six penalties ``10^{-4..1}``; given ``num_subsets`` and a float ``dtype``,
     only those above the rounding error of an RBF kernel matrix's eigenvalues
-    (``10 eps m``, the threshold of the precision warning)."""
+    (``10 eps m``, the threshold of the precision warning), in the dtype the
+    fit computes in (float64 is float32 without ``jax_enable_x64``)."""
     grid = 10.0 ** np.arange(-4, 2)
     if num_subsets is None or dtype is None:
         return grid
-    return grid[grid >= 10 * np.finfo(dtype).eps * num_subsets]
+    eps = np.finfo(jax.dtypes.canonicalize_dtype(dtype)).eps
+    return grid[grid >= 10 * eps * num_subsets]
 
 
 def select_kernel_hyperparameters(
