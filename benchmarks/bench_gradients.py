@@ -204,7 +204,7 @@ def main():
               f"d={r['proj_dim']}: after ours {r['peak_rss_mib_after_ours']:.0f}, "
               f"after loop {r['loop']['peak_rss_mib_after']:.0f}" for r in results))
     payload = {"benchmark": "gradients", "preset": args.preset,
-               "config": w.store_config(), "num_params": p, "dtype": dtype,
+               "config": w.fingerprint(), "num_params": p, "dtype": dtype,
                "params": "init_fn",
                "results": results, "environment": environment()}
     print("wrote", write_json(args.out, payload))

@@ -106,7 +106,7 @@ def main():
         "platform": platform.platform(),
         "dtype": str(jax.tree.leaves(params)[0].dtype),
         "preset": args.preset,
-        "config": w.store_config(),
+        "config": w.fingerprint(),
         "num_subsets": m,
         "num_tasks": K,
         "num_train": w.data.num_examples,

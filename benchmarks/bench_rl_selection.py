@@ -177,7 +177,7 @@ def one_draw(workload, evaluate, config, run, draw: int,
     # Across the distinct subsets the choosers picked (not the baselines).
     chosen_rows = np.unique(index[:len(CHOOSERS)])
     pick_reliability = (reliability.subset_reliability(
-        measured[:, chosen_rows], seed=config.seed).per_target
+        measured[:, chosen_rows], seed=config.seed).mean
         if chosen_rows.size > 1 else float("nan"))
     record = {
         "draw": draw, "seed": config.seed + draw, "fit_masks": masks,

@@ -70,7 +70,7 @@ def main():
     rand_mean = np.asarray(r_rand.losses[0], np.float64).mean(1)
     summary = {
         "preset": args.preset,
-        "config": w.store_config(),
+        "config": w.fingerprint(),
         "num_train": w.data.num_examples,
         "num_targets": w.num_targets,
         "jax": jax.__version__,

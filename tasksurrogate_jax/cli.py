@@ -71,6 +71,20 @@ def parse_ridge(text: str) -> float | str:
     return value
 
 
+def parse_proj_dim(text: str) -> int | str:
+    """``"auto"``, ``"full"`` or a positive int."""
+    if text in ("auto", "full"):
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive int, 'auto' or 'full', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = PipelineConfig()
     parser = argparse.ArgumentParser(
@@ -108,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimation-method", default=defaults.estimation_method,
                      choices=ESTIMATION_METHODS,
                      help="linearized fine-tuning or the convex solve")
-    run.add_argument("--proj-dim", type=int, default=None)
+    run.add_argument("--proj-dim", type=parse_proj_dim, default=None,
+                     help="projection dimension of the estimation: an int, "
+                          "'full' (no projection) or 'auto' (full space up to "
+                          "100,000 parameters); default: the workload's")
     run.add_argument("--estimation-ridge", type=parse_ridge,
                      default=defaults.estimation_ridge,
                      help="ridge of the convex solve: a number or 'auto'")

@@ -120,6 +120,11 @@ class SolverSettings(NamedTuple):
 
 
 METHODS = ("finetune", "solve")
+PROJ_DIM_CHOICES = ("auto", "full")
+# ``proj_dim="auto"``: the full parameter space up to this many parameters,
+# else a projection to DEFAULT_PROJ_DIM (see EstimationSettings).
+AUTO_FULL_SPACE_MAX_PARAMS = 100_000
+DEFAULT_PROJ_DIM = 512
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +134,17 @@ class EstimationSettings:
     Attributes:
       method: ``"finetune"`` (:func:`linearized_finetune_scores`, mirroring the
         workload's fine-tuning program) or ``"solve"`` (:func:`estimate_scores`).
-      proj_dim: d, or ``None`` for the full parameter space.
+      proj_dim: d (an int), ``"full"`` (or ``None``) for the full parameter
+        space, or ``"auto"`` (default, :meth:`resolved_proj_dim`): the full
+        space for linearized fine-tuning of a model of at most
+        :data:`AUTO_FULL_SPACE_MAX_PARAMS` parameters, else
+        :data:`DEFAULT_PROJ_DIM`. Why: the full space linearizes without
+        projection error (measured on digits ``cpu``, p = 4,810: LOO
+        Spearman of directly estimated effects 0.944 in the full space
+        against 0.775 at d = 512, on a user's 1,058-parameter model 0.868
+        against 0.833 and faster), and its cost per subset is a few
+        forward-backward passes of the model, which only large models cannot
+        afford per subset.
       output_mode: ``"logits"`` or ``"margin"``.
       ridge: the convex solve's ridge, a number or ``"auto"`` (calibrated to one
         real fine-tuning on all tasks); unused by ``"finetune"``.
@@ -145,7 +160,7 @@ class EstimationSettings:
     """
 
     method: str = "finetune"
-    proj_dim: int | None = 512
+    proj_dim: int | str | None = "auto"
     output_mode: str = "logits"
     ridge: float | str = "auto"
     difference: bool = False
@@ -155,19 +170,42 @@ class EstimationSettings:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}.")
-        if self.proj_dim is not None:
+        if isinstance(self.proj_dim, str):
+            if self.proj_dim not in PROJ_DIM_CHOICES:
+                raise ValueError(f"proj_dim must be a positive int, 'auto' or 'full', "
+                                 f"got {self.proj_dim!r}.")
+        elif self.proj_dim is not None:
             check_positive_int(self.proj_dim, "proj_dim")
+        full = self.proj_dim in (None, "full")
         _check_output_mode(self.output_mode)
-        _check_preconditioner(self.preconditioner, self.proj_dim)
+        if full and self.output_mode != "logits":
+            raise ValueError(f"output_mode={self.output_mode!r} needs a projection: "
+                             "set proj_dim to an int or 'auto'.")
+        _check_preconditioner(self.preconditioner, None if full else self.proj_dim)
         if self.preconditioner != "none" and self.method != "finetune":
             raise ValueError(
                 f"preconditioner={self.preconditioner!r} needs method='finetune' "
                 f"(it preconditions the fine-tuning program), got {self.method!r}.")
         if self.method == "solve":
-            _check_ridge(self.ridge, 1.0, self.proj_dim)
+            _check_ridge(self.ridge, 1.0, None if full else self.proj_dim)
         if not isinstance(self.difference, bool):
             raise TypeError(f"difference must be a bool, got {self.difference!r}.")
         check_positive_int(self.replicates, "replicates")
+
+    def resolved_proj_dim(self, num_params: int) -> int | None:
+        """The projection dimension for a model of ``num_params`` parameters,
+        ``None`` for the full space (see ``proj_dim``). ``"auto"`` keeps a
+        projection wherever the full space cannot run: the convex solve with
+        ``ridge="auto"``, ``output_mode="margin"`` and the Adam
+        preconditioner."""
+        if self.proj_dim in (None, "full"):
+            return None
+        if self.proj_dim != "auto":
+            return int(self.proj_dim)
+        full_ok = (self.method == "finetune" and self.preconditioner == "none"
+                   and self.output_mode == "logits"
+                   and num_params <= AUTO_FULL_SPACE_MAX_PARAMS)
+        return None if full_ok else DEFAULT_PROJ_DIM
 
     @property
     def needs_reference_run(self) -> bool:
@@ -793,9 +831,9 @@ def linearized_finetune_scores(
       store_dir: folder to save each finished chunk to and resume from (the
         ``retraining.retrain`` store of the linearized runs: its digests cover
         ``θ*`` and the projection through the linearized data).
-      store_config: JSON-serialisable description of the model and the
-        fine-tuning (what the arguments cannot show); required with
-        ``store_dir``.
+      store_config: optional JSON-serialisable description recorded beside
+        the store's key (the key holds digests of ``θ*``, the linearized
+        data and the linearized fine-tuning program: ``retraining.retrain``).
 
     Returns:
       :class:`EstimationResult` with ``scores`` ``[m, T]`` (the mean over
@@ -817,13 +855,10 @@ def linearized_finetune_scores(
            "chunk_size": chunk_size, "return_params": True, "progress": False,
            "mesh": mesh, "store_dir": store_dir}
     if store_dir is not None:
-        if store_config is None:
-            raise ValueError("store_config is required with store_dir (a JSON "
-                             "description of the model and the fine-tuning).")
         run["store_config"] = {
             "estimation": "linearized_finetune", "proj_dim": proj_dim,
             "output_mode": output_mode, "projection_kind": projection_kind,
-            "preconditioner": preconditioner, "user": dict(store_config)}
+            "preconditioner": preconditioner, "user": dict(store_config or {})}
 
     if proj_dim is None:
         if output_mode != "logits":

@@ -74,7 +74,8 @@ from tasksurrogate_jax import (
     surrogates,
 )
 from tasksurrogate_jax.estimation import EstimationSettings
-from tasksurrogate_jax.store import ChunkStore, config_hash
+from tasksurrogate_jax.report import write_json
+from tasksurrogate_jax.store import ChunkStore, StoreMismatchError, config_hash
 from tasksurrogate_jax.subsets import (
     fixed_size_masks,
     leave_one_out_masks,
@@ -154,7 +155,7 @@ _SUPERVISED_ONLY = ("estimation_method", "estimation_ridge", "output_mode",
                     "influence_hessian", "trak_proj_dim")
 _SUPERVISED = {
     "defaults": MappingProxyType({"regime": "finetune", "num_subsets": 96,
-                                  "num_heldout": 32, "proj_dim": 512}),
+                                  "num_heldout": 32, "proj_dim": "auto"}),
     "unused": ("shots", "truth_prompts"),
 }
 # The prompt workloads' shared settings (the ``fixed_size`` protocol).
@@ -250,7 +251,10 @@ class PipelineConfig:
         (the convex solve); see :class:`~tasksurrogate_jax.estimation.
         EstimationSettings` for this and the next four fields (supervised
         workloads).
-      proj_dim: projection dimension of the estimation.
+      proj_dim: projection dimension of the estimation: an int, ``"full"``
+        (the full parameter space) or ``"auto"`` (supervised workloads'
+        default: :meth:`~tasksurrogate_jax.estimation.EstimationSettings.
+        resolved_proj_dim`); ``None`` takes the workload's default.
       estimation_ridge: ridge of the convex solve, a number or ``"auto"``.
       output_mode: ``"logits"`` or ``"margin"``.
       estimation_difference: anchor the estimates at one real fine-tuning on
@@ -284,7 +288,7 @@ class PipelineConfig:
     shots: int | None = None
     truth_prompts: int | None = None
     estimation_method: str = "finetune"
-    proj_dim: int | None = None
+    proj_dim: int | str | None = None
     estimation_ridge: float | str = "auto"
     output_mode: str = "logits"
     estimation_difference: bool = False
@@ -359,8 +363,16 @@ def check_config(config: PipelineConfig, *, workload=None) -> PipelineConfig:
     for field in ("proj_dim", "trak_proj_dim", "chunk_size", "bootstrap_resamples",
                   "truth_prompts"):
         value = getattr(config, field)
-        if value is not None and value < 1:
+        if value is None or (isinstance(value, str) and field.endswith("proj_dim")):
+            continue  # names ("auto", "full") are checked where they are used
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{field} must be an int, got {value!r}.")
+        if value < 1:
             raise ValueError(f"{field} must be >= 1, got {value}.")
+    if entry.estimate is _estimate_rl and not isinstance(config.proj_dim, int):
+        raise ValueError(f"proj_dim must be an int for workload {name!r} (its "
+                         f"policy-gradient estimate projects), got "
+                         f"{config.proj_dim!r}.")
     if config.drop is not None and config.drop < 1:
         raise ValueError(f"drop must be >= 1, got {config.drop}.")
     if config.shots is not None and config.shots < 2:
@@ -448,10 +460,11 @@ def stage_keys(seed: int) -> dict:
 
 
 # The configuration fields each stage's result depends on. A run folder holds
-# one workload identity (refused otherwise); within it, each stage is stored
-# under a hash of its own fields, so changing, say, the influence damping
-# recomputes the baselines only, and earlier settings stay reusable.
-IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "description")
+# one workload identity, the workload's fingerprint included (its data, target
+# and programs: refused otherwise, naming what differs); within it, each stage
+# is stored under a hash of its own fields, so changing, say, the influence
+# damping recomputes the baselines only, and earlier settings stay reusable.
+IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "fingerprint")
 STAGE_FIELDS = {
     "base": (),
     "loo": ("regime", "replicates", "chunk_size"),
@@ -480,7 +493,12 @@ class _Stages:
         self.stage_fields = stage_fields
         identity = {k: config[k] for k in IDENTITY_FIELDS}
         if out_dir is not None:  # refuses a folder of another workload identity
-            ChunkStore(out_dir / "stages", identity)
+            try:
+                ChunkStore(out_dir / "stages", identity)
+            except StoreMismatchError as err:
+                raise StoreMismatchError(
+                    f"out_dir {str(out_dir)!r} holds a run of another workload, "
+                    f"data or program: {err}") from err
         self.seconds: dict[str, float] = {}
 
     def fields(self, name: str) -> dict:
@@ -737,9 +755,7 @@ def collect(config: PipelineConfig, *, workload=None, out_dir=None,
     if workload is None:
         workload = _timed(seconds, "workload", lambda: make_workload(config))
     check_workload_fits(config, workload)
-    description = (workload.description if isinstance(workload, SupervisedWorkload)
-                   else workload.store_config())
-    identity = {**config.to_json(), "description": config_hash(description)}
+    identity = {**config.to_json(), "fingerprint": workload.fingerprint()}
     stages = _Stages(out_dir, identity, log, PROTOCOL_STAGES[entry.protocol])
     stages.seconds.update(seconds)
     keys = stage_keys(config.seed)
@@ -834,9 +850,9 @@ def ceiling(loo_scores, heldout_scores, *, seed: int = 0) -> dict:
     """
     loo = reliability.loo_reliability(loo_scores, seed=seed)
     held = reliability.subset_reliability(heldout_scores, seed=seed)
-    values = {"loo_spearman_per_target": loo.per_target,
+    values = {"loo_spearman_per_target": loo.mean,
               "loo_spearman_mean_target": loo.mean_target,
-              "heldout_spearman": held.per_target}
+              "heldout_spearman": held.mean}
     return {**values, "num_replicates": loo.num_replicates,
             "attainable": _attainable(values)}
 
@@ -863,7 +879,7 @@ def fixed_size_ceiling(truth_effects, *, exhaustive: bool, seed: int = 0) -> dic
                   "effect_spearman_mean_target": 1.0}
     else:
         reliable = reliability.subset_reliability(effects, seed=seed)
-        values = {"effect_spearman_per_target": reliable.per_target,
+        values = {"effect_spearman_per_target": reliable.mean,
                   "effect_spearman_mean_target": reliable.mean_target}
     values["heldout_spearman"] = 1.0
     return {**values, "num_replicates": int(effects.shape[0]),
@@ -981,6 +997,7 @@ def evaluate(config: PipelineConfig, run) -> dict:
     return {
         "config": config.to_json(),
         "protocol": entry.protocol,
+        "registered": entry is not _INSTANCE,
         "regime": config.regime,
         "task_names": list(workload.task_names),
         "target_description": workload.target_description,
@@ -1066,10 +1083,16 @@ def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
 
     Pass ``workload`` to run on your own workload instance (``config.workload``
     then only names it, unless it is registered and the instance of its kind).
+    With ``out_dir``, the results are also written to ``out_dir/results.json``
+    (:func:`~tasksurrogate_jax.report.write_json`; the plots are
+    :func:`~tasksurrogate_jax.report.write_report`'s).
     """
     config = check_config(config, workload=workload)
-    return evaluate(config, collect(config, workload=workload, out_dir=out_dir,
-                                    log=log, progress=progress))
+    results = evaluate(config, collect(config, workload=workload, out_dir=out_dir,
+                                       log=log, progress=progress))
+    if out_dir is not None:
+        write_json(results, Path(out_dir) / "results.json")
+    return results
 
 
 __all__ = ["BASELINES", "FIXED_SIZE_STAGE_FIELDS", "PROTOCOL_STAGES",

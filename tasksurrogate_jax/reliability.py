@@ -66,25 +66,30 @@ class Reliability(NamedTuple):
     """Split-half reliability of a ground truth averaged over replicates.
 
     Attributes:
-      per_target: split-half Spearman averaged over targets (``split_half_
-        per_target``), Spearman-Brown-corrected to ``num_replicates``. This is
-        the correction of the mean, not the mean of ``per_target_values``.
+      per_target: ``[num_targets]`` corrected reliability of each target (NaN
+        for a target whose scores are constant in every split).
+      mean: split-half Spearman averaged over targets (``split_half_mean``),
+        Spearman-Brown-corrected to ``num_replicates``: the ceiling of a
+        per-target figure averaged over targets (``LOOCorrelation.mean``). This
+        is the correction of the mean, not the mean of ``per_target``.
       mean_target: the same for the target-mean scores (averaged over targets
         before ranking), corrected.
-      per_target_values: ``[num_targets]`` corrected reliability of each target
-        (NaN for a target whose scores are constant in every split).
-      split_half_per_target: uncorrected split-half value behind ``per_target``.
+      split_half_mean: uncorrected split-half value behind ``mean``.
       split_half_mean_target: uncorrected split-half value behind
         ``mean_target``.
       num_replicates: ``R``.
       num_splits: how many splits were averaged (all distinct splits when
         there are no more than the requested ``num_splits``).
+
+    The field names follow :class:`~tasksurrogate_jax.metrics.LOOCorrelation`:
+    ``per_target`` an array, ``mean`` its summary, ``mean_target`` the
+    target-mean figure.
     """
 
-    per_target: float
+    per_target: np.ndarray
+    mean: float
     mean_target: float
-    per_target_values: np.ndarray
-    split_half_per_target: float
+    split_half_mean: float
     split_half_mean_target: float
     num_replicates: int
     num_splits: int
@@ -183,10 +188,10 @@ def _split_half(x: np.ndarray, num_splits: int, rng) -> Reliability:
             )
         )
     return Reliability(
-        per_target=float(_correct(half_per_target, num_replicates)),
+        per_target=np.asarray(_correct(half_values, num_replicates)),
+        mean=float(_correct(half_per_target, num_replicates)),
         mean_target=float(_correct(half_mean_target, num_replicates)),
-        per_target_values=np.asarray(_correct(half_values, num_replicates)),
-        split_half_per_target=half_per_target,
+        split_half_mean=half_per_target,
         split_half_mean_target=half_mean_target,
         num_replicates=num_replicates,
         num_splits=num,

@@ -107,9 +107,12 @@ def summary(results: dict) -> str:
     seconds = ", ".join(f"{k} {v:.1f}" for k, v in results["seconds"].items())
     cfg = results["config"]
     level = round(100 * cfg["confidence_level"])
-    head = (f"{cfg['workload']} ({cfg['preset']}), seed {cfg['seed']}: "
-            f"{len(results['task_names'])} tasks, {results['num_targets']} targets "
-            f"({results['target_description']}); ")
+    preset = f" ({cfg['preset']})" if results.get("registered", True) else ""
+    targets = (f" ({results['target_description']})"
+               if results["target_description"] else "")
+    head = (f"{cfg['workload']}{preset}, seed {cfg['seed']}: "
+            f"{len(results['task_names'])} tasks, {results['num_targets']} targets"
+            f"{targets}; ")
     ceiling = ("ceiling: agreement of two independent ground truths of this size "
                "(split-half, Spearman-Brown)")
     if results.get("protocol") == "fixed_size":

@@ -72,7 +72,8 @@ from tasksurrogate_jax.data import (
     mask_to_weights,
 )
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
-from tasksurrogate_jax.store import ChunkStore, array_digest
+from tasksurrogate_jax.fingerprint import array_digest, program_digest
+from tasksurrogate_jax.store import ChunkStore
 
 SEED_MODES = ("shared", "independent")
 
@@ -198,6 +199,37 @@ def _retrain_single(mask, params, key, data, target, spec):
     trained = train_on_weights(params, weights, key, data, spec=spec)
     losses, acc = evaluate_targets(trained, target, spec=spec)
     return losses, acc, trained
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
+
+
+def train_program_digest(spec: TrainSpec, params, data: TaskData,
+                         target: TargetData, *, key=None, init_fn=None) -> dict:
+    """What one subset's training and scoring computes, as digests
+    (:func:`~tasksurrogate_jax.fingerprint.program_digest`).
+
+    Args:
+      spec: the training program.
+      params: the parameters it starts from, or their shapes.
+      data, target: arrays or shapes (only shapes and dtypes enter).
+      key: a PRNG key of the kind the run uses (default ``jax.random.key(0)``).
+      init_fn: also digest ``init_fn(key)`` (training from scratch).
+
+    Returns:
+      ``{"train": digest}`` of the model, loss, accuracy, optimizer with its
+      hyperparameters and schedule, steps and batch size at the data's shapes;
+      with ``init_fn``, also ``"init"``.
+    """
+    key = jax.random.key(0) if key is None else as_typed_key(key)
+    mask = jax.ShapeDtypeStruct((data.num_tasks,), jnp.float32)
+    out = {"train": program_digest(
+        lambda m, p, k, d, t: _retrain_single(m, p, k, d, t, spec), mask,
+        _abstract(params), _abstract(key), _abstract(data), _abstract(target))}
+    if init_fn is not None:
+        out["init"] = program_digest(init_fn, _abstract(key))
+    return out
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
@@ -395,11 +427,14 @@ def retrain(
       memory_budget: bytes each device's share of a chunk may use (default:
         :func:`default_memory_budget`).
       store_dir: folder to save each finished chunk to (and resume from).
-      store_config: JSON-serialisable description of what the arguments cannot
-        show (model, optimizer, their hyperparameters); required with
-        ``store_dir``. The store also records digests of the masks, data,
-        target, key, initial parameters and the training settings, and refuses
-        a folder holding a different configuration.
+      store_config: optional JSON-serialisable description to record beside
+        the store's key (a name, a preset). The key itself is everything that
+        determines the numbers: digests of the masks, data, target, key,
+        initial parameters (or ``init_fn``'s program), and of the training
+        program (model, loss, accuracy, optimizer with its hyperparameters and
+        schedule, steps, batch size: :func:`train_program_digest`), the dtype
+        and the seeds. A folder holding another key is refused, naming what
+        differs.
       return_params: also return the trained parameters (stacked).
       progress: show a tqdm progress bar over chunks (on process 0).
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
@@ -422,7 +457,7 @@ def retrain(
         different configuration, ...), each naming the argument.
     """
     masks = _check_retrain_args(masks, data, target, spec, init_fn, init_params,
-                                seeds, store_dir, store_config)
+                                seeds, store_config)
     mesh = sharding.check_mesh(mesh)
     key = as_typed_key(key)
     if replicates is not None:
@@ -453,7 +488,7 @@ def retrain(
     if store_dir is not None:
         store = _open_store(store_dir, mesh, {
             "kind": "retraining",
-            "user": dict(store_config),
+            "user": dict(store_config or {}),
             "num_subsets": int(num_masks),
             "replicates": replicates,
             "num_tasks": int(data.num_tasks),
@@ -464,6 +499,8 @@ def retrain(
             "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
             "seeds": seeds,
             "init": "init_fn" if scratch else array_digest(*jax.tree.leaves(params0)),
+            "program": train_program_digest(spec, params0, data, target, key=key,
+                                            init_fn=init_fn if scratch else None),
             "num_steps": spec.num_steps,
             "batch_size": spec.batch_size,
             "chunk_size": int(chunk_size),
@@ -635,7 +672,7 @@ class _Collected:
 
 
 def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,
-                        store_dir, store_config):
+                        store_config):
     """Validates :func:`retrain`'s arguments; returns the checked masks."""
     if not isinstance(data, TaskData):
         raise TypeError(f"data must be a TaskData, got {type(data).__name__}.")
@@ -654,12 +691,9 @@ def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,
         raise TypeError(f"init_fn must be callable, got {type(init_fn).__name__}.")
     if seeds not in SEED_MODES:
         raise ValueError(f"seeds must be one of {SEED_MODES}, got {seeds!r}.")
-    if store_dir is not None and store_config is None:
-        raise ValueError(
-            "store_config is required with store_dir: describe the model and the "
-            "optimizer (e.g. a workload's preset) so that a folder is never reused "
-            "for a different configuration."
-        )
+    if store_config is not None and not isinstance(store_config, Mapping):
+        raise TypeError("store_config must be a mapping (JSON-serialisable) or None, "
+                        f"got {type(store_config).__name__}.")
     return masks
 
 

@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasksurrogate_jax.fingerprint import array_digest  # noqa: F401 (re-export)
+
 STORE_FORMAT = "tasksurrogate_jax.chunks/1"
 MANIFEST = "manifest.json"
 
@@ -48,16 +50,6 @@ def config_hash(config: Mapping) -> str:
     if not isinstance(config, Mapping):
         raise TypeError(f"config must be a mapping, got {type(config).__name__}.")
     return hashlib.sha256(_canonical_json(config).encode()).hexdigest()
-
-
-def array_digest(*arrays) -> str:
-    """SHA-256 of arrays' dtypes, shapes and bytes (to put data in a config)."""
-    h = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(np.asarray(a))
-        h.update(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()
 
 
 def _atomic_write(path: Path, write) -> None:

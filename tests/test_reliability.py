@@ -49,8 +49,8 @@ def test_spearman_brown_known_values():
 def test_even_r_correction_is_two_r_over_one_plus_r():
     rng = np.random.default_rng(0)
     rel = loo_reliability(_loo_scores(rng, _true_effects(rng), 6, 1.0))
-    r_h = rel.split_half_per_target
-    assert rel.per_target == pytest.approx(2 * r_h / (1 + r_h))
+    r_h = rel.split_half_mean
+    assert rel.mean == pytest.approx(2 * r_h / (1 + r_h))
     r_h = rel.split_half_mean_target
     assert rel.mean_target == pytest.approx(2 * r_h / (1 + r_h))
 
@@ -78,14 +78,14 @@ def test_corrected_split_half_matches_independent_ground_truths(num_replicates):
         loo_reliability(_loo_scores(rng, _true_effects(rng), num_replicates, sigma))
         for _ in range(20)
     ]
-    assert np.mean([e.per_target for e in estimates]) == pytest.approx(
+    assert np.mean([e.mean for e in estimates]) == pytest.approx(
         np.mean(empirical_pt), abs=0.05
     )
     assert np.mean([e.mean_target for e in estimates]) == pytest.approx(
         np.mean(empirical_mt), abs=0.03
     )
     # The per-target values average to about the per-target reliability.
-    values = np.mean([e.per_target_values for e in estimates], axis=0)
+    values = np.mean([e.per_target for e in estimates], axis=0)
     assert values.shape == (T,)
     assert np.mean(values) == pytest.approx(np.mean(empirical_pt), abs=0.06)
 
@@ -96,12 +96,12 @@ def test_more_noise_lowers_reliability():
     mu = _true_effects(rng)
     quiet = loo_reliability(_loo_scores(np.random.default_rng(3), mu, 6, 0.5))
     noisy = loo_reliability(_loo_scores(np.random.default_rng(3), mu, 6, 3.0))
-    assert quiet.per_target > noisy.per_target + 0.3
+    assert quiet.mean > noisy.mean + 0.3
     assert quiet.mean_target > noisy.mean_target
-    assert quiet.per_target > 0.9
+    assert quiet.mean > 0.9
     # Pure noise has no reliability.
     noise = loo_reliability(_loo_scores(rng, np.zeros((K, T)), 6, 1.0))
-    assert abs(noise.per_target) < 0.15
+    assert abs(noise.mean) < 0.15
 
 
 @pytest.mark.slow
@@ -111,14 +111,14 @@ def test_subset_reliability_shares_the_split_half():
     effects = scores[:, 1:] - scores[:, :1]
     loo = loo_reliability(scores, seed=7)
     sub = subset_reliability(effects, seed=7)
-    assert loo.per_target == sub.per_target
-    np.testing.assert_array_equal(loo.per_target_values, sub.per_target_values)
+    assert loo.mean == sub.mean
+    np.testing.assert_array_equal(loo.per_target, sub.per_target)
     assert loo.num_splits == 10  # all C(5, 2) splits of 5 replicates
     # R = 2 has one split; the full-set row shifts scores, not effects.
     two = subset_reliability(effects[:2] + 3.0)
     assert two.num_splits == 1
     r_h = _column_spearman(effects[0], effects[1]).mean()
-    assert two.split_half_per_target == pytest.approx(r_h)
+    assert two.split_half_mean == pytest.approx(r_h)
 
 
 @pytest.mark.slow
@@ -129,11 +129,11 @@ def test_same_key_or_seed_same_result():
     b = loo_reliability(scores, key=jax.random.key(1), num_splits=20)
     c = loo_reliability(scores, key=jax.random.key(2), num_splits=20)
     assert a.num_splits == 20
-    np.testing.assert_array_equal(a.per_target_values, b.per_target_values)
-    assert a.per_target != c.per_target
+    np.testing.assert_array_equal(a.per_target, b.per_target)
+    assert a.mean != c.mean
     d = loo_reliability(scores, seed=3, num_splits=20)
-    assert d.per_target == loo_reliability(scores, seed=3, num_splits=20).per_target
-    assert d.per_target != loo_reliability(scores, seed=4, num_splits=20).per_target
+    assert d.mean == loo_reliability(scores, seed=3, num_splits=20).mean
+    assert d.mean != loo_reliability(scores, seed=4, num_splits=20).mean
 
 
 def test_one_replicate_raises_the_documented_message():

@@ -263,8 +263,8 @@ def test_bad_input(tmp_path):
         retrain(good, **kw, seeds="random")
     with pytest.raises(TypeError, match="key must be a JAX PRNG key"):
         retrain(good, **{**kw, "key": 0})
-    with pytest.raises(ValueError, match="store_config is required"):
-        retrain(good, **kw, store_dir=tmp_path)
+    with pytest.raises(TypeError, match="store_config must be a mapping"):
+        retrain(good, **kw, store_dir=tmp_path, store_config="mlp")
     with pytest.raises(TypeError, match="spec must be a TrainSpec"):
         retrain(good, **{**kw, "spec": optax.sgd(0.1)})
     with pytest.raises(ValueError, match="num_steps must be >= 1, got 0"):

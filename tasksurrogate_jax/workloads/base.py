@@ -9,6 +9,8 @@ through this interface:
   ``F(s)`` (retraining, re-prompting, ...);
 - ``estimated_scores(masks, *, key) -> [num_subsets, num_targets]``: the
   first-order estimate without retraining (docs/method.md);
+- ``fingerprint() -> dict``: digests of what determines the scores, the key
+  of every stored result;
 - ``presets``: named configurations (``"cpu"`` small, ``"paper"`` full size).
 
 Both scoring methods take ``key`` (the PRNG key of any randomness: training,
@@ -85,6 +87,13 @@ class Workload(abc.ABC):
         scores, without retraining (docs/method.md).
 
         Subclasses add their options as explicit keyword-only arguments."""
+
+    @abc.abstractmethod
+    def fingerprint(self) -> dict:
+        """JSON digests of everything that determines the scores (data,
+        targets, parameters, and the programs: :mod:`tasksurrogate_jax.
+        fingerprint`). Results stored for one fingerprint are never handed to
+        a workload with another."""
 
     def check_masks(self, masks, name: str = "masks") -> jax.Array:
         """Validates ``[num_subsets, num_tasks]`` 0/1 masks for this workload."""

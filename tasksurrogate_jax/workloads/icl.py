@@ -68,6 +68,7 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
 from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
+from tasksurrogate_jax.fingerprint import array_digest, program_digest, tree_digest
 from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
@@ -380,6 +381,27 @@ class ICLWorkload(Workload):
     @property
     def target_description(self) -> str:
         return self._description
+
+    def fingerprint(self) -> dict:
+        """Digests of everything that determines this workload's scores (JSON):
+        the scorer's parameters, the pool, the queries and their labels (target
+        and held out), and the scoring program (the jaxpr of one query's loss
+        through ``embed`` and the head, at a one-demonstration prompt's
+        shapes), with the estimation's anchor and linearization."""
+        inputs = self.prompt_inputs(np.zeros(1, np.int32), self.queries[0])
+        program = program_digest(self._loss_and_correct, self.scorer.params,
+                                 inputs, self.query_labels[0])
+        return {"workload": self.name, "description": self.target_description,
+                "task_names": list(self.task_names), "head": self.head,
+                "params": tree_digest(self.scorer.params),
+                "demonstrations": array_digest(self.demonstrations),
+                "target": array_digest(self.queries, self.query_labels),
+                "heldout": None if self.heldout is None else array_digest(
+                    *self.heldout),
+                "program": program, "max_length": self.max_length,
+                "anchor": (self.anchor if isinstance(self.anchor, str)
+                           else list(self.anchor)),
+                "linearize": self.linearize}
 
     @property
     def max_demos(self) -> int:

@@ -54,7 +54,8 @@ from tasksurrogate_jax.estimation import (
 )
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.retraining import replicate_key
-from tasksurrogate_jax.store import ChunkStore, array_digest
+from tasksurrogate_jax.fingerprint import array_digest, program_digest
+from tasksurrogate_jax.store import ChunkStore
 from tasksurrogate_jax.workloads.base import Workload, config_from_preset
 from tasksurrogate_jax.workloads.supervised import check_regime
 
@@ -316,6 +317,17 @@ class RLWorkload(Workload):
         names = [self.task_names[t] for t in self.targets]
         return f"minus the mean return on {self.config.env} variants {names}"
 
+    def fingerprint(self) -> dict:
+        """What determines this workload's scores (JSON): its configuration
+        (environment, variants, policy, training program, evaluation
+        episodes) and the digest of the policy's program (the jaxpr of its
+        logits at one observation)."""
+        params = jax.eval_shape(self.init_fn, jax.random.key(0))
+        obs = jax.ShapeDtypeStruct((self.obs_dim,), jnp.float32)
+        return {"workload": self.name, "config": dataclasses.asdict(self.config),
+                "target_description": self.target_description,
+                "policy": program_digest(self.apply_fn, params, obs)}
+
     def store_config(self) -> dict:
         """JSON description of the workload, for a results store."""
         return {"workload": self.name, **dataclasses.asdict(self.config)}
@@ -558,7 +570,7 @@ class RLWorkload(Workload):
         size = min(check_positive_int(chunk_size, "chunk_size"), masks.shape[0])
         store = None
         if store_dir is not None:
-            settings = {"workload": self.store_config(), "masks": array_digest(masks),
+            settings = {"workload": self.fingerprint(), "masks": array_digest(masks),
                         "key": np.asarray(jax.random.key_data(key)).tolist(),
                         "from_scratch": from_scratch, "chunk_size": size}
             # Named only when used: stores of exact_scores stay valid.

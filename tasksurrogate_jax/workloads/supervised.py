@@ -52,12 +52,15 @@ from tasksurrogate_jax.estimation import (
     linearized_finetune_scores,
 )
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
+from tasksurrogate_jax.projection import num_parameters
+from tasksurrogate_jax.fingerprint import array_digest
 from tasksurrogate_jax.retraining import (
     RetrainResult,
     TrainSpec,
     make_train_spec,
     replicate_key,
     retrain,
+    train_program_digest,
 )
 from tasksurrogate_jax.workloads.base import Workload
 
@@ -231,11 +234,39 @@ class SupervisedWorkload(Workload):
     def target_description(self) -> str:
         return self.target.description
 
+    def fingerprint(self) -> dict:
+        """Digests of everything that determines this workload's scores (JSON).
+
+        ``{"workload", "description", "task_names", "target_description",
+        "data", "target", "train", "init", "finetune"}``: the training and
+        target arrays (bytes and dtype), the programs of training from scratch
+        and of fine-tuning (model, loss, accuracy, optimizer with its
+        hyperparameters and schedule, steps, batch size: their jaxprs at the
+        data's shapes, :func:`~tasksurrogate_jax.retraining.
+        train_program_digest`) and of ``init_fn``. Two workloads with equal
+        fingerprints compute the same numbers from the same keys; the
+        pipeline refuses a run folder whose fingerprint differs.
+        """
+        params = jax.eval_shape(self.init_fn, jax.random.key(0))
+        programs = train_program_digest(self.train_spec, params, self.data,
+                                        self.target, init_fn=self.init_fn)
+        finetune = (None if self.finetune_spec is None else train_program_digest(
+            self.finetune_spec, params, self.data, self.target)["train"])
+        return {"workload": self.name, "description": self.description,
+                "task_names": list(self.task_names),
+                "target_description": self.target_description,
+                "data": array_digest(self.data.inputs, self.data.labels,
+                                     self.data.task_ids),
+                "target": array_digest(self.target.inputs, self.target.labels),
+                "train": programs["train"], "init": programs["init"],
+                "finetune": finetune}
+
     def store_config(self, regime: str) -> dict:
-        """JSON description of the workload and regime, for a results store."""
-        spec = self.train_spec if regime == "scratch" else self.finetune_spec
-        return {"workload": self.name, "regime": regime, **self.description,
-                "num_steps": spec.num_steps, "batch_size": spec.batch_size}
+        """JSON description of the workload and regime, recorded in a results
+        store beside its key (the key, :func:`~tasksurrogate_jax.retraining.
+        retrain`'s, holds the digests of the data and the program)."""
+        check_regime(regime)
+        return {"workload": self.name, "regime": regime, **self.description}
 
     def base_params(self, *, key):
         """``θ*``: trained from scratch on all tasks (cached per key).
@@ -360,7 +391,8 @@ class SupervisedWorkload(Workload):
                                      return_params=True, progress=False, mesh=mesh)
         rows = masks if not settings.difference else jnp.concatenate(
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
-        common = {"key": jax.random.fold_in(key, 1), "proj_dim": settings.proj_dim,
+        proj_dim = settings.resolved_proj_dim(num_parameters(params))
+        common = {"key": jax.random.fold_in(key, 1), "proj_dim": proj_dim,
                   "output_mode": settings.output_mode, "chunk_size": chunk_size,
                   "mesh": mesh}
         if settings.method == "finetune":
