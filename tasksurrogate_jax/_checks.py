@@ -134,3 +134,50 @@ def check_key(key, name: str = "key") -> jax.Array:
             f"and dtype {arr.dtype}."
         )
     return arr
+
+
+def check_bool(value, name: str) -> bool:
+    """Returns ``value`` if it is a bool (NumPy's included), else raises naming it.
+
+    A string such as ``"False"`` is truthy: accepting it would silently mean True.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {value!r}.")
+    return bool(value)
+
+
+def check_finite_scalar(value, name: str):
+    """Raises naming ``name`` unless ``value`` is a real finite number (a traced
+    value is only checked for being a scalar). Returns it unchanged."""
+    if isinstance(value, (bool, np.bool_, str, bytes)) or value is None:
+        raise TypeError(f"{name} must be a number, got {value!r}.")
+    if not is_concrete(value):
+        return value
+    arr = np.asarray(value)
+    if arr.ndim != 0 or not (np.issubdtype(arr.dtype, np.integer)
+                             or np.issubdtype(arr.dtype, np.floating)):
+        raise TypeError(f"{name} must be a real number, got {value!r}.")
+    if not np.isfinite(arr):
+        raise ValueError(f"{name} must be finite, got {value!r}.")
+    return value
+
+
+def check_float_dtype(dtype, name: str = "dtype"):
+    """Returns ``dtype`` if it names a floating dtype, else raises naming it."""
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError as err:
+        raise TypeError(f"{name} must be a floating dtype, got {dtype!r}.") from err
+    if not jnp.issubdtype(resolved, jnp.floating):
+        raise TypeError(
+            f"{name} must be a floating dtype (masks feed kernels and linear "
+            f"models), got {resolved}.")
+    return dtype
+
+
+def num_duplicate_rows(masks) -> int:
+    """Rows of concrete ``masks`` equal to an earlier row (0 for traced masks)."""
+    if not is_concrete(masks):
+        return 0
+    arr = np.asarray(masks)
+    return int(arr.shape[0] - np.unique(arr, axis=0).shape[0])

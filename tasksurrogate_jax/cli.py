@@ -29,10 +29,13 @@ import sys
 
 import jax
 
+from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
 from tasksurrogate_jax.estimation import OUTPUT_MODES
 from tasksurrogate_jax.pipeline import (
     BASELINES,
+    CV_CRITERIA,
+    CV_METHODS,
     WORKLOADS,
     PipelineConfig,
     check_config,
@@ -135,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="anchor the estimates at one real fine-tuning on all "
                           "tasks")
     run.add_argument("--cv-method", default=defaults.cv_method,
-                     choices=("loo", "kfold"))
+                     choices=CV_METHODS)
     run.add_argument("--cv-criterion", default=defaults.cv_criterion,
-                     choices=("mse", "spearman"))
+                     choices=CV_CRITERIA)
     run.add_argument("--baselines", nargs="*", default=None, choices=BASELINES,
                      help="default: every baseline the workload supports")
     run.add_argument("--influence-damping", type=float,
@@ -187,6 +190,7 @@ def main(argv=None) -> int:
         lambda line: print(line, file=sys.stderr, flush=True))
     if dict(config.overrides).get("precision") == "float64":
         jax.config.update("jax_enable_x64", True)  # the workload asks for it
+    enable_compilation_cache()  # before the workload compiles anything
     try:  # argument errors only: one line on stderr, exit status 2
         config = check_config(config)
         workload = make_workload(config)

@@ -33,7 +33,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax._checks import check_masks, check_positive_int, is_concrete
+from tasksurrogate_jax._checks import (
+    as_float_array,
+    check_masks,
+    check_positive_int,
+    is_concrete,
+)
 
 PAD_TASK_ID = -1
 
@@ -94,8 +99,30 @@ class TargetData:
         return int(self.labels.shape[0])
 
 
+def _numeric(x, name: str) -> jax.Array:
+    """``x`` as a real or integer (or bool) array, or an error naming it;
+    concrete floating values must be finite."""
+    if isinstance(x, (str, bytes)) or x is None:
+        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}.")
+    try:
+        arr = jnp.asarray(x)
+    except TypeError as err:
+        raise TypeError(
+            f"{name} must be a numeric array, got {type(x).__name__} ({err})."
+        ) from err
+    if not (jnp.issubdtype(arr.dtype, jnp.integer)
+            or jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype == jnp.bool_):
+        raise TypeError(f"{name} must have a real or integer dtype, got {arr.dtype}.")
+    if jnp.issubdtype(arr.dtype, jnp.floating) and is_concrete(arr):
+        finite = np.isfinite(np.asarray(arr))
+        if not finite.all():
+            raise ValueError(f"{name} must be finite, found {int((~finite).sum())} "
+                             "NaN or infinite values.")
+    return arr
+
+
 def _check_labels(labels, name: str, num_rows: int, num_classes: int | None):
-    arr = jnp.asarray(labels)
+    arr = _numeric(labels, name)
     if arr.ndim == 0 or arr.shape[0] != num_rows:
         raise ValueError(
             f"{name} must have one row per input ({num_rows}), got shape "
@@ -108,7 +135,8 @@ def _check_labels(labels, name: str, num_rows: int, num_classes: int | None):
                 f"got dtype {arr.dtype}."
             )
         if is_concrete(arr) and arr.size:
-            lo, hi = int(arr.min()), int(arr.max())
+            host = np.asarray(arr)  # NumPy: never staged into a caller's trace
+            lo, hi = int(host.min()), int(host.max())
             if lo < 0 or hi >= num_classes:
                 bad = lo if lo < 0 else hi
                 raise ValueError(
@@ -146,9 +174,12 @@ def make_task_data(
 
     Raises:
       ValueError: mismatched lengths, task ids out of range, labels out of range,
-        or a number of names that is not ``num_tasks``.
+        non-finite floating inputs or labels, or names that are not
+        ``num_tasks`` distinct ones.
+      TypeError: non-numeric (e.g. string or complex) inputs or labels, or
+        non-integer task ids.
     """
-    inputs = jnp.asarray(inputs)
+    inputs = _numeric(inputs, "inputs")
     if inputs.ndim == 0:
         raise ValueError("inputs must be [num_examples, ...], got a scalar.")
     n = inputs.shape[0]
@@ -175,11 +206,20 @@ def make_task_data(
         )
     if task_names is None:
         task_names = tuple(f"task_{i}" for i in range(num_tasks))
+    if isinstance(task_names, (str, bytes)):
+        raise TypeError("task_names must be a sequence of names, got a single "
+                        f"string {task_names!r}.")
     task_names = tuple(str(t) for t in task_names)
     if len(task_names) != num_tasks:
         raise ValueError(
             f"task_names must have num_tasks={num_tasks} entries, got "
             f"{len(task_names)}."
+        )
+    repeated = sorted({t for t in task_names if task_names.count(t) > 1})
+    if repeated:
+        raise ValueError(
+            f"task_names must be distinct (reports and plots are keyed by them), "
+            f"got {repeated[:10]} more than once."
         )
     labels = _check_labels(labels, "labels", n, num_classes)
     return TaskData(
@@ -196,8 +236,9 @@ def make_target_data(
     inputs, labels, *, num_classes: int | None = None, description: str = ""
 ) -> TargetData:
     """Builds validated :class:`TargetData` (``inputs`` ``[T, ...]``, ``labels``
-    ``[T]``; integer labels are checked against ``num_classes`` when given)."""
-    inputs = jnp.asarray(inputs)
+    ``[T]``; integer labels are checked against ``num_classes`` when given,
+    floating inputs and labels must be finite)."""
+    inputs = _numeric(inputs, "target inputs")
     if inputs.ndim == 0 or inputs.shape[0] == 0:
         raise ValueError(
             f"target inputs must be [num_targets, ...] with num_targets >= 1, got "
@@ -250,9 +291,39 @@ def mask_to_weights(masks, task_ids) -> jax.Array:
     Returns:
       ``[num_examples]`` or ``[num_subsets, num_examples]`` weights: the mask
       value of each example's task, 0 for padding rows.
+
+    Raises:
+      ValueError / TypeError: masks that are not 0/1, non-integer task ids, or
+        (concrete) task ids outside ``[-1, num_tasks)``.
     """
-    masks = jnp.asarray(masks)
+    checked = as_float_array(masks, "masks")
+    if checked.ndim not in (1, 2):
+        raise ValueError(
+            f"masks must be [num_tasks] or [num_subsets, num_tasks], got shape "
+            f"{checked.shape}."
+        )
+    check_masks(checked.reshape(-1, checked.shape[-1]), "masks")
+    num_tasks = checked.shape[-1]
+    if isinstance(task_ids, (str, bytes)) or task_ids is None:
+        raise TypeError(f"task_ids must be an integer array, got {task_ids!r}.")
     task_ids = jnp.asarray(task_ids)
+    if not jnp.issubdtype(task_ids.dtype, jnp.integer):
+        raise TypeError(f"task_ids must be integers, got dtype {task_ids.dtype}.")
+    if task_ids.ndim != 1:
+        raise ValueError(
+            f"task_ids must be 1-D [num_examples], got shape {task_ids.shape}."
+        )
+    if is_concrete(task_ids) and task_ids.size:
+        # NumPy, not jnp: inside a trace (a jitted caller's closure) jnp would
+        # stage the reduction.
+        host_ids = np.asarray(task_ids)
+        lo, hi = int(host_ids.min()), int(host_ids.max())
+        if lo < PAD_TASK_ID or hi >= num_tasks:
+            raise ValueError(
+                f"task_ids must lie in [0, {num_tasks}) (the masks' num_tasks) or be "
+                f"{PAD_TASK_ID} for padding, found {lo if lo < PAD_TASK_ID else hi}."
+            )
+    masks = jnp.asarray(masks)
     safe = jnp.maximum(task_ids, 0)
     weights = jnp.take(masks, safe, axis=-1)
     return jnp.where(task_ids >= 0, weights, jnp.zeros((), weights.dtype))

@@ -186,8 +186,9 @@ class EstimationSettings:
             raise ValueError(
                 f"preconditioner={self.preconditioner!r} needs method='finetune' "
                 f"(it preconditions the fine-tuning program), got {self.method!r}.")
-        if self.method == "solve":
-            _check_ridge(self.ridge, 1.0, None if full else self.proj_dim)
+        # Checked whatever the method: a bad value is never silently kept.
+        _check_ridge(self.ridge, 1.0,
+                     None if full and self.method == "solve" else 1)
         if not isinstance(self.difference, bool):
             raise TypeError(f"difference must be a bool, got {self.difference!r}.")
         check_positive_int(self.replicates, "replicates")

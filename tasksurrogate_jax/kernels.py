@@ -18,7 +18,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax._checks import as_float_array, is_concrete
+from tasksurrogate_jax._checks import (
+    as_float_array,
+    check_finite_scalar,
+    check_positive_int,
+    is_concrete,
+)
 
 KERNELS = ("rbf", "laplacian", "polynomial", "linear")
 
@@ -50,6 +55,22 @@ def check_gamma(gamma, num_features: int, name: str = "gamma"):
     return gamma
 
 
+def check_degree(degree, name: str = "degree") -> int:
+    """Returns ``degree`` (the polynomial kernel's power) if it is an int >= 1."""
+    return check_positive_int(degree, name)
+
+
+def _check_finite_features(x, name):
+    """Raises when concrete ``x`` holds NaN or inf: the kernel would be NaN."""
+    if not is_concrete(x):
+        return
+    # NumPy, not jnp: inside a trace (lax.map over a closure) jnp would stage it.
+    finite = np.isfinite(np.asarray(x))
+    if not finite.all():
+        raise ValueError(f"{name} must be finite, found {int((~finite).sum())} "
+                         "NaN or infinite values.")
+
+
 def gram(
     x, y, *, kernel: str = "rbf", gamma=None, degree: int = 3, coef0: float = 1.0,
     block_size: int | None = None,
@@ -73,6 +94,8 @@ def gram(
     kernel = check_kernel_name(kernel)
     x = as_float_array(x, "x")
     y = as_float_array(y, "y")
+    degree = check_degree(degree)
+    check_finite_scalar(coef0, "coef0")
     if x.ndim != 2 or y.ndim != 2:
         raise ValueError(
             f"x and y must be 2-D [rows, num_features], got shapes {x.shape} and "
@@ -83,13 +106,15 @@ def gram(
             f"x and y must have the same number of columns, got {x.shape[1]} and "
             f"{y.shape[1]}."
         )
+    _check_finite_features(x, "x")
+    _check_finite_features(y, "y")
     dtype = jnp.result_type(x, y)
     x, y = x.astype(dtype), y.astype(dtype)
     gamma = jnp.asarray(check_gamma(gamma, x.shape[1]), dtype)
-    if block_size is None and kernel == "laplacian":
+    if block_size is not None:
+        block_size = check_positive_int(block_size, "block_size")
+    elif kernel == "laplacian":
         block_size = max(1, _L1_BLOCK_ELEMENTS // max(1, y.shape[0] * y.shape[1]))
-    if block_size is not None and block_size < 1:
-        raise ValueError(f"block_size must be >= 1 or None, got {block_size}.")
 
     def rows(x_block):
         return _kernel_rows(x_block, y, kernel, gamma, degree, coef0)

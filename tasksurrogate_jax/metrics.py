@@ -3,6 +3,9 @@
 Arrays are ``[n, num_targets]`` (rows = subsets or tasks, columns = targets); 1-D
 inputs are one target. All functions are jittable.
 
+Concrete inputs must be finite (a ``ValueError`` names the argument); under
+``jit`` that check is skipped and a NaN propagates to its column.
+
 One argument order: the ground truth first, then the prediction. Where the
 order changes the result (an error normalised by the truth) the arguments are
 keyword-only, ``true=`` and ``predicted=`` (``true_effects=`` and
@@ -17,8 +20,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from tasksurrogate_jax._checks import as_float_array
+from tasksurrogate_jax._checks import as_float_array, is_concrete
 
 
 def _pair(x, y, names=("x", "y")):
@@ -34,6 +38,17 @@ def _pair(x, y, names=("x", "y")):
             f"{names[0]} and {names[1]} must be [n, num_targets] or [n] with n >= 2, "
             f"got shape {x.shape}."
         )
+    for name, arr in zip(names, (x, y), strict=True):
+        if not is_concrete(arr):
+            continue
+        # NumPy, not jnp: inside a trace (e.g. a closure) jnp would stage it.
+        finite = np.isfinite(np.asarray(arr))
+        if not finite.all():
+            raise ValueError(
+                f"{name} must be finite, found {int((~finite).sum())} NaN or "
+                "infinite values (a NaN would silently drop its column from the "
+                "means over targets)."
+            )
     dtype = jnp.result_type(x, y)
     return x.astype(dtype), y.astype(dtype)
 
@@ -49,7 +64,11 @@ def rankdata(x, axis: int = 0) -> jax.Array:
     different rounding for the lookup, and a value no longer finds itself,
     which gave invalid ranks such as a 1.5 without a partner.)
     """
-    x = jnp.moveaxis(jnp.asarray(x), axis, -1)
+    x = as_float_array(x, "x")
+    if x.ndim == 0:
+        raise ValueError("x must have at least one dimension to rank along, got a "
+                         "scalar.")
+    x = jnp.moveaxis(x, axis, -1)
 
     def ranks_1d(v):
         n = v.shape[0]

@@ -68,17 +68,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax._checks import check_key, check_positive_int, is_concrete
-from tasksurrogate_jax.kernels import check_gamma, check_kernel_name, gram
+from tasksurrogate_jax._checks import (
+    check_bool,
+    check_finite_scalar,
+    check_key,
+    check_positive_int,
+    is_concrete,
+)
+from tasksurrogate_jax.kernels import check_degree, check_gamma, check_kernel_name, gram
 from tasksurrogate_jax.surrogates import (
+    DEFAULT_CRITERION,
     HyperparameterSearch,
     KernelSurrogate,
+    _check_criterion,
     _check_fit_inputs,
     _check_ridge,
     _cholesky_with_jitter,
+    _choose_hyperparameters,
     _criterion_values,
     _factor_error,
     _standardization,
+    _warn_if_duplicate_masks,
     default_gamma_grid,
     default_ridge_grid,
 )
@@ -401,6 +411,9 @@ def fit_nystrom_surrogate(
     """
     masks, scores = _check_fit_inputs(masks, scores)
     kernel = check_kernel_name(kernel)
+    degree = check_degree(degree)
+    check_finite_scalar(coef0, "coef0")
+    standardize = check_bool(standardize, "standardize")
     if not (is_concrete(masks) and is_concrete(scores)):
         raise TypeError("masks and scores must be concrete (not traced inside jit) "
                         "for the Nyström solver.")
@@ -524,7 +537,8 @@ def select_nystrom_hyperparameters(
     masks, scores, *, key, num_centers: int | None = None, kernel: str = "rbf",
     gammas=None, ridges=None, method: Literal["holdout", "kfold"] = "holdout",
     holdout_fraction: float = 0.2, num_folds: int = 5,
-    criterion: Literal["mse", "spearman"] = "mse", per_target: bool = False,
+    criterion: Literal["mse", "spearman"] = DEFAULT_CRITERION,
+    per_target: bool = False,
     degree: int = 3, coef0: float = 1.0, standardize: bool = True,
     max_iterations: int = DEFAULT_MAX_ITERATIONS, tolerance: float | None = None,
     memory_budget: int | None = None,
@@ -540,7 +554,10 @@ def select_nystrom_hyperparameters(
     units. For each gamma, ``K_nM`` (when it fits the memory budget), ``K_MM``
     and its Cholesky factor are computed once and serve every ridge. Fits
     that stop at ``max_iterations`` short of ``tolerance`` are scored as they
-    are, without a warning.
+    are, without a warning. Duplicate masks give a
+    ``surrogates.DuplicateMasksWarning``, as in
+    :func:`surrogates.select_kernel_hyperparameters` (a held-out mask's copies
+    may be training rows).
 
     Args:
       masks, scores: as in :func:`fit_nystrom_surrogate`.
@@ -551,11 +568,14 @@ def select_nystrom_hyperparameters(
         memory_budget: as in :func:`fit_nystrom_surrogate`.
       gammas: grid of widths (default ``surrogates.default_gamma_grid``).
       ridges: grid of positive penalties (default
-        ``surrogates.default_ridge_grid``).
+        ``surrogates.default_ridge_grid(m, dtype)`` for the ``m`` rows and the
+        computing dtype: the ridges above the rounding error ``10 eps m``).
       method: ``"holdout"`` or ``"kfold"``.
       holdout_fraction: share of rows held out, in (0, 1) (``"holdout"``).
       num_folds: folds, at least 2 (``"kfold"``).
-      criterion: ``"mse"`` (lower is better) or ``"spearman"`` (higher).
+      criterion: ``"spearman"`` (the default, higher is better; chosen for
+        the reason given in :func:`surrogates.select_kernel_hyperparameters`)
+        or ``"mse"`` (lower is better).
       per_target: choose a setting per target instead of one for all.
 
     Returns:
@@ -564,10 +584,13 @@ def select_nystrom_hyperparameters(
     """
     masks, scores = _check_fit_inputs(masks, scores)
     kernel = check_kernel_name(kernel)
-    if method not in ("holdout", "kfold"):
+    if not isinstance(method, str) or method not in ("holdout", "kfold"):
         raise ValueError(f"method must be 'holdout' or 'kfold', got {method!r}.")
-    if criterion not in ("mse", "spearman"):
-        raise ValueError(f"criterion must be 'mse' or 'spearman', got {criterion!r}.")
+    criterion = _check_criterion(criterion, scores)
+    per_target = check_bool(per_target, "per_target")
+    standardize = check_bool(standardize, "standardize")
+    degree = check_degree(degree)
+    check_finite_scalar(coef0, "coef0")
     key = check_key(key)
     if not (is_concrete(masks) and is_concrete(scores)):
         raise TypeError("masks and scores must be concrete (not traced inside jit).")
@@ -579,12 +602,15 @@ def select_nystrom_hyperparameters(
     tolerance = _check_tolerance(tolerance, dtype)
     budget = _check_memory_budget(memory_budget)
     gammas = default_gamma_grid(num_tasks) if gammas is None else gammas
-    ridges = default_ridge_grid() if ridges is None else ridges
+    if ridges is None:
+        ridges = default_ridge_grid(num_subsets, dtype)
     gammas = np.atleast_1d(np.asarray(check_gamma(gammas, 1, "gammas"), float))
     ridges = np.atleast_1d(np.asarray(_check_ridge(ridges, "ridges", positive=True),
                                       float))
-    if gammas.ndim != 1 or ridges.ndim != 1:
-        raise ValueError("gammas and ridges must be 1-D grids.")
+    for name, grid in (("gammas", gammas), ("ridges", ridges)):
+        if grid.ndim != 1:
+            raise ValueError(f"{name} must be a 1-D grid, got shape {grid.shape}.")
+    _warn_if_duplicate_masks(masks, f"method={method!r}")
 
     split_key, center_key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(split_key, num_subsets))
@@ -617,18 +643,12 @@ def select_nystrom_hyperparameters(
             criterion))
     table = jnp.mean(jnp.stack(tables), axis=0)
 
-    better = jnp.nanargmin if criterion == "mse" else jnp.nanargmax
-    mean_table = jnp.nanmean(table, axis=-1)
-    num_ridges = ridges.shape[0]
     gammas_arr, ridges_arr = jnp.asarray(gammas, dtype), jnp.asarray(ridges, dtype)
-    if per_target:
-        best = better(table.reshape(-1, table.shape[-1]), axis=0)
-    else:
-        best = better(mean_table.reshape(-1))
+    gamma, ridge, mean_table = _choose_hyperparameters(table, gammas_arr, ridges_arr,
+                                                       criterion, per_target)
     return HyperparameterSearch(
-        gamma=gammas_arr[best // num_ridges], ridge=ridges_arr[best % num_ridges],
-        gammas=gammas_arr, ridges=ridges_arr, table=table, mean_table=mean_table,
-        criterion=criterion, method=method)
+        gamma=gamma, ridge=ridge, gammas=gammas_arr, ridges=ridges_arr, table=table,
+        mean_table=mean_table, criterion=criterion, method=method)
 
 
 def _split_table(masks, scores, train_rows, val_rows, key, num_centers, gammas,

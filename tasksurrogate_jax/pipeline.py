@@ -73,7 +73,9 @@ from tasksurrogate_jax import (
     reliability,
     surrogates,
 )
+from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.estimation import EstimationSettings
+from tasksurrogate_jax.projection import num_parameters
 from tasksurrogate_jax.report import write_json
 from tasksurrogate_jax.store import ChunkStore, StoreMismatchError, config_hash
 from tasksurrogate_jax.subsets import (
@@ -97,6 +99,8 @@ from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload
 from tasksurrogate_jax.workloads.supervised import REGIMES, SupervisedWorkload
 
 BASELINES = ("influence", "tracin", "trak")
+CV_METHODS = ("loo", "kfold")
+CV_CRITERIA = ("spearman", "mse")
 
 
 def _estimate_supervised(workload, masks, *, key, base_params, config):
@@ -341,6 +345,15 @@ def check_config(config: PipelineConfig, *, workload=None) -> PipelineConfig:
     config = dataclasses.replace(config, **{
         field: value for field, value in defaults.items()
         if getattr(config, field) is None and field not in entry.unused})
+    for field in ("seed", "replicates"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{field} must be an int, got {value!r}.")
+    for field, choices in (("cv_method", CV_METHODS),
+                           ("cv_criterion", CV_CRITERIA)):
+        if getattr(config, field) not in choices:
+            raise ValueError(f"{field} must be one of {choices}, got "
+                             f"{getattr(config, field)!r}.")
     if config.regime is not None and config.regime not in REGIMES:
         raise ValueError(f"regime must be one of {REGIMES}, got {config.regime!r}.")
     if config.replicates < 2:
@@ -563,10 +576,9 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
       ``cv_criterion``), "search": HyperparameterSearch}``.
     """
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
-    # Ridges below the rounding error of the kernel's eigenvalues give
-    # meaningless CV errors.
-    ridges = surrogates.default_ridge_grid(fit_masks.shape[0],
-                                           np.asarray(fit_scores).dtype)
+    # The default ridge grids leave out ridges below the rounding error of the
+    # kernel's eigenvalues in the dtype the fit computes in.
+    ridges = None
     key = jax.random.key(seed)
     if fit_masks.shape[0] > surrogates.AUTO_EXACT_MAX_SUBSETS:
         search = nystrom.select_nystrom_hyperparameters(
@@ -914,6 +926,15 @@ def _estimation_errors(true_scores, estimated, truth: str) -> dict:
     }
 
 
+def _resolved_proj_dim(config: PipelineConfig, entry: WorkloadEntry, theta):
+    """The estimation's projection dimension as run: an int, or ``"full"``."""
+    if entry.estimate is not _estimate_supervised:
+        return config.proj_dim
+    resolved = estimation_settings(config).resolved_proj_dim(
+        num_parameters(theta))
+    return "full" if resolved is None else resolved
+
+
 def _hyperparameters(fits: dict) -> dict:
     return {scores_name: {"gamma": float(f["search"].gamma),
                           "ridge": float(f["search"].ridge)}
@@ -1008,8 +1029,9 @@ def evaluate(config: PipelineConfig, run) -> dict:
         "methods": methods,
         "interactions": interactions,
         "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
-        "estimation": _estimation_errors(exact[:m], estimated[:m],
-                                         f"{config.regime} ground truth"),
+        "estimation": {**_estimation_errors(exact[:m], estimated[:m],
+                                            f"{config.regime} ground truth"),
+                       "proj_dim": _resolved_proj_dim(config, entry, run.theta)},
         "surrogate_hyperparameters": _hyperparameters(fits),
         "seconds": seconds,
     }
@@ -1083,11 +1105,15 @@ def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
 
     Pass ``workload`` to run on your own workload instance (``config.workload``
     then only names it, unless it is registered and the instance of its kind).
-    With ``out_dir``, the results are also written to ``out_dir/results.json``
+    Compiled programs are kept on disk for the next run
+    (:func:`~tasksurrogate_jax.compilation.enable_compilation_cache`; opt out
+    with ``TASKSURROGATE_COMPILATION_CACHE=0``). With ``out_dir``, the results
+    are also written to ``out_dir/results.json``
     (:func:`~tasksurrogate_jax.report.write_json`; the plots are
     :func:`~tasksurrogate_jax.report.write_report`'s).
     """
     config = check_config(config, workload=workload)
+    enable_compilation_cache()
     results = evaluate(config, collect(config, workload=workload, out_dir=out_dir,
                                        log=log, progress=progress))
     if out_dir is not None:

@@ -56,8 +56,8 @@ def spearman_brown(r, factor):
     """
     r = np.asarray(r, dtype=float)
     factor = np.asarray(factor, dtype=float)
-    if np.any(factor <= 0):
-        raise ValueError(f"factor must be > 0, got {factor}.")
+    if not np.all(np.isfinite(factor) & (factor > 0)):
+        raise ValueError(f"factor must be finite and > 0, got {factor}.")
     out = factor * r / (1.0 + (factor - 1.0) * r)
     return float(out) if out.ndim == 0 else out
 
@@ -395,6 +395,10 @@ def loo_spearman_interval(
             "predicted_effects and true_effects must have the same shape [num_tasks]"
             f" or [num_tasks, num_targets], got {predicted.shape} and {true.shape}."
         )
+    for name, values in (("predicted_effects", predicted), ("true_effects", true)):
+        if not np.isfinite(values).all():
+            raise ValueError(f"{name} must be finite, got "
+                             f"{int((~np.isfinite(values)).sum())} non-finite values.")
     if predicted.ndim == 2:
         predicted, true = predicted.mean(1), true.mean(1)
     return bootstrap_interval(

@@ -140,13 +140,20 @@ def summary(results: dict) -> str:
         f"{ceiling}; attainable: the most a noise-free method "
         f"can expect against one; brackets: {level}% bootstrap intervals (over "
         "targets for per-target figures, over tasks for the mean target)",
-        f"estimated vs {est['truth']} of the fitting subsets: median relative "
+        f"estimated ({_projection(est.get('proj_dim'))}) vs {est['truth']} of the "
+        "fitting subsets: median relative "
         f"error {est['median_relative_error']:.3f} (mean target "
         f"{est['mean_target_relative_error']:.3f}), Spearman across subsets "
         f"{est['spearman_across_subsets']:.3f} (mean target "
         f"{est['spearman_mean_target']:.3f})",
         f"seconds: {seconds}",
     ])
+
+
+def _projection(proj_dim) -> str:
+    if proj_dim is None:
+        return "in the prompts' embeddings"
+    return "full parameter space" if proj_dim == "full" else f"d = {proj_dim}"
 
 
 def _jsonable(value):

@@ -12,7 +12,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax._checks import check_key, check_masks, check_positive_int
+from tasksurrogate_jax._checks import (
+    check_bool,
+    check_float_dtype,
+    check_key,
+    check_masks,
+    check_positive_int,
+)
 
 MAX_EXHAUSTIVE_TASKS = 20
 
@@ -37,8 +43,13 @@ def bernoulli_masks(
     """
     num_subsets = check_positive_int(num_subsets, "num_subsets")
     num_tasks = check_positive_int(num_tasks, "num_tasks")
+    if isinstance(p, (bool, np.bool_)) or not isinstance(
+            p, (int, float, np.integer, np.floating)):
+        raise TypeError(f"p must be a number in (0, 1], got {p!r}.")
     if not 0.0 < float(p) <= 1.0:
         raise ValueError(f"p must be in (0, 1], got {p}.")
+    unique = check_bool(unique, "unique")
+    check_float_dtype(dtype)
 
     def draw(k, m):
         return jax.random.bernoulli(k, p, (m, num_tasks)).astype(dtype)
@@ -67,6 +78,8 @@ def fixed_size_masks(
         raise ValueError(
             f"subset_size must be <= num_tasks={num_tasks}, got {subset_size}."
         )
+    unique = check_bool(unique, "unique")
+    check_float_dtype(dtype)
 
     def draw(k, m):
         # The ranks of i.i.d. uniforms form a uniform random permutation.
@@ -102,6 +115,8 @@ def size_range_masks(
             f"need 0 <= min_size <= max_size <= num_tasks={num_tasks}, got "
             f"min_size={min_size}, max_size={max_size}."
         )
+    unique = check_bool(unique, "unique")
+    check_float_dtype(dtype)
     sizes = np.arange(min_size, max_size + 1)
     counts = [_binomial(num_tasks, int(s)) for s in sizes]
     log_counts = jnp.log(jnp.asarray(counts, jnp.float32))
@@ -127,19 +142,29 @@ def leave_one_out_masks(num_tasks: int, *, dtype=jnp.float32) -> jax.Array:
       every task but task ``i``.
     """
     num_tasks = check_positive_int(num_tasks, "num_tasks")
+    check_float_dtype(dtype)
     full = jnp.ones((1, num_tasks), dtype)
     return jnp.concatenate([full, 1 - jnp.eye(num_tasks, dtype=dtype)], axis=0)
 
 
-def all_masks(num_tasks: int, *, include_empty: bool = True, dtype=jnp.float32):
-    """Every subset of K tasks (K at most 20), in binary counting order.
+def all_masks(num_tasks: int, *, include_empty: bool = False, dtype=jnp.float32):
+    """Every non-empty subset of K tasks (K at most 20), in binary counting order.
 
-    Row ``j`` keeps task ``i`` when bit ``i`` of ``j`` is set.
+    Row ``j`` keeps task ``i`` when bit ``i`` of ``j + 1`` is set (of ``j``
+    with ``include_empty=True``).
+
+    The empty set is left out by default: no model can be trained on it
+    (:func:`retraining.retrain` refuses masks that keep no example), so these
+    masks can be retrained as they are. Pass ``include_empty=True`` for every
+    subset, e.g. for exact semivalues of a surrogate, which query ``g(∅)``.
 
     Returns:
-      ``[2**num_tasks, num_tasks]`` masks (one row fewer without the empty set).
+      ``[2**num_tasks - 1, num_tasks]`` masks (``[2**num_tasks, num_tasks]``,
+      the empty set first, with ``include_empty=True``).
     """
     num_tasks = check_positive_int(num_tasks, "num_tasks")
+    include_empty = check_bool(include_empty, "include_empty")
+    check_float_dtype(dtype)
     if num_tasks > MAX_EXHAUSTIVE_TASKS:
         raise ValueError(
             f"num_tasks must be <= {MAX_EXHAUSTIVE_TASKS} to list every subset "

@@ -96,6 +96,7 @@ from tasksurrogate_jax.surrogates import (
     LinearSurrogate,
     _factor_error,
     _pytree_dataclass,
+    _warn_if_duplicate_masks,
     check_surrogate,
     fit_kernel_surrogate,
     select_kernel_hyperparameters,
@@ -705,7 +706,9 @@ def calibrate_kappa(
     (rather than each target) accounts for the targets' actual correlation.
     The std here includes the noise: use the result with
     ``lcb_objective(result.posterior, kappa=result.kappa, include_noise=True,
-    target_weights=...)``.
+    target_weights=...)``. Duplicate masks give a
+    ``surrogates.DuplicateMasksWarning`` (a held-out row's copies stay in the
+    fit: its residual is too small).
 
     Args:
       masks, scores: the fitting data (``[m, K]``, ``[m, T]``), ``m >= 3``.
@@ -732,6 +735,9 @@ def calibrate_kappa(
         raise ValueError(
             f"masks must have at least 3 subsets for leave-one-out, got "
             f"{masks.shape[0]}.")
+    _warn_if_duplicate_masks(
+        masks, "leave-one-out calibration",
+        "the held-out residuals are too small and kappa too low")
     if kappa_grid is None:
         kappa_grid = np.linspace(0.0, 4.0, 17)
     else:

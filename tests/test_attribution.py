@@ -44,7 +44,7 @@ def true_interactions():
     return out
 
 
-ALL = np.asarray(all_masks(K), dtype=np.float64)
+ALL = np.asarray(all_masks(K, include_empty=True), dtype=np.float64)
 # Fit on a random half of the 256 subsets, none of them the full set, a LOO
 # set or a leave-two-out set, so the surrogate must generalize to those.
 near_full = ALL.sum(1) >= K - 2

@@ -65,6 +65,7 @@ class Recipe:
     num_steps: int = 3
     batch_size: int | None = 16
     precision: str = "float32"
+    num_tasks: int = K
 
     def build(self) -> ts.SupervisedWorkload:
         x, y = _data(self.data_seed)
@@ -73,7 +74,8 @@ class Recipe:
               if self.schedule else self.learning_rate)
         return ts.SupervisedWorkload(
             apply_fn=self.apply_fn, init_fn=self.init_fn,
-            data=ts.make_task_data(x, y, np.arange(len(y)) % K, num_classes=2),
+            data=ts.make_task_data(x, y, np.arange(len(y)) % self.num_tasks,
+                                   num_classes=2),
             target=ts.make_target_data(tx, ty, num_classes=2),
             train=ts.TrainSettings(optax.adam(1e-2), num_steps=3, batch_size=16),
             finetune=ts.TrainSettings(optax.sgd(lr), num_steps=self.num_steps,
@@ -185,3 +187,22 @@ def test_fingerprint_is_the_same_in_another_process():
                                    "JAX_PLATFORMS": "cpu"}).stdout
                for _ in range(2)]
     assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+@pytest.mark.slow
+def test_pipeline_refuses_a_run_folder_of_another_program(tmp_path):
+    config = ts.PipelineConfig(workload="recipe", replicates=2, num_subsets=8,
+                               num_heldout=4, drop=2, baselines=(),
+                               value_samples=0, bootstrap_resamples=50)
+    run = dict(out_dir=tmp_path, log=lambda line: None, progress=False)
+    first = ts.run_pipeline(config, workload=Recipe(num_tasks=8).build(), **run)
+    written = __import__("json").loads((tmp_path / "results.json").read_text())
+    assert written["full_set_loss"] == pytest.approx(first["full_set_loss"])
+    again = ts.run_pipeline(config, workload=Recipe(num_tasks=8).build(), **run)
+    assert again["full_set_loss"] == first["full_set_loss"]  # reused
+    for change, part in (({"learning_rate": 3e-2}, "fingerprint.finetune"),
+                         ({"target_seed": 9}, "fingerprint.target")):
+        with pytest.raises(StoreMismatchError, match=part):
+            ts.run_pipeline(config, workload=Recipe(num_tasks=8, **change).build(),
+                            **run)
+

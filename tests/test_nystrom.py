@@ -6,6 +6,11 @@ import pytest
 from tasksurrogate_jax import attribution, metrics, nystrom, selection, surrogates
 from tasksurrogate_jax.kernels import gram
 
+# The random test masks repeat some rows on purpose (as bernoulli draws do);
+# the cross-validations' warning about it is tested where it is the subject.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+
 KEY = jax.random.key(0)
 
 
@@ -270,7 +275,7 @@ GRID = {"gammas": [0.05, 0.5, 5.0], "ridges": [1e-2, 1e-1, 1.0]}
 def test_holdout_search_picks_true_gamma(true_gamma):
     masks, scores = gp_data(true_gamma)
     search = nystrom.select_nystrom_hyperparameters(
-        masks, scores, key=KEY, num_centers=300, **GRID)
+        masks, scores, key=KEY, num_centers=300, criterion="mse", **GRID)
     assert search.method == "holdout" and search.criterion == "mse"
     assert search.table.shape == (3, 3, 2)
     assert float(search.gamma) == pytest.approx(true_gamma)
@@ -291,7 +296,8 @@ def test_kfold_search_picks_true_gamma_per_target():
 def test_select_table_matches_direct_holdout_fit():
     """One cell of the table = a fit on the training split scored on the rest."""
     search = nystrom.select_nystrom_hyperparameters(
-        MASKS, SCORES, key=KEY, num_centers=ALL, gammas=[0.3], ridges=[0.05, 0.5])
+        MASKS, SCORES, key=KEY, num_centers=ALL, gammas=[0.3], ridges=[0.05, 0.5],
+        criterion="mse")
     split_key, _ = jax.random.split(KEY)
     order = np.asarray(jax.random.permutation(split_key, MASKS.shape[0]))
     held = np.sort(order[MASKS.shape[0] - 18:])
@@ -322,6 +328,19 @@ def test_select_bad_inputs_name_the_argument(kwargs, error, match):
     kwargs = {"key": KEY, "num_centers": 20, **kwargs}
     with pytest.raises(error, match=match):
         nystrom.select_nystrom_hyperparameters(MASKS, SCORES, **kwargs)
+
+
+def test_default_search_is_spearman_on_ridges_above_the_rounding_error():
+    rows = np.sort(np.unique(MASKS, axis=0, return_index=True)[1])  # distinct
+    masks32 = np.asarray(MASKS[rows], np.float32)
+    search = nystrom.select_nystrom_hyperparameters(
+        masks32, np.asarray(SCORES[rows], np.float32), key=KEY, num_centers=20,
+        gammas=[0.3])
+    assert search.criterion == "spearman"
+    np.testing.assert_allclose(
+        search.ridges, surrogates.default_ridge_grid(rows.size, np.float32),
+        rtol=1e-6)
+    assert float(search.ridges.min()) >= 10 * np.finfo(np.float32).eps * rows.size
 
 
 def test_default_num_centers_rule():

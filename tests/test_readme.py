@@ -21,7 +21,7 @@ def test_your_own_model_snippet_runs_and_prints_the_table(tmp_path, monkeypatch,
     monkeypatch.chdir(tmp_path)
     exec(compile(readme_snippet("Your own model"), "README.md", "exec"), {})
     printed = capsys.readouterr().out
-    assert "my-digits (cpu), seed 0" in printed
+    assert "my-digits, seed 0" in printed
     assert "| ceiling (4 replicates) |" in printed
     assert "| kernel surrogate (exact) |" in printed
     assert (tmp_path / "results" / "my-digits" / "results.json").stat().st_size > 0

@@ -12,6 +12,11 @@ from sklearn.linear_model import Ridge
 from tasksurrogate_jax import attribution, metrics, surrogates
 from tasksurrogate_jax.kernels import KERNELS
 
+# The random test masks repeat some rows on purpose (as bernoulli draws do);
+# the cross-validations' warning about it is tested where it is the subject.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+
 RNG = np.random.default_rng(0)
 NUM_TASKS = 8
 
@@ -27,6 +32,7 @@ def make_data(m=60, num_targets=5, num_tasks=NUM_TASKS, seed=0):
 
 
 MASKS, SCORES = make_data()
+DISTINCT = np.sort(np.unique(MASKS, axis=0, return_index=True)[1])  # rows
 NEW = RNG.integers(0, 2, (17, NUM_TASKS)).astype(float)
 KERNEL_PARAMS = {"rbf": {"gamma": 0.2}, "laplacian": {"gamma": 0.3},
                  "polynomial": {"gamma": 0.1, "degree": 2, "coef0": 1.0},
@@ -203,7 +209,7 @@ def test_kfold_equals_explicit_refits_per_fold(standardize):
     masks, scores = MASKS[:43], SCORES[:43]  # unequal folds, like sklearn's KFold
     search = surrogates.select_kernel_hyperparameters(
         masks, scores, gammas=GAMMAS, ridges=RIDGES, method="kfold", num_folds=4,
-        standardize=standardize)
+        criterion="mse", standardize=standardize)
     folds = np.array_split(np.arange(43), 4)
     for a, gamma in enumerate(GAMMAS):
         for b, ridge in enumerate(RIDGES):
@@ -243,7 +249,8 @@ def test_kfold_with_key_shuffles_reproducibly():
 
 def test_per_target_selection_picks_the_best_cell_of_each_column():
     search = surrogates.select_kernel_hyperparameters(
-        MASKS, SCORES, gammas=GAMMAS, ridges=RIDGES, per_target=True)
+        MASKS, SCORES, gammas=GAMMAS, ridges=RIDGES, per_target=True,
+        criterion="mse")
     assert search.gamma.shape == (SCORES.shape[1],)
     for t in range(SCORES.shape[1]):
         a, b = np.unravel_index(np.argmin(search.table[..., t]), (3, 3))
@@ -349,8 +356,8 @@ def test_selection_warns_when_a_ridge_is_below_float32_precision():
                                                  ridges=[1e-6, 1.0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        surrogates.select_kernel_hyperparameters(MASKS, SCORES, gammas=[0.1],
-                                                 ridges=[1e-6, 1.0])
+        surrogates.select_kernel_hyperparameters(MASKS[DISTINCT], SCORES[DISTINCT],
+                                                 gammas=[0.1], ridges=[1e-6, 1.0])
 
 
 def test_default_ridge_grid_drops_ridges_below_float32_precision():
@@ -359,11 +366,85 @@ def test_default_ridge_grid_drops_ridges_below_float32_precision():
     assert surrogates.default_ridge_grid(100, np.float64).size == 6
     kept = surrogates.default_ridge_grid(100, np.float32)  # threshold 1.2e-4
     np.testing.assert_allclose(kept, 10.0 ** np.arange(-3, 2))
-    masks = np.random.default_rng(0).integers(0, 2, (100, 8)).astype(np.float32)
+    masks = distinct_masks(100, 8).astype(np.float32)
     scores = masks @ np.arange(8, dtype=np.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no precision warning with this grid
         surrogates.select_kernel_hyperparameters(masks, scores, ridges=kept)
+
+
+def distinct_masks(m, num_tasks, seed=0):
+    """``m`` distinct random masks (codes drawn without replacement)."""
+    codes = np.random.default_rng(seed).choice(2**num_tasks, m, replace=False)
+    return ((codes[:, None] >> np.arange(num_tasks)) & 1).astype(np.float64)
+
+
+@pytest.mark.parametrize("num_subsets", [128, 480])
+@pytest.mark.parametrize("method, kernel", [("loo", "rbf"), ("kfold", "rbf"),
+                                            ("loo", "polynomial"), ("loo", "linear")])
+def test_default_ridges_never_trip_the_precision_warning_in_float32(
+        num_subsets, method, kernel):
+    # Issue 23: at m = 128 the default grid held 1e-4 < 10 eps m = 1.5e-4.
+    masks = distinct_masks(num_subsets, 10).astype(np.float32)
+    scores = (masks @ np.linspace(-1, 1, 10, dtype=np.float32)
+              + 0.3 * masks[:, 0] * masks[:, 1])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        search = surrogates.select_kernel_hyperparameters(masks, scores,
+                                                          method=method,
+                                                          kernel=kernel)
+    assert search.ridges.dtype == jnp.float32
+    assert float(search.ridges.min()) >= 10 * np.finfo(np.float32).eps * num_subsets
+    if kernel == "rbf":
+        np.testing.assert_allclose(
+            search.ridges, surrogates.default_ridge_grid(num_subsets, np.float32),
+            rtol=1e-6)
+    # The explicit full grid still warns: the threshold is real.
+    with pytest.warns(RuntimeWarning, match="rounding error of the float32"):
+        surrogates.select_kernel_hyperparameters(
+            masks, scores, method=method, kernel=kernel,
+            ridges=surrogates.default_ridge_grid())
+
+
+def test_default_ridge_grid_keeps_one_ridge_beyond_the_grid():
+    # float32, 10 million subsets: 10 eps m = 11.9 is above the whole grid.
+    grid = surrogates.default_ridge_grid(10_000_000, np.float32)
+    np.testing.assert_allclose(grid, [100.0])
+    assert surrogates.default_ridge_grid(128, np.float32).min() == 1e-3
+    assert surrogates.default_ridge_grid(128, np.float64).min() == 1e-4
+
+
+def test_default_criterion_is_spearman_as_in_the_pipeline():
+    search = surrogates.select_kernel_hyperparameters(
+        MASKS[DISTINCT], SCORES[DISTINCT], gammas=GAMMAS, ridges=RIDGES)
+    assert search.criterion == "spearman" == surrogates.DEFAULT_CRITERION
+    best = np.unravel_index(np.nanargmax(search.mean_table), (3, 3))
+    assert float(search.gamma) == GAMMAS[best[0]]
+    assert float(search.ridge) == RIDGES[best[1]]
+
+
+def test_duplicate_masks_warn_that_held_out_rows_leak():
+    masks = np.concatenate([MASKS[DISTINCT], MASKS[DISTINCT][:3]])
+    scores = np.concatenate([SCORES[DISTINCT], SCORES[DISTINCT][:3]])
+    for method in ("loo", "kfold"):
+        with pytest.warns(surrogates.DuplicateMasksWarning,
+                          match="masks holds 3 duplicate rows"):
+            surrogates.select_kernel_hyperparameters(masks, scores, gammas=GAMMAS,
+                                                     ridges=RIDGES, method=method)
+
+
+def test_spearman_on_a_constant_target_falls_back_to_the_common_choice():
+    scores = SCORES[DISTINCT].copy()
+    scores[:, 1] = 0.5  # no ranking to predict: its Spearman is NaN everywhere
+    search = surrogates.select_kernel_hyperparameters(
+        MASKS[DISTINCT], scores, gammas=GAMMAS, ridges=RIDGES, per_target=True)
+    assert np.isnan(search.table[..., 1]).all()
+    common = surrogates.select_kernel_hyperparameters(
+        MASKS[DISTINCT], scores, gammas=GAMMAS, ridges=RIDGES)
+    assert float(search.gamma[1]) == float(common.gamma)
+    assert float(search.ridge[1]) == float(common.ridge)
+    with pytest.raises(ValueError, match="constant in every target column"):
+        surrogates.select_kernel_hyperparameters(MASKS, np.ones_like(SCORES))
 
 
 def test_default_fit_keeps_the_signs_that_shrinkage_to_zero_inverts():

@@ -17,6 +17,12 @@ from tasksurrogate_jax.uncertainty import (
     trust_region_objective,
 )
 
+# The random test masks repeat some rows on purpose (as bernoulli draws do);
+# the leave-one-out calibration's warning about it is tested in
+# tests/test_bad_inputs.py.
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+
 
 def all_masks(num_tasks, min_size=0):
     """Every mask of ``num_tasks`` tasks with at least ``min_size``, in the

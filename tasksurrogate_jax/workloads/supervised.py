@@ -33,6 +33,7 @@ through ``apply_fn(params, inputs)`` and ``init_fn(key)``.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
@@ -173,6 +174,11 @@ class SupervisedWorkload(Workload):
             names = [data.task_names[i] for i in empty]
             raise ValueError(f"data has tasks without examples: {names}; every task "
                              "needs at least one training example.")
+        try:
+            json.dumps(dict(description or {}), allow_nan=False)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"description must be a JSON-serialisable mapping (it "
+                            f"is recorded with stored results): {err}") from err
         data, target, init_fn = _cast(data, target, init_fn, precision)
         self.apply_fn, self.init_fn = apply_fn, init_fn
         self.data, self.target = data, target
