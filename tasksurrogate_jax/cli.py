@@ -61,7 +61,7 @@ def parse_override(text: str) -> tuple[str, object]:
 
 
 def parse_ridge(text: str) -> float | str:
-    """``"auto"`` or a non-negative number."""
+    """``"auto"`` or a non-negative number (a ridge or a damping)."""
     if text == "auto":
         return text
     try:
@@ -143,13 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
                      choices=CV_CRITERIA)
     run.add_argument("--baselines", nargs="*", default=None, choices=BASELINES,
                      help="default: every baseline the workload supports")
-    run.add_argument("--influence-damping", type=float,
-                     default=defaults.influence_damping)
+    run.add_argument("--influence-damping", type=parse_ridge,
+                     default=defaults.influence_damping,
+                     help="λ of influence: a number >= 0 or 'auto' (0.05 × the "
+                          "curvature's largest eigenvalue)")
     run.add_argument("--influence-hessian", default=defaults.influence_hessian,
                      choices=("gauss_newton", "exact"))
     run.add_argument("--chunk-size", type=int, default=defaults.chunk_size,
                      help="subsets per retraining chunk (each stored when done)")
-    run.add_argument("--trak-proj-dim", type=int, default=defaults.trak_proj_dim)
+    run.add_argument("--trak-proj-dim", type=parse_proj_dim,
+                     default=defaults.trak_proj_dim,
+                     help="an int, 'full' or 'auto' (min(p, 8 n C_h, 8192))")
     run.add_argument("--value-samples", type=int, default=defaults.value_samples,
                      help="coalitions of the Banzhaf values (loo protocol) or "
                           "contexts of the fixed-size effects")

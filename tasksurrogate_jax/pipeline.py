@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -99,6 +100,7 @@ from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload
 from tasksurrogate_jax.workloads.supervised import REGIMES, SupervisedWorkload
 
 BASELINES = ("influence", "tracin", "trak")
+BASELINE_SETTINGS = "_settings"
 CV_METHODS = ("loo", "kfold")
 CV_CRITERIA = ("spearman", "mse")
 
@@ -267,10 +269,16 @@ class PipelineConfig:
       cv_criterion: ``"mse"`` or ``"spearman"``.
       baselines: names in :data:`BASELINES` to compute (among those the
         workload supports).
-      influence_damping: ``λ`` of ``(H + λI)^{-1}``.
+      influence_damping: ``λ`` of ``(H + λI)^{-1}``, a number >= 0 or
+        ``"auto"`` (:func:`~tasksurrogate_jax.baselines.influence_damping`:
+        ``DAMPING_FRACTION`` × the curvature's largest eigenvalue).
       influence_hessian: ``"gauss_newton"`` (positive semi-definite, safe for
         conjugate gradients on non-convex models) or ``"exact"``.
-      trak_proj_dim: projection dimension of TRAK's features.
+      trak_proj_dim: projection dimension of TRAK's features: an int,
+        ``"full"`` (no projection) or ``"auto"``
+        (:func:`~tasksurrogate_jax.baselines.trak_proj_dim`). TRAK's damping
+        is its ``"auto"``. What each baseline used is in the results'
+        ``baseline_settings``.
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
         values (``"loo"`` protocol; 0 = skip), or sampled contexts of each
         method's fixed-size effects (``"fixed_size"`` protocol; >= 1).
@@ -299,9 +307,9 @@ class PipelineConfig:
     cv_method: str = "loo"
     cv_criterion: str = "spearman"
     baselines: tuple[str, ...] | None = None
-    influence_damping: float = 1.0
+    influence_damping: float | str = "auto"
     influence_hessian: str = "gauss_newton"
-    trak_proj_dim: int = 512
+    trak_proj_dim: int | str = "auto"
     value_samples: int = 1000
     confidence_level: float = 0.95
     bootstrap_resamples: int = 1000
@@ -370,6 +378,17 @@ def check_config(config: PipelineConfig, *, workload=None) -> PipelineConfig:
         raise ValueError(f"workload {name!r} has no baselines, got {unknown}.")
     if unknown:
         raise ValueError(f"baselines must be among {entry.baselines}, got {unknown}.")
+    damping = config.influence_damping
+    if not (damping == "auto" or (
+            isinstance(damping, (int, float, np.number))
+            and not isinstance(damping, bool) and math.isfinite(damping)
+            and damping >= 0)):
+        raise ValueError("influence_damping must be 'auto' or a finite number >= 0, "
+                         f"got {damping!r}.")
+    if isinstance(config.trak_proj_dim, str) and config.trak_proj_dim not in (
+            "auto", "full"):
+        raise ValueError("trak_proj_dim must be a positive int, 'auto' or 'full', "
+                         f"got {config.trak_proj_dim!r}.")
     if config.influence_hessian not in baselines.HESSIANS:
         raise ValueError(f"influence_hessian must be one of {baselines.HESSIANS}, "
                          f"got {config.influence_hessian!r}.")
@@ -646,6 +665,9 @@ class RunScores(NamedTuple):
       estimated: ``[num_subsets + num_heldout, T]`` their first-order estimates.
       baselines: ``{name: [K, T]}`` baseline LOO-effect predictions.
       seconds: ``{stage: seconds}`` (stored stages report their first run).
+      baseline_settings: ``{name: settings}``, what each baseline used
+        (damping, its rule, projection dimension, conjugate-gradient
+        residual: ``baselines.InfluenceInfo`` / ``TrakInfo`` as dicts).
     """
 
     workload: Any
@@ -656,6 +678,7 @@ class RunScores(NamedTuple):
     estimated: np.ndarray
     baselines: dict
     seconds: dict
+    baseline_settings: dict = MappingProxyType({})
 
 
 class PromptRunScores(NamedTuple):
@@ -799,27 +822,30 @@ def _collect_loo(config, entry, workload, stages, keys, progress) -> RunScores:
         config=config)})["scores"]
 
     def compute_baselines():
-        out = {}
-        if not config.baselines:
-            return out
+        out, used = {}, {}
         args = (workload.apply_fn, theta, workload.data, workload.target)
         loss_fn = workload.loss_fn
         if "influence" in config.baselines:
-            out["influence"] = baselines.influence_scores(
+            out["influence"], info = baselines.influence_scores(
                 *args, loss_fn=loss_fn, damping=config.influence_damping,
-                hessian=config.influence_hessian)
+                hessian=config.influence_hessian, return_info=True)
+            used["influence"] = info._asdict()
         if "tracin" in config.baselines:
             out["tracin"] = baselines.tracin_scores(
                 workload.apply_fn, [theta], *args[2:], loss_fn=loss_fn)
         if "trak" in config.baselines:
-            out["trak"] = baselines.trak_scores(
-                *args, key=keys["baselines"], proj_dim=config.trak_proj_dim,
-                loss_fn=loss_fn)
-        return out
+            proj_dim = None if config.trak_proj_dim == "full" else config.trak_proj_dim
+            out["trak"], info = baselines.trak_scores(
+                *args, key=keys["baselines"], proj_dim=proj_dim, loss_fn=loss_fn,
+                return_info=True)
+            used["trak"] = info._asdict()
+        # Plain arrays only in a stage: the settings as a JSON string.
+        return {**out, BASELINE_SETTINGS: np.asarray(json.dumps(used))}
 
     baseline_effects = stages.run("baselines", compute_baselines)
+    used = json.loads(str(baseline_effects.pop(BASELINE_SETTINGS, "{}")))
     return RunScores(workload, theta, loo, masks, exact, estimated, baseline_effects,
-                     stages.seconds)
+                     stages.seconds, used)
 
 
 def _collect_fixed_size(config, entry, workload, stages, keys) -> PromptRunScores:
@@ -1033,6 +1059,7 @@ def evaluate(config: PipelineConfig, run) -> dict:
                                             f"{config.regime} ground truth"),
                        "proj_dim": _resolved_proj_dim(config, entry, run.theta)},
         "surrogate_hyperparameters": _hyperparameters(fits),
+        "baseline_settings": dict(run.baseline_settings),
         "seconds": seconds,
     }
 

@@ -146,8 +146,24 @@ def summary(results: dict) -> str:
         f"{est['mean_target_relative_error']:.3f}), Spearman across subsets "
         f"{est['spearman_across_subsets']:.3f} (mean target "
         f"{est['spearman_mean_target']:.3f})",
+        *_baseline_settings(results.get("baseline_settings", {})),
         f"seconds: {seconds}",
     ])
+
+
+def _baseline_settings(used: dict) -> list[str]:
+    """One line saying what damping and projection each baseline used."""
+    parts = []
+    if "influence" in used:
+        u = used["influence"]
+        parts.append(f"influence λ = {u['damping']:.3g} ({u['damping_rule']}, "
+                     f"{u['hessian']}; CG residual {u['cg_residual']:.1e})")
+    if "trak" in used:
+        u = used["trak"]
+        d = "full" if u["proj_dim"] is None else u["proj_dim"]
+        parts.append(f"TRAK d = {d} ({u['proj_dim_rule']}), λ = {u['damping']:.3g} "
+                     f"({u['damping_rule']})")
+    return ["baselines: " + "; ".join(parts)] if parts else []
 
 
 def _projection(proj_dim) -> str:

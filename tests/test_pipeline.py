@@ -157,6 +157,8 @@ def test_list_and_the_installed_entry_point():
     assert "digits: presets cpu, random, tiny" in done.stdout
 
 
+# Random masks repeat rows here: the search's duplicate warning is expected.
+@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
 def test_ridge_grid_follows_the_dtype_the_fit_computes_in():
     """float64 scores are fit in float32 without x64: no ridge below float32's
     rounding error is searched (the search would warn and could pick it)."""
@@ -174,6 +176,7 @@ def test_ridge_grid_follows_the_dtype_the_fit_computes_in():
     assert float(fits["search"].ridges.min()) >= 10 * eps * 240
 
 
+@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
 def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
     from tasksurrogate_jax import surrogates
 
