@@ -67,6 +67,7 @@ import jax
 import numpy as np
 
 from tasksurrogate_jax import (
+    __version__,
     attribution,
     baselines,
     metrics,
@@ -496,15 +497,15 @@ def stage_keys(seed: int) -> dict:
 # and programs: refused otherwise, naming what differs); within it, each stage
 # is stored under a hash of its own fields, so changing, say, the influence
 # damping recomputes the baselines only, and earlier settings stay reusable.
-IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "fingerprint")
+IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "fingerprint",
+                   "version")
 STAGE_FIELDS = {
     "base": (),
     "loo": ("regime", "replicates", "chunk_size"),
     "subsets": ("regime", "replicates", "num_subsets", "num_heldout", "drop",
                 "chunk_size"),
-    "estimated": ("num_subsets", "num_heldout", "drop", "estimation_method",
-                  "proj_dim", "estimation_ridge", "output_mode",
-                  "estimation_difference"),
+    "estimated": ("num_subsets", "num_heldout", "drop", "proj_dim",
+                  "estimation_settings"),
     "baselines": ("baselines", "influence_damping", "influence_hessian",
                   "trak_proj_dim"),
 }
@@ -790,7 +791,12 @@ def collect(config: PipelineConfig, *, workload=None, out_dir=None,
     if workload is None:
         workload = _timed(seconds, "workload", lambda: make_workload(config))
     check_workload_fits(config, workload)
-    identity = {**config.to_json(), "fingerprint": workload.fingerprint()}
+    # Besides the config: what the workload computes, the estimation's settings
+    # with the library's defaults filled in, and the library's version.
+    identity = {**config.to_json(), "fingerprint": workload.fingerprint(),
+                "version": __version__,
+                "estimation_settings": None if "estimation_method" in entry.unused
+                else dataclasses.asdict(estimation_settings(config))}
     stages = _Stages(out_dir, identity, log, PROTOCOL_STAGES[entry.protocol])
     stages.seconds.update(seconds)
     keys = stage_keys(config.seed)

@@ -194,3 +194,96 @@ def test_bad_configs_name_the_field(overrides, error, field):
 def test_config_must_be_a_digits_config():
     with pytest.raises(TypeError, match="DigitsDataConfig"):
         digits_data({"sources": "random"})
+
+
+# -- "interactions" sources -------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def interactions():
+    config = DigitsDataConfig(sources="interactions")
+    return config, digits_data(config)
+
+
+def test_interaction_sources(interactions, clean):
+    config, (data, target) = interactions
+    x, y, ids = _np(data)
+    x_tr, y_tr, x_te, y_te = clean
+    n = y_tr.size
+    assert data.task_names == ("twin-a", "twin-b", "swapped", "blend-a", "blend-b",
+                               "clean-05", "clean-06", "clean-07", "clean-08",
+                               "clean-09")
+    # The training split comes first, each image once: in twin-a or a clean task.
+    np.testing.assert_array_equal(y[:n], y_tr)
+    np.testing.assert_allclose(x[:n], x_tr, atol=1e-5)
+    assert set(np.unique(ids[:n])) == {0, 5, 6, 7, 8, 9}
+    conflict = np.isin(y_tr, config.conflict_classes)
+    twins = ids[:n] == 0
+    assert twins.sum() == round(config.conflict_fraction * conflict.sum())
+    assert conflict[twins].all()
+    clean_sizes = np.bincount(ids[:n][~twins], minlength=10)[5:]
+    assert clean_sizes.max() - clean_sizes.min() <= 1
+    # Twins: exact duplicates; swapped: the same images, the next conflict class.
+    np.testing.assert_array_equal(x[ids == 0], x[ids == 1])
+    np.testing.assert_array_equal(y[ids == 0], y[ids == 1])
+    np.testing.assert_array_equal(x[ids == 0], x[ids == 2])
+    order = list(config.conflict_classes)
+    shifted = [order[(order.index(v) + 1) % len(order)] for v in y[ids == 0]]
+    np.testing.assert_array_equal(y[ids == 2], shifted)
+    # Blends: labelled a (b), each the midpoint of a training image of a and of b.
+    a, b = config.blend_classes
+    for task, label in ((3, a), (4, b)):
+        assert (ids == task).sum() == config.blend_size
+        assert (y[ids == task] == label).all()
+        midpoints = (x_tr[y_tr == a][:, None] + x_tr[y_tr == b][None]) / 2
+        midpoints = midpoints.reshape(-1, 64)
+        for row in x[ids == task][:10]:
+            assert np.abs(midpoints - row).max(1).min() < 1e-5
+    # Targets untouched.
+    np.testing.assert_allclose(np.asarray(target.inputs), x_te, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(target.labels), y_te)
+
+
+def test_interaction_fields_leave_other_sources_and_fingerprints_alone():
+    from tasksurrogate_jax.workloads.digits import digits_workload
+    from tasksurrogate_jax.workloads.digits_data import (
+        INTERACTION_FIELDS,
+        planted_interactions,
+    )
+
+    changed = dict(conflict_classes=(0, 1), conflict_fraction=0.5,
+                   blend_classes=(2, 3), blend_size=10, blend_weight=0.3)
+    for sources in ("planted", "random"):
+        base = digits_data(DigitsDataConfig(sources=sources))[0]
+        other = digits_data(DigitsDataConfig(sources=sources, **changed))[0]
+        for u, v in zip(_np(base), _np(other), strict=True):
+            np.testing.assert_array_equal(u, v)
+        assert planted_interactions(DigitsDataConfig(sources=sources)) == {}
+    # The other presets' descriptions (part of their fingerprints and stores)
+    # do not mention the fields only the "interactions" sources read.
+    assert not set(INTERACTION_FIELDS) & set(digits_workload("cpu").description)
+    workload = digits_workload("interactions")
+    assert set(INTERACTION_FIELDS) <= set(workload.description)
+    assert workload.planted_interactions == {(0, 1): 1, (0, 2): -1, (1, 2): -1,
+                                             (3, 4): -1}
+
+
+@pytest.mark.parametrize(
+    "overrides, error, field",
+    [
+        (dict(num_tasks=5), ValueError, "num_tasks"),
+        (dict(conflict_classes=(1,)), ValueError, "conflict_classes"),
+        (dict(conflict_classes=(1, 1)), ValueError, "conflict_classes"),
+        (dict(conflict_classes=(1, 10)), ValueError, "conflict_classes"),
+        (dict(conflict_classes="12"), TypeError, "conflict_classes"),
+        (dict(blend_classes=(3,)), ValueError, "blend_classes"),
+        (dict(blend_classes=(3, 4)), ValueError, "blend_classes"),
+        (dict(conflict_fraction=0.0), ValueError, "conflict_fraction"),
+        (dict(conflict_fraction=1.5), ValueError, "conflict_fraction"),
+        (dict(blend_size=0), ValueError, "blend_size"),
+        (dict(blend_weight=-0.1), ValueError, "blend_weight"),
+    ],
+)
+def test_bad_interaction_configs_name_the_field(overrides, error, field):
+    with pytest.raises(error, match=field):
+        digits_data(DigitsDataConfig(sources="interactions", **overrides))

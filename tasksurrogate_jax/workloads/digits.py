@@ -13,7 +13,12 @@ Presets (:data:`PRESETS`), with the test accuracy of ``θ*`` (measured with
 ``key(0)``): ``"cpu"``, the planted sources (83%: the corrupted sources cost
 accuracy), replicates affordable on 2 cores (``benchmarks/README.md``);
 ``"random"``, the paper's protocol of random groups (98%); ``"tiny"`` for
-tests (8 sources, 64 targets; 88%).
+tests (8 sources, 64 targets; 88%); ``"interactions"``, sources with planted
+pairwise interactions of known sign (twins, a twin's labels swapped, two
+blends that only balance each other: :attr:`DigitsWorkload.
+planted_interactions`, :mod:`.digits_data`), fine-tuned with batches of 256
+for 200 steps so that a pair-removal truth of 8 replicates is reliable over
+all 45 pairs (94%; ``benchmarks/bench_interactions.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +29,11 @@ import optax
 
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.digits_data import (
+    INTERACTION_FIELDS,
     DigitsDataConfig,
     DigitsMLP,
     digits_data,
+    planted_interactions,
 )
 from tasksurrogate_jax.workloads.supervised import (
     SupervisedWorkload,
@@ -62,6 +69,8 @@ PRESETS: dict[str, DigitsConfig] = {
     "random": DigitsConfig(sources="random"),
     "tiny": DigitsConfig(num_tasks=8, hidden=16, num_targets=64, num_steps=100,
                          batch_size=64, finetune_steps=20),
+    "interactions": DigitsConfig(sources="interactions", batch_size=256,
+                                 finetune_steps=200),
 }
 
 
@@ -79,13 +88,28 @@ class DigitsWorkload(SupervisedWorkload):
         data, target = digits_data(config)
         apply_fn, init_fn = nnx_model_functions(
             lambda rngs: DigitsMLP(config, rngs=rngs))
+        description = dataclasses.asdict(config)
+        if config.sources != "interactions":
+            # Fields only the "interactions" sources read are left out of the
+            # other sources' description, so that their fingerprints (and the
+            # runs stored under them) stay as they were.
+            for name in INTERACTION_FIELDS:
+                description.pop(name)
         super().__init__(
             apply_fn=apply_fn, init_fn=init_fn, data=data, target=target,
             train=TrainSettings(optax.adam(config.learning_rate), config.num_steps,
                                 config.batch_size),
             finetune=TrainSettings(optax.sgd(config.finetune_learning_rate),
                                    config.finetune_steps, config.batch_size),
-            description=dataclasses.asdict(config), precision=config.precision)
+            description=description, precision=config.precision)
+
+    @property
+    def planted_interactions(self) -> dict[tuple[int, int], int]:
+        """``{(i, j): sign}`` of the pairs planted with a known interaction
+        sign (``"interactions"`` sources; ``{}`` otherwise): +1 substitutes,
+        -1 complements, in the convention of
+        :mod:`tasksurrogate_jax.interactions`."""
+        return planted_interactions(self.config)
 
 
 def digits_workload(preset: str = "cpu", **overrides) -> DigitsWorkload:
