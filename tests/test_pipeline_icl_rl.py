@@ -191,7 +191,7 @@ def test_list_shows_each_workload_with_its_protocol(capsys):
     out = capsys.readouterr().out
     assert "icl: presets cpu, paper, tiny (fixed_size protocol)" in out
     assert "rl: presets cpu, paper, tiny (loo protocol)" in out
-    assert "digits: presets cpu, random, tiny (loo protocol)" in out
+    assert "digits: presets cpu, random, tiny, interactions (loo protocol)" in out
 
 
 # -- slow: end-to-end runs -------------------------------------------------------
