@@ -130,7 +130,7 @@ def test_registered_protocols_and_their_defaults():
     digits = pipeline.check_config(pipeline.PipelineConfig())
     assert (digits.regime, digits.num_subsets, digits.num_heldout, digits.drop,
             digits.proj_dim, digits.baselines) == (
-        "finetune", 96, 32, 4, 512, pipeline.BASELINES)
+        "finetune", 96, 32, 4, "auto", pipeline.BASELINES)
 
 
 @pytest.mark.slow
