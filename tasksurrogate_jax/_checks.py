@@ -17,16 +17,22 @@ def is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def as_float_array(x, name: str) -> jax.Array:
-    """Converts ``x`` to a floating JAX array, or raises ``TypeError`` naming it."""
+def as_array(x, name: str) -> jax.Array:
+    """``jnp.asarray(x)``, or a ``TypeError`` naming ``name`` when ``x`` is not
+    an array (a string, ``None``, an object)."""
     if isinstance(x, (str, bytes)) or x is None:
         raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}.")
     try:
-        arr = jnp.asarray(x)
+        return jnp.asarray(x)
     except TypeError as err:
         raise TypeError(
-            f"{name} must be a numeric array, got {type(x).__name__}."
+            f"{name} must be a numeric array, got {type(x).__name__} ({err})."
         ) from err
+
+
+def as_float_array(x, name: str) -> jax.Array:
+    """Converts ``x`` to a floating JAX array, or raises ``TypeError`` naming it."""
+    arr = as_array(x, name)
     if arr.dtype == jnp.bool_ or jnp.issubdtype(arr.dtype, jnp.integer):
         arr = arr.astype(jnp.result_type(float))
     if not jnp.issubdtype(arr.dtype, jnp.floating):

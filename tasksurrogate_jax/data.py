@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasksurrogate_jax._checks import (
+    as_array,
     as_float_array,
     check_masks,
     check_positive_int,
@@ -102,14 +103,7 @@ class TargetData:
 def _numeric(x, name: str) -> jax.Array:
     """``x`` as a real or integer (or bool) array, or an error naming it;
     concrete floating values must be finite."""
-    if isinstance(x, (str, bytes)) or x is None:
-        raise TypeError(f"{name} must be a numeric array, got {type(x).__name__}.")
-    try:
-        arr = jnp.asarray(x)
-    except TypeError as err:
-        raise TypeError(
-            f"{name} must be a numeric array, got {type(x).__name__} ({err})."
-        ) from err
+    arr = as_array(x, name)
     if not (jnp.issubdtype(arr.dtype, jnp.integer)
             or jnp.issubdtype(arr.dtype, jnp.floating) or arr.dtype == jnp.bool_):
         raise TypeError(f"{name} must have a real or integer dtype, got {arr.dtype}.")
