@@ -829,6 +829,8 @@ def _collect_loo(config, entry, workload, stages, keys, progress) -> RunScores:
 
     def compute_baselines():
         out, used = {}, {}
+        if not config.baselines:
+            return out
         args = (workload.apply_fn, theta, workload.data, workload.target)
         loss_fn = workload.loss_fn
         if "influence" in config.baselines:
