@@ -139,10 +139,10 @@ class EstimationSettings:
         space for linearized fine-tuning of a model of at most
         :data:`AUTO_FULL_SPACE_MAX_PARAMS` parameters, else
         :data:`DEFAULT_PROJ_DIM`. Why: the full space linearizes without
-        projection error (measured on digits ``cpu``, p = 4,810: LOO
-        Spearman of directly estimated effects 0.944 in the full space
-        against 0.775 at d = 512, on a user's 1,058-parameter model 0.868
-        against 0.833 and faster), and its cost per subset is a few
+        projection error (``benchmarks/bench_defaults.py``, LOO Spearman
+        per target of directly estimated effects with one batch order: digits
+        ``cpu``, p = 4,810, 0.892 in the full space against 0.742 at d = 512;
+        breast cancer, p = 2,114, 0.875 against 0.819), and its cost per subset is a few
         forward-backward passes of the model, which only large models cannot
         afford per subset.
       output_mode: ``"logits"`` or ``"margin"``.

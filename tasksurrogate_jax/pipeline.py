@@ -596,18 +596,17 @@ def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
       ``cv_criterion``), "search": HyperparameterSearch}``.
     """
     linear = surrogates.fit_linear_surrogate(fit_masks, fit_scores)
-    # The default ridge grids leave out ridges below the rounding error of the
-    # kernel's eigenvalues in the dtype the fit computes in.
-    ridges = None
+    # The default ridge grids (ridges=None) leave out ridges below the rounding
+    # error of the kernel's eigenvalues in the dtype the fit computes in.
     key = jax.random.key(seed)
     if fit_masks.shape[0] > surrogates.AUTO_EXACT_MAX_SUBSETS:
         search = nystrom.select_nystrom_hyperparameters(
-            fit_masks, fit_scores, key=key, criterion=cv_criterion, ridges=ridges,
+            fit_masks, fit_scores, key=key, criterion=cv_criterion,
             method="holdout" if cv_method == "loo" else "kfold")
     else:
         search = surrogates.select_kernel_hyperparameters(
             fit_masks, fit_scores, method=cv_method, criterion=cv_criterion,
-            ridges=ridges, key=key)
+            key=key)
     kernel = surrogates.fit_kernel_surrogate(
         fit_masks, fit_scores, gamma=float(search.gamma), ridge=float(search.ridge),
         solver="auto")
