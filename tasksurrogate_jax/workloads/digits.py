@@ -84,7 +84,6 @@ class DigitsWorkload(SupervisedWorkload):
 
     name = "digits"
     presets = PRESETS
-    pipeline_defaults = {**SupervisedWorkload.pipeline_defaults, "drop": 4}
 
     def __init__(self, config: DigitsConfig):
         if not isinstance(config, DigitsConfig):
