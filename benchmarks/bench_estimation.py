@@ -1,45 +1,62 @@
-"""First-order estimates of F(s) against the fine-tuning they stand for.
+"""First-order estimates of F(s) against the fine-tuning they stand for, and
+against influence functions, on the LOO effects the pipeline reports.
 
-On one supervised workload (``modular`` or ``digits``, ``cpu`` preset), from
+On one supervised workload (``digits`` or ``modular``; ``--preset``), from
 ``θ*`` (trained on all tasks):
 
-1. **Ground truth.** Real fine-tuning from ``θ*`` with the workload's
-   ``finetune`` program on the all-tasks set, the K leave-one-out sets and
-   ``--fit-subsets + --heldout-subsets`` random subsets (each drops the
-   pipeline's number of tasks), ``--replicates`` paired replicates averaged;
-   its split-half reliability is the *ceiling* of every agreement below.
-2. **Estimators**, each an ``EstimationSettings`` (:data:`ESTIMATORS`; by
-   default the library's default, linearized fine-tuning in the full parameter
-   space and, where the fine-tuning optimizer is an ``estimation.Adam``, the
-   Adam-preconditioned program; ``--estimators`` adds margin outputs, other
-   projections and the convex solve), each also in its difference form, on the
-   all-tasks, LOO and first ``--fit-subsets`` (256) random subsets.
-   Errors: mean relative error of the mean-target score, the same per target
-   column, Spearman across subsets (mean target and per target), Spearman of
-   the estimated LOO effects with the fine-tuned ones (mean target), each
-   Spearman with its bootstrap interval.
-3. **Speed.** Each estimator on the fitting subsets against vmapped
-   fine-tuning of them (one replicate, same chunk size), both compiled on a
-   first call; the default estimator also at every other ``--num-subsets``
-   (256: digits has only 140 fitting subsets; ``--num-subsets 256 1024`` for
-   the larger sweep).
-4. **Downstream.** Kernel (and linear) surrogates fitted to the estimated and
-   to the fine-tuned scores of those subsets (the pipeline's
-   cross-validated fit); LOO Spearman against the fine-tuned LOO effects and
-   Spearman on ``--heldout-subsets`` (128) others, mean target.
+1. **Ground truth** (the pipeline's ``"loo"`` protocol): real fine-tuning from
+   ``θ*`` with the workload's ``finetune`` program on the all-tasks set, the
+   K leave-one-out sets and ``--fit-subsets + --heldout-subsets`` random
+   subsets that each drop the pipeline's number of tasks, ``--replicates``
+   (4) paired batch orders averaged. ``ceiling`` is ``pipeline.ceiling``: the
+   agreement of two such truths (split-half reliability), per target and on
+   the mean target.
+2. **Estimators** (:data:`ESTIMATORS`, ``--estimators``; by default the
+   library's default ``EstimationSettings()`` and the candidates of
+   :data:`DEFAULT_RUN`), each run on the LOO sets and the fitting subsets
+   with batch orders other than the truth's (``key`` ``fold_in(seed, 11)``,
+   as the pipeline's estimation stage has its own key). Linearized
+   fine-tuning runs ``estimation.linearized_finetune_scores`` with the
+   settings' resolved projection (``resolved_projection``: ``dense`` or
+   ``factored``) and dimension. Per estimator: LOO Spearman of its LOO
+   effects read directly (per target and mean target), and of the kernel and
+   linear surrogates fitted to its scores on the fitting subsets (the
+   pipeline's ``fit_surrogates``), its one-time feature seconds and its
+   per-subset seconds.
+3. **Influence** at the pipeline's defaults (``baselines.influence_scores``,
+   damping ``"auto"``, Gauss-Newton) and the surrogates on the exact scores.
+   ``paired_interval_estimated_kernel_minus_influence``: the 95% bootstrap
+   interval over targets of the per-target difference of LOO Spearman,
+   kernel surrogate on the headline estimator's scores minus influence.
+4. **Speed**: fine-tuning (``--speed-finetune`` subsets, one replicate,
+   vmapped in chunks of ``--chunk-size``, compiled first) against the
+   headline estimator on ``--speed-subsets`` (1,024) subsets, one replicate,
+   features included; both per subset (the fine-tuning's figure scaled
+   linearly: a chunk's cost does not depend on the number of chunks).
+   ``speedup_m1024`` is their ratio; ``p_over_Cd`` is its flop bound
+   ``p / (C d)`` (a fine-tuning step costs about ``6 B p`` flops, a shared
+   linearized step about ``4 K C d`` with ``K`` a little over ``B``).
 
-Writes ``results/bench_estimation_<workload>.json`` (top-level
-``relative_error_mean``, ``spearman_subsets``, ``loo_spearman``, ``speedup`` for
-the default estimator) and prints them last.
+Writes ``--out`` (default ``results/bench_estimation_<workload>_<preset>
+.json``) with top-level ``speedup_m1024``, ``loo_spearman_per_target``
+(method -> value: ``"kernel surrogate (estimated)"``, ``"kernel surrogate
+(exact)"``, ``"linear surrogate (...)"``, ``"LOO estimates (direct)"``,
+``"influence"``), ``loo_spearman_mean_target`` (the same),
+``paired_interval_estimated_kernel_minus_influence``, ``ceiling``,
+``peak_rss_gb``, ``p_over_Cd``, ``feature_s`` and ``per_subset_s``
+(estimation) beside ``finetune_per_subset_s``, and the tables.
 
-    python benchmarks/bench_estimation.py --workload modular
-    python benchmarks/bench_estimation.py --workload digits
-    python benchmarks/bench_estimation.py --workload modular --estimators all
+    python benchmarks/bench_estimation.py --workload digits --preset wide
+    python benchmarks/bench_estimation.py --workload digits --preset cpu
+    python benchmarks/bench_estimation.py --workload digits --preset wide \\
+        --estimators default "factored, d=1024" "factored, d=8192"
+    python benchmarks/bench_estimation.py --quick      # CI: digits tiny, < 60 s
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import resource
@@ -47,288 +64,307 @@ import time
 
 import jax
 import numpy as np
-from _common import (
-    REPO_ROOT,
-    environment,
-    format_table,
-    parse_overrides,
-    write_json,
+from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+
+from tasksurrogate_jax import attribution, baselines, metrics, reliability
+from tasksurrogate_jax.estimation import (
+    Adam,
+    EstimationSettings,
+    linearized_finetune_scores,
 )
-
-from tasksurrogate_jax import attribution, metrics, reliability
-from tasksurrogate_jax.chunking import pad_rows
-from tasksurrogate_jax.estimation import Adam, EstimationSettings, difference_form
-from tasksurrogate_jax.pipeline import WORKLOADS, fit_surrogates
+from tasksurrogate_jax.pipeline import ceiling, fit_surrogates
+from tasksurrogate_jax.projection import num_parameters
 from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.workloads.digits import digits_workload
+from tasksurrogate_jax.workloads.modular import modular_workload
 
-# Each also in its difference form, from the same run: ``EstimationSettings(
-# difference=True)`` anchors at the workload's fine-tuning on all tasks with the
-# run's key, which is replicate 0's all-tasks row of the ground truth here.
+# Factories and tasks dropped per random subset (the pipeline's defaults).
+WORKLOADS = {"digits": (digits_workload, 4), "modular": (modular_workload, 3)}
+
 ESTIMATORS = {
-    "linearized fine-tuning, d=512": EstimationSettings(proj_dim=512),
-    "full space": EstimationSettings(proj_dim=None),
+    "default": EstimationSettings(),
+    "full space": EstimationSettings(proj_dim="full"),
+    "dense, d=512": EstimationSettings(proj_dim=512, projection="dense"),
+    "factored, d=1024": EstimationSettings(proj_dim=1024, projection="factored"),
+    "factored, d=2048": EstimationSettings(proj_dim=2048, projection="factored"),
+    "factored, d=4096": EstimationSettings(proj_dim=4096, projection="factored"),
+    "factored, d=8192": EstimationSettings(proj_dim=8192, projection="factored"),
+    "factored, d=4096, 1 batch order": EstimationSettings(
+        proj_dim=4096, projection="factored", replicates=1),
+    "factored, d=4096, margin": EstimationSettings(
+        proj_dim=4096, projection="factored", output_mode="margin"),
     "Adam-preconditioned, d=512": EstimationSettings(proj_dim=512,
                                                      preconditioner="adam"),
-    "linearized fine-tuning, margin": EstimationSettings(output_mode="margin"),
-    "linearized fine-tuning, d=128": EstimationSettings(proj_dim=128),
-    "linearized fine-tuning, d=2048": EstimationSettings(proj_dim=2048),
-    "Adam-preconditioned, d=2048": EstimationSettings(proj_dim=2048,
-                                                      preconditioner="adam"),
     "convex solve, margin, ridge auto": EstimationSettings(
         method="solve", output_mode="margin"),
 }
-DEFAULT_RUN = ["linearized fine-tuning, d=512", "full space",
-               "Adam-preconditioned, d=512"]
-# The headline: the library's default settings.
-DEFAULT = next(name for name, settings in ESTIMATORS.items()
-               if settings == EstimationSettings())
+DEFAULT_RUN = ["default"]
+HEADLINE = "default"
+KERNEL_ESTIMATED = "kernel surrogate (estimated)"
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
+def resolved(settings: EstimationSettings, workload, theta) -> tuple[str, object]:
+    """``(projection, proj_dim)`` the settings run with on this workload."""
+    projection = settings.resolved_projection(workload.apply_fn, theta,
+                                              workload.data.inputs)
+    return projection, settings.resolved_proj_dim(num_parameters(theta), projection)
 
 
-def interval(x, y, seed: int) -> list[float]:
-    """Bootstrap 95% interval of Spearman(x, y) over the paired rows."""
-    return list(reliability.loo_spearman_interval(x, y, num_resamples=1000,
-                                                  seed=seed))
+def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
+             chunk_size: int):
+    """``(scores [m, T], seconds {"features", "subsets"} or None)``.
+
+    Linearized fine-tuning as ``SupervisedWorkload.estimate`` runs it (the
+    projection's key ``fold_in(key, 1)``, the batches of ``key``), with the
+    settings' resolved projection; the convex solve through the workload."""
+    if settings.method != "finetune":
+        return np.asarray(workload.estimate(masks, key=key, base_params=theta,
+                                            settings=settings,
+                                            chunk_size=chunk_size).scores), None
+    projection, proj_dim = resolved(settings, workload, theta)
+    result = linearized_finetune_scores(
+        workload.apply_fn, theta, workload.data, workload.target, masks,
+        finetune=workload.finetune_spec, key=jax.random.fold_in(key, 1),
+        batch_key=key, proj_dim=proj_dim, output_mode=settings.output_mode,
+        projection=projection, preconditioner=settings.preconditioner,
+        replicates=settings.replicates, chunk_size=chunk_size)
+    return np.asarray(jax.block_until_ready(result.scores)), result.seconds
 
 
-def errors(estimated, truth, num_loo: int, seed: int) -> dict:
-    """Errors of ``estimated`` ``[1 + K + m, T]`` (all tasks, LOO, subsets)."""
-    full, loo, subsets = 0, slice(1, 1 + num_loo), slice(1 + num_loo, None)
-    est_mean, true_mean = estimated.mean(1), truth.mean(1)
-    relative = np.abs(est_mean - true_mean) / np.abs(true_mean)
-    effects_est = est_mean[loo] - est_mean[full]
-    effects_true = true_mean[loo] - true_mean[full]
-    return {
-        "relative_error_mean": float(relative[subsets].mean()),
-        "relative_error_max": float(relative[subsets].max()),
-        # Median: a target the model fits perfectly has F = 0 in float32.
-        "relative_error_columns": float(np.nanmedian(
-            metrics.relative_error(true=truth[subsets], predicted=estimated[subsets]))),
-        "spearman_subsets": float(metrics.spearman(true_mean[subsets],
-                                                   est_mean[subsets])),
-        "spearman_subsets_interval": interval(true_mean[subsets], est_mean[subsets],
-                                              seed),
-        "spearman_subsets_per_target": float(metrics.mean_spearman(
-            truth[subsets], estimated[subsets])),
-        "loo_spearman": float(metrics.spearman(effects_true, effects_est)),
-        "loo_spearman_interval": interval(effects_true, effects_est, seed),
-    }
+def loo_agreement(effects, true_effects) -> dict:
+    """Per-target and mean-target LOO Spearman of ``[K, T]`` effects."""
+    corr = metrics.loo_correlation(true_effects=true_effects,
+                                   predicted_effects=effects)
+    return {"per_target": float(corr.mean), "mean_target": float(corr.mean_target),
+            "_per_target_values": np.asarray(corr.per_target)}
 
 
-def downstream(fit_masks, fit_scores, heldout_masks, heldout_true, true_effects,
-               seed: int) -> dict:
-    """Surrogates of ``(fit_masks, fit_scores)`` against the fine-tuned truth."""
+def surrogate_agreement(fit_masks, fit_scores, true_effects, seed) -> dict:
+    """LOO agreement of the kernel and linear surrogates of the scores."""
     fits = fit_surrogates(fit_masks, fit_scores, seed=seed)
-    out = {}
-    for kind in ("kernel", "linear"):
-        surrogate = fits[kind]
-        effects = np.asarray(attribution.loo_scores(surrogate)).mean(1)
-        predicted = np.asarray(surrogate.predict(heldout_masks)).mean(1)
-        out[kind] = {
-            "loo_spearman": float(metrics.spearman(true_effects, effects)),
-            "loo_spearman_interval": interval(true_effects, effects, seed),
-            "heldout_spearman": float(metrics.spearman(heldout_true, predicted)),
-            "heldout_spearman_interval": interval(heldout_true, predicted, seed),
-        }
-    return out
+    return {kind: loo_agreement(np.asarray(attribution.loo_scores(fits[kind])),
+                                true_effects) for kind in ("kernel", "linear")}
 
 
-def main():
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", required=True, choices=("modular", "digits"))
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--num-subsets", type=int, nargs="+", default=[256],
-                    help="subset counts timed (e.g. 256 1024)")
-    ap.add_argument("--fit-subsets", type=int, default=256,
-                    help="subsets the errors and the surrogates are measured on")
-    ap.add_argument("--heldout-subsets", type=int, default=128)
-    ap.add_argument("--replicates", type=int, default=2,
-                    help="paired fine-tuning replicates of the ground truth (>= 2)")
-    ap.add_argument("--estimators", nargs="+", default=DEFAULT_RUN,
+    ap.add_argument("--workload", default=None, choices=("modular", "digits"))
+    ap.add_argument("--preset", default=None)
+    ap.add_argument("--quick", action="store_true",
+                    help="CI smoke test: digits tiny, few subsets (< 60 s)")
+    ap.add_argument("--fit-subsets", type=int, default=None,
+                    help="random subsets the surrogates are fitted on (96)")
+    ap.add_argument("--heldout-subsets", type=int, default=None,
+                    help="random subsets of the ceiling's held-out part (32)")
+    ap.add_argument("--replicates", type=int, default=None,
+                    help="paired fine-tuning replicates of the ground truth (4)")
+    ap.add_argument("--estimators", nargs="+", default=None,
                     choices=[*ESTIMATORS, "all"], metavar="NAME",
-                    help=f"'all' or names of {list(ESTIMATORS)} (default: "
-                         f"{DEFAULT_RUN}); the Adam-preconditioned ones run where "
+                    help=f"'all' or names of {list(ESTIMATORS)} (default "
+                         f"{DEFAULT_RUN}); the Adam-preconditioned one runs where "
                          "the workload fine-tunes with estimation.Adam")
+    ap.add_argument("--speed-subsets", type=int, default=None,
+                    help="subsets the headline estimator is timed on (1024)")
+    ap.add_argument("--speed-finetune", type=int, default=None,
+                    help="subsets fine-tuning is timed on (64)")
+    ap.add_argument("--no-influence", action="store_true",
+                    help="leave out the influence baseline")
     ap.add_argument("--chunk-size", type=int, default=64)
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="FIELD=VALUE",
-                    help="change a workload configuration field, e.g. hidden=1024 "
-                         "(a bigger model: the speed ratio grows with its size)")
+                    help="change a workload configuration field, e.g. hidden=512")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None,
-                    help="default results/bench_estimation_<workload>.json")
-    args = ap.parse_args()
-    start = time.perf_counter()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    full = {"workload": "digits", "preset": "cpu", "fit_subsets": 96,
+            "heldout_subsets": 32, "replicates": 4, "speed_subsets": 1024,
+            "speed_finetune": 64, "estimators": DEFAULT_RUN}
+    quick = {"preset": "tiny", "fit_subsets": 24, "heldout_subsets": 8,
+             "replicates": 2, "speed_subsets": 64, "speed_finetune": 16}
+    for field, value in {**full, **(quick if args.quick else {})}.items():
+        if getattr(args, field) is None:
+            setattr(args, field, value)
     if "all" in args.estimators:
         args.estimators = list(ESTIMATORS)
+    if HEADLINE not in args.estimators:
+        args.estimators = [HEADLINE, *args.estimators]
     if args.replicates < 2:
         ap.error("--replicates must be >= 2 (the ceiling is their agreement)")
-    entry = WORKLOADS[args.workload]
-    workload = entry.factory(args.preset, **parse_overrides(args.overrides))
+    if args.out is None:
+        args.out = str(REPO_ROOT / "results" / (
+            f"bench_estimation_{args.workload}_{args.preset}"
+            f"{'_quick' if args.quick else ''}.json"))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    start = time.perf_counter()
+    factory, drop = WORKLOADS[args.workload]
+    workload = factory(args.preset, **parse_overrides(args.overrides))
     num_tasks = workload.num_tasks
     key = jax.random.key(args.seed)
-    size = num_tasks - entry.drop
+    estimation_key = jax.random.fold_in(key, 11)  # other batch orders
+    size = num_tasks - drop
     fit, held = args.fit_subsets, args.heldout_subsets
     distinct = math.comb(num_tasks, size)
-    if fit + held > distinct:  # e.g. digits: C(10, 6) = 210 subsets in all
-        fit, held = distinct * 2 // 3, distinct - distinct * 2 // 3
-        print(f"only {distinct} distinct subsets drop {entry.drop} of {num_tasks} "
+    if fit + held > distinct:
+        fit, held = distinct * 3 // 4, distinct - distinct * 3 // 4
+        print(f"only {distinct} distinct subsets drop {drop} of {num_tasks} "
               f"tasks: {fit} to fit, {held} held out.")
     subsets = np.asarray(fixed_size_masks(jax.random.fold_in(key, 7), fit + held,
                                           num_tasks, subset_size=size, unique=True))
     loo = np.asarray(leave_one_out_masks(num_tasks))  # all tasks, then each dropped
-    theta, base_seconds = timed(lambda: workload.base_params(key=key))
-    print(f"{args.workload} {args.preset}: {num_tasks} tasks, θ* in "
-          f"{base_seconds:.1f} s; fine-tuning {workload.finetune_spec.num_steps} "
-          f"steps (batch {workload.finetune_spec.batch_size}).", flush=True)
+    theta = workload.base_params(key=key)
+    p = num_parameters(theta)
+    spec = workload.finetune_spec
+    print(f"{args.workload} {args.preset}: {num_tasks} tasks, p = {p:,}; fine-tuning "
+          f"{spec.num_steps} steps (batch {spec.batch_size}).", flush=True)
 
     def finetune(masks, replicates):
         return np.asarray(workload.replicate_scores(
             masks, key=key, regime="finetune", replicates=replicates,
             base_params=theta, chunk_size=args.chunk_size, progress=False))
 
-    def estimate(masks, settings):
-        return np.asarray(workload.estimate(
-            masks, key=key, base_params=theta, settings=settings,
-            chunk_size=args.chunk_size).scores)
+    # 1. Ground truth and its ceiling.
+    t0 = time.perf_counter()
+    truth_reps = finetune(np.concatenate([loo, subsets]), args.replicates)
+    truth_s = time.perf_counter() - t0
+    loo_reps, subset_reps = truth_reps[:, :1 + num_tasks], truth_reps[:, 1 + num_tasks:]
+    truth = subset_reps.mean(0)
+    true_effects = loo_reps.mean(0)[1:] - loo_reps.mean(0)[:1]  # [K, T]
+    reliable = ceiling(loo_reps, subset_reps[:, fit:], seed=args.seed)
+    print(f"ground truth: {1 + num_tasks + fit + held} sets x {args.replicates} "
+          f"replicates in {truth_s:.0f} s; ceiling LOO per target "
+          f"{reliable['loo_spearman_per_target']:.3f}, mean target "
+          f"{reliable['loo_spearman_mean_target']:.3f}", flush=True)
+    fit_masks = subsets[:fit]
 
-    # Ground truth with its ceiling (the sets the errors and surrogates use).
-    all_rows = np.concatenate([loo, subsets])
-    replicate_scores, truth_s = timed(lambda: finetune(all_rows, args.replicates))
-    truth = replicate_scores.mean(0)
-    num_loo = num_tasks
-    subset_rows = slice(1 + num_loo, 1 + num_loo + fit)
-    subset_ceiling = reliability.subset_reliability(replicate_scores[:, subset_rows],
-                                                    seed=args.seed)
-    loo_ceiling = reliability.loo_reliability(replicate_scores[:, :1 + num_loo],
-                                              seed=args.seed)
-    ceiling = {"spearman_subsets": subset_ceiling.mean_target,
-               "loo_spearman": loo_ceiling.mean_target,
-               "num_replicates": args.replicates}
-    print(f"ground truth: {all_rows.shape[0]} sets x {args.replicates} replicates in "
-          f"{truth_s:.0f} s; ceiling (agreement of two such truths): Spearman "
-          f"across subsets {ceiling['spearman_subsets']:.3f}, LOO "
-          f"{ceiling['loo_spearman']:.3f}", flush=True)
-    truth_scored = truth[:1 + num_loo + fit]
-
-    # Speed: every program compiled on a first call of whole chunks, then timed
-    # on the fitting subsets (one replicate of fine-tuning).
-    finetune(subsets[:args.chunk_size], 1)
-    _, tune_s = timed(lambda: finetune(subsets[:fit], 1))
-    print(f"  fine-tuning of the {fit} fitting subsets: {tune_s:.1f} s", flush=True)
-    loo_chunks = pad_rows(loo, -(-len(loo) // args.chunk_size) * args.chunk_size)
-
-    rows, estimates, speed = [], {}, []
-    measured_all = replicate_scores[0, 0]  # the difference form's anchor run
-    adam = isinstance(workload.finetune_spec.optimizer, Adam)
+    # 2. Estimators.
+    adam = isinstance(spec.optimizer, Adam)
+    rows, agreements = [], {}
     for name in args.estimators:
         settings = ESTIMATORS[name]
         if settings.preconditioner == "adam" and not adam:
-            print(f"  {name}: skipped (the workload does not fine-tune with "
-                  "estimation.Adam)", flush=True)
+            print(f"  {name}: skipped (not an estimation.Adam fine-tuning)")
             continue
-        at_loo = estimate(loo_chunks, settings)[:len(loo)]  # compiles the chunk
-        at_fit, seconds = timed(lambda settings=settings: estimate(subsets[:fit],
-                                                                   settings))
-        speed.append({"estimator": name, "num_subsets": fit, "finetune_s": tune_s,
-                      "estimate_s": seconds, "speedup": tune_s / seconds})
-        result = np.concatenate([at_loo, at_fit])
-        anchored = np.asarray(difference_form(result, result[0], measured_all))
-        for label, values in ((name, result), (f"{name}, difference form", anchored)):
-            estimates[label] = values
-            rows.append({"estimator": label, "seconds": seconds,
-                         **errors(values, truth_scored, num_loo, args.seed)})
-        print(f"  {name}: {seconds:.1f} s for the {fit} fitting subsets", flush=True)
+        projection, proj_dim = resolved(settings, workload, theta)
+        t0 = time.perf_counter()
+        scores, seconds = estimate(workload, np.concatenate([loo, fit_masks]),
+                                   settings, key=estimation_key, theta=theta,
+                                   chunk_size=args.chunk_size)
+        total_s = time.perf_counter() - t0
+        direct = loo_agreement(scores[1:1 + num_tasks] - scores[:1], true_effects)
+        surr = surrogate_agreement(fit_masks, scores[1 + num_tasks:], true_effects,
+                                   args.seed)
+        agreements[name] = {"direct": direct, **surr}
+        rows.append({
+            "estimator": name, "projection": projection,
+            "proj_dim": "full" if proj_dim is None else proj_dim,
+            "replicates": settings.replicates, "seconds": total_s,
+            "feature_s": None if seconds is None else seconds["features"],
+            "direct_loo": direct["per_target"],
+            "direct_loo_mean_target": direct["mean_target"],
+            "kernel_loo": surr["kernel"]["per_target"],
+            "kernel_loo_mean_target": surr["kernel"]["mean_target"],
+            "linear_loo": surr["linear"]["per_target"]})
+        print(f"  {name} ({projection}, d={rows[-1]['proj_dim']}): {total_s:.1f} s; "
+              f"LOO per target direct {direct['per_target']:.3f}, kernel "
+              f"{surr['kernel']['per_target']:.3f}", flush=True)
 
-    # Other subset counts: the default estimator on subsets drawn with repeats.
-    timing_subsets = np.asarray(fixed_size_masks(
-        jax.random.fold_in(key, 8), max(args.num_subsets), num_tasks,
-        subset_size=size))
-    sweep = sorted(set(args.num_subsets) - {fit})
-    if sweep and DEFAULT not in estimates:  # compile it first
-        estimate(timing_subsets[:args.chunk_size], ESTIMATORS[DEFAULT])
-    for m in sweep:
-        _, m_tune_s = timed(lambda m=m: finetune(timing_subsets[:m], 1))
-        _, est_s = timed(lambda m=m: estimate(timing_subsets[:m],
-                                              ESTIMATORS[DEFAULT]))
-        speed.append({"estimator": DEFAULT, "num_subsets": m,
-                      "finetune_s": m_tune_s, "estimate_s": est_s,
-                      "speedup": m_tune_s / est_s})
-        print(f"  m={m}: fine-tuning {m_tune_s:.1f} s, {DEFAULT} {est_s:.1f} s",
-              flush=True)
+    # 3. Surrogates on the exact scores, influence.
+    exact = surrogate_agreement(fit_masks, truth[:fit], true_effects, args.seed)
+    headline = agreements[HEADLINE]
+    methods = {KERNEL_ESTIMATED: headline["kernel"],
+               "kernel surrogate (exact)": exact["kernel"],
+               "linear surrogate (estimated)": headline["linear"],
+               "linear surrogate (exact)": exact["linear"],
+               "LOO estimates (direct)": headline["direct"]}
+    influence_s = None
+    if not args.no_influence:
+        t0 = time.perf_counter()
+        effects = np.asarray(baselines.influence_scores(
+            workload.apply_fn, theta, workload.data, workload.target,
+            loss_fn=workload.loss_fn))
+        influence_s = time.perf_counter() - t0
+        methods["influence"] = loo_agreement(effects, true_effects)
+    interval = None
+    if "influence" in methods:
+        diff = (methods[KERNEL_ESTIMATED]["_per_target_values"]
+                - methods["influence"]["_per_target_values"])
+        interval = list(reliability.interval_over_targets(diff, seed=args.seed))
 
-    fit_masks = subsets[:fit]
-    heldout = slice(1 + num_loo + fit, 1 + num_loo + fit + held)
-    true_effects = truth[1:1 + num_loo].mean(1) - truth[0].mean()
-    surrogate_args = (subsets[fit:fit + held],
-                      truth[heldout].mean(1), true_effects, args.seed)
-    downstream_rows = {"fine-tuned scores": downstream(
-        fit_masks, truth[subset_rows], *surrogate_args)}
-    for name, values in estimates.items():
-        downstream_rows[f"estimated: {name}"] = downstream(
-            fit_masks, values[1 + num_loo:], *surrogate_args)
-
-    headline = next((r for r in rows if r["estimator"] == DEFAULT), rows[0])
-    # The headline speed: the headline estimator's, at the count nearest 256.
-    at_fit = min((row for row in speed if row["estimator"] == headline["estimator"]),
-                 key=lambda row: abs(row["num_subsets"] - 256))
-    kernel_gap = (downstream_rows["fine-tuned scores"]["kernel"]["loo_spearman"]
-                  - downstream_rows[f"estimated: {headline['estimator']}"]["kernel"]
-                  ["loo_spearman"])
-
-    print(f"\nEstimates against fine-tuning from θ* ({args.replicates} replicates "
-          f"averaged; first {fit} subsets and the {num_loo} LOO sets):\n")
-    print(format_table(rows, ["estimator", "seconds", "relative_error_mean",
-                              "relative_error_max", "relative_error_columns",
-                              "spearman_subsets", "spearman_subsets_per_target",
-                              "loo_spearman"]))
-    print("\nSpeed against vmapped fine-tuning (both compiled first; fine-tuning "
-          "one replicate):\n")
-    print(format_table(speed, ["estimator", "num_subsets", "finetune_s",
-                               "estimate_s", "speedup"]))
-    print(f"\nSurrogates fitted to {fit} subsets, against the fine-tuned truth "
-          f"(mean target; held out: {held} subsets):\n")
-    print(format_table(
-        [{"scores": name, "surrogate": kind, **values}
-         for name, by_kind in downstream_rows.items()
-         for kind, values in by_kind.items()],
-        ["scores", "surrogate", "loo_spearman", "heldout_spearman"]))
+    # 4. Speed: one replicate each, per subset.
+    speed_masks = np.asarray(fixed_size_masks(
+        jax.random.fold_in(key, 8), max(args.speed_subsets, args.speed_finetune),
+        num_tasks, subset_size=size))
+    finetune(speed_masks[:args.chunk_size], 1)  # compiles
+    t0 = time.perf_counter()
+    finetune(speed_masks[:args.speed_finetune], 1)
+    finetune_per_subset = (time.perf_counter() - t0) / args.speed_finetune
+    one_order = dataclasses.replace(ESTIMATORS[HEADLINE], replicates=1)
+    projection, proj_dim = resolved(one_order, workload, theta)
+    estimate(workload, speed_masks[:args.chunk_size], one_order,
+             key=estimation_key, theta=theta, chunk_size=args.chunk_size)  # compiles
+    t0 = time.perf_counter()
+    _, seconds = estimate(workload, speed_masks[:args.speed_subsets], one_order,
+                          key=estimation_key, theta=theta, chunk_size=args.chunk_size)
+    estimate_s = time.perf_counter() - t0
+    per_subset = estimate_s / args.speed_subsets
+    feature_s = None if seconds is None else seconds["features"]
+    num_outputs = 1 if one_order.output_mode == "margin" else int(
+        np.asarray(workload.apply_fn(theta, workload.data.inputs[:1])).shape[-1])
+    bound = None if proj_dim is None else p / (num_outputs * proj_dim)
+    speed = {"num_subsets": args.speed_subsets, "finetune_subsets": args.speed_finetune,
+             "finetune_per_subset_s": finetune_per_subset,
+             "estimate_s": estimate_s, "feature_s": feature_s,
+             "per_subset_s": per_subset,
+             "per_subset_s_without_features": None if seconds is None
+             else seconds["subsets"] / args.speed_subsets,
+             "speedup": finetune_per_subset / per_subset,
+             "projection": projection, "proj_dim": "full" if proj_dim is None
+             else proj_dim, "p_over_Cd": bound}
+    print(f"speed: fine-tuning {finetune_per_subset:.3f} s per subset, estimation "
+          f"{per_subset:.4f} s per subset at m={args.speed_subsets} (features "
+          f"{feature_s if feature_s is None else round(feature_s, 1)} s included): "
+          f"{speed['speedup']:.1f}x; p/(C d) = {bound}", flush=True)
 
     peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     wall_s = time.perf_counter() - start
-    path = write_json(args.out or REPO_ROOT / f"results/bench_estimation_"
-                      f"{args.workload}.json", {
+    public = {name: {k: v for k, v in m.items() if not k.startswith("_")}
+              for name, m in methods.items()}
+    path = write_json(args.out, {
         "benchmark": "bench_estimation", "environment": environment(),
         "workload": args.workload, "preset": args.preset, "config": vars(args),
-        "finetune_steps": workload.finetune_spec.num_steps,
-        "base_train_s": base_seconds, "ground_truth_s": truth_s,
-        "ceiling": ceiling, "estimators": rows, "speed": speed,
-        "downstream": downstream_rows, "peak_rss_gb": peak_gb, "wall_s": wall_s,
-        "default_estimator": headline["estimator"],
-        "kernel_loo_spearman_gap": kernel_gap,
-        "relative_error_mean": headline["relative_error_mean"],
-        "spearman_subsets": headline["spearman_subsets"],
-        "loo_spearman": headline["loo_spearman"],
-        "speedup": at_fit["speedup"],
+        "num_params": p, "finetune_steps": spec.num_steps,
+        "finetune_batch_size": spec.batch_size, "ground_truth_s": truth_s,
+        "ceiling": reliable,
+        "loo_spearman_per_target": {k: v["per_target"] for k, v in public.items()},
+        "loo_spearman_mean_target": {k: v["mean_target"] for k, v in public.items()},
+        "paired_interval_estimated_kernel_minus_influence": interval,
+        "influence_s": influence_s,
+        "estimators": rows, "headline": HEADLINE, "speed": speed,
+        "speedup_m1024": speed["speedup"], "p_over_Cd": bound,
+        "feature_s": feature_s, "per_subset_s": per_subset,
+        "finetune_per_subset_s": finetune_per_subset,
+        "peak_rss_gb": peak_gb, "wall_s": wall_s,
     })
-    print(f"\nwall time {wall_s:.0f} s, peak memory {peak_gb:.2f} GB (load "
-          f"average {os.getloadavg()[0]:.1f}); wrote {path}")
-    print(f"default estimator: {headline['estimator']}")
-    print(f"ceiling: spearman_subsets {ceiling['spearman_subsets']:.3f}, "
-          f"loo_spearman {ceiling['loo_spearman']:.3f}")
-    print(f"kernel surrogate LOO Spearman, fine-tuned minus estimated scores: "
-          f"{kernel_gap:+.3f}")
-    print(f"relative_error_mean {headline['relative_error_mean']:.4f}")
-    print(f"spearman_subsets {headline['spearman_subsets']:.3f} "
-          f"{headline['spearman_subsets_interval']}")
-    print(f"loo_spearman {headline['loo_spearman']:.3f} "
-          f"{headline['loo_spearman_interval']}")
-    print(f"speedup {at_fit['speedup']:.2f} (m={at_fit['num_subsets']})")
+    print("\nEstimators (LOO Spearman against the truth; per target unless "
+          "said):\n")
+    print(format_table(rows, ["estimator", "projection", "proj_dim", "replicates",
+                              "seconds", "feature_s", "direct_loo",
+                              "direct_loo_mean_target", "kernel_loo",
+                              "kernel_loo_mean_target", "linear_loo"]))
+    print("\nMethods (headline estimator: the default settings):\n")
+    print(format_table([{"method": k, **v} for k, v in public.items()],
+                       ["method", "per_target", "mean_target"]))
+    print(f"\nceiling: per target {reliable['loo_spearman_per_target']:.3f}, mean "
+          f"target {reliable['loo_spearman_mean_target']:.3f} "
+          f"({args.replicates} replicates)")
+    print(f"paired interval, kernel (estimated) minus influence: {interval}")
+    print(f"speedup_m1024 {speed['speedup']:.2f} (p/(C d) = {bound})")
+    print(f"wall time {wall_s:.0f} s, peak memory {peak_gb:.2f} GB (load average "
+          f"{os.getloadavg()[0]:.1f}); wrote {path}")
 
 
 if __name__ == "__main__":

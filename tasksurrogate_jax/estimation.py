@@ -60,11 +60,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
+import time
 from collections.abc import Callable, Mapping
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
@@ -121,10 +123,18 @@ class SolverSettings(NamedTuple):
 
 METHODS = ("finetune", "solve")
 PROJ_DIM_CHOICES = ("auto", "full")
+PROJECTIONS = ("auto", "dense", "factored")
 # ``proj_dim="auto"``: the full parameter space up to this many parameters,
-# else a projection to DEFAULT_PROJ_DIM (see EstimationSettings).
+# else a projection to DEFAULT_PROJ_DIM (dense) or DEFAULT_FACTORED_PROJ_DIM
+# (factored; see EstimationSettings).
 AUTO_FULL_SPACE_MAX_PARAMS = 100_000
 DEFAULT_PROJ_DIM = 512
+DEFAULT_FACTORED_PROJ_DIM = 4096
+# Training examples that factored.allocate_dims fits its error model on.
+ALLOCATION_SAMPLE = 64
+# The shared batch of a chunk (linearized_finetune_scores, factored) is
+# rounded up to a multiple of this many examples (fewer compiled shapes).
+SUPERBATCH_GRANULARITY = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,6 +173,21 @@ class EstimationSettings:
         features; needs ``method="finetune"``, a ``proj_dim`` and an
         :class:`Adam` fine-tuning optimizer: see
         :func:`linearized_finetune_scores`).
+      projection: how a projected ``"finetune"`` gets its features:
+        ``"dense"`` (a Rademacher ``P`` ``[p, d]`` applied to per-example
+        Jacobians: about ``2 p C d`` flops per example), ``"factored"``
+        (per-layer Kronecker-factored projections of the dense layers,
+        :mod:`tasksurrogate_jax.factored`, never ``[n, p]``; dimensions
+        allocated by ``factored.allocate_dims``; the chunk's subsets share
+        each step's batch as one matrix product) or ``"auto"`` (default,
+        :meth:`resolved_projection`): factored for a model of more than
+        :data:`AUTO_FULL_SPACE_MAX_PARAMS` parameters whose parameters are all
+        dense layers, else dense. ``proj_dim="auto"`` then means
+        :data:`DEFAULT_FACTORED_PROJ_DIM`. Why: on the digits ``wide`` preset
+        (1.1M parameters) factored features are several hundred times cheaper
+        than dense ones at the same d and, at d = 4,096, more accurate on
+        LOO effects than dense ones at d = 512
+        (``benchmarks/bench_estimation.py``).
     """
 
     method: str = "finetune"
@@ -172,6 +197,7 @@ class EstimationSettings:
     difference: bool = False
     replicates: int = 4
     preconditioner: str = "none"
+    projection: str = "auto"
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -198,13 +224,25 @@ class EstimationSettings:
         if not isinstance(self.difference, bool):
             raise TypeError(f"difference must be a bool, got {self.difference!r}.")
         check_positive_int(self.replicates, "replicates")
+        if self.projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {PROJECTIONS}, got "
+                             f"{self.projection!r}.")
+        if self.projection == "factored":
+            _check_factored(self.method, full, self.preconditioner)
 
-    def resolved_proj_dim(self, num_params: int) -> int | None:
+    def resolved_proj_dim(self, num_params: int,
+                          projection: str = "dense") -> int | None:
         """The projection dimension for a model of ``num_params`` parameters,
         ``None`` for the full space (see ``proj_dim``). ``"auto"`` keeps a
         projection wherever the full space cannot run: the convex solve with
         ``ridge="auto"``, ``output_mode="margin"`` and the Adam
-        preconditioner."""
+        preconditioner; it is :data:`DEFAULT_FACTORED_PROJ_DIM` for the
+        ``"factored"`` projection (``projection``: as
+        :meth:`resolved_projection` returns it), else
+        :data:`DEFAULT_PROJ_DIM`."""
+        if projection not in PROJECTIONS[1:]:
+            raise ValueError(f"projection must be 'dense' or 'factored' (resolved), "
+                             f"got {projection!r}.")
         if self.proj_dim in (None, "full"):
             return None
         if self.proj_dim != "auto":
@@ -212,7 +250,34 @@ class EstimationSettings:
         full_ok = (self.method == "finetune" and self.preconditioner == "none"
                    and self.output_mode == "logits"
                    and num_params <= AUTO_FULL_SPACE_MAX_PARAMS)
-        return None if full_ok else DEFAULT_PROJ_DIM
+        if full_ok:
+            return None
+        return DEFAULT_FACTORED_PROJ_DIM if projection == "factored" \
+            else DEFAULT_PROJ_DIM
+
+    def resolved_projection(self, apply_fn: Callable, params, inputs) -> str:
+        """``"dense"`` or ``"factored"`` for this model (see ``projection``).
+
+        ``"auto"`` is ``"factored"`` where it can run and pays: linearized
+        fine-tuning without preconditioner in a projected space, a model of
+        more than :data:`AUTO_FULL_SPACE_MAX_PARAMS` parameters, and every
+        parameter in a dense layer that ``factored.find_dense_layers`` finds
+        in ``apply_fn`` (traced on one example of ``inputs`` ``[n, ...]``).
+        """
+        if self.projection != "auto":
+            return self.projection
+        num_params = num_parameters(params)
+        if (self.method != "finetune" or self.preconditioner != "none"
+                or num_params <= AUTO_FULL_SPACE_MAX_PARAMS
+                or self.proj_dim in (None, "full")):
+            return "dense"
+        from tasksurrogate_jax import factored  # factored imports this module
+
+        try:
+            structure = factored.find_dense_layers(apply_fn, params, inputs)
+        except ValueError:  # a parameter outside a dense layer
+            return "dense"
+        return "factored" if structure.num_params == num_params else "dense"
 
     @property
     def needs_reference_run(self) -> bool:
@@ -426,6 +491,11 @@ class EstimationResult(NamedTuple):
         fine-tuning).
       ridge: the ridge used by the convex solve (the calibrated value for
         ``ridge="auto"``; ``None`` for linearized fine-tuning).
+      seconds: ``{"features": s, "subsets": s}``, the one-time cost of the
+        features at ``θ*`` (with the factored projection: finding the layers
+        and allocating the dimensions too) apart from the cost of the
+        subsets' programs (factored linearized fine-tuning only, else
+        ``None``).
     """
 
     scores: jax.Array
@@ -433,6 +503,7 @@ class EstimationResult(NamedTuple):
     grad_norm: jax.Array | None = None
     iterations: jax.Array | None = None
     ridge: float | None = None
+    seconds: dict | None = None
 
 
 def estimate_scores(
@@ -790,7 +861,7 @@ def linearized_finetune_scores(
     apply_fn: Callable, params, data: TaskData, target: TargetData, masks, *,
     finetune: retraining.TrainSpec, key, batch_key, proj_dim: int | None = 512,
     output_mode: str = "logits", projection_kind: str = "rademacher",
-    preconditioner: str = "none", replicates: int = 1,
+    projection: str = "dense", preconditioner: str = "none", replicates: int = 1,
     batch_size: int | None = 256, chunk_size: int = 64, mesh=None, store_dir=None,
     store_config: Mapping | None = None,
 ) -> EstimationResult:
@@ -815,6 +886,17 @@ def linearized_finetune_scores(
     mean gradient vanishes, ``v ≈ 0`` and the fixed-``v`` steps overshoot
     (measured on the modular ``tiny`` preset: relative errors above 100x).
 
+    With ``projection="factored"`` the features are per-layer Kronecker-
+    factored projections (:mod:`tasksurrogate_jax.factored`: the dense layers
+    found in ``apply_fn``, dimensions ``factored.allocate_dims`` at
+    ``proj_dim`` fitted on :data:`ALLOCATION_SAMPLE` training examples),
+    computed once at ``θ*`` without any ``[n, p]`` array, and the subsets run
+    by :func:`shared_linearized_finetune`: the same program and batches, with
+    each step of a chunk one matrix product over its subsets. Its cost per
+    subset and step is about ``4 K C d`` flops (``K`` a little over the batch
+    size), whatever p. ``result.seconds`` holds the one-time feature cost
+    apart from the subsets' cost.
+
     Args:
       apply_fn: batched model ``(params, inputs) -> logits [b, C]``.
       params: ``θ*``.
@@ -827,6 +909,8 @@ def linearized_finetune_scores(
       proj_dim: d, or ``None`` for the full parameter space.
       output_mode: ``"logits"`` or ``"margin"`` (projected space only).
       projection_kind: ``"rademacher"`` or ``"gaussian"``.
+      projection: ``"dense"`` or ``"factored"`` (see above; projected space,
+        no preconditioner, no ``store_dir``).
       preconditioner: ``"none"`` or ``"adam"`` (see above).
       replicates: batch orders averaged (replicate ``r`` draws the batches of
         ``retraining.replicate_key(batch_key, r)``).
@@ -853,11 +937,25 @@ def linearized_finetune_scores(
     _check_preconditioner(preconditioner, proj_dim)
     if preconditioner == "adam":
         _check_adam(finetune.optimizer)
+    if projection not in PROJECTIONS[1:]:
+        raise ValueError(f"projection must be 'dense' or 'factored', got "
+                         f"{projection!r}.")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     replicates = check_positive_int(replicates, "replicates")
     masks = check_nonempty_masks(masks, data)
     _check_params_structure(apply_fn, params, data)
     mesh = sharding.check_mesh(mesh)
+    if projection == "factored":
+        _check_factored("finetune", proj_dim is None, preconditioner)
+        if store_dir is not None:
+            raise ValueError("store_dir is not supported with projection='factored' "
+                             "(its chunks are not retraining runs); pass "
+                             "store_dir=None.")
+        return _factored_finetune_scores(
+            apply_fn, params, data, target, masks, finetune=finetune, key=key,
+            batch_key=batch_key, proj_dim=proj_dim, output_mode=output_mode,
+            projection_kind=projection_kind, replicates=replicates,
+            batch_size=batch_size, chunk_size=chunk_size, mesh=mesh)
     run = {"masks": masks, "key": batch_key, "replicates": replicates,
            "chunk_size": chunk_size, "return_params": True, "progress": False,
            "mesh": mesh, "store_dir": store_dir}
@@ -883,7 +981,7 @@ def linearized_finetune_scores(
             jax.tree.map(lambda leaf: leaf[0], result.params))
         return EstimationResult(result.losses.mean(0), shift)
 
-    projection = _projection(key, proj_dim, projection_kind, params)
+    dense = _projection(key, proj_dim, projection_kind, params)
     scale, optimizer = None, finetune.optimizer
     if preconditioner == "adam":
         second_moment = gradient_second_moment(
@@ -892,19 +990,211 @@ def linearized_finetune_scores(
         scale = jax.tree.map(lambda v: (jnp.sqrt(v) + optimizer.eps) ** -0.5,
                              second_moment)
         optimizer = optimizer.momentum()
-    train, tgt = _linearize_data(apply_fn, params, data, target, projection,
+    train, tgt = _linearize_data(apply_fn, params, data, target, dense,
                                  output_mode, batch_size, scale)
     loss_fn = finetune.loss_fn if output_mode == "logits" else margin_cross_entropy
     spec = dataclasses.replace(finetune, apply_fn=linear_model, loss_fn=loss_fn,
                                optimizer=optimizer, accuracy_fn=None)
     lin_data = dataclasses.replace(data, inputs=_stacked_inputs(train))
     lin_target = dataclasses.replace(target, inputs=_stacked_inputs(tgt))
-    w0 = jnp.zeros(projection.proj_dim, train.features.dtype)
+    w0 = jnp.zeros(dense.proj_dim, train.features.dtype)
     result = retraining.retrain(data=lin_data, target=lin_target, spec=spec,
                                 init_params=w0, **run)
     return EstimationResult(result.losses.mean(0),
-                            _update_norms(projection, result.params[0], params,
-                                          scale))
+                            _update_norms(dense, result.params[0], params, scale))
+
+
+def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune,
+                              key, batch_key, proj_dim, output_mode,
+                              projection_kind, replicates, batch_size, chunk_size,
+                              mesh) -> EstimationResult:
+    """:func:`linearized_finetune_scores` with ``projection="factored"``."""
+    from tasksurrogate_jax import factored  # factored imports this module
+
+    if key is None:
+        raise ValueError("key is required for the projection.")
+    start = time.perf_counter()
+    valid = np.flatnonzero(np.asarray(data.task_ids) >= 0)
+    structure = factored.find_dense_layers(apply_fn, params, data.inputs)
+    sample = np.asarray(jax.random.choice(
+        jax.random.fold_in(key, 1), valid, (min(ALLOCATION_SAMPLE, valid.size),),
+        replace=False))
+    _, factors = factored.layer_factors(apply_fn, params, data.inputs[sample],
+                                        structure=structure, batch_size=batch_size)
+    dims = factored.allocate_dims(structure, factors, proj_dim)
+    projection = factored.make_factored_projection(
+        key, structure=structure, dims=dims, kind=projection_kind)
+    n = data.inputs.shape[0]
+    both = factored.factored_linearized_examples(
+        apply_fn, params, jnp.concatenate([data.inputs, target.inputs]),
+        jnp.concatenate([data.labels, target.labels]), projection=projection,
+        output_mode=output_mode, batch_size=batch_size)
+    train = Linearized(*(x[:n] for x in both))
+    tgt = Linearized(*(x[n:] for x in both))
+    _check_finite_features(train.features, "training")
+    _check_finite_features(tgt.features, "target")
+    jax.block_until_ready((train, tgt))
+    features_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    loss_fn = finetune.loss_fn if output_mode == "logits" else margin_cross_entropy
+    losses, norms = shared_linearized_finetune(
+        train, tgt, mask_to_weights(masks, data.task_ids),
+        spec=dataclasses.replace(finetune, loss_fn=loss_fn),
+        batch_key=batch_key, replicates=replicates, chunk_size=chunk_size,
+        mesh=mesh, norm_fn=lambda w: factored.factored_update_norms(projection, w))
+    scores = jax.block_until_ready(losses.mean(0))
+    return EstimationResult(scores, norms, seconds={
+        "features": features_s, "subsets": time.perf_counter() - start})
+
+
+def shared_linearized_finetune(
+    train: Linearized, target: Linearized, weights, *, spec: retraining.TrainSpec,
+    batch_key, replicates: int = 1, chunk_size: int = 64, mesh=None,
+    norm_fn: Callable | None = None,
+):
+    """Linearized fine-tuning of many subsets, each step one matrix product.
+
+    Runs ``spec``'s program (optimizer, schedule, steps, batch size, loss) on
+    the linearized model ``w ↦ outputs + features @ w`` from ``w = 0`` for
+    every row of ``weights``, with the mini-batches of
+    ``retraining.retrain(..., key=batch_key, replicates=replicates)``: at each
+    step, the ``batch_size`` examples of largest Gumbel score among the
+    subset's (``retraining.train_on_weights``). Those Gumbel scores are shared
+    by every subset of a replicate, so all batches of a chunk lie in the
+    ``K`` examples of largest score, with ``K`` the smallest number (rounded
+    up to :data:`SUPERBATCH_GRANULARITY`, at most n) that holds each
+    subset's batch at every step. A step then gathers ``[K, C, d]`` features
+    once for the chunk and runs as two matrix products, ``[K C, d] × [d, S]``
+    for the outputs and ``[S, K C] × [K C, d]`` for the gradients, with each
+    subset's batch as its column's weights: about ``4 K C d`` flops per
+    subset, and no per-subset gather.
+
+    Args:
+      train: linearized training examples (outputs ``[n, (C)]``, features
+        ``[n, (C,) d]``, labels ``[n]``).
+      target: linearized target examples, the same way.
+      weights: ``[m, n]`` per-example weights (``data.mask_to_weights``).
+      spec: the program; its ``loss_fn`` takes the linearized outputs
+        (``apply_fn`` and ``accuracy_fn`` are not used).
+      batch_key: the fine-tuning's key.
+      replicates: batch orders (replicate ``r``: the batches of
+        ``retraining.replicate_key(batch_key, r)``).
+      chunk_size: subsets per compiled call.
+      mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
+        chunk's subsets over (``None``: every device).
+      norm_fn: ``w [S, d] -> [S]``, the norm of the update in parameter space
+        (default: ``||w||``).
+
+    Returns:
+      ``(losses [replicates, m, T], norms [m])``: per-target losses of each
+      replicate and subset, and ``norm_fn`` of replicate 0's updates.
+    """
+    if not isinstance(spec, retraining.TrainSpec):
+        raise TypeError(f"spec must be a retraining.TrainSpec, got "
+                        f"{type(spec).__name__}.")
+    replicates = check_positive_int(replicates, "replicates")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    mesh = sharding.check_mesh(mesh)
+    weights = jnp.asarray(weights)
+    n = train.features.shape[0]
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must be [num_subsets, {n}] (one weight per "
+                         f"training example), got shape {weights.shape}.")
+    if train.features.shape[-1] != target.features.shape[-1]:
+        raise ValueError("train and target features differ in dimension: "
+                         f"{train.features.shape[-1]} and "
+                         f"{target.features.shape[-1]}.")
+    norm_fn = _row_norms if norm_fn is None else norm_fn
+    full_batch = spec.batch_size is None or spec.batch_size >= n
+    train, target = sharding.replicate((train, target), mesh)
+    losses, norms = [], None
+    for r in range(replicates):
+        run_key = jax.random.split(retraining.replicate_key(batch_key, r))[1]
+        step_keys = jax.random.split(run_key, spec.num_steps)
+
+        def chunk_fn(chunk, step_keys=step_keys):
+            size = n if full_batch else min(n, _round_up(int(jnp.max(
+                _superbatch_sizes(chunk, step_keys, spec.batch_size))),
+                SUPERBATCH_GRANULARITY))
+            chunk_losses, w = _shared_finetune_chunk(
+                chunk, step_keys, train, target, spec=spec, superbatch=size)
+            return chunk_losses, norm_fn(w)
+
+        rep_losses, rep_norms = map_padded_chunks(chunk_fn, weights, chunk_size,
+                                                  mesh=mesh)
+        losses.append(rep_losses)
+        norms = rep_norms if r == 0 else norms
+    return jnp.stack(losses), norms
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+@jax.jit
+def _row_norms(w):
+    return jnp.linalg.norm(w, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def _superbatch_sizes(weights, step_keys, batch_size):
+    """``[S]``: per subset, the fewest examples of largest Gumbel score that
+    hold its batch of ``min(batch_size, |s|)`` examples at every step."""
+    member = weights > 0
+    need = jnp.minimum(batch_size, jnp.sum(member, axis=1))
+
+    def one(step_key):
+        gumbel = jax.random.gumbel(step_key, (weights.shape[1],), jnp.float32)
+        counts = jnp.cumsum(member[:, jnp.argsort(-gumbel)], axis=1)
+        return jnp.where(need > 0, jnp.sum(counts < need[:, None], axis=1) + 1, 0)
+
+    return jnp.max(jax.lax.map(one, step_keys), axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "superbatch"))
+def _shared_finetune_chunk(weights, step_keys, train: Linearized,
+                           target: Linearized, *, spec, superbatch):
+    """One chunk of :func:`shared_linearized_finetune`: ``(losses [S, T],
+    w [S, d])``; ``superbatch`` is K (n for full-batch programs)."""
+    num_subsets, n = weights.shape
+    d = train.features.shape[-1]
+    w0 = jnp.zeros((num_subsets, d), train.features.dtype)
+    full_batch = spec.batch_size is None or spec.batch_size >= n
+
+    def outputs(examples, w):  # [S, k, (C)]
+        flat = examples.features.reshape(-1, d) @ w.T  # [k (C), S]
+        return examples.outputs[None] + flat.T.reshape(
+            num_subsets, *examples.outputs.shape)
+
+    def step(carry, step_key):
+        w, state = carry
+        if full_batch:
+            batch, coef = train, weights
+        else:
+            gumbel = jax.random.gumbel(step_key, (n,), jnp.float32)
+            _, idx = jax.lax.top_k(gumbel, superbatch)
+            batch = Linearized(*(x[idx] for x in train))
+            coef = weights[:, idx]
+            rank = jnp.cumsum(coef > 0, axis=1)
+            coef = jnp.where((coef > 0) & (rank <= spec.batch_size), coef, 0)
+        coef = coef.astype(train.features.dtype)
+        coef = coef / jnp.maximum(jnp.sum(coef, axis=1, keepdims=True), 1e-30)
+
+        def total_loss(z):
+            losses = jax.vmap(spec.loss_fn, in_axes=(0, None))(z, batch.labels)
+            return jnp.sum(coef * losses)
+
+        residual = jax.grad(total_loss)(outputs(batch, w))
+        grads = residual.reshape(num_subsets, -1) @ batch.features.reshape(-1, d)
+        updates, state = jax.vmap(spec.optimizer.update)(grads, state, w)
+        return (optax.apply_updates(w, updates), state), None
+
+    state = jax.vmap(spec.optimizer.init)(w0)
+    (w, _), _ = jax.lax.scan(step, (w0, state), step_keys)
+    losses = jax.vmap(spec.loss_fn, in_axes=(0, None))(outputs(target, w),
+                                                      target.labels)
+    return losses, w
 
 
 def _stacked_inputs(examples: Linearized):
@@ -946,6 +1236,20 @@ def _check_preconditioner(preconditioner, proj_dim):
         raise ValueError(
             f"preconditioner={preconditioner!r} needs a projection (proj_dim): "
             "with proj_dim=None the fine-tuning optimizer runs on θ itself.")
+
+
+def _check_factored(method, full, preconditioner):
+    if method != "finetune":
+        raise ValueError("projection='factored' needs method='finetune' (the "
+                         f"convex solve projects densely), got {method!r}.")
+    if full:
+        raise ValueError("projection='factored' needs a projection: set proj_dim "
+                         "to an int or 'auto'.")
+    if preconditioner != "none":
+        raise ValueError(
+            f"projection='factored' does not support preconditioner="
+            f"{preconditioner!r}: a per-parameter scale is not Kronecker-"
+            "factored. Use projection='dense'.")
 
 
 def _check_adam(optimizer) -> None:
