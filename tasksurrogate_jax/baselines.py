@@ -76,6 +76,7 @@ TracIn); call them outside ``jit``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Callable, Sequence
@@ -98,6 +99,7 @@ from tasksurrogate_jax.losses import margin, softmax_cross_entropy
 from tasksurrogate_jax.projection import KINDS as PROJECTION_KINDS
 from tasksurrogate_jax.projection import make_projection, num_parameters, ravel_rows
 
+BASELINES = ("influence", "tracin", "trak")
 HESSIANS = ("exact", "gauss_newton")
 SOLVERS = ("cg", "dense")
 TRAK_FEATURES = ("margin", "outputs", "loss")
@@ -469,6 +471,80 @@ def trak_proj_dim(apply_fn: Callable, params, data: TaskData, *,
     d = min(p, PROJ_DIM_PER_FEATURE * _num_features(apply_fn, params, data, features),
             PROJ_DIM_MAX)
     return None if d >= p else d
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineSettings:
+    """The settings of :func:`compute_baselines` (validated when built).
+
+    Attributes:
+      influence_damping: λ of influence, a number >= 0 or ``"auto"``
+        (:func:`influence_damping`).
+      influence_hessian: one of :data:`HESSIANS`.
+      trak_proj_dim: d of TRAK's features: an int, ``"full"`` (no projection)
+        or ``"auto"`` (:func:`trak_proj_dim`).
+    """
+
+    influence_damping: float | str = AUTO
+    influence_hessian: str = "gauss_newton"
+    trak_proj_dim: int | str = AUTO
+
+    def __post_init__(self):
+        damping = self.influence_damping
+        if damping != AUTO and not (_is_number(damping) and math.isfinite(damping)
+                                    and damping >= 0):
+            raise ValueError("influence_damping must be 'auto' or a finite number "
+                             f">= 0, got {damping!r}.")
+        if self.influence_hessian not in HESSIANS:
+            raise ValueError(f"influence_hessian must be one of {HESSIANS}, got "
+                             f"{self.influence_hessian!r}.")
+        if self.trak_proj_dim not in (AUTO, "full"):
+            if isinstance(self.trak_proj_dim, str):
+                raise ValueError("trak_proj_dim must be a positive int, 'auto' or "
+                                 f"'full', got {self.trak_proj_dim!r}.")
+            check_positive_int(self.trak_proj_dim, "trak_proj_dim")
+
+
+def compute_baselines(
+    apply_fn: Callable, params, data: TaskData, target: TargetData, *,
+    names: Sequence[str], key, settings: BaselineSettings,
+    loss_fn: Callable = softmax_cross_entropy,
+) -> tuple[dict, dict]:
+    """The baselines in ``names`` (among :data:`BASELINES`) at ``θ*``.
+
+    Args:
+      apply_fn, params, data, target, loss_fn: as for :func:`influence_scores`.
+      names: which baselines.
+      key: TRAK's projection.
+      settings: :class:`BaselineSettings`.
+
+    Returns:
+      ``({name: [K, T] scores}, {name: JSON of the settings used})``
+      (influence's :class:`InfluenceInfo` and TRAK's :class:`TrakInfo`).
+    """
+    unknown = sorted(set(names) - set(BASELINES))
+    if unknown:
+        raise ValueError(f"names must be among {BASELINES}, got {unknown}.")
+    if not isinstance(settings, BaselineSettings):
+        raise TypeError("settings must be a BaselineSettings, got "
+                        f"{type(settings).__name__}.")
+    scores, used = {}, {}
+    if "influence" in names:
+        scores["influence"], info = influence_scores(
+            apply_fn, params, data, target, loss_fn=loss_fn,
+            damping=settings.influence_damping, hessian=settings.influence_hessian,
+            return_info=True)
+        used["influence"] = info._asdict()
+    if "tracin" in names:
+        scores["tracin"] = tracin_scores(apply_fn, [params], data, target,
+                                         loss_fn=loss_fn)
+    if "trak" in names:
+        proj_dim = None if settings.trak_proj_dim == "full" else settings.trak_proj_dim
+        scores["trak"], info = trak_scores(
+            apply_fn, params, data, target, key=key, proj_dim=proj_dim,
+            loss_fn=loss_fn, return_info=True)
+        used["trak"] = info._asdict()
+    return scores, used
 
 
 def _num_features(apply_fn, params, data, features) -> int:

@@ -2,9 +2,18 @@
 
 Work over many rows runs as a loop over fixed-size chunks; the last chunk is
 padded with copies of its last row so that one compiled program serves all.
+
+:func:`map_chunks` is the one loop of the expensive maps over subsets
+(retraining, RL fine-tuning): it stores each finished chunk and resumes from
+a store, splits chunks over a mesh, lets only process 0 write when the mesh
+spans processes, shows progress, and dispatches the next chunk before it
+copies the last one to the host, so the copy overlaps the computation.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +21,7 @@ import numpy as np
 
 from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import check_positive_int
+from tasksurrogate_jax.store import ChunkStore
 
 
 def chunked_vmap(fn, xs, batch_size):
@@ -63,4 +73,148 @@ def map_padded_chunks(fn, rows, chunk_size: int | None, *, mesh=None):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
 
 
-__all__ = ["chunked_vmap", "map_padded_chunks", "pad_rows"]
+def map_chunks(compute: Callable[[np.ndarray], Mapping], num_rows: int, *,
+               chunk_size: int, store: ChunkStore | None = None,
+               first_chunk: int = 0, mesh=None,
+               progress: str | None = None) -> dict[str, np.ndarray]:
+    """``compute`` over chunks of ``chunk_size`` rows, stored and resumable.
+
+    Chunk ``c`` holds rows ``c * chunk_size`` to ``(c + 1) * chunk_size - 1``
+    (the last one fewer). Each finished chunk is saved to ``store`` as chunk
+    ``first_chunk + c`` (its real rows only) and read back instead of
+    computed when the store has it. Chunk ``c + 1`` is dispatched before chunk ``c`` is copied
+    to the host (JAX dispatches asynchronously), so at most two chunks'
+    outputs are alive at once; an interruption loses at most the chunk in
+    flight.
+
+    Args:
+      compute: ``compute(rows) -> {name: [len(rows), ...] array}`` for the
+        ``int64`` row indices ``rows`` of one chunk, padded with copies of
+        the last to ``chunk_size`` rounded up to the mesh's ``"subsets"``
+        length (one compiled shape); it should dispatch without blocking.
+        Outputs spanning processes are gathered (:func:`sharding.to_host`).
+      num_rows: rows in all.
+      chunk_size: rows per chunk.
+      store: where chunks are kept (:func:`open_store`), or ``None``.
+      first_chunk: the store index of chunk 0 (several maps in one store).
+      mesh: the ``jax.sharding.Mesh`` ``compute`` splits chunks over, or
+        ``None``. With several processes, every process calls this; process 0
+        alone writes the store and shows progress.
+      progress: a progress bar's description, or ``None`` for none.
+
+    Returns:
+      ``{name: [num_rows, ...] numpy array}``, allocated once.
+    """
+    num_rows = check_positive_int(num_rows, "num_rows")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    compiled_size = chunk_size if mesh is None else sharding.round_up(chunk_size, mesh)
+    num_chunks = -(-num_rows // chunk_size)
+    done = _finished_chunks(store, first_chunk + num_chunks, mesh)[first_chunk:]
+    writer = not _multiprocess(mesh) or jax.process_index() == 0
+    chunks = range(num_chunks)
+    if progress and writer:
+        from tqdm.auto import tqdm
+
+        chunks = tqdm(chunks, desc=progress, unit="chunk")
+    collected = _Collected(num_rows)
+
+    def finish(index, rows, outputs):
+        host = sharding.to_host(dict(outputs))  # blocks until the chunk is done
+        arrays = {"rows": rows, **{name: np.asarray(values)[:rows.size]
+                                   for name, values in host.items()}}
+        if store is not None and writer:
+            store.save_chunk(first_chunk + index, arrays)
+        collected.add(arrays)
+
+    in_flight = None
+    for c in chunks:
+        if done[c]:
+            collected.add(_load_chunk(store, first_chunk + c))
+            continue
+        rows = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_rows))
+        try:
+            outputs = compute(pad_rows(rows, compiled_size))
+        except BaseException:  # keep the chunk already computed, then stop
+            if in_flight is not None:
+                finish(*in_flight)
+            raise
+        if in_flight is not None:
+            finish(*in_flight)
+        in_flight = (c, rows, outputs)
+    if in_flight is not None:
+        finish(*in_flight)
+    return collected.arrays
+
+
+def open_store(store_dir, config: Mapping, *, mesh=None) -> ChunkStore:
+    """The run's :class:`ChunkStore`. With several processes, process 0 opens
+    (creates) it first; the others then open the same folder, which must be on
+    a file system they share."""
+    if not _multiprocess(mesh):
+        return ChunkStore(store_dir, config)
+    from jax.experimental import multihost_utils
+
+    store, error = None, None
+    if jax.process_index() == 0:
+        try:
+            store = ChunkStore(store_dir, config)
+        except (TypeError, ValueError) as err:
+            error = err
+    opened = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+    if error is not None:
+        raise error
+    if not int(opened):
+        raise ValueError(f"process 0 could not open the store folder "
+                         f"{str(store_dir)!r}; see its error.")
+    return store if store is not None else ChunkStore(store_dir, config)
+
+
+def _finished_chunks(store, num_chunks, mesh) -> np.ndarray:
+    """``[num_chunks]`` bool: the chunks to read back, as process 0 sees them."""
+    done = np.zeros(num_chunks, bool)
+    if store is None:
+        return done
+    done[[c for c in store.finished_chunks() if c < num_chunks]] = True
+    if _multiprocess(mesh):
+        from jax.experimental import multihost_utils
+
+        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
+    return done
+
+
+def _load_chunk(store, index) -> dict:
+    """Chunk ``index`` of ``store``, which process 0 found finished."""
+    if not store.has_chunk(index):
+        raise FileNotFoundError(
+            f"chunk {index} of the store folder {str(store.folder)!r} is finished "
+            "on process 0 but missing here: with several processes, store_dir "
+            "must be on a file system every process shares.")
+    return store.load_chunk(index)
+
+
+def _multiprocess(mesh) -> bool:
+    return mesh is not None and sharding.is_multiprocess(mesh)
+
+
+class _Collected:
+    """The rows of finished chunks, written into arrays allocated once: the
+    results never sit in memory twice (no list of chunks to concatenate, and
+    ``jnp.asarray`` of the host arrays does not copy on CPU)."""
+
+    def __init__(self, num_rows: int):
+        self.num_rows = num_rows
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def add(self, chunk: dict) -> None:
+        rows = chunk["rows"]
+        for name, values in chunk.items():
+            if name == "rows":
+                continue
+            if name not in self.arrays:
+                self.arrays[name] = np.empty((self.num_rows,) + values.shape[1:],
+                                             values.dtype)
+            self.arrays[name][rows] = values
+
+
+__all__ = ["chunked_vmap", "map_chunks", "map_padded_chunks", "open_store",
+           "pad_rows"]

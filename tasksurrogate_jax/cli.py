@@ -6,6 +6,7 @@
         [--num-subsets 96] [--num-heldout 32]
         [--estimation-method finetune|solve] [--proj-dim 512]
         [--baselines influence tracin trak] [--set num_steps=300 ...]
+    tasksurrogate run digits --preset interactions --protocol pairs
     tasksurrogate run rl --preset tiny [--replicates 4] [--proj-dim 128] ...
     tasksurrogate run icl --preset tiny [--shots 4] [--truth-prompts 20000] ...
 
@@ -15,7 +16,7 @@ from the full set; ``fixed_size``: prompts of ``--shots`` demonstrations; see
 defaults; an option that does not apply to the workload is an error.
 
 ``run`` prints the table, writes ``results.json`` and the plots to ``--out``
-(default ``results/<workload>-<preset>[-<regime>]-seed<seed>``) and resumes
+(default ``results/<workload>-<preset>[-<regime>][-pairs]-seed<seed>``) and resumes
 from what a previous run with the same configuration left there. Bad arguments
 (and an output folder of another configuration) print one line on stderr and
 exit with status 2; any other error is raised with its traceback.
@@ -32,19 +33,22 @@ import jax
 from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
 from tasksurrogate_jax.estimation import OUTPUT_MODES
+from tasksurrogate_jax.workloads.rl import ESTIMATORS as RL_ESTIMATORS
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     CV_CRITERIA,
     CV_METHODS,
-    WORKLOADS,
+    DESIGNS,
     PipelineConfig,
     check_config,
-    check_workload_fits,
+    check_applies,
+    configured_workload,
     make_workload,
     run_pipeline,
 )
 from tasksurrogate_jax.report import summary, write_report
 from tasksurrogate_jax.store import StoreMismatchError
+from tasksurrogate_jax.workloads.registry import WORKLOADS, registered
 from tasksurrogate_jax.workloads.supervised import REGIMES
 
 
@@ -103,6 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output folder (default results/<workload>-<preset>"
                           "[-<regime>]-seed<seed>); rerunning resumes from it")
     run.add_argument("--seed", type=int, default=defaults.seed)
+    run.add_argument("--protocol", default=None, choices=("pairs",),
+                     help="pairs: add a pair-removal ground truth of the "
+                          "interactions to the loo protocol and compare each "
+                          "method's interactions with it")
+    run.add_argument("--max-pairs", type=int, default=defaults.max_pairs,
+                     help="the pairs protocol retrains every pair up to this many, "
+                          "else this many random pairs")
     run.add_argument("--regime", default=None, choices=REGIMES,
                      help="ground truth: fine-tuning from θ* (what the estimates "
                           "approximate; the default) or training from scratch "
@@ -114,27 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-subsets", type=int, default=None,
                      help="random subsets (prompts) to fit the surrogates on")
     run.add_argument("--num-heldout", type=int, default=None)
+    run.add_argument("--design", default=None, choices=DESIGNS,
+                     help="the random subsets (loo protocol): fixed (each drops "
+                          "--drop tasks), uniform (every size) or bernoulli (each "
+                          "task kept with probability --keep); default: the "
+                          "workload's")
     run.add_argument("--drop", type=int, default=None,
-                     help="tasks dropped from each random subset (loo protocol)")
+                     help="tasks dropped from each random subset (design fixed)")
+    run.add_argument("--keep", type=float, default=defaults.keep,
+                     help="keep probability of each task (design bernoulli)")
     run.add_argument("--shots", type=int, default=None,
                      help="demonstrations per prompt (fixed_size protocol)")
     run.add_argument("--truth-prompts", type=int, default=None,
                      help="the most prompts the ground truth scores: all of them "
                           "when there are no more, else this many random ones "
                           "(fixed_size protocol)")
-    run.add_argument("--estimation-method", default=defaults.estimation_method,
-                     choices=ESTIMATION_METHODS,
-                     help="linearized fine-tuning or the convex solve")
+    run.add_argument("--estimation-method", default=None,
+                     choices=ESTIMATION_METHODS + RL_ESTIMATORS,
+                     help="supervised: linearized fine-tuning (default) or the "
+                          "convex solve; rl: policy gradient (default) or "
+                          "advantage-weighted regression")
     run.add_argument("--proj-dim", type=parse_proj_dim, default=None,
                      help="projection dimension of the estimation: an int, "
                           "'full' (no projection) or 'auto' (full space up to "
                           "100,000 parameters); default: the workload's")
-    run.add_argument("--estimation-ridge", type=parse_ridge,
-                     default=defaults.estimation_ridge,
-                     help="ridge of the convex solve: a number or 'auto'")
-    run.add_argument("--output-mode", default=defaults.output_mode,
-                     choices=OUTPUT_MODES)
-    run.add_argument("--estimation-difference", action="store_true",
+    run.add_argument("--estimation-ridge", type=parse_ridge, default=None,
+                     help="ridge of the convex solve: a number or 'auto' "
+                          "(default: the workload's)")
+    run.add_argument("--output-mode", default=None, choices=OUTPUT_MODES)
+    run.add_argument("--estimation-difference", action="store_true", default=None,
                      help="anchor the estimates at one real fine-tuning on all "
                           "tasks")
     run.add_argument("--cv-method", default=defaults.cv_method,
@@ -175,10 +194,45 @@ def main(argv=None) -> int:
                   "protocol)")
         return 0
 
-    config = PipelineConfig(
+    try:  # argument errors only: one line on stderr, exit status 2
+        config = _config(args)
+        check_applies(config, registered(args.workload).kind)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    log = (lambda line: None) if args.quiet else (
+        lambda line: print(line, file=sys.stderr, flush=True))
+    if dict(config.overrides).get("precision") == "float64":
+        jax.config.update("jax_enable_x64", True)  # the workload asks for it
+    enable_compilation_cache()  # before the workload compiles anything
+    try:
+        workload = make_workload(config)
+        config = check_config(config, workload)
+        workload = configured_workload(config, workload)
+    except (ValueError, TypeError) as err:
+        parser.error(str(err))
+    regime = "" if config.regime is None else f"-{config.regime}"
+    pairs = "-pairs" if config.protocol == "pairs" else ""
+    out = args.out or (f"results/{args.workload}-{args.preset}{regime}{pairs}"
+                       f"-seed{args.seed}")
+    try:
+        results = run_pipeline(config, workload=workload, out_dir=out, log=log,
+                               progress=not args.quiet)
+    except StoreMismatchError as err:  # raised before any training
+        parser.error(str(err))
+    print(summary(results))
+    paths = write_report(results, out)
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _config(args) -> PipelineConfig:
+    """The :class:`PipelineConfig` of the parsed ``run`` arguments."""
+    return PipelineConfig(
         workload=args.workload, preset=args.preset, seed=args.seed,
+        protocol=args.protocol, max_pairs=args.max_pairs,
         regime=args.regime, replicates=args.replicates,
-        num_subsets=args.num_subsets, num_heldout=args.num_heldout, drop=args.drop,
+        num_subsets=args.num_subsets, num_heldout=args.num_heldout,
+        design=args.design, drop=args.drop, keep=args.keep,
         shots=args.shots, truth_prompts=args.truth_prompts,
         estimation_method=args.estimation_method, proj_dim=args.proj_dim,
         estimation_ridge=args.estimation_ridge, output_mode=args.output_mode,
@@ -190,28 +244,6 @@ def main(argv=None) -> int:
         chunk_size=args.chunk_size,
         value_samples=args.value_samples, confidence_level=args.confidence_level,
         overrides=tuple(args.overrides))
-    log = (lambda line: None) if args.quiet else (
-        lambda line: print(line, file=sys.stderr, flush=True))
-    if dict(config.overrides).get("precision") == "float64":
-        jax.config.update("jax_enable_x64", True)  # the workload asks for it
-    enable_compilation_cache()  # before the workload compiles anything
-    try:  # argument errors only: one line on stderr, exit status 2
-        config = check_config(config)
-        workload = make_workload(config)
-        check_workload_fits(config, workload)
-    except (ValueError, TypeError) as err:
-        parser.error(str(err))
-    regime = "" if config.regime is None else f"-{config.regime}"
-    out = args.out or f"results/{args.workload}-{args.preset}{regime}-seed{args.seed}"
-    try:
-        results = run_pipeline(config, workload=workload, out_dir=out, log=log,
-                               progress=not args.quiet)
-    except StoreMismatchError as err:  # raised before any training
-        parser.error(str(err))
-    print(summary(results))
-    paths = write_report(results, out)
-    print("\nwrote " + ", ".join(str(p) for p in paths))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """One end-to-end attribution run on a workload, resumable from its folder.
 
-Every registered workload follows a protocol its registry entry declares
-(:attr:`WorkloadEntry.protocol`, a key of :data:`PROTOCOL_STAGES`).
+The pipeline takes any workload that implements one of the contracts of
+:mod:`tasksurrogate_jax.workloads.base` and runs the protocol it names
+(``workload.protocol``, a key of :data:`PROTOCOL_STAGES`); it knows no
+workload by name (the bundled ones are built by
+:mod:`tasksurrogate_jax.workloads.registry`).
 
-``"loo"`` (digits, modular, rl): the ground truth is leave-one-out from the
+``"loo"`` (:class:`~tasksurrogate_jax.workloads.base.LeaveOneOutWorkload`:
+digits, modular, rl, your own supervised model): the ground truth is leave-one-out from the
 full set. Stages (each timed; the expensive ones stored as they finish and
 reused by a rerun with the same configuration):
 
@@ -12,10 +16,13 @@ reused by a rerun with the same configuration):
    ``[R, K + 1, T]``: ``R`` paired replicates in the configured regime
    (``"finetune"`` from ``θ*`` or ``"scratch"``); the effects are
    ``F(1 − e_i) − F(1)`` averaged over replicates.
-3. ``subsets``: ``num_subsets + num_heldout`` random subsets, each dropping
-   ``drop`` tasks (``drop=None``, the RL workload's default: uniform over the
-   subsets that are neither empty, full nor leave-one-out); their ground truth
-   ``[R, m, T]`` in the same regime.
+3. ``subsets``: ``num_subsets + num_heldout`` distinct random subsets of the
+   config's ``design`` (``"fixed"``: each drops ``drop`` tasks; ``"uniform"``,
+   the RL workload's default: uniform over the subsets neither empty, full nor
+   leave-one-out; ``"bernoulli"``: each task kept with probability ``keep``);
+   their ground truth ``[R, m, T]`` in the same regime, from training streams
+   independent of the ``loo`` stage's (the surrogates never see the LOO
+   truth's noise, so they are bounded by its ceiling like any method).
 4. ``estimated``: first-order estimates of the same subsets' scores from
    ``θ*`` (no retraining).
 5. ``baselines``: influence functions, TracIn and TRAK at ``θ*`` (supervised
@@ -70,176 +77,75 @@ from tasksurrogate_jax import (
     __version__,
     attribution,
     baselines,
+    interactions,
     metrics,
     nystrom,
     reliability,
     surrogates,
 )
 from tasksurrogate_jax.compilation import enable_compilation_cache
-from tasksurrogate_jax.estimation import EstimationSettings
-from tasksurrogate_jax.projection import num_parameters
 from tasksurrogate_jax.report import write_json
 from tasksurrogate_jax.store import ChunkStore, StoreMismatchError, config_hash
 from tasksurrogate_jax.subsets import (
+    bernoulli_masks,
     fixed_size_masks,
     leave_one_out_masks,
     size_range_masks,
 )
-from tasksurrogate_jax.workloads.digits import PRESETS as DIGITS_PRESETS
-from tasksurrogate_jax.workloads.digits import digits_workload
-from tasksurrogate_jax.workloads.icl import PRESETS as ICL_PRESETS
-from tasksurrogate_jax.workloads.icl import SyntheticICLWorkload, icl_workload
-from tasksurrogate_jax.workloads.icl_regression import PRESETS as ICL_REGRESSION_PRESETS
-from tasksurrogate_jax.workloads.icl_regression import (
-    ICLRegressionWorkload,
-    icl_regression_workload,
+from tasksurrogate_jax.workloads.base import (
+    FixedSizeWorkload,
+    LeaveOneOutWorkload,
+    Workload,
 )
-from tasksurrogate_jax.workloads.modular import PRESETS as MODULAR_PRESETS
-from tasksurrogate_jax.workloads.modular import modular_workload
-from tasksurrogate_jax.workloads.rl import PRESETS as RL_PRESETS
-from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload
-from tasksurrogate_jax.workloads.supervised import REGIMES, SupervisedWorkload
+from tasksurrogate_jax.workloads.supervised import REGIMES
 
-BASELINES = ("influence", "tracin", "trak")
+BASELINES = baselines.BASELINES
 BASELINE_SETTINGS = "_settings"
 CV_METHODS = ("loo", "kfold")
 CV_CRITERIA = ("spearman", "mse")
-
-
-def _estimate_supervised(workload, masks, *, key, base_params, config):
-    return workload.estimated_scores(masks, key=key, base_params=base_params,
-                                     settings=estimation_settings(config))
-
-
-def _estimate_rl(workload, masks, *, key, base_params, config):
-    return workload.estimated_scores(masks, key=key, base_params=base_params,
-                                     proj_dim=config.proj_dim)
-
-
-def _estimate_icl(workload, masks, *, key, base_params, config):
-    del base_params, config  # a prompt's estimate has no θ* and no settings here
-    return workload.estimated_scores(masks, key=key)
-
-
-class WorkloadEntry(NamedTuple):
-    """A workload the pipeline and the command line know by name.
-
-    Attributes:
-      factory: ``factory(preset, **overrides)``, the workload.
-      presets: its presets by name.
-      drop: tasks each random subset drops unless the config says (``None``:
-        uniform over the subsets neither empty, full nor leave-one-out; unused
-        by the ``"fixed_size"`` protocol).
-      protocol: ``"loo"`` or ``"fixed_size"`` (see the module docstring).
-      kind: the class of its workloads (an instance of it may be passed to
-        :func:`collect` in place of building one).
-      baselines: the baselines it supports (a subset of :data:`BASELINES`),
-        all computed by default.
-      defaults: :class:`PipelineConfig` fields left ``None`` by the config,
-        for every preset.
-      preset_defaults: per preset, fields over ``defaults``.
-      unused: :class:`PipelineConfig` fields that do not apply to it: they must
-        keep their defaults.
-      estimate: ``estimate(workload, masks, *, key, base_params, config)``:
-        the workload's first-order estimates with the config's settings.
-    """
-
-    factory: Callable[..., Any]
-    presets: dict
-    drop: int | None
-    protocol: str = "loo"
-    kind: type = SupervisedWorkload
-    baselines: tuple[str, ...] = BASELINES
-    defaults: Mapping[str, Any] = MappingProxyType({})
-    preset_defaults: Mapping[str, Mapping[str, Any]] = MappingProxyType({})
-    unused: tuple[str, ...] = ()
-    estimate: Callable = _estimate_supervised
-
-
-# Fields of the first-order estimate and the baselines of a supervised model.
-_SUPERVISED_ONLY = ("estimation_method", "estimation_ridge", "output_mode",
-                    "estimation_difference", "influence_damping",
-                    "influence_hessian", "trak_proj_dim")
-_SUPERVISED = {
-    "defaults": MappingProxyType({"regime": "finetune", "num_subsets": 96,
-                                  "num_heldout": 32, "proj_dim": "auto"}),
-    "unused": ("shots", "truth_prompts"),
-}
-# The prompt workloads' shared settings (the ``fixed_size`` protocol).
-_ICL_ENTRY = MappingProxyType({
-    "defaults": MappingProxyType({"shots": 4, "num_subsets": 80, "num_heldout": 120,
-                                  "truth_prompts": 20_000}),
-    "preset_defaults": MappingProxyType({"tiny": {"num_subsets": 30,
-                                                  "num_heldout": 30}}),
-    "unused": ("regime", "drop", "proj_dim", "chunk_size", *_SUPERVISED_ONLY),
-    "estimate": _estimate_icl,
-})
-
-WORKLOADS: dict[str, WorkloadEntry] = {
-    "digits": WorkloadEntry(digits_workload, DIGITS_PRESETS, drop=4, **_SUPERVISED),
-    "modular": WorkloadEntry(modular_workload, MODULAR_PRESETS, drop=3,
-                             **_SUPERVISED),
-    "icl": WorkloadEntry(
-        icl_workload, ICL_PRESETS, drop=None, protocol="fixed_size",
-        kind=SyntheticICLWorkload, baselines=(),
-        **_ICL_ENTRY),
-    # The smooth family: in-context regression, where the first-order model of
-    # the prediction around the nearest anchor prompt holds.
-    "icl_regression": WorkloadEntry(
-        icl_regression_workload, ICL_REGRESSION_PRESETS, drop=None,
-        protocol="fixed_size", kind=ICLRegressionWorkload, baselines=(),
-        **_ICL_ENTRY),
-    "rl": WorkloadEntry(
-        rl_workload, RL_PRESETS, drop=None, kind=RLWorkload, baselines=(),
-        defaults=MappingProxyType({"regime": "finetune", "num_subsets": 60,
-                                   "num_heldout": 20, "proj_dim": 128}),
-        preset_defaults=MappingProxyType({"tiny": {"num_subsets": 7,
-                                                   "num_heldout": 3}}),
-        unused=("shots", "truth_prompts", *_SUPERVISED_ONLY), estimate=_estimate_rl),
-}
-# A SupervisedWorkload instance under a name the registry does not hold.
-_INSTANCE = WorkloadEntry(None, {}, drop=3, **_SUPERVISED)
-
-
-def workload_entry(name: str, workload=None) -> WorkloadEntry:
-    """The registry entry a run of workload ``name`` follows.
-
-    Args:
-      name: ``config.workload``.
-      workload: the workload instance given to the run, if any: an instance of
-        the registered kind under a registered name, or any
-        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`
-        (the ``"loo"`` protocol, ``drop`` 3 by default) under another name.
-    """
-    if workload is None:
-        if name not in WORKLOADS:
-            raise ValueError(f"workload must be one of {sorted(WORKLOADS)}, got "
-                             f"{name!r}.")
-        return WORKLOADS[name]
-    if name in WORKLOADS and isinstance(workload, WORKLOADS[name].kind):
-        return WORKLOADS[name]
-    if isinstance(workload, SupervisedWorkload):
-        return _INSTANCE
-    kinds = sorted({e.kind.__name__ for e in WORKLOADS.values()})
-    raise TypeError(
-        f"workload must be a SupervisedWorkload, or one of {kinds} under its "
-        f"registered name, got {type(workload).__name__} for {name!r}.")
+PROTOCOLS = ("loo", "fixed_size", "pairs")
+DESIGNS = ("fixed", "uniform", "bernoulli")
+# Counts a config may leave None (the workload's default).
+OPTIONAL_COUNTS = ("num_subsets", "num_heldout", "drop", "shots", "truth_prompts")
+# PipelineConfig fields that set the workload's estimation settings, and the
+# field of the settings each sets (a field the workload's settings lack does
+# not apply to it).
+ESTIMATION_FIELDS = MappingProxyType({
+    "estimation_method": "method", "proj_dim": "proj_dim",
+    "estimation_ridge": "ridge", "output_mode": "output_mode",
+    "estimation_difference": "difference"})
+# Fields only some protocols use (the others' must keep their defaults).
+PROTOCOL_ONLY_FIELDS = MappingProxyType({
+    "loo": ("regime", "design", "drop", "keep", "chunk_size"),
+    "fixed_size": ("shots", "truth_prompts"),
+    "pairs": ("max_pairs",)})
+# The protocols a workload's own protocol can run ("pairs" extends "loo").
+RUNNABLE_PROTOCOLS = MappingProxyType({"loo": ("loo", "pairs"),
+                                       "fixed_size": ("fixed_size",)})
+BASELINE_FIELDS = ("influence_damping", "influence_hessian", "trak_proj_dim")
 
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
-    """Everything that determines a run's results (JSON-able).
+    """Everything that determines a run's results (JSON-able), validated when
+    it is built (a bad field raises, naming it).
 
-    Fields left ``None`` take the workload's default
-    (:attr:`WorkloadEntry.defaults`; :func:`check_config` fills them in); a
-    field the workload does not use (:attr:`WorkloadEntry.unused`) must keep
-    its default.
+    Fields left ``None`` take the workload's default (its
+    ``pipeline_defaults``: :func:`check_config` fills them in); a field the
+    workload does not use must keep its default.
 
     Attributes:
-      workload: a name in :data:`WORKLOADS` (or the name of the workload
-        instance given to :func:`run_pipeline`).
-      preset: the workload's preset.
+      workload: the workload's name: a bundled one
+        (:data:`~tasksurrogate_jax.workloads.registry.WORKLOADS`), or any name
+        for the workload instance given to :func:`run_pipeline`.
+      preset: the bundled workload's preset (recorded only, for an instance).
       seed: the run's PRNG seed.
+      protocol: ``None`` runs the workload's own protocol; ``"pairs"`` (a
+        :class:`~tasksurrogate_jax.workloads.base.LeaveOneOutWorkload`) adds
+        a pair-removal ground truth of the interactions to ``"loo"``: every
+        ``F(full − i − j)`` in the same paired replicates (see
+        :mod:`tasksurrogate_jax.interactions`), and each method's
+        interactions compared with it beside its ceiling.
       regime: the ground truth's training (``"loo"`` protocol):
         ``"finetune"`` (from ``θ*``, what the first-order estimates
         approximate) or ``"scratch"``.
@@ -248,38 +154,31 @@ class PipelineConfig:
         groups of a sampled truth (unused when every prompt is scored).
       num_subsets: random subsets the surrogates are fit on.
       num_heldout: random subsets held out to evaluate them.
-      drop: tasks dropped from each random subset (``"loo"`` protocol; see
-        :attr:`WorkloadEntry.drop`).
+      design: the random subsets of the ``"loo"`` protocol: ``"fixed"``
+        (each drops ``drop`` tasks), ``"uniform"`` (uniform over the subsets
+        neither empty, full nor leave-one-out) or ``"bernoulli"`` (each task
+        kept with probability ``keep``; never empty). Subsets of mixed sizes
+        identify pairwise interactions that a fixed size cannot (see
+        ``benchmarks/bench_interactions.py``).
+      drop: tasks dropped from each random subset (``design="fixed"``).
+      keep: the keep probability of ``design="bernoulli"``, in (0, 1).
       shots: tasks in every subset (``"fixed_size"`` protocol: demonstrations
         per prompt, ``>= 2``).
       truth_prompts: the most prompts the ``"fixed_size"`` truth scores: every
         ``shots``-prompt when there are no more, else this many random ones.
-      estimation_method: ``"finetune"`` (linearized fine-tuning) or ``"solve"``
-        (the convex solve); see :class:`~tasksurrogate_jax.estimation.
-        EstimationSettings` for this and the next four fields (supervised
-        workloads).
-      proj_dim: projection dimension of the estimation: an int, ``"full"``
-        (the full parameter space) or ``"auto"`` (supervised workloads'
-        default: :meth:`~tasksurrogate_jax.estimation.EstimationSettings.
-        resolved_proj_dim`); ``None`` takes the workload's default.
-      estimation_ridge: ridge of the convex solve, a number or ``"auto"``.
-      output_mode: ``"logits"`` or ``"margin"``.
-      estimation_difference: anchor the estimates at one real fine-tuning on
-        all tasks.
+      estimation_method, proj_dim, estimation_ridge, output_mode,
+        estimation_difference: change the workload's estimation settings
+        (:data:`ESTIMATION_FIELDS` names the field of its settings each one
+        sets: for a supervised workload :class:`~tasksurrogate_jax.
+        estimation.EstimationSettings`, for RL :class:`~tasksurrogate_jax.
+        workloads.rl.RLEstimation`); ``None`` keeps the workload's.
       cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
       cv_criterion: ``"mse"`` or ``"spearman"``.
-      baselines: names in :data:`BASELINES` to compute (among those the
-        workload supports).
-      influence_damping: ``λ`` of ``(H + λI)^{-1}``, a number >= 0 or
-        ``"auto"`` (:func:`~tasksurrogate_jax.baselines.influence_damping`:
-        ``DAMPING_FRACTION`` × the curvature's largest eigenvalue).
-      influence_hessian: ``"gauss_newton"`` (positive semi-definite, safe for
-        conjugate gradients on non-convex models) or ``"exact"``.
-      trak_proj_dim: projection dimension of TRAK's features: an int,
-        ``"full"`` (no projection) or ``"auto"``
-        (:func:`~tasksurrogate_jax.baselines.trak_proj_dim`). TRAK's damping
-        is its ``"auto"``. What each baseline used is in the results'
-        ``baseline_settings``.
+      baselines: names in :data:`BASELINES` to compute (among the workload's
+        ``baselines``; ``None``: all of them).
+      influence_damping, influence_hessian, trak_proj_dim: the baselines'
+        :class:`~tasksurrogate_jax.baselines.BaselineSettings`. What each
+        baseline used is in the results' ``baseline_settings``.
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
         values (``"loo"`` protocol; 0 = skip), or sampled contexts of each
         method's fixed-size effects (``"fixed_size"`` protocol; >= 1).
@@ -287,24 +186,30 @@ class PipelineConfig:
       bootstrap_resamples: resamples per interval.
       chunk_size: (subset, replicate) rows per retraining chunk (each finished
         chunk is stored).
-      overrides: workload configuration fields to change (e.g. ``num_steps``).
+      max_pairs: the ``"pairs"`` protocol retrains every pair when there are at
+        most this many, else this many random pairs.
+      overrides: configuration fields of the bundled workload's preset to
+        change (e.g. ``num_steps``).
     """
 
     workload: str = "digits"
     preset: str = "cpu"
     seed: int = 0
+    protocol: str | None = None
     regime: str | None = None
     replicates: int = 4
     num_subsets: int | None = None
     num_heldout: int | None = None
+    design: str | None = None
     drop: int | None = None
+    keep: float = 0.7
     shots: int | None = None
     truth_prompts: int | None = None
-    estimation_method: str = "finetune"
+    estimation_method: str | None = None
     proj_dim: int | str | None = None
-    estimation_ridge: float | str = "auto"
-    output_mode: str = "logits"
-    estimation_difference: bool = False
+    estimation_ridge: float | str | None = None
+    output_mode: str | None = None
+    estimation_difference: bool | None = None
     cv_method: str = "loo"
     cv_criterion: str = "spearman"
     baselines: tuple[str, ...] | None = None
@@ -315,7 +220,78 @@ class PipelineConfig:
     confidence_level: float = 0.95
     bootstrap_resamples: int = 1000
     chunk_size: int = 64
+    max_pairs: int = 190
     overrides: tuple[tuple[str, object], ...] = ()
+
+    def __post_init__(self):
+        for field in ("workload", "preset"):
+            if not isinstance(getattr(self, field), str):
+                raise TypeError(f"{field} must be a str, got "
+                                f"{getattr(self, field)!r}.")
+        if self.protocol not in (None, *PROTOCOLS):
+            raise ValueError(f"protocol must be None or one of {PROTOCOLS}, got "
+                             f"{self.protocol!r}.")
+        minimums = {"seed": None, "replicates": 2, "num_subsets": 4, "max_pairs": 3,
+                    "num_heldout": 3, "drop": 1, "shots": 2, "truth_prompts": 1,
+                    "value_samples": 0, "bootstrap_resamples": 1, "chunk_size": 1}
+        why = {"replicates": " (a ceiling needs at least 2 replicates)",
+               "num_subsets": " (to fit and cross-validate the surrogates)",
+               "num_heldout": " (for a held-out Spearman)",
+               "shots": " (interactions need pairs)"}
+        for field, minimum in minimums.items():
+            value = getattr(self, field)
+            if value is None and field in OPTIONAL_COUNTS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise TypeError(f"{field} must be an int, got {value!r}.")
+            if minimum is not None and value < minimum:
+                raise ValueError(f"{field} must be >= {minimum}{why.get(field, '')}, "
+                                 f"got {value}.")
+        for field, choices in (("cv_method", CV_METHODS),
+                               ("cv_criterion", CV_CRITERIA)):
+            if getattr(self, field) not in choices:
+                raise ValueError(f"{field} must be one of {choices}, got "
+                                 f"{getattr(self, field)!r}.")
+        if self.design is not None and self.design not in DESIGNS:
+            raise ValueError(f"design must be one of {DESIGNS}, got {self.design!r}.")
+        if not (isinstance(self.keep, (float, int)) and not isinstance(self.keep, bool)
+                and 0.0 < self.keep < 1.0):
+            raise ValueError(f"keep must be in (0, 1), got {self.keep!r}.")
+        if self.regime is not None and self.regime not in REGIMES:
+            raise ValueError(f"regime must be one of {REGIMES}, got {self.regime!r}.")
+        if self.baselines is not None:
+            if isinstance(self.baselines, str) or not all(
+                    isinstance(b, str) for b in self.baselines):
+                raise TypeError("baselines must be a tuple of names, got "
+                                f"{self.baselines!r}.")
+            unknown = sorted(set(self.baselines) - set(BASELINES))
+            if unknown:
+                raise ValueError(f"baselines must be among {BASELINES}, got "
+                                 f"{unknown}.")
+        self.baseline_settings()  # validates the baselines' fields
+        if not (isinstance(self.confidence_level, (float, int))
+                and 0.0 < self.confidence_level < 1.0):
+            raise ValueError("confidence_level must be in (0, 1), got "
+                             f"{self.confidence_level}.")
+        if not isinstance(self.overrides, tuple) or not all(
+                isinstance(o, tuple) and len(o) == 2 and isinstance(o[0], str)
+                for o in self.overrides):
+            raise TypeError("overrides must be a tuple of (field, value) pairs, got "
+                            f"{self.overrides!r}.")
+
+    def baseline_settings(self) -> baselines.BaselineSettings:
+        """The baselines' settings (validated)."""
+        return baselines.BaselineSettings(
+            influence_damping=self.influence_damping,
+            influence_hessian=self.influence_hessian,
+            trak_proj_dim=self.trak_proj_dim)
+
+    def estimation_changes(self) -> dict:
+        """``{settings field: value}`` of the estimation fields set (not
+        ``None``)."""
+        return {setting: getattr(self, field)
+                for field, setting in ESTIMATION_FIELDS.items()
+                if getattr(self, field) is not None}
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
@@ -324,117 +300,128 @@ class PipelineConfig:
         return out
 
 
-def check_config(config: PipelineConfig, *, workload=None) -> PipelineConfig:
-    """Validates names and counts; raises ``ValueError`` naming the field.
+def check_applies(config: PipelineConfig, workload: Workload | type[Workload],
+                  ) -> None:
+    """Every field ``config`` sets must apply to ``workload`` (an instance, or
+    its class: what it declares at class level is enough): the other
+    protocol's fields, estimation fields its settings lack (their values are
+    checked too) and baseline fields without baselines keep their defaults.
+    Raises ``ValueError`` naming the field."""
+    name, own = config.workload, workload.protocol
+    if own not in RUNNABLE_PROTOCOLS:
+        raise ValueError(f"a workload's protocol must be one of "
+                         f"{tuple(RUNNABLE_PROTOCOLS)}, got {own!r}: implement "
+                         "LeaveOneOutWorkload or FixedSizeWorkload.")
+    protocol = run_protocol(config, workload)
+    blank = PipelineConfig()
 
-    Args:
-      config: the :class:`PipelineConfig`.
-      workload: the workload instance given to the run, if any (see
-        :func:`workload_entry`).
+    def must_keep_default(field, why):
+        if getattr(config, field) != getattr(blank, field):
+            raise ValueError(f"{field} does not apply to workload {name!r} ({why}), "
+                             f"got {getattr(config, field)!r}.")
 
-    Returns:
-      ``config`` with the fields left ``None`` set to the workload's defaults.
-    """
+    used = {field for p in (own, protocol) for field in PROTOCOL_ONLY_FIELDS[p]}
+    for fields in PROTOCOL_ONLY_FIELDS.values():
+        for field in set(fields) - used:
+            must_keep_default(field, f"{protocol} protocol")
+    supported = tuple(workload.baselines) if own == "loo" else ()
+    if not supported:
+        for field in BASELINE_FIELDS:
+            must_keep_default(field, "it has no baselines")
+    unknown = sorted(set(config.baselines or ()) - set(supported))
+    if unknown:
+        raise ValueError(f"workload {name!r} has no baselines, got {unknown}."
+                         if not supported else
+                         f"baselines must be among {supported}, got {unknown}.")
+    changes = config.estimation_changes()
+    settings = workload.estimation
+    names = set() if settings is None else {
+        f.name for f in dataclasses.fields(settings)}
+    for field, setting in ESTIMATION_FIELDS.items():
+        if setting in changes and setting not in names:
+            must_keep_default(field, "it has no estimation settings"
+                              if settings is None else
+                              f"its {type(settings).__name__} has no {setting!r}")
+    if changes:
+        try:
+            dataclasses.replace(settings, **changes)
+        except (TypeError, ValueError) as err:
+            fields = [f for f, s in ESTIMATION_FIELDS.items() if s in changes]
+            raise ValueError(f"estimation settings ({', '.join(fields)}): "
+                             f"{err}") from err
+
+
+def run_protocol(config: PipelineConfig, workload: Workload | type[Workload]) -> str:
+    """The protocol a run of ``config`` follows: ``config.protocol``, or the
+    workload's own; ``ValueError`` where the workload cannot run it."""
+    own = workload.protocol
+    protocol = own if config.protocol is None else config.protocol
+    if protocol not in RUNNABLE_PROTOCOLS.get(own, ()):
+        raise ValueError(f"protocol {protocol!r} does not apply to workload "
+                         f"{config.workload!r} ({own} protocol; it runs "
+                         f"{RUNNABLE_PROTOCOLS.get(own, ())}).")
+    return protocol
+
+
+def check_config(config: PipelineConfig, workload: Workload) -> PipelineConfig:
+    """``config`` made concrete for ``workload``: the fields it leaves ``None``
+    set to the workload's ``pipeline_defaults``; raises ``ValueError`` naming
+    a field that does not apply to the workload (:func:`check_applies`) or
+    does not fit it."""
     if not isinstance(config, PipelineConfig):
         raise TypeError(
             f"config must be a PipelineConfig, got {type(config).__name__}.")
-    entry = workload_entry(config.workload, workload)
-    name = config.workload
-    if entry is not _INSTANCE and config.preset not in entry.presets:
-        raise ValueError(f"preset must be one of {sorted(entry.presets)} for workload "
-                         f"{name!r}, got {config.preset!r}.")
-    blank = PipelineConfig()
-    for field in entry.unused:
-        if getattr(config, field) != getattr(blank, field):
-            raise ValueError(
-                f"{field} does not apply to workload {name!r} ({entry.protocol} "
-                f"protocol), got {getattr(config, field)!r}.")
-    defaults = {**entry.defaults, **entry.preset_defaults.get(config.preset, {}),
-                "baselines": entry.baselines, "drop": entry.drop}
+    if not isinstance(workload, Workload):
+        raise TypeError(
+            "workload must implement a workload contract (a subclass of "
+            "tasksurrogate_jax.workloads.base.LeaveOneOutWorkload or "
+            f"FixedSizeWorkload), got {type(workload).__name__}.")
+    check_applies(config, workload)
+    defaults = {**workload.pipeline_defaults,
+                "baselines": tuple(getattr(workload, "baselines", ()))}
     config = dataclasses.replace(config, **{
         field: value for field, value in defaults.items()
-        if getattr(config, field) is None and field not in entry.unused})
-    for field in ("seed", "replicates"):
-        value = getattr(config, field)
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{field} must be an int, got {value!r}.")
-    for field, choices in (("cv_method", CV_METHODS),
-                           ("cv_criterion", CV_CRITERIA)):
-        if getattr(config, field) not in choices:
-            raise ValueError(f"{field} must be one of {choices}, got "
-                             f"{getattr(config, field)!r}.")
-    if config.regime is not None and config.regime not in REGIMES:
-        raise ValueError(f"regime must be one of {REGIMES}, got {config.regime!r}.")
-    if config.replicates < 2:
-        raise ValueError("replicates must be >= 2: a ceiling needs at least 2 "
-                         f"replicates, got {config.replicates}.")
-    if config.num_subsets < 4:
-        raise ValueError("num_subsets must be >= 4 to fit and cross-validate the "
-                         f"surrogates, got {config.num_subsets}.")
-    if config.num_heldout < 3:
-        raise ValueError("num_heldout must be >= 3 for a held-out Spearman, got "
-                         f"{config.num_heldout}.")
-    unknown = sorted(set(config.baselines) - set(entry.baselines))
-    if unknown and not entry.baselines:
-        raise ValueError(f"workload {name!r} has no baselines, got {unknown}.")
-    if unknown:
-        raise ValueError(f"baselines must be among {entry.baselines}, got {unknown}.")
-    damping = config.influence_damping
-    if not (damping == "auto" or (
-            isinstance(damping, (int, float, np.number))
-            and not isinstance(damping, bool) and math.isfinite(damping)
-            and damping >= 0)):
-        raise ValueError("influence_damping must be 'auto' or a finite number >= 0, "
-                         f"got {damping!r}.")
-    if isinstance(config.trak_proj_dim, str) and config.trak_proj_dim not in (
-            "auto", "full"):
-        raise ValueError("trak_proj_dim must be a positive int, 'auto' or 'full', "
-                         f"got {config.trak_proj_dim!r}.")
-    if config.influence_hessian not in baselines.HESSIANS:
-        raise ValueError(f"influence_hessian must be one of {baselines.HESSIANS}, "
-                         f"got {config.influence_hessian!r}.")
-    for field in ("proj_dim", "trak_proj_dim", "chunk_size", "bootstrap_resamples",
-                  "truth_prompts"):
-        value = getattr(config, field)
-        if value is None or (isinstance(value, str) and field.endswith("proj_dim")):
-            continue  # names ("auto", "full") are checked where they are used
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{field} must be an int, got {value!r}.")
-        if value < 1:
-            raise ValueError(f"{field} must be >= 1, got {value}.")
-    if entry.estimate is _estimate_rl and not isinstance(config.proj_dim, int):
-        raise ValueError(f"proj_dim must be an int for workload {name!r} (its "
-                         f"policy-gradient estimate projects), got "
-                         f"{config.proj_dim!r}.")
-    if config.drop is not None and config.drop < 1:
-        raise ValueError(f"drop must be >= 1, got {config.drop}.")
-    if config.shots is not None and config.shots < 2:
-        raise ValueError(f"shots must be >= 2 (interactions need pairs), got "
-                         f"{config.shots}.")
-    minimum = 1 if entry.protocol == "fixed_size" else 0
-    if config.value_samples < minimum:
-        raise ValueError(f"value_samples must be >= {minimum} for the "
-                         f"{entry.protocol} protocol, got {config.value_samples}.")
-    if not 0.0 < config.confidence_level < 1.0:
-        raise ValueError("confidence_level must be in (0, 1), got "
-                         f"{config.confidence_level}.")
-    if "estimation_method" not in entry.unused:
-        try:
-            estimation_settings(config)
-        except (TypeError, ValueError) as err:
-            raise ValueError(
-                f"estimation settings (estimation_method, proj_dim, "
-                f"estimation_ridge, output_mode, estimation_difference): "
-                f"{err}") from err
+        if getattr(config, field) is None and field != "drop"})
+    if workload.protocol == "loo":
+        config = _check_design(config, defaults.get("drop"))
+    needed = ["num_subsets", "num_heldout"] + (
+        ["shots", "truth_prompts"] if workload.protocol == "fixed_size"
+        else ["regime", "design"] + (["drop"] if config.design == "fixed" else []))
+    missing = [field for field in needed if getattr(config, field) is None]
+    if missing:
+        raise ValueError(f"{missing} must be set: workload {config.workload!r} has "
+                         "no default for them (its pipeline_defaults).")
+    if workload.protocol == "fixed_size" and config.value_samples < 1:
+        raise ValueError("value_samples must be >= 1 for the fixed_size protocol, "
+                         f"got {config.value_samples}.")
+    _check_fits(config, workload)
     return config
 
 
-def estimation_settings(config: PipelineConfig) -> EstimationSettings:
-    """The estimation settings of ``config`` (validated)."""
-    return EstimationSettings(
-        method=config.estimation_method, proj_dim=config.proj_dim,
-        output_mode=config.output_mode, ridge=config.estimation_ridge,
-        difference=config.estimation_difference)
+def _check_design(config: PipelineConfig, default_drop) -> PipelineConfig:
+    """``drop`` (its default filled in) with ``design="fixed"`` only, ``keep``
+    with ``"bernoulli"`` only."""
+    if config.design != "bernoulli" and config.keep != PipelineConfig().keep:
+        raise ValueError(f"keep applies to design 'bernoulli' only, got keep="
+                         f"{config.keep} with design {config.design!r}.")
+    if config.design == "fixed":
+        return config if config.drop is not None else dataclasses.replace(
+            config, drop=default_drop)
+    if config.drop is not None:
+        raise ValueError(f"drop applies to design 'fixed' only, got drop="
+                         f"{config.drop} with design {config.design!r}.")
+    return config
+
+
+def configured_workload(config: PipelineConfig, workload: Workload) -> Workload:
+    """``workload`` with the config's estimation fields applied to its
+    estimation settings (:func:`check_applies` first)."""
+    check_applies(config, workload)
+    changes = config.estimation_changes()
+    if not changes:
+        return workload
+    return workload.with_estimation(dataclasses.replace(workload.estimation,
+                                                        **changes))
 
 
 def _available(config: PipelineConfig, num_tasks: int) -> tuple[int, str]:
@@ -442,18 +429,20 @@ def _available(config: PipelineConfig, num_tasks: int) -> tuple[int, str]:
     if config.shots is not None:
         return math.comb(num_tasks, config.shots), (
             f"prompts of {config.shots} of {num_tasks} demonstrations")
-    if config.drop is None:
+    if config.design == "uniform":
         return 2 ** num_tasks - num_tasks - 2, (
             f"subsets of {num_tasks} tasks neither empty, full nor leave-one-out")
+    if config.design == "bernoulli":
+        return 2 ** num_tasks - 1, f"non-empty subsets of {num_tasks} tasks"
     return math.comb(num_tasks, config.drop), (
         f"subsets dropping {config.drop} of {num_tasks} tasks")
 
 
-def check_workload_fits(config: PipelineConfig, workload) -> None:
-    """The config (checked by :func:`check_config`) must fit the workload: its
-    number of tasks and, for prompts, its context."""
+def _check_fits(config: PipelineConfig, workload: Workload) -> None:
+    """The config must fit the workload: its number of tasks and, for
+    prompts, its context."""
     num_tasks = workload.num_tasks
-    if config.drop is not None and config.drop >= num_tasks:
+    if config.design == "fixed" and config.drop >= num_tasks:
         raise ValueError(f"drop must be < the workload's {num_tasks} tasks, got "
                          f"{config.drop}.")
     if config.shots is not None:
@@ -479,9 +468,19 @@ def check_workload_fits(config: PipelineConfig, workload) -> None:
             f"{config.truth_prompts}.")
 
 
-def make_workload(config: PipelineConfig):
-    """The configured workload."""
-    return WORKLOADS[config.workload].factory(config.preset, **dict(config.overrides))
+def make_workload(config: PipelineConfig) -> Workload:
+    """The bundled workload ``config`` names (its preset and overrides)."""
+    from tasksurrogate_jax.workloads import registry  # the names, not the contract
+
+    return registry.make_workload(config.workload, config.preset,
+                                  dict(config.overrides))
+
+
+def fit_truth_key(keys: dict):
+    """The training key of the ``subsets`` stage's ground truth:
+    ``fold_in(keys["subsets"], 3)``, independent of the ``loo`` stage's
+    ``keys["base"]`` (which also trains ``θ*``)."""
+    return jax.random.fold_in(keys["subsets"], 3)
 
 
 def stage_keys(seed: int) -> dict:
@@ -502,9 +501,9 @@ IDENTITY_FIELDS = ("workload", "preset", "seed", "overrides", "fingerprint",
 STAGE_FIELDS = {
     "base": (),
     "loo": ("regime", "replicates", "chunk_size"),
-    "subsets": ("regime", "replicates", "num_subsets", "num_heldout", "drop",
-                "chunk_size"),
-    "estimated": ("num_subsets", "num_heldout", "drop", "proj_dim",
+    "subsets": ("regime", "replicates", "num_subsets", "num_heldout", "design",
+                "drop", "keep", "chunk_size"),
+    "estimated": ("num_subsets", "num_heldout", "design", "drop", "keep",
                   "estimation_settings"),
     "baselines": ("baselines", "influence_damping", "influence_hessian",
                   "trak_proj_dim"),
@@ -514,7 +513,10 @@ FIXED_SIZE_STAGE_FIELDS = {
     "truth": ("shots", "truth_prompts", "replicates"),
     "estimated": ("shots", "num_subsets", "num_heldout"),
 }
-PROTOCOL_STAGES = {"loo": STAGE_FIELDS, "fixed_size": FIXED_SIZE_STAGE_FIELDS}
+PAIRS_STAGE_FIELDS = {**STAGE_FIELDS,
+                      "pairs": ("regime", "replicates", "chunk_size", "max_pairs")}
+PROTOCOL_STAGES = {"loo": STAGE_FIELDS, "fixed_size": FIXED_SIZE_STAGE_FIELDS,
+                   "pairs": PAIRS_STAGE_FIELDS}
 
 
 class _Stages:
@@ -668,6 +670,9 @@ class RunScores(NamedTuple):
       baseline_settings: ``{name: settings}``, what each baseline used
         (damping, its rule, projection dimension, conjugate-gradient
         residual: ``baselines.InfluenceInfo`` / ``TrakInfo`` as dicts).
+      pairs: ``[P, 2]`` the pairs of the ``"pairs"`` protocol, else ``None``.
+      pair_scores: ``[R, P, T]`` the ground truth of the full set without
+        each pair, per replicate (``"pairs"`` protocol), else ``None``.
     """
 
     workload: Any
@@ -679,6 +684,8 @@ class RunScores(NamedTuple):
     baselines: dict
     seconds: dict
     baseline_settings: dict = MappingProxyType({})
+    pairs: np.ndarray | None = None
+    pair_scores: np.ndarray | None = None
 
 
 class PromptRunScores(NamedTuple):
@@ -717,12 +724,17 @@ def loo_effects(loo_scores) -> np.ndarray:
 
 def loo_protocol_masks(key, config: PipelineConfig, num_tasks: int) -> np.ndarray:
     """The ``"loo"`` protocol's random subsets ``[num_subsets + num_heldout, K]``,
-    distinct: each dropping ``config.drop`` tasks, or (``drop=None``) uniform
-    over those with 1 to ``K - 2`` tasks."""
+    distinct, of the config's ``design`` (see :class:`PipelineConfig`)."""
     count = config.num_subsets + config.num_heldout
-    if config.drop is None:
+    if config.design == "uniform":
         masks = size_range_masks(key, count, num_tasks, min_size=1,
                                  max_size=num_tasks - 2, unique=True)
+    elif config.design == "bernoulli":
+        # Distinct rows hold at most one empty set: draw one more, drop it.
+        masks = np.asarray(bernoulli_masks(key, count + 1, num_tasks, p=config.keep,
+                                           unique=True))
+        nonempty = masks[masks.sum(1) > 0]
+        masks = nonempty[:count]
     else:
         masks = fixed_size_masks(key, count, num_tasks,
                                  subset_size=num_tasks - config.drop, unique=True)
@@ -764,16 +776,16 @@ def fixed_size_truth(workload, *, shots: int, max_prompts: int, groups: int,
             "exhaustive": exhaustive}
 
 
-def collect(config: PipelineConfig, *, workload=None, out_dir=None,
-            log: Callable = print, progress: bool = True):
+def collect(config: PipelineConfig, *, workload: Workload | None = None,
+            out_dir=None, log: Callable = print, progress: bool = True):
     """Runs the expensive stages (stored under ``out_dir``, reused on rerun).
 
     Args:
       config: the :class:`PipelineConfig`.
-      workload: a workload instance (your own
-        :class:`~tasksurrogate_jax.workloads.supervised.SupervisedWorkload`, or
-        one of a registered workload's kind, e.g. an ``icl_workload`` already
-        trained); ``None`` builds ``config.workload`` from :data:`WORKLOADS`.
+      workload: any workload that implements a contract of
+        :mod:`tasksurrogate_jax.workloads.base` (your own, or a bundled one
+        already built); ``None`` builds the bundled ``config.workload``
+        (:func:`make_workload`).
       out_dir: folder for stored stages and retraining chunks (resume); ``None``
         keeps nothing on disk. A folder of another configuration is refused.
       log: called with one line per stage.
@@ -783,79 +795,85 @@ def collect(config: PipelineConfig, *, workload=None, out_dir=None,
       :class:`RunScores` (``"loo"`` protocol) or :class:`PromptRunScores`
       (``"fixed_size"``).
     """
-    entry = workload_entry(config.workload, workload)
-    config = check_config(config, workload=workload)
     out_dir = None if out_dir is None else Path(out_dir)
     seconds: dict[str, float] = {}
     if workload is None:
         workload = _timed(seconds, "workload", lambda: make_workload(config))
-    check_workload_fits(config, workload)
-    # Besides the config: what the workload computes, the estimation's settings
-    # with the library's defaults filled in, and the library's version.
+    config = check_config(config, workload)
+    workload = configured_workload(config, workload)
+    # Besides the config: what the workload computes, its estimation settings
+    # with their defaults filled in, and the library's version.
     identity = {**config.to_json(), "fingerprint": workload.fingerprint(),
                 "version": __version__,
-                "estimation_settings": None if "estimation_method" in entry.unused
-                else dataclasses.asdict(estimation_settings(config))}
-    stages = _Stages(out_dir, identity, log, PROTOCOL_STAGES[entry.protocol])
+                "estimation_settings": None if workload.estimation is None
+                else dataclasses.asdict(workload.estimation)}
+    protocol = run_protocol(config, workload)
+    stages = _Stages(out_dir, identity, log, PROTOCOL_STAGES[protocol])
     stages.seconds.update(seconds)
     keys = stage_keys(config.seed)
-    if entry.protocol == "fixed_size":
-        return _collect_fixed_size(config, entry, workload, stages, keys)
-    return _collect_loo(config, entry, workload, stages, keys, progress)
+    if protocol == "fixed_size":
+        return _collect_fixed_size(config, workload, stages, keys)
+    return _collect_loo(config, workload, stages, keys, progress,
+                        with_pairs=protocol == "pairs")
 
 
-def _collect_loo(config, entry, workload, stages, keys, progress) -> RunScores:
+def _collect_loo(config: PipelineConfig, workload: LeaveOneOutWorkload,
+                 stages: _Stages, keys: dict, progress: bool, *,
+                 with_pairs: bool) -> RunScores:
     num_tasks = workload.num_tasks
 
-    def ground_truth(name, masks):
+    def ground_truth(name, masks, key=keys["base"]):
         return {"scores": workload.replicate_scores(
-            masks, key=keys["base"], regime=config.regime,
+            masks, key=key, regime=config.regime,
             replicates=config.replicates, base_params=theta,
             store_dir=stages.folder("retraining", name),
             chunk_size=config.chunk_size, progress=progress)}
 
     # Drawn before any training.
     masks = loo_protocol_masks(keys["subsets"], config, num_tasks)
-    like = jax.eval_shape(workload.init_fn, keys["base"])  # structure only
+    like = workload.params_like(key=keys["base"])  # structure only
     theta = _params_from_arrays(stages.run(
         "base", lambda: _params_arrays(workload.base_params(key=keys["base"]))), like)
     loo_masks = leave_one_out_masks(num_tasks)
     loo = stages.run("loo", lambda: ground_truth("loo", loo_masks))["scores"]
-    exact = stages.run("subsets", lambda: ground_truth("subsets", masks))["scores"]
-    estimated = stages.run("estimated", lambda: {"scores": entry.estimate(
-        workload, masks, key=keys["estimated"], base_params=theta,
-        config=config)})["scores"]
+    exact = stages.run("subsets", lambda: ground_truth(
+        "subsets", masks, key=fit_truth_key(keys)))["scores"]
+    estimated = stages.run("estimated", lambda: {
+        "scores": workload.estimated_scores(masks, key=keys["estimated"],
+                                            base_params=theta)})["scores"]
 
     def compute_baselines():
-        out, used = {}, {}
         if not config.baselines:
-            return out
-        args = (workload.apply_fn, theta, workload.data, workload.target)
-        loss_fn = workload.loss_fn
-        if "influence" in config.baselines:
-            out["influence"], info = baselines.influence_scores(
-                *args, loss_fn=loss_fn, damping=config.influence_damping,
-                hessian=config.influence_hessian, return_info=True)
-            used["influence"] = info._asdict()
-        if "tracin" in config.baselines:
-            out["tracin"] = baselines.tracin_scores(
-                workload.apply_fn, [theta], *args[2:], loss_fn=loss_fn)
-        if "trak" in config.baselines:
-            proj_dim = None if config.trak_proj_dim == "full" else config.trak_proj_dim
-            out["trak"], info = baselines.trak_scores(
-                *args, key=keys["baselines"], proj_dim=proj_dim, loss_fn=loss_fn,
-                return_info=True)
-            used["trak"] = info._asdict()
+            return {}
+        out, used = workload.baseline_scores(
+            theta, names=config.baselines, key=keys["baselines"],
+            settings=config.baseline_settings())
         # Plain arrays only in a stage: the settings as a JSON string.
         return {**out, BASELINE_SETTINGS: np.asarray(json.dumps(used))}
 
     baseline_effects = stages.run("baselines", compute_baselines)
     used = json.loads(str(baseline_effects.pop(BASELINE_SETTINGS, "{}")))
+    pairs = pair_scores = None
+    if with_pairs:
+        pairs = truth_pairs(keys["subsets"], num_tasks, config.max_pairs)
+        rows = np.asarray(interactions.pair_removal_masks(num_tasks, pairs))
+        pair_scores = stages.run("pairs", lambda: ground_truth(
+            "pairs", rows[1 + num_tasks:]))["scores"]
     return RunScores(workload, theta, loo, masks, exact, estimated, baseline_effects,
-                     stages.seconds, used)
+                     stages.seconds, used, pairs, pair_scores)
 
 
-def _collect_fixed_size(config, entry, workload, stages, keys) -> PromptRunScores:
+def truth_pairs(key, num_tasks: int, max_pairs: int) -> np.ndarray:
+    """The ``"pairs"`` protocol's pairs ``[P, 2]``: all of them when there are at
+    most ``max_pairs``, else ``max_pairs`` drawn with ``fold_in(key, 2)``."""
+    if num_tasks * (num_tasks - 1) // 2 <= max_pairs:
+        return interactions.all_pairs(num_tasks)
+    return interactions.sample_pairs(jax.random.fold_in(key, 2), num_tasks,
+                                     max_pairs)
+
+
+def _collect_fixed_size(config: PipelineConfig, workload: FixedSizeWorkload,
+                        stages: _Stages, keys: dict) -> PromptRunScores:
     masks = np.asarray(workload.sample_prompts(
         keys["subsets"], config.num_subsets + config.num_heldout, shots=config.shots))
     exact = stages.run("prompts", lambda: {
@@ -863,9 +881,8 @@ def _collect_fixed_size(config, entry, workload, stages, keys) -> PromptRunScore
     truth = stages.run("truth", lambda: fixed_size_truth(
         workload, shots=config.shots, max_prompts=config.truth_prompts,
         groups=config.replicates, key=jax.random.fold_in(keys["subsets"], 1)))
-    estimated = stages.run("estimated", lambda: {"scores": entry.estimate(
-        workload, masks, key=keys["estimated"], base_params=None,
-        config=config)})["scores"]
+    estimated = stages.run("estimated", lambda: {
+        "scores": workload.estimated_scores(masks, key=keys["estimated"])})["scores"]
     return PromptRunScores(workload, masks, exact, estimated, truth["effects"],
                            int(truth["num_prompts"]), bool(truth["exhaustive"]),
                            stages.seconds)
@@ -959,15 +976,6 @@ def _estimation_errors(true_scores, estimated, truth: str) -> dict:
     }
 
 
-def _resolved_proj_dim(config: PipelineConfig, entry: WorkloadEntry, theta):
-    """The estimation's projection dimension as run: an int, or ``"full"``."""
-    if entry.estimate is not _estimate_supervised:
-        return config.proj_dim
-    resolved = estimation_settings(config).resolved_proj_dim(
-        num_parameters(theta))
-    return "full" if resolved is None else resolved
-
-
 def _hyperparameters(fits: dict) -> dict:
     return {scores_name: {"gamma": float(f["search"].gamma),
                           "ridge": float(f["search"].ridge)}
@@ -990,21 +998,18 @@ def evaluate(config: PipelineConfig, run) -> dict:
       target and on the mean target, and held-out Spearman and normalized error
       for surrogates; each Spearman with its bootstrap ``*_interval``; keys
       ``loo_*`` for the ``"loo"`` protocol, ``effect_*`` for
-      ``"fixed_size"``), ``true_effects`` ``[K]``, ``interactions`` ``[K, K]``
-      (kernel surrogate on exact scores, mean target), ``heldout`` (true and
+      ``"fixed_size"``), ``true_effects`` ``[K]``, ``interaction_matrix``
+      ``[K, K]`` (kernel surrogate on exact scores, mean target), with the
+      ``"pairs"`` protocol ``interactions`` (:func:`pair_interaction_results`),
+      ``heldout`` (true and
       predicted mean-target scores), ``estimation`` (errors of the estimates
       against the ground truth), ``surrogate_hyperparameters`` and ``seconds``
       per stage; ``"loo"`` runs add ``regime`` and ``full_set_loss``,
       ``"fixed_size"`` runs ``shots``, ``truth`` and ``mean_prompt_loss``.
     """
-    entry = workload_entry(config.workload, run.workload)
-    if entry.protocol == "fixed_size":
-        return _evaluate_fixed_size(check_config(config, workload=run.workload), run)
-    if config.drop is None and entry.drop is not None:
-        # The run's masks say what was dropped.
-        config = dataclasses.replace(
-            config, drop=int(run.masks.shape[1] - run.masks[0].sum()))
-    config = check_config(config, workload=run.workload)
+    config = check_config(config, run.workload)
+    if run.workload.protocol == "fixed_size":
+        return _evaluate_fixed_size(config, run)
     seconds = dict(run.seconds)
 
     def timed(name, compute):
@@ -1035,7 +1040,7 @@ def evaluate(config: PipelineConfig, run) -> dict:
                          **_effect_metrics(effects, true_effects, config, "loo")}
 
     kernel_exact = fits["exact"]["kernel"]
-    interactions = timed("attribution", lambda: np.asarray(
+    matrix = timed("attribution", lambda: np.asarray(
         attribution.interaction_matrix(kernel_exact)).mean(-1))
     if config.value_samples:
         banzhaf = timed("attribution_values", lambda: np.asarray(
@@ -1048,10 +1053,11 @@ def evaluate(config: PipelineConfig, run) -> dict:
     reliable = timed("ceiling", lambda: ceiling(loo, np.asarray(run.exact)[:, m:],
                                                 seed=config.seed))
     workload = run.workload
+    settings = workload.estimation_record(run.theta)
     return {
         "config": config.to_json(),
-        "protocol": entry.protocol,
-        "registered": entry is not _INSTANCE,
+        "protocol": workload.protocol,
+        "registered": config.preset in workload.presets,
         "regime": config.regime,
         "task_names": list(workload.task_names),
         "target_description": workload.target_description,
@@ -1060,15 +1066,78 @@ def evaluate(config: PipelineConfig, run) -> dict:
         "ceiling": reliable,
         "true_effects": true_effects.mean(1),
         "methods": methods,
-        "interactions": interactions,
+        "interaction_matrix": matrix,
+        **({} if run.pairs is None else {"interactions": timed(
+            "interactions", lambda: pair_interaction_results(config, run, fits))}),
         "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
         "estimation": {**_estimation_errors(exact[:m], estimated[:m],
                                             f"{config.regime} ground truth"),
-                       "proj_dim": _resolved_proj_dim(config, entry, run.theta)},
+                       "settings": settings,
+                       "proj_dim": settings.get("proj_dim")},
         "surrogate_hyperparameters": _hyperparameters(fits),
         "baseline_settings": dict(run.baseline_settings),
         "seconds": seconds,
     }
+
+
+def pair_interaction_results(config: PipelineConfig, run: RunScores,
+                             fits: dict) -> dict:
+    """The surrogates' pair interactions against the pair-removal truth.
+
+    Args:
+      config: the run's (concrete) :class:`PipelineConfig`.
+      run: a ``"pairs"`` run's :class:`RunScores`.
+      fits: ``{"exact" | "estimated": fit_surrogates(...)}``.
+
+    Returns:
+      ``{"pairs" [P, 2], "true" [P] (mean target), "ceiling" (split-half
+      reliability of the mean-target interactions over pairs),
+      "ceiling_per_target", "attainable" (``sqrt`` of the ceilings),
+      "num_replicates", "spearman" {method: Spearman of the mean-target
+      interactions}, "spearman_per_target" {method: mean per-target
+      Spearman}, "comparison" (:func:`~tasksurrogate_jax.interactions.
+      compare_interactions`: Pearson too, with intervals), "pair_removal_error"
+      {method: pooled normalized error of the predicted pair-removal losses},
+      "planted_signs_correct" {method: [correct, total]} where the workload
+      plants interactions}``. Methods: each surrogate's second difference at
+      the full set (a linear surrogate's is 0: its correlations are NaN) and,
+      with ``value_samples``, the kernel's Banzhaf interactions (exact scores).
+    """
+    workload, num_tasks, pairs = run.workload, run.workload.num_tasks, run.pairs
+    scores = np.concatenate([np.asarray(run.loo_scores),
+                             np.asarray(run.pair_scores)], axis=1)
+    truth = interactions.pair_interactions(scores, pairs=pairs, num_tasks=num_tasks)
+    reliable = interactions.interaction_ceiling(truth, seed=config.seed)
+    predicted = {f"{kind} surrogate ({name})": np.asarray(
+        interactions.surrogate_pair_interactions(fitted[kind], pairs))
+        for name, fitted in fits.items() for kind in ("linear", "kernel")}
+    if config.value_samples:
+        predicted["kernel surrogate (exact), Banzhaf"] = np.asarray(
+            interactions.banzhaf_interactions(
+                fits["exact"]["kernel"], pairs=pairs,
+                key=jax.random.fold_in(jax.random.key(config.seed), 11),
+                num_samples=config.value_samples))
+    comparison = interactions.compare_interactions(
+        truth.mean, predicted, **_interval_settings(config))
+    pair_masks = interactions.pair_removal_masks(num_tasks, pairs)[1 + num_tasks:]
+    errors = interactions.pair_removal_errors(
+        scores.mean(0)[1 + num_tasks:],
+        {f"{kind} surrogate ({name})": np.asarray(fitted[kind].predict(pair_masks))
+         for name, fitted in fits.items() for kind in ("linear", "kernel")})
+    out = {"pairs": pairs, "true": truth.mean.mean(1),
+           "ceiling": reliable.mean_target, "ceiling_per_target": reliable.mean,
+           "attainable": _attainable({"mean_target": reliable.mean_target,
+                                      "per_target": reliable.mean}),
+           "num_replicates": reliable.num_replicates,
+           "spearman": {k: v["spearman_mean_target"] for k, v in comparison.items()},
+           "spearman_per_target": {k: v["spearman"] for k, v in comparison.items()},
+           "comparison": comparison, "pair_removal_error": errors}
+    if workload.planted_interactions:
+        out["planted_signs_correct"] = {
+            name: interactions.planted_signs_correct(
+                values, workload.planted_interactions, pairs=pairs)
+            for name, values in predicted.items()}
+    return out
 
 
 def _evaluate_fixed_size(config: PipelineConfig, run: PromptRunScores) -> dict:
@@ -1102,7 +1171,7 @@ def _evaluate_fixed_size(config: PipelineConfig, run: PromptRunScores) -> dict:
                     **held}
 
     timed("attribution_values", read_effects)
-    interactions = timed("attribution", lambda: np.asarray(
+    matrix = timed("attribution", lambda: np.asarray(
         attribution.fixed_size_interactions(
             fits["exact"]["kernel"], key=jax.random.fold_in(key, 10),
             size=shots)).mean(-1))
@@ -1116,6 +1185,7 @@ def _evaluate_fixed_size(config: PipelineConfig, run: PromptRunScores) -> dict:
     return {
         "config": config.to_json(),
         "protocol": "fixed_size",
+        "registered": config.preset in workload.presets,
         "shots": shots,
         "truth": truth,
         "task_names": list(workload.task_names),
@@ -1125,7 +1195,7 @@ def _evaluate_fixed_size(config: PipelineConfig, run: PromptRunScores) -> dict:
         "ceiling": reliable,
         "true_effects": true_effects.mean(1),
         "methods": methods,
-        "interactions": interactions,
+        "interaction_matrix": matrix,
         "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
         "estimation": _estimation_errors(exact[:m], estimated[:m], "forward passes"),
         "surrogate_hyperparameters": _hyperparameters(fits),
@@ -1137,8 +1207,9 @@ def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
                  log: Callable = print, progress: bool = True) -> dict:
     """:func:`collect` then :func:`evaluate`: the results dict of a whole run.
 
-    Pass ``workload`` to run on your own workload instance (``config.workload``
-    then only names it, unless it is registered and the instance of its kind).
+    Pass ``workload`` to run on your own workload (any implementation of a
+    contract of :mod:`tasksurrogate_jax.workloads.base`; ``config.workload``
+    then only names it); ``None`` builds the bundled ``config.workload``.
     Compiled programs are kept on disk for the next run
     (:func:`~tasksurrogate_jax.compilation.enable_compilation_cache`; opt out
     with ``TASKSURROGATE_COMPILATION_CACHE=0``). With ``out_dir``, the results
@@ -1146,7 +1217,6 @@ def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
     (:func:`~tasksurrogate_jax.report.write_json`; the plots are
     :func:`~tasksurrogate_jax.report.write_report`'s).
     """
-    config = check_config(config, workload=workload)
     enable_compilation_cache()
     results = evaluate(config, collect(config, workload=workload, out_dir=out_dir,
                                        log=log, progress=progress))
@@ -1155,10 +1225,11 @@ def run_pipeline(config: PipelineConfig, *, workload=None, out_dir=None,
     return results
 
 
-__all__ = ["BASELINES", "FIXED_SIZE_STAGE_FIELDS", "PROTOCOL_STAGES",
-           "STAGE_FIELDS", "WORKLOADS", "PipelineConfig", "PromptRunScores",
-           "RunScores", "WorkloadEntry", "all_fixed_size_masks", "ceiling",
-           "check_config", "check_workload_fits", "collect", "evaluate",
-           "fixed_size_ceiling", "fixed_size_truth", "loo_effects",
-           "loo_protocol_masks", "make_workload", "run_pipeline", "stage_keys",
-           "workload_entry"]
+__all__ = ["BASELINES", "DESIGNS", "ESTIMATION_FIELDS", "FIXED_SIZE_STAGE_FIELDS",
+           "PAIRS_STAGE_FIELDS", "PROTOCOLS", "PROTOCOL_STAGES", "STAGE_FIELDS",
+           "PipelineConfig", "PromptRunScores", "RunScores", "all_fixed_size_masks",
+           "ceiling", "check_applies", "check_config", "collect",
+           "configured_workload", "evaluate", "fit_truth_key", "fixed_size_ceiling",
+           "fixed_size_truth", "loo_effects", "loo_protocol_masks", "make_workload",
+           "pair_interaction_results", "run_pipeline", "run_protocol", "stage_keys",
+           "truth_pairs"]

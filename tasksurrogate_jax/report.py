@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,8 +148,40 @@ def summary(results: dict) -> str:
         f"{est['spearman_across_subsets']:.3f} (mean target "
         f"{est['spearman_mean_target']:.3f})",
         *_baseline_settings(results.get("baseline_settings", {})),
+        *_interaction_lines(results.get("interactions"), level),
         f"seconds: {seconds}",
     ])
+
+
+def _interaction_lines(inter: dict | None, level: int) -> list[str]:
+    """The ``"pairs"`` protocol's table: each method's interactions against
+    the pair-removal truth, beside its ceiling."""
+    if inter is None:
+        return []
+    planted = inter.get("planted_signs_correct", {})
+    rows = [f"| ceiling ({inter['num_replicates']} replicates) | "
+            f"{inter['ceiling']:.3f} (attainable {inter['attainable']['mean_target']:.3f}) | "
+            f"{inter['ceiling_per_target']:.3f} | - | - |"]
+    for name, values in inter["comparison"].items():
+        low, high = values["spearman_mean_target_interval"]
+        interval = "" if low is None or high is None else f" [{low:.2f}, {high:.2f}]"
+        error = inter["pair_removal_error"].get(name)
+        signs = planted.get(name)
+        rows.append(
+            f"| {name} | {_fmt(values['spearman_mean_target'])}{interval} | "
+            f"{_fmt(values['spearman'])} | "
+            f"{'-' if error is None else f'{error:.3f}'} | "
+            f"{'-' if signs is None else f'{signs[0]}/{signs[1]}'} |")
+    return ["", f"interactions against the pair-removal truth ({len(inter['pairs'])} "
+            f"pairs; > 0 substitutes, < 0 complements; {level}% intervals over "
+            "pairs):",
+            "| method | Spearman (mean target) | Spearman (per target) | "
+            "normalized error of F(-i-j) | planted signs right |",
+            "| --- | --- | --- | --- | --- |", *rows]
+
+
+def _fmt(value) -> str:
+    return "nan" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def _baseline_settings(used: dict) -> list[str]:
@@ -292,7 +325,9 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
     Args:
       true_effects: ``[K]`` true LOO effects, one per task (positive = helps).
       predicted: ``{method name: [K]}`` each method's effects of the same tasks.
-      task_names: ``K`` names written beside the points; ``None``: no labels.
+      task_names: ``K`` names; each point is labelled with its task's index
+        (labels of nearby points stacked apart) and the index-to-name key is
+        written under the panels; ``None``: no labels.
       title: the figure's title; ``None``: none.
       xlabel: the horizontal axes' label (e.g. another kind of effect).
 
@@ -312,9 +347,11 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
         ax.scatter(true, values, s=14)
         ax.axhline(0, color="0.8", lw=0.8)
         ax.axvline(0, color="0.8", lw=0.8)
-        for name, x, y in zip(names or (), true, values, strict=False):
-            ax.annotate(name, (x, y), xytext=(3, 3), textcoords="offset points",
-                        fontsize=6)
+        if names is not None:
+            for index, (x, y, level) in enumerate(zip(
+                    true, values, _label_levels(true, values), strict=True)):
+                ax.annotate(str(index), (x, y), xytext=(3, 2 + 7 * level),
+                            textcoords="offset points", fontsize=6)
         ax.set_title(f"{method}\nSpearman {_spearman(true, values):.2f}",
                      fontsize=9)
         ax.set_xlabel(xlabel, fontsize=8)
@@ -324,47 +361,80 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
     if title is not None:
         fig.suptitle(title)
     fig.tight_layout()
+    if names is not None:
+        key = "   ".join(f"{i}: {name}" for i, name in enumerate(names))
+        fig.text(0.01, 0.0, "\n".join(textwrap.wrap(key, 40 * cols)), fontsize=6,
+                 va="top")
     return fig
 
 
-def plot_interactions(matrix, *, task_names: Sequence[str] | None = None,
+def _label_levels(x, y, near: float = 0.04) -> np.ndarray:
+    """Per point, how many earlier points lie within ``near`` of it (in units
+    of each axis's range): its label is stacked that many lines higher."""
+    scaled = np.stack([(v - v.min()) / (np.ptp(v) or 1.0) for v in (x, y)], 1)
+    close = np.all(np.abs(scaled[:, None] - scaled[None]) < near, axis=2)
+    return np.tril(close, k=-1).sum(1)
+
+
+def plot_interactions(matrix, *, truth=None,
+                      task_names: Sequence[str] | None = None,
                       title: str | None = None) -> Figure:
     """Heatmap of pairwise task interactions, e.g. one target's (or the
-    mean over targets) of :func:`tasksurrogate_jax.attribution.interaction_matrix`.
+    mean over targets) of :func:`tasksurrogate_jax.attribution.interaction_matrix`,
+    beside the ground truth's when given, on the same colour scale.
 
-    The colour scale is symmetric about 0 (red > 0, blue < 0).
+    The colour scale is symmetric about 0 (red > 0: substitutes, blue < 0:
+    complements).
 
     Args:
       matrix: ``[K, K]`` interactions, row and column ``i`` for task ``i``.
+      truth: ``[K, K]`` true interactions (e.g. of a pair-removal truth,
+        :func:`tasksurrogate_jax.interactions.interactions_to_matrix`), or
+        ``None``.
       task_names: ``K`` names on both axes; ``None``: the indices ``0..K-1``.
-      title: the axes' title; ``None``: none.
+      title: the figure's title; ``None``: none.
 
     Returns:
       A pyplot figure (``fig.savefig(path)``; ``plt.close(fig)`` when done).
     """
-    inter = _numeric_array(matrix, "matrix", "[K, K]")
-    if inter.ndim != 2 or inter.shape[0] != inter.shape[1] or inter.size == 0:
-        raise ValueError(f"matrix must be square [K, K] with K >= 1, got shape "
-                         f"{inter.shape}.")
-    if not np.all(np.isfinite(inter)):
-        raise ValueError(f"matrix must be finite, got "
-                         f"{int((~np.isfinite(inter)).sum())} non-finite entries.")
-    num_tasks = inter.shape[0]
+    panels = {"surrogate": _square(matrix, "matrix")}
+    if truth is not None:
+        panels["ground truth"] = _square(truth, "truth")
+        if panels["ground truth"].shape != panels["surrogate"].shape:
+            raise ValueError(f"truth must have matrix's shape "
+                             f"{panels['surrogate'].shape}, got "
+                             f"{panels['ground truth'].shape}.")
+    num_tasks = panels["surrogate"].shape[0]
     names = _task_names(task_names, num_tasks, "matrix")
     if names is None:
         names = [str(i) for i in range(num_tasks)]
     plt = _pyplot()
-    bound = float(np.abs(inter).max()) or 1.0
+    bound = max(float(np.abs(p).max()) for p in panels.values()) or 1.0
     size = max(5.0, 0.3 * num_tasks)
-    fig, ax = plt.subplots(figsize=(size + 1.5, size))
-    image = ax.imshow(inter, cmap="RdBu_r", vmin=-bound, vmax=bound)
-    ax.set_xticks(range(num_tasks), names, rotation=90, fontsize=6)
-    ax.set_yticks(range(num_tasks), names, fontsize=6)
+    fig, axes = plt.subplots(1, len(panels), figsize=(len(panels) * size + 1.5, size),
+                             squeeze=False)
+    for ax, (label, values) in zip(axes[0], panels.items(), strict=True):
+        image = ax.imshow(values, cmap="RdBu_r", vmin=-bound, vmax=bound)
+        ax.set_xticks(range(num_tasks), names, rotation=90, fontsize=6)
+        ax.set_yticks(range(num_tasks), names, fontsize=6)
+        if truth is not None:
+            ax.set_title(label, fontsize=9)
     if title is not None:
-        ax.set_title(title)
-    fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=10)
+    fig.colorbar(image, ax=list(axes[0]), shrink=0.8)
     return fig
+
+
+def _square(matrix, name: str) -> np.ndarray:
+    """A finite ``[K, K]`` array, or a clear error naming the argument."""
+    values = _numeric_array(matrix, name, "[K, K]")
+    if values.ndim != 2 or values.shape[0] != values.shape[1] or values.size == 0:
+        raise ValueError(f"{name} must be square [K, K] with K >= 1, got shape "
+                         f"{values.shape}.")
+    if not np.all(np.isfinite(values)):
+        raise ValueError(f"{name} must be finite, got "
+                         f"{int((~np.isfinite(values)).sum())} non-finite entries.")
+    return values
 
 
 def plot_heldout(true, predicted: Mapping[str, ArrayLike], *,
@@ -430,9 +500,10 @@ def write_plots(results: dict, out_dir) -> list[Path]:
             {name: values["effects"] for name, values in results["methods"].items()},
             task_names=names, **effects),
         "interactions.png": lambda: plot_interactions(
-            results["interactions"], task_names=names,
-            title=f"Kernel surrogate interactions{within} (mean target)\n"
-                  "> 0: substitutes, < 0: complements"),
+            results["interaction_matrix"], truth=_truth_matrix(results),
+            task_names=names,
+            title=f"Kernel surrogate interactions{within} (exact scores, mean "
+                  "target); > 0: substitutes, < 0: complements"),
         "heldout.png": lambda: plot_heldout(
             results["heldout"]["true"], results["heldout"]["predicted"],
             title=f"Held-out {subsets}: loss on the mean target"),
@@ -443,10 +514,22 @@ def write_plots(results: dict, out_dir) -> list[Path]:
         fig = plot()
         try:
             paths.append(out_dir / file_name)
-            fig.savefig(paths[-1], dpi=110)
+            fig.savefig(paths[-1], dpi=110, bbox_inches="tight")
         finally:
             plt.close(fig)
     return paths
+
+
+def _truth_matrix(results: dict) -> np.ndarray | None:
+    """The pair-removal truth's ``[K, K]`` mean-target interactions (0 at
+    pairs not retrained), or ``None`` without one."""
+    if "interactions" not in results:
+        return None
+    pairs = np.asarray(results["interactions"]["pairs"], np.int64)
+    matrix = np.zeros((len(results["task_names"]),) * 2)
+    values = np.asarray(results["interactions"]["true"], np.float64)
+    matrix[pairs[:, 0], pairs[:, 1]] = matrix[pairs[:, 1], pairs[:, 0]] = values
+    return matrix
 
 
 def write_report(results: dict, out_dir) -> list[Path]:

@@ -63,7 +63,7 @@ import optax
 
 from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.chunking import pad_rows
+from tasksurrogate_jax.chunking import map_chunks, open_store
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -486,7 +486,7 @@ def retrain(
             memory_budget=memory_budget, mesh=mesh)
     store = None
     if store_dir is not None:
-        store = _open_store(store_dir, mesh, {
+        store = open_store(store_dir, {
             "kind": "retraining",
             "user": dict(store_config or {}),
             "num_subsets": int(num_masks),
@@ -506,55 +506,53 @@ def retrain(
             "chunk_size": int(chunk_size),
             "return_params": bool(return_params),
             "accuracy": spec.accuracy_fn is not None,
-        })
+        }, mesh=mesh)
 
-    num_chunks = -(-num_rows // chunk_size)
-    done = _finished_chunks(store, num_chunks, mesh)
-    # With a mesh over several processes, process 0 writes the store.
-    writer = not sharding.is_multiprocess(mesh) or jax.process_index() == 0
     # Every compiled call has one shape: the chunk padded to the device count.
-    compiled_size = sharding.round_up(chunk_size, mesh)
     split = mesh if sharding.num_shards(mesh) > 1 else None  # else: one program
     masks_host = np.asarray(masks)
     shared = sharding.replicate(
         {"data": data, "target": target, "key": key, "batch_key": batch_key,
          "params": None if scratch and per_row else params0}, mesh)
-    chunks = range(num_chunks)
-    if progress and writer:
-        from tqdm.auto import tqdm
 
-        chunks = tqdm(chunks, desc=f"retraining ({chunk_size}/chunk)", unit="chunk")
-    collected = _Collected(num_rows)
-    for c in chunks:
-        if done[c]:
-            collected.add(_load_chunk(store, c))
-            continue
-        rows = np.arange(c * chunk_size, min((c + 1) * chunk_size, num_rows))
-        padded = pad_rows(rows, compiled_size)
+    def train_rows(rows):
+        """The chunk of (replicate, mask) rows ``rows``, dispatched."""
         params, keys = shared["params"], shared["batch_key"]
         if per_row:
             init_keys, keys = _row_keys(
-                shared["key"], sharding.shard_subsets(padded.astype(np.uint32), mesh),
+                shared["key"], sharding.shard_subsets(rows.astype(np.uint32), mesh),
                 num_masks=num_masks, replicated=replicates is not None,
                 independent=seeds == "independent")
             if scratch:
                 params = _init_rows(init_keys, init_fn=init_fn)
         losses, accuracy, trained = retrain_chunk(
-            sharding.shard_subsets(masks_host[padded % num_masks], mesh), params,
+            sharding.shard_subsets(masks_host[rows % num_masks], mesh), params,
             keys, shared["data"], shared["target"], spec=spec,
-            params_batched=per_row and scratch, keys_batched=per_row,
-            mesh=split,
-        )
-        host = sharding.to_host((losses, accuracy,
-                                 trained if return_params else None))
-        out = _chunk_arrays(rows, *host, return_params=return_params)
-        if store is not None and writer:
-            store.save_chunk(c, out)
-        collected.add(out)
+            params_batched=per_row and scratch, keys_batched=per_row, mesh=split)
+        out = {"losses": losses}
+        if accuracy is not None:
+            out["accuracy"] = accuracy
+        if return_params:
+            out.update({f"param_{i:05d}": leaf
+                        for i, leaf in enumerate(jax.tree.leaves(trained))})
+        return out
 
+    arrays = map_chunks(train_rows, num_rows, chunk_size=chunk_size, store=store,
+                        mesh=mesh, progress=f"retraining ({chunk_size}/chunk)"
+                        if progress else None)
     lead = (num_masks,) if replicates is None else (replicates, num_masks)
-    return collected.result(lead, like=params0, accuracy=spec.accuracy_fn is not None,
-                            return_params=return_params)
+
+    def gather(name):
+        values = arrays.pop(name)
+        return jnp.asarray(values.reshape(lead + values.shape[1:]))
+
+    params_out = None
+    if return_params:
+        leaves = [gather(f"param_{i:05d}") for i in range(len(jax.tree.leaves(params0)))]
+        params_out = jax.tree.unflatten(jax.tree.structure(params0), leaves)
+    return RetrainResult(gather("losses"),
+                         gather("accuracy") if spec.accuracy_fn is not None else None,
+                         params_out)
 
 
 def _auto_chunk_size(masks, params0, init_fn, init_key, batch_key, data, target,
@@ -576,99 +574,6 @@ def _auto_chunk_size(masks, params0, init_fn, init_key, batch_key, data, target,
 
         chunk = int(multihost_utils.broadcast_one_to_all(np.int64(chunk)))
     return chunk
-
-
-def _open_store(store_dir, mesh, config) -> ChunkStore:
-    """The run's :class:`ChunkStore`. With several processes, process 0 opens
-    (creates) it first; the others then open the same folder, which must be on
-    a file system they share."""
-    if not sharding.is_multiprocess(mesh):
-        return ChunkStore(store_dir, config)
-    from jax.experimental import multihost_utils
-
-    store, error = None, None
-    if jax.process_index() == 0:
-        try:
-            store = ChunkStore(store_dir, config)
-        except (TypeError, ValueError) as err:
-            error = err
-    opened = multihost_utils.broadcast_one_to_all(np.int32(error is None))
-    if error is not None:
-        raise error
-    if not int(opened):
-        raise ValueError(f"process 0 could not open the store folder "
-                         f"{str(store_dir)!r}; see its error.")
-    return store if store is not None else ChunkStore(store_dir, config)
-
-
-def _finished_chunks(store, num_chunks, mesh) -> np.ndarray:
-    """``[num_chunks]`` bool: the chunks to read back, as process 0 sees them."""
-    done = np.zeros(num_chunks, bool)
-    if store is None:
-        return done
-    done[[c for c in store.finished_chunks() if c < num_chunks]] = True
-    if sharding.is_multiprocess(mesh):
-        from jax.experimental import multihost_utils
-
-        done = np.asarray(multihost_utils.broadcast_one_to_all(done))
-    return done
-
-
-def _load_chunk(store, index) -> dict:
-    if not store.has_chunk(index):
-        raise FileNotFoundError(
-            f"chunk {index} of the store folder {str(store.folder)!r} is finished "
-            "on process 0 but missing here: with several processes, store_dir "
-            "must be on a file system every process shares.")
-    return store.load_chunk(index)
-
-
-def _chunk_arrays(rows, losses, accuracy, trained, *, return_params) -> dict:
-    """A finished chunk as named numpy arrays, padding rows dropped."""
-    n = rows.size
-    out = {"rows": rows, "losses": np.asarray(losses)[:n]}
-    if accuracy is not None:
-        out["accuracy"] = np.asarray(accuracy)[:n]
-    if return_params:
-        for i, leaf in enumerate(jax.tree.leaves(trained)):
-            out[f"param_{i:05d}"] = np.asarray(leaf)[:n]
-    return out
-
-
-class _Collected:
-    """The rows of finished chunks, written into arrays allocated once: the
-    results never sit in memory twice (no list of chunks to concatenate, and
-    ``jnp.asarray`` of the host arrays does not copy on CPU)."""
-
-    def __init__(self, num_rows: int):
-        self.num_rows = num_rows
-        self.arrays: dict[str, np.ndarray] = {}
-
-    def add(self, chunk: dict) -> None:
-        rows = chunk["rows"]
-        for name, values in chunk.items():
-            if name == "rows":
-                continue
-            if name not in self.arrays:
-                self.arrays[name] = np.empty((self.num_rows,) + values.shape[1:],
-                                             values.dtype)
-            self.arrays[name][rows] = values
-
-    def result(self, lead, *, like, accuracy: bool,
-               return_params: bool) -> RetrainResult:
-        """The arrays with leading axes ``lead``."""
-
-        def gather(name):
-            values = self.arrays.pop(name)
-            return jnp.asarray(values.reshape(lead + values.shape[1:]))
-
-        params_out = None
-        if return_params:
-            leaves = [gather(f"param_{i:05d}")
-                      for i in range(len(jax.tree.leaves(like)))]
-            params_out = jax.tree.unflatten(jax.tree.structure(like), leaves)
-        return RetrainResult(gather("losses"), gather("accuracy") if accuracy else None,
-                             params_out)
 
 
 def _check_retrain_args(masks, data, target, spec, init_fn, init_params, seeds,

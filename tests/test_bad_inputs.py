@@ -134,7 +134,12 @@ def _workload(**overrides):
 
 
 def _config(**fields):
-    return pipeline.check_config(pipeline.PipelineConfig(**fields))
+    """The config's own checks, then those against a supervised workload
+    (``K = 4``: too few tasks for the default numbers of subsets, so the
+    checks that need them are not reached here)."""
+    config = pipeline.PipelineConfig(**fields)
+    pipeline.check_applies(config, SupervisedWorkload)
+    return pipeline.configured_workload(config, _workload(finetune=SETTINGS))
 
 
 def _nan(x, row=0, col=0):
@@ -549,8 +554,13 @@ CASES = [
      lambda: reliability.loo_spearman_interval(_nan(SCORES), SCORES), V,
      "predicted_effects must be finite"),
     # -- pipeline configuration -----------------------------------------------
-    ("config-unknown-workload", lambda: _config(workload="mnist"), V,
+    ("config-unknown-workload",
+     lambda: pipeline.make_workload(pipeline.PipelineConfig(workload="mnist")), V,
      "workload must be one of"),
+    ("config-baselines-string", lambda: _config(baselines="influence"), E,
+     "baselines must be a tuple of names"),
+    ("config-shots-for-loo", lambda: _config(shots=3), V,
+     "shots does not apply to workload 'digits' \\(loo protocol\\)"),
     ("config-one-replicate", lambda: _config(replicates=1), V,
      "replicates must be >= 2"),
     ("config-float-replicates", lambda: _config(replicates=2.5), E,

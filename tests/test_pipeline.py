@@ -48,7 +48,8 @@ def test_cli_runs_end_to_end_and_writes_the_report(first_run, capsys):
         if "surrogate" in name and "Banzhaf" not in name:
             low, high = values["heldout_spearman_interval"]
             assert low <= values["heldout_spearman"] <= high, name
-    assert np.asarray(results["interactions"]).shape == (num_tasks, num_tasks)
+    assert np.asarray(results["interaction_matrix"]).shape == (num_tasks, num_tasks)
+    assert "interactions" not in results  # no pair-removal truth asked for
     assert len(results["heldout"]["true"]) == 8
     assert set(results["seconds"]) >= set(pipeline.STAGE_FIELDS)
     printed = report.summary(results)
@@ -103,7 +104,7 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
      "workload must be one of ['digits', 'icl', 'icl_regression', 'modular', 'rl']"),
     (["run", "modular", "--preset", "huge"], "preset must be one of"),
     (["run", "digits", "--replicates", "1"],
-     "a ceiling needs at least 2 replicates, got 1"),
+     "replicates must be >= 2 (a ceiling needs at least 2 replicates), got 1"),
     (["run", "digits", "--regime", "pretrain"], "invalid choice: 'pretrain'"),
     (["run", "modular", "--num-subsets", "2"], "num_subsets must be >= 4"),
     (["run", "modular", "--num-heldout", "1"], "num_heldout must be >= 3"),
@@ -127,7 +128,8 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
     (["run", "rl", "--shots", "4"],
      "shots does not apply to workload 'rl' (loo protocol)"),
     (["run", "rl", "--estimation-method", "solve"],
-     "estimation_method does not apply to workload 'rl'"),
+     "estimation settings (estimation_method): method must be one of ('pg', "
+     "'awr'), got 'solve'"),
     (["run", "rl", "--influence-damping", "3"],
      "influence_damping does not apply to workload 'rl'"),
     (["run", "rl", "--baselines", "influence"], "workload 'rl' has no baselines"),
@@ -140,7 +142,13 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
      "num_subsets + num_heldout = 11 distinct subsets of 4 tasks neither empty, "
      "full nor leave-one-out were asked for, but only 10 exist"),
     (["run", "rl", "--preset", "tiny", "--drop", "4"],
+     "drop applies to design 'fixed' only, got drop=4 with design 'uniform'"),
+    (["run", "rl", "--preset", "tiny", "--design", "fixed", "--drop", "4"],
      "drop must be < the workload's 4 tasks"),
+    (["run", "digits", "--keep", "0.5"],
+     "keep applies to design 'bernoulli' only"),
+    (["run", "digits", "--design", "bernoulli", "--keep", "1.0"],
+     "keep must be in (0, 1)"),
 ])
 def test_bad_arguments_exit_with_status_2_and_a_message(args, message, capsys,
                                                         tmp_path):
@@ -196,3 +204,56 @@ def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
         ridge=float(large["search"].ridge), solver="exact")
     np.testing.assert_allclose(large["kernel"].predict(masks), exact.predict(masks),
                                rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+
+
+@pytest.mark.slow
+def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path):
+    """``protocol="pairs"``: every pair's ``F(full − i − j)`` in the run's
+    paired replicates, the interactions from them (checked against the
+    workload's own retraining here), their ceiling, and each method's
+    agreement; the stages are reused by a rerun."""
+    from tasksurrogate_jax import interactions
+
+    config = dataclasses.replace(TINY_CONFIG, protocol="pairs")
+    lines = []
+    results = pipeline.run_pipeline(config, out_dir=tmp_path, log=lines.append,
+                                    progress=False)
+    inter = results["interactions"]
+    assert len(inter["pairs"]) == 28  # all pairs of 8 tasks
+    run = pipeline.collect(config, out_dir=tmp_path, log=lines.append,
+                           progress=False)
+    assert sum("reused" in line for line in lines) == len(pipeline.PAIRS_STAGE_FIELDS)
+    masks = interactions.pair_removal_masks(8)
+    scores = run.workload.replicate_scores(
+        masks, key=pipeline.stage_keys(0)["base"], regime="finetune", replicates=4,
+        base_params=run.theta, chunk_size=64, store_dir=None, progress=False)
+    truth = interactions.pair_interactions(scores)
+    np.testing.assert_allclose(inter["true"], truth.mean.mean(1), rtol=1e-4,
+                               atol=1e-6)
+    assert inter["ceiling"] == pytest.approx(
+        interactions.interaction_ceiling(truth, seed=0).mean_target, abs=1e-6)
+    assert {"kernel surrogate (exact)", "kernel surrogate (estimated)",
+            "kernel surrogate (exact), Banzhaf"} <= set(inter["spearman"])
+    # A linear surrogate has no interactions: its correlations are undefined.
+    assert np.isnan(inter["spearman"]["linear surrogate (exact)"])
+    for name in ("kernel surrogate (exact)", "kernel surrogate (estimated)"):
+        assert -1 <= inter["spearman"][name] <= 1
+        assert 0 <= inter["pair_removal_error"][name]
+    printed = report.summary(results)
+    assert "interactions against the pair-removal truth (28 pairs" in printed
+    assert "| ceiling (4 replicates) |" in printed
+
+
+def test_pairs_protocol_needs_a_leave_one_out_workload():
+    from tasksurrogate_jax.workloads import registry
+
+    with pytest.raises(ValueError, match="protocol 'pairs' does not apply to "
+                                         "workload 'icl'"):
+        pipeline.check_applies(pipeline.PipelineConfig(workload="icl",
+                                                       protocol="pairs"),
+                               registry.registered("icl").kind)
+    with pytest.raises(ValueError, match="max_pairs does not apply"):
+        pipeline.check_applies(pipeline.PipelineConfig(max_pairs=10),
+                               registry.registered("digits").kind)
+    with pytest.raises(ValueError, match="protocol must be None or one of"):
+        pipeline.PipelineConfig(protocol="triples")

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from tasksurrogate_jax import attribution, cli, pipeline, reliability, report
+from tasksurrogate_jax.workloads import icl, registry
 from tasksurrogate_jax.subsets import leave_one_out_masks, size_range_masks
 from tasksurrogate_jax.surrogates import fit_kernel_surrogate
 
@@ -113,24 +114,35 @@ def test_size_range_masks_are_uniform_over_their_subsets():
 
 
 def test_registered_protocols_and_their_defaults():
-    entries = pipeline.WORKLOADS
-    assert entries["icl"].protocol == "fixed_size"
+    entries = registry.WORKLOADS
+    assert entries["icl"].protocol == entries["icl_regression"].protocol == "fixed_size"
     assert entries["rl"].protocol == entries["digits"].protocol == "loo"
-    icl = pipeline.check_config(pipeline.PipelineConfig(workload="icl",
-                                                        preset="tiny"))
-    assert (icl.shots, icl.num_subsets, icl.num_heldout) == (4, 30, 30)
-    assert icl.regime is None and icl.drop is None and icl.baselines == ()
-    rl = pipeline.check_config(pipeline.PipelineConfig(workload="rl", preset="tiny"))
-    assert (rl.regime, rl.num_subsets, rl.num_heldout, rl.proj_dim) == (
-        "finetune", 7, 3, 128)
+    icl_defaults = {**entries["icl"].kind.pipeline_defaults,
+                    **icl.PRESET_PIPELINE_DEFAULTS["tiny"]}
+    assert {k: icl_defaults[k] for k in ("shots", "num_subsets", "num_heldout")} == {
+        "shots": 4, "num_subsets": 30, "num_heldout": 30}
+    tiny_rl = registry.make_workload("rl", "tiny")  # θ* trains on first use only
+    rl = pipeline.check_config(pipeline.PipelineConfig(workload="rl", preset="tiny"),
+                               tiny_rl)
+    assert (rl.regime, rl.num_subsets, rl.num_heldout) == ("finetune", 7, 3)
     assert rl.drop is None and rl.baselines == () and rl.shots is None
-    # Set fields win over the defaults; the supervised defaults are unchanged.
-    assert pipeline.check_config(pipeline.PipelineConfig(
-        workload="rl", preset="cpu", num_subsets=40)).num_subsets == 40
-    digits = pipeline.check_config(pipeline.PipelineConfig())
+    assert tiny_rl.estimation.proj_dim == 128
+    # Set fields win over the defaults, and reach the workload's estimation.
+    cpu_rl = registry.make_workload("rl", "cpu")
+    config = pipeline.PipelineConfig(workload="rl", num_subsets=40, proj_dim=32)
+    assert pipeline.check_config(config, cpu_rl).num_subsets == 40
+    assert pipeline.configured_workload(config, cpu_rl).estimation.proj_dim == 32
+    assert cpu_rl.estimation.proj_dim == 128  # the original is unchanged
+    with pytest.raises(ValueError, match="output_mode does not apply to workload"):
+        pipeline.configured_workload(
+            pipeline.PipelineConfig(workload="rl", output_mode="margin"), cpu_rl)
+    with pytest.raises(ValueError, match="influence_damping does not apply"):
+        pipeline.check_config(pipeline.PipelineConfig(
+            workload="rl", influence_damping=1.0), cpu_rl)
+    digits = pipeline.check_config(pipeline.PipelineConfig(),
+                                   registry.make_workload("digits", "cpu"))
     assert (digits.regime, digits.num_subsets, digits.num_heldout, digits.drop,
-            digits.proj_dim, digits.baselines) == (
-        "finetune", 96, 32, 4, "auto", pipeline.BASELINES)
+            digits.baselines) == ("finetune", 96, 32, 4, pipeline.BASELINES)
 
 
 @pytest.mark.slow
@@ -191,7 +203,7 @@ def test_list_shows_each_workload_with_its_protocol(capsys):
     out = capsys.readouterr().out
     assert "icl: presets cpu, paper, tiny (fixed_size protocol)" in out
     assert "rl: presets cpu, paper, tiny (loo protocol)" in out
-    assert "digits: presets cpu, random, tiny, interactions (loo protocol)" in out
+    assert "digits: presets cpu, random, tiny, interactions, wide (loo protocol)" in out
 
 
 # -- slow: end-to-end runs -------------------------------------------------------

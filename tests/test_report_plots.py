@@ -49,9 +49,18 @@ def test_loo_effects_panels_hold_each_methods_points_and_names():
                                    np.column_stack([TRUE, values]))
         assert ax.get_title() == f"{method}\nSpearman {_rho(TRUE, values):.2f}"
         labels = [t for t in ax.texts if isinstance(t, matplotlib.text.Annotation)]
-        assert [t.get_text() for t in labels] == NAMES
+        assert [t.get_text() for t in labels] == [str(i) for i in range(K)]
         np.testing.assert_allclose([t.xy for t in labels],
                                    np.column_stack([TRUE, values]))
+    # The key of the indices, under the panels.
+    (key,) = [t for t in fig.texts if t is not fig._suptitle]
+    assert key.get_text().replace("\n", " ").split("   ") == [
+        f"{i}: {name}" for i, name in enumerate(NAMES)]
+    # Labels of coincident points are stacked apart, others left in place.
+    fig = ts.plot_loo_effects([0.0, 0.0, 1.0], {"m": [0.0, 0.0, 1.0]},
+                              task_names=["a", "b", "c"])
+    offsets = [t.xyann for t in fig.axes[0].texts]
+    assert offsets[0] != offsets[1] and offsets[0] == offsets[2]
     # No names: no labels; no title: none.
     fig = ts.plot_loo_effects(list(TRUE), {"kernel": list(PREDICTED["kernel"])})
     (ax,) = fig.axes
@@ -68,7 +77,18 @@ def test_interactions_heatmap_is_the_matrix_on_a_symmetric_scale():
     assert [t.get_text() for t in ax.get_xticklabels()] == NAMES
     assert [t.get_text() for t in ax.get_yticklabels()] == NAMES
     np.testing.assert_array_equal(ax.get_xticks(), np.arange(K))
-    assert ax.get_title() == "interactions"
+    assert fig._suptitle.get_text() == "interactions"
+    # Beside a truth: two panels on one colour scale, the larger bound.
+    truth = 3 * INTER
+    fig = ts.plot_interactions(INTER, truth=truth, task_names=NAMES)
+    images = [ax.images[0] for ax in fig.axes if ax.images]
+    np.testing.assert_array_equal(images[1].get_array(), truth)
+    assert images[0].get_clim() == images[1].get_clim() == (
+        -np.abs(truth).max(), np.abs(truth).max())
+    assert [ax.get_title() for ax in fig.axes if ax.images] == [
+        "surrogate", "ground truth"]
+    with pytest.raises(ValueError, match="truth must have matrix's shape"):
+        ts.plot_interactions(INTER, truth=np.zeros((2, 2)))
     # Default labels are the task indices; an all-zero matrix keeps a scale.
     fig = ts.plot_interactions(np.zeros((3, 3)))
     ax = fig.axes[0]
@@ -156,7 +176,9 @@ def test_write_plots_draws_a_runs_mean_target_arrays_through_the_plot_functions(
         "true_effects": TRUE,
         "methods": {name: {"effects": values, "loo_spearman": 0.5}
                     for name, values in PREDICTED.items()},
-        "interactions": INTER,
+        "interaction_matrix": INTER,
+        # A pair-removal truth of two of the pairs (the others drawn as 0).
+        "interactions": {"pairs": [[0, 1], [2, 5]], "true": [0.5, -0.25]},
         "heldout": {"true": HELD_TRUE, "predicted": HELD},
     }
     # As read back from results.json: lists, not arrays.
@@ -189,6 +211,10 @@ def test_write_plots_draws_a_runs_mean_target_arrays_through_the_plot_functions(
     args, kwargs = calls["plot_interactions"]
     np.testing.assert_allclose(args[0], INTER)
     assert kwargs["task_names"] == NAMES
+    expected = np.zeros((K, K))
+    expected[0, 1] = expected[1, 0] = 0.5
+    expected[2, 5] = expected[5, 2] = -0.25
+    np.testing.assert_array_equal(kwargs["truth"], expected)
     args, _ = calls["plot_heldout"]
     np.testing.assert_allclose(args[0], HELD_TRUE)
     assert {k: list(v) for k, v in args[1].items()} == {

@@ -84,6 +84,7 @@ class DigitsWorkload(SupervisedWorkload):
 
     name = "digits"
     presets = PRESETS
+    pipeline_defaults = {**SupervisedWorkload.pipeline_defaults, "drop": 4}
 
     def __init__(self, config: DigitsConfig):
         if not isinstance(config, DigitsConfig):

@@ -72,7 +72,7 @@ from tasksurrogate_jax.fingerprint import array_digest, program_digest, tree_dig
 from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.metrics import mean_spearman
 from tasksurrogate_jax.subsets import fixed_size_masks
-from tasksurrogate_jax.workloads.base import Workload, config_from_preset
+from tasksurrogate_jax.workloads.base import FixedSizeWorkload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import (
     TransformerBlock,
     train_on_fresh_batches,
@@ -195,7 +195,7 @@ def _prompt_inputs(x, name: str) -> np.ndarray:
     return arr
 
 
-class ICLWorkload(Workload):
+class ICLWorkload(FixedSizeWorkload):
     """Demonstration attribution for any prompt scorer.
 
     Args:
@@ -1074,4 +1074,16 @@ def icl_workload(preset: str = "cpu", **overrides) -> SyntheticICLWorkload:
     Returns:
       The :class:`SyntheticICLWorkload`, its transformer trained.
     """
-    return SyntheticICLWorkload(config_from_preset(PRESETS, preset, overrides))
+    return with_preset_defaults(
+        SyntheticICLWorkload(config_from_preset(PRESETS, preset, overrides)), preset)
+
+
+# The pipeline's defaults of the "tiny" presets (fewer prompts, for tests).
+PRESET_PIPELINE_DEFAULTS = {"tiny": {"num_subsets": 30, "num_heldout": 30}}
+
+
+def with_preset_defaults(workload: ICLWorkload, preset: str) -> ICLWorkload:
+    """``workload`` with the pipeline defaults of ``preset`` over its class's."""
+    workload.pipeline_defaults = {**workload.pipeline_defaults,
+                                  **PRESET_PIPELINE_DEFAULTS.get(preset, {})}
+    return workload

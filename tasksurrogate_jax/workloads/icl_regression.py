@@ -73,7 +73,12 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
 from tasksurrogate_jax.workloads.base import config_from_preset
-from tasksurrogate_jax.workloads.icl import ICLWorkload, NearestAnchors, PromptScorer
+from tasksurrogate_jax.workloads.icl import (
+    ICLWorkload,
+    NearestAnchors,
+    PromptScorer,
+    with_preset_defaults,
+)
 from tasksurrogate_jax.workloads.transformer import (
     TransformerBlock,
     train_on_fresh_batches,
@@ -544,4 +549,5 @@ def icl_regression_workload(preset: str = "cpu", **overrides) -> ICLRegressionWo
     Returns:
       The :class:`ICLRegressionWorkload`, its transformer trained.
     """
-    return ICLRegressionWorkload(config_from_preset(PRESETS, preset, overrides))
+    return with_preset_defaults(
+        ICLRegressionWorkload(config_from_preset(PRESETS, preset, overrides)), preset)

@@ -45,7 +45,7 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
+from tasksurrogate_jax.chunking import map_chunks, map_padded_chunks, open_store
 from tasksurrogate_jax.estimation import (
     Linearized,
     SolverSettings,
@@ -55,8 +55,7 @@ from tasksurrogate_jax.estimation import (
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.retraining import replicate_key
 from tasksurrogate_jax.fingerprint import array_digest, program_digest
-from tasksurrogate_jax.store import ChunkStore
-from tasksurrogate_jax.workloads.base import Workload, config_from_preset
+from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload, config_from_preset
 from tasksurrogate_jax.workloads.supervised import check_regime
 
 # Parameters a variant may set, with their valid ranges (inclusive). Derived
@@ -142,6 +141,41 @@ class RLConfig:
     seed: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class RLEstimation:
+    """The settings of :meth:`RLWorkload.estimated_scores` (validated when
+    built; see there).
+
+    Attributes:
+      method: one of :data:`ESTIMATORS`.
+      proj_dim: d of the projected policy (an int).
+      ridge: the L2 penalty (``None``: calibrated, see ``estimated_scores``).
+      temperature: β of the ``"awr"`` weights.
+    """
+
+    method: str = "pg"
+    proj_dim: int = 128
+    ridge: float | None = None
+    temperature: float = 1.0
+
+    def __post_init__(self):
+        if self.method not in ESTIMATORS:
+            raise ValueError(f"method must be one of {ESTIMATORS}, got "
+                             f"{self.method!r}.")
+        if isinstance(self.proj_dim, str):
+            raise ValueError("proj_dim must be an int for the RL workload (its "
+                             f"policy-gradient estimate projects), got "
+                             f"{self.proj_dim!r}.")
+        check_positive_int(self.proj_dim, "proj_dim")
+        if self.ridge is not None and not (
+                isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool)
+                and self.ridge > 0 and np.isfinite(self.ridge)):
+            raise ValueError(f"ridge must be None or a finite number > 0, got "
+                             f"{self.ridge!r}.")
+        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
+
+
 PRESETS: dict[str, RLConfig] = {
     "cpu": RLConfig(),
     "paper": RLConfig(horizon=500, hidden=64, episodes=32, iterations=500,
@@ -150,6 +184,10 @@ PRESETS: dict[str, RLConfig] = {
                      episodes=8, iterations=60, finetune_iterations=10,
                      eval_episodes=16),
 }
+# The pipeline's defaults of a preset where they differ from the class's: the
+# 4 variants of "tiny" have only 10 subsets that are neither empty, full nor
+# leave-one-out.
+PRESET_PIPELINE_DEFAULTS = {"tiny": {"num_subsets": 7, "num_heldout": 3}}
 
 
 def _gymnax():
@@ -255,19 +293,30 @@ class Trajectories(NamedTuple):
     alive: jax.Array
 
 
-class RLWorkload(Workload):
+class RLWorkload(LeaveOneOutWorkload):
     """Environment variants as tasks (see the module docstring).
 
     Args:
       config: an :class:`RLConfig` (see :data:`PRESETS`).
+      estimation: the :class:`RLEstimation` of :meth:`estimated_scores`.
     """
 
     name: ClassVar[str] = "rl"
     presets: ClassVar[dict[str, RLConfig]] = PRESETS
+    # Subsets uniform over those neither empty, full nor leave-one-out.
+    pipeline_defaults: dict[str, Any] = {
+        "regime": "finetune", "num_subsets": 60, "num_heldout": 20,
+        "design": "uniform"}
+    estimation: RLEstimation = RLEstimation()
 
-    def __init__(self, config: RLConfig):
+    def __init__(self, config: RLConfig, *,
+                 estimation: RLEstimation = RLEstimation()):
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}.")
+        if not isinstance(estimation, RLEstimation):
+            raise TypeError("estimation must be an RLEstimation, got "
+                            f"{type(estimation).__name__}.")
+        self.estimation = estimation
         c = config
         for field in ("horizon", "hidden", "episodes", "iterations",
                       "finetune_iterations", "eval_episodes"):
@@ -507,7 +556,14 @@ class RLWorkload(Workload):
           The trained policies, a pytree with a leading ``[num_subsets]`` axis.
         """
         masks = self.check_masks(masks)
-        key = self._key(key)
+        train = self._replicate_trainer(self._key(key), replicate, from_scratch,
+                                        base_params)
+        return map_padded_chunks(train, masks, chunk_size)
+
+    def _replicate_trainer(self, key, replicate: int, from_scratch: bool,
+                           base_params):
+        """``train(masks [c, K]) -> policies [c, ...]`` of replicate
+        ``replicate`` (see :meth:`train_subsets`), compiled once per setting."""
         replicate = check_positive_int(replicate, "replicate", minimum=0)
         stream = key if replicate == 0 else replicate_key(key, replicate)
         c = self.config
@@ -519,8 +575,7 @@ class RLWorkload(Workload):
             iterations, lr = c.finetune_iterations, c.finetune_learning_rate
         train_key = jax.random.fold_in(stream, 5)
         trainer = self._chunk_trainer(iterations, lr)
-        return map_padded_chunks(lambda chunk: trainer(init, train_key, chunk), masks,
-                                 chunk_size)
+        return lambda chunk: trainer(init, train_key, chunk)
 
     def _chunk_trainer(self, iterations: int, learning_rate: float):
         """``(init, key, masks [n, K]) -> policies [n, ...]``, compiled once per
@@ -572,34 +627,23 @@ class RLWorkload(Workload):
         if store_dir is not None:
             settings = {"workload": self.fingerprint(), "masks": array_digest(masks),
                         "key": np.asarray(jax.random.key_data(key)).tolist(),
-                        "from_scratch": from_scratch, "chunk_size": size}
-            # Named only when used: stores of exact_scores stay valid.
-            if replicates > 1:
-                settings["replicates"] = replicates
+                        "from_scratch": from_scratch, "chunk_size": size,
+                        "replicates": replicates}
             if base_params is not None:
                 settings["base_params"] = _params_digest(base_params)
-            store = ChunkStore(store_dir, settings)
-        jobs = [(r, start) for r in range(replicates)
-                for start in range(0, masks.shape[0], size)]
-        if progress:
-            from tqdm.auto import tqdm
-
-            jobs = tqdm(jobs, desc=f"fine-tuning ({size}/chunk)", unit="chunk")
+            store = open_store(store_dir, settings)
+        device_masks = jnp.asarray(masks)
         scores = []
-        for index, (r, start) in enumerate(jobs):
-            rows = masks[start:start + size]
-            if store is not None and store.has_chunk(index):
-                scores.append(store.load_chunk(index)["scores"])
-                continue
-            policies = self.train_subsets(pad_rows(rows, size), key=key, replicate=r,
-                                          from_scratch=from_scratch,
-                                          base_params=base_params, chunk_size=size)
-            chunk = np.asarray(self._evaluate_many(policies))[:len(rows)]
-            if store is not None:
-                store.save_chunk(index, {"scores": chunk})
-            scores.append(chunk)
-        return jnp.asarray(np.concatenate(scores).reshape(
-            replicates, masks.shape[0], self.num_targets))
+        for r in range(replicates):
+            train = self._replicate_trainer(key, r, from_scratch, base_params)
+            scores.append(map_chunks(
+                lambda rows, train=train: {
+                    "scores": self._evaluate_many(train(device_masks[rows]))},
+                masks.shape[0], chunk_size=size, store=store,
+                first_chunk=r * -(-masks.shape[0] // size),
+                progress=f"fine-tuning, replicate {r} ({size}/chunk)"
+                if progress else None)["scores"])
+        return jnp.asarray(np.stack(scores))
 
     def exact_scores(self, masks, *, key=None, from_scratch: bool = False,
                      base_params=None, chunk_size: int = 16,
@@ -666,8 +710,9 @@ class RLWorkload(Workload):
         return examples, task, np.asarray(adv).reshape(-1)[alive], projection
 
     def estimated_scores(self, masks, *, key=None, base_params=None,
-                         method: str = "pg", proj_dim: int = 128,
-                         ridge: float | None = None, temperature: float = 1.0,
+                         method: str | None = None, proj_dim: int | None = None,
+                         ridge: float | None = None,
+                         temperature: float | None = None,
                          num_episodes: int | None = None,
                          settings: SolverSettings | None = None) -> jax.Array:
         """First-order estimates ``[num_subsets, num_targets]`` (no training).
@@ -692,18 +737,22 @@ class RLWorkload(Workload):
             the calibrating fine-tuning (replicate 0 of :meth:`train_subsets`);
             ``θ*`` is :meth:`base_params` of ``key`` unless ``base_params``.
           base_params: ``θ*`` to linearize around.
-          method: ``"pg"`` or ``"awr"``.
-          proj_dim: d.
-          ridge: the L2 penalty, which sets how far each update moves. ``None``:
-            for ``"pg"``, calibrated by one real fine-tuning on all variants so
-            that the full set's update has the same norm
-            (:meth:`calibrated_ridge`); for ``"awr"``, 1e-2.
-          temperature: β of the ``"awr"`` weights.
+          method, proj_dim, ridge, temperature: override the workload's
+            :attr:`estimation` (:class:`RLEstimation`) for this call:
+            ``"pg"`` or ``"awr"``; d; the L2 penalty, which sets how far each
+            update moves (``None`` in the settings: for ``"pg"``, calibrated
+            by one real fine-tuning on all variants so that the full set's
+            update has the same norm, :meth:`calibrated_ridge`; for
+            ``"awr"``, 1e-2); β of the ``"awr"`` weights.
           num_episodes: rollouts of ``θ*`` per variant (default ``episodes``).
           settings: the ``"awr"`` solver.
         """
-        if method not in ESTIMATORS:
-            raise ValueError(f"method must be one of {ESTIMATORS}, got {method!r}.")
+        chosen = {"method": method, "proj_dim": proj_dim, "ridge": ridge,
+                  "temperature": temperature}
+        estimation = dataclasses.replace(self.estimation, **{
+            name: value for name, value in chosen.items() if value is not None})
+        method, proj_dim = estimation.method, estimation.proj_dim
+        ridge, temperature = estimation.ridge, estimation.temperature
         masks = np.asarray(self.check_masks(masks))
         key = self._key(key)
         params = self.base_params(key=key) if base_params is None else base_params
@@ -772,11 +821,17 @@ def _tree_norm(tree) -> jax.Array:
     return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
 
 
-def rl_workload(preset: str = "cpu", **overrides) -> RLWorkload:
+def rl_workload(preset: str = "cpu", *, estimation: RLEstimation = RLEstimation(),
+                **overrides) -> RLWorkload:
     """Builds the RL workload from a preset (``θ*`` is trained on first use).
 
     Args:
       preset: one of :data:`PRESETS` (``"cpu"``, ``"paper"``, ``"tiny"``).
+      estimation: :class:`RLEstimation`.
       **overrides: :class:`RLConfig` fields to change.
     """
-    return RLWorkload(config_from_preset(PRESETS, preset, overrides))
+    workload = RLWorkload(config_from_preset(PRESETS, preset, overrides),
+                          estimation=estimation)
+    workload.pipeline_defaults = {**RLWorkload.pipeline_defaults,
+                                  **PRESET_PIPELINE_DEFAULTS.get(preset, {})}
+    return workload

@@ -19,7 +19,8 @@ supervised workload needs:
   replicate every mask shares the initialisation (or ``θ*``) and the batch
   order; replicates differ in those keys. The ground truth is their mean;
 - first-order estimates around ``θ*`` (:meth:`~SupervisedWorkload.estimate`);
-- what the baselines need: ``apply_fn``, ``data``, ``target``, ``loss_fn``.
+- the attribution baselines at ``θ*`` (:meth:`~SupervisedWorkload.
+  baseline_scores`): influence functions, TracIn and TRAK.
 
 Keys: every method takes ``key``; ``θ*`` of ``key`` is the scratch training on
 all tasks with replicate 0's keys (``retraining.replicate_key(key, 0)``), so
@@ -43,6 +44,7 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+from tasksurrogate_jax import baselines as baseline_methods
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
 from tasksurrogate_jax.estimation import (
@@ -63,7 +65,7 @@ from tasksurrogate_jax.retraining import (
     retrain,
     train_program_digest,
 )
-from tasksurrogate_jax.workloads.base import Workload
+from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload
 
 REGIMES = ("scratch", "finetune")
 PRECISIONS = ("float32", "float64")
@@ -130,7 +132,7 @@ def nnx_model_functions(module_factory: Callable) -> tuple[Callable, Callable]:
     return apply_fn, init_fn
 
 
-class SupervisedWorkload(Workload):
+class SupervisedWorkload(LeaveOneOutWorkload):
     """Subset scores of a supervised model (see the module docstring).
 
     Args:
@@ -151,9 +153,13 @@ class SupervisedWorkload(Workload):
       precision: ``"float32"``, or ``"float64"`` (CPU; needs 64-bit JAX,
         ``JAX_ENABLE_X64=1``): floating inputs and parameters are cast, and
         results no longer depend on the chunk size through rounding.
+      estimation: the :class:`~tasksurrogate_jax.estimation.
+        EstimationSettings` of :meth:`estimated_scores`.
     """
 
     name: ClassVar[str] = "supervised"
+    baselines: ClassVar[tuple[str, ...]] = baseline_methods.BASELINES
+    estimation: EstimationSettings = EstimationSettings()
 
     def __init__(
         self, *, apply_fn: Callable, init_fn: Callable, data: TaskData,
@@ -162,6 +168,7 @@ class SupervisedWorkload(Workload):
         accuracy_fn: Callable | None = argmax_accuracy,
         description: Mapping[str, Any] | None = None, name: str | None = None,
         precision: str = "float32",
+        estimation: EstimationSettings = EstimationSettings(),
     ):
         for arg, value in (("apply_fn", apply_fn), ("init_fn", init_fn)):
             if not callable(value):
@@ -179,7 +186,11 @@ class SupervisedWorkload(Workload):
         except (TypeError, ValueError) as err:
             raise TypeError(f"description must be a JSON-serialisable mapping (it "
                             f"is recorded with stored results): {err}") from err
+        if not isinstance(estimation, EstimationSettings):
+            raise TypeError("estimation must be an EstimationSettings, got "
+                            f"{type(estimation).__name__}.")
         data, target, init_fn = _cast(data, target, init_fn, precision)
+        self.estimation = estimation
         self.apply_fn, self.init_fn = apply_fn, init_fn
         self.data, self.target = data, target
         self.loss_fn = loss_fn
@@ -199,12 +210,15 @@ class SupervisedWorkload(Workload):
                  loss_fn: Callable = softmax_cross_entropy,
                  accuracy_fn: Callable | None = argmax_accuracy,
                  description: Mapping[str, Any] | None = None,
-                 name: str | None = None) -> SupervisedWorkload:
+                 name: str | None = None, precision: str = "float32",
+                 estimation: EstimationSettings = EstimationSettings(),
+                 ) -> SupervisedWorkload:
         """The workload of a Flax NNX model (see :func:`nnx_model_functions`)."""
         apply_fn, init_fn = nnx_model_functions(module_factory)
         return cls(apply_fn=apply_fn, init_fn=init_fn, data=data, target=target,
                    train=train, finetune=finetune, loss_fn=loss_fn,
-                   accuracy_fn=accuracy_fn, description=description, name=name)
+                   accuracy_fn=accuracy_fn, description=description, name=name,
+                   precision=precision, estimation=estimation)
 
     def _spec(self, settings, which, loss_fn, accuracy_fn) -> TrainSpec:
         if not isinstance(settings, TrainSettings):
@@ -366,7 +380,7 @@ class SupervisedWorkload(Workload):
             ``retrain(..., key=key, regime="finetune")``, and so does the one
             real fine-tuning on all tasks that ``settings`` may need.
           settings: :class:`~tasksurrogate_jax.estimation.EstimationSettings`
-            (default: linearized fine-tuning of the ``finetune`` program);
+            (default: the workload's :attr:`estimation`);
             ``preconditioner="adam"`` needs the ``finetune`` optimizer given as
             an :class:`~tasksurrogate_jax.estimation.Adam`.
           base_params: ``θ*`` to linearize around.
@@ -381,7 +395,7 @@ class SupervisedWorkload(Workload):
         """
         masks = self.check_masks(masks)
         key = as_typed_key(key)
-        settings = EstimationSettings() if settings is None else settings
+        settings = self.estimation if settings is None else settings
         if not isinstance(settings, EstimationSettings):
             raise TypeError("settings must be an EstimationSettings, got "
                             f"{type(settings).__name__}.")
@@ -435,6 +449,24 @@ class SupervisedWorkload(Workload):
         :meth:`estimate`)."""
         return self.estimate(masks, key=key, settings=settings,
                              base_params=base_params).scores
+
+    def estimation_record(self, base_params) -> dict:
+        """The :attr:`estimation` settings (JSON), ``proj_dim`` resolved for
+        ``base_params``: an int, or ``"full"``."""
+        resolved = self.estimation.resolved_proj_dim(num_parameters(base_params))
+        return {**dataclasses.asdict(self.estimation),
+                "proj_dim": "full" if resolved is None else resolved}
+
+    def baseline_scores(self, base_params, *, names: tuple[str, ...], key,
+                        settings: baseline_methods.BaselineSettings,
+                        ) -> tuple[dict, dict]:
+        """Influence functions, TracIn and TRAK at ``θ*`` (those in ``names``):
+        ``({name: [num_tasks, num_targets]}, {name: settings used})`` (see
+        :meth:`~tasksurrogate_jax.workloads.base.LeaveOneOutWorkload.
+        baseline_scores` and :mod:`tasksurrogate_jax.baselines`)."""
+        return baseline_methods.compute_baselines(
+            self.apply_fn, base_params, self.data, self.target, names=names,
+            key=key, settings=settings, loss_fn=self.loss_fn)
 
     def accuracy(self, params) -> jax.Array:
         """Mean target accuracy of one set of parameters (integer labels)."""
