@@ -51,6 +51,9 @@ Writes ``--out`` (default ``results/bench_estimation_<workload>_<preset>
     python benchmarks/bench_estimation.py --workload digits --preset wide \\
         --estimators default "factored, d=1024" "factored, d=8192"
     python benchmarks/bench_estimation.py --quick      # CI: digits tiny, < 60 s
+
+``--store-dir`` keeps the ground truth's chunks, so that a rerun (other
+estimators) reads it back; its ``ground_truth_s`` is then the reading.
 """
 
 from __future__ import annotations
@@ -174,6 +177,9 @@ def parse_args(argv=None):
                     metavar="FIELD=VALUE",
                     help="change a workload configuration field, e.g. hidden=512")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--store-dir", default=None,
+                    help="keep the ground truth's fine-tuning chunks here (a "
+                         "rerun with the same sizes reads them back)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     full = {"workload": "digits", "preset": "cpu", "fit_subsets": 96,
@@ -221,14 +227,18 @@ def main(argv=None):
     print(f"{args.workload} {args.preset}: {num_tasks} tasks, p = {p:,}; fine-tuning "
           f"{spec.num_steps} steps (batch {spec.batch_size}).", flush=True)
 
-    def finetune(masks, replicates):
+    def finetune(masks, replicates, store_dir=None):
         return np.asarray(workload.replicate_scores(
             masks, key=key, regime="finetune", replicates=replicates,
-            base_params=theta, chunk_size=args.chunk_size, progress=False))
+            base_params=theta, chunk_size=args.chunk_size, progress=False,
+            store_dir=store_dir))
 
     # 1. Ground truth and its ceiling.
     t0 = time.perf_counter()
-    truth_reps = finetune(np.concatenate([loo, subsets]), args.replicates)
+    truth_reps = finetune(np.concatenate([loo, subsets]), args.replicates,
+                          None if args.store_dir is None else os.path.join(
+                              args.store_dir, f"truth_{args.workload}_{args.preset}"
+                              f"_{fit}_{held}_{args.replicates}_{args.seed}"))
     truth_s = time.perf_counter() - t0
     loo_reps, subset_reps = truth_reps[:, :1 + num_tasks], truth_reps[:, 1 + num_tasks:]
     truth = subset_reps.mean(0)

@@ -134,7 +134,7 @@ DEFAULT_FACTORED_PROJ_DIM = 4096
 ALLOCATION_SAMPLE = 64
 # The shared batch of a chunk (linearized_finetune_scores, factored) is
 # rounded up to a multiple of this many examples (fewer compiled shapes).
-SUPERBATCH_GRANULARITY = 32
+SUPERBATCH_GRANULARITY = 16
 
 
 @dataclasses.dataclass(frozen=True)

@@ -50,6 +50,14 @@ bias with it). A kernel used by several taps (weight sharing) is supported:
 its features sum over the taps. A per-parameter scale (the Adam
 preconditioner's ``diag(S)``) is not Kronecker-factored and is not supported.
 
+The estimator uses it through ``estimation.linearized_finetune_scores(...,
+projection="factored")`` (``EstimationSettings.projection``; ``"auto"``
+picks it for a model of more than 100,000 parameters that are all dense
+layers): :func:`find_dense_layers`, :func:`allocate_dims` at ``proj_dim`` on
+64 training examples, :func:`factored_linearized_examples` once at ``θ*``,
+then ``estimation.shared_linearized_finetune`` for the subsets and
+:func:`factored_update_norms` for their update norms.
+
 Main entry points:
 
 - :func:`make_factored_projection` (``key, apply_fn, params, inputs, dims``)
