@@ -61,7 +61,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from _common import REPO_ROOT, environment, format_table, write_json
+from _common import (
+    add_quick,
+    environment,
+    fill_defaults,
+    format_table,
+    timed,
+    write_json,
+)
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
@@ -230,9 +237,8 @@ def evaluate(name, workload, *, key, replicates, fractions, proj_dims,
         return row
 
     # Influence: default, grid, references.
-    t0 = time.perf_counter()
-    scores, info = bl.influence_scores(*args, loss_fn=loss_fn, return_info=True)
-    influence_s = time.perf_counter() - t0
+    (scores, info), influence_s = timed(lambda: bl.influence_scores(
+        *args, loss_fn=loss_fn, return_info=True))
     add("influence", "default", scores, hessian=info.hessian, damping=info.damping,
         fraction=bl.DAMPING_FRACTION, cg_residual=info.cg_residual)
     for hessian in hessians:
@@ -276,10 +282,8 @@ def evaluate(name, workload, *, key, replicates, fractions, proj_dims,
             hessian="gauss_newton", damping=damping, cg_residual=info.cg_residual)
 
     # TRAK: default, grid, former default.
-    t0 = time.perf_counter()
-    scores, info = bl.trak_scores(*args, key=proj_key, loss_fn=loss_fn,
-                                  return_info=True)
-    trak_s = time.perf_counter() - t0
+    (scores, info), trak_s = timed(lambda: bl.trak_scores(
+        *args, key=proj_key, loss_fn=loss_fn, return_info=True))
     add("trak", "default", scores, proj_dim=info.proj_dim, damping=info.damping,
         fraction=bl.DAMPING_FRACTION)
     # The default's d joins the grid; d = p only while the [p, p] kernel is
@@ -306,10 +310,12 @@ def evaluate(name, workload, *, key, replicates, fractions, proj_dims,
     estimate_key = jax.random.fold_in(key, 7)
     estimation_s = {}
     for setting, settings in ESTIMATION_SETTINGS:
-        t0 = time.perf_counter()
-        estimated = np.asarray(workload.estimated_scores(
-            loo_masks, key=estimate_key, base_params=theta, settings=settings))
-        estimation_s[setting] = time.perf_counter() - t0
+        if isinstance(settings.proj_dim, int) and settings.proj_dim >= p:
+            continue  # no projection below the parameter count: "full" is it
+        estimated, estimation_s[setting] = timed(
+            lambda s=settings: workload.estimated_scores(
+                loo_masks, key=estimate_key, base_params=theta, settings=s))
+        estimated = np.asarray(estimated)
         add("estimation", setting, estimated[1:] - estimated[:1],
             proj_dim=settings.resolved_proj_dim(p) or "full",
             batch_orders=settings.replicates)
@@ -402,30 +408,30 @@ def workloads(quick: bool, variants: bool):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="tiny sizes and grid, Gauss-Newton only (CI smoke, "
-                    "under a minute)")
+    add_quick(ap, "tiny sizes and grid, Gauss-Newton only, 2 replicates",
+              "bench_defaults")
     ap.add_argument("--variants", action="store_true",
                     help="also the held-out settings (a few minutes more)")
     ap.add_argument("--replicates", type=int, default=None,
-                    help="ground-truth replicates (default 4; 2 with --quick)")
+                    help="ground-truth replicates (4; quick 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    replicates = args.replicates or (2 if args.quick else 4)
+    args = fill_defaults(ap.parse_args(), {"replicates": 4}, {"replicates": 2},
+                         name="bench_defaults")
+    if args.replicates < 2:
+        ap.error("--replicates must be >= 2 (the ceiling is their agreement)")
     fractions = QUICK_FRACTIONS if args.quick else FRACTIONS
     proj_dims = QUICK_PROJ_DIMS if args.quick else PROJ_DIMS
     start = time.perf_counter()
     results = []
     for name, workload, horizon in workloads(args.quick, args.variants):
         result = evaluate(name, workload, key=jax.random.key(args.seed),
-                          replicates=replicates, fractions=fractions,
+                          replicates=args.replicates, fractions=fractions,
                           proj_dims=proj_dims, horizon=horizon,
                           hessians=("gauss_newton",) if args.quick else bl.HESSIANS)
         print_result(result)
         results.append(result)
     wall_s = time.perf_counter() - start
-    path = write_json(args.out or REPO_ROOT / "results/bench_defaults.json", {
+    path = write_json(args.out, {
         "benchmark": "bench_defaults", "environment": environment(),
         "config": vars(args), "damping_fraction": bl.DAMPING_FRACTION,
         "fractions": list(fractions), "proj_dims": list(proj_dims),

@@ -21,24 +21,28 @@ RSS after each phase (cumulative, ours first). Prints a table, writes JSON.
 
     python benchmarks/bench_gradients.py --num-examples 1024 --proj-dims 512 2048 \
         --batch-sizes 128 1024
+    python benchmarks/bench_gradients.py --quick     # CI smoke: 'tiny' preset
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from _common import (
-    REPO_ROOT,
+    add_quick,
+    add_workload_args,
+    compile_timed,
     environment,
+    fill_defaults,
     format_table,
-    parse_overrides,
+    memory_analysis,
+    peak_rss_mib,
     strip_results,
     time_call,
+    timed,
     write_json,
 )
 from jax.flatten_util import ravel_pytree
@@ -51,22 +55,6 @@ from tasksurrogate_jax.projection import (
     unproject,
 )
 from tasksurrogate_jax.workloads.modular import modular_workload
-
-
-def memory(compiled) -> dict:
-    """XLA's memory analysis of a compiled program, in bytes."""
-    try:
-        m = compiled.memory_analysis()
-        out = {"temp_bytes": int(m.temp_size_in_bytes),
-               "argument_bytes": int(m.argument_size_in_bytes),
-               "output_bytes": int(m.output_size_in_bytes)}
-        return {**out, "total_bytes": sum(out.values())}
-    except Exception as err:  # noqa: BLE001 - not every backend reports it
-        return {"error": repr(err)}
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def dense_projection(projection, params) -> jax.Array:
@@ -93,29 +81,23 @@ def run(apply_fn, params, inputs, labels, proj_dim, args) -> dict:
             return per_example_grads(loss_fn, p, xs, ys, projection=proj,
                                      batch_size=batch_size)
 
-        t0 = time.perf_counter()
-        compiled = jax.jit(fn).lower(params, projection, inputs, labels).compile()
-        compile_s = time.perf_counter() - t0
+        compiled, compile_s = compile_timed(fn, params, projection, inputs, labels)
         timing = time_call(lambda c=compiled: c(params, projection, inputs, labels),
                            repeats=args.repeats)
         ours[batch_size] = {"compile_s": compile_s, **strip_results(timing),
                             "examples_per_s": n / timing["best"],
-                            "memory": memory(compiled),
+                            "memory": memory_analysis(compiled),
                             "result": np.asarray(timing["result"])}
 
     rss_ours = peak_rss_mib()
 
     # Reference: dense P once, then a Python loop of a per-example program.
-    t0 = time.perf_counter()
-    dense = dense_projection(projection, params)
-    build_p = time.perf_counter() - t0
+    dense, build_p = timed(lambda: dense_projection(projection, params))
 
     def one(p, P, x, y):
         return ravel_pytree(jax.grad(loss_fn)(p, x, y))[0] @ P
 
-    t0 = time.perf_counter()
-    one_c = jax.jit(one).lower(params, dense, inputs[0], labels[0]).compile()
-    loop_compile = time.perf_counter() - t0
+    one_c, loop_compile = compile_timed(one, params, dense, inputs[0], labels[0])
 
     def loop():
         return jnp.stack([one_c(params, dense, inputs[i], labels[i])
@@ -145,27 +127,37 @@ def run(apply_fn, params, inputs, labels, proj_dim, args) -> dict:
         "loop": {"compile_s": loop_compile, **strip_results(loop_t),
                  "examples_per_s": loop_rate,
                  "extrapolated_seconds_all": n / loop_rate,
-                 "memory_per_example_program": memory(one_c),
+                 "memory_per_example_program": memory_analysis(one_c),
                  "peak_rss_mib_after": peak_rss_mib()},
     }
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
-    ap.add_argument("--num-examples", type=int, default=1024)
-    ap.add_argument("--loop-examples", type=int, default=256,
-                    help="examples the reference loop is timed on")
-    ap.add_argument("--proj-dims", type=int, nargs="+", default=[512, 2048])
-    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[128, 1024],
-                    help="examples per chunk in ours (>= n: one vmap, no chunks)")
-    ap.add_argument("--repeats", type=int, default=3)
+    add_quick(ap, "the 'tiny' preset, 64 examples (16 looped), d = 32, one repeat",
+              "bench_gradients")
+    add_workload_args(ap, "ModularConfig")
+    ap.add_argument("--num-examples", type=int, default=None,
+                    help="training examples (1024; quick 64)")
+    ap.add_argument("--loop-examples", type=int, default=None,
+                    help="examples the reference loop is timed on (256; quick 16)")
+    ap.add_argument("--proj-dims", type=int, nargs="+", default=None,
+                    help="projection dimensions d (512 2048; quick 32)")
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=None,
+                    help="examples per chunk in ours (>= n: one vmap, no chunks; "
+                    "128 1024; quick 16 64)")
+    ap.add_argument("--repeats", type=int, default=None,
+                    help="timed calls (3; quick 1)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_gradients.json"))
-    args = ap.parse_args()
+    args = fill_defaults(
+        ap.parse_args(),
+        {"preset": "cpu", "num_examples": 1024, "loop_examples": 256,
+         "proj_dims": [512, 2048], "batch_sizes": [128, 1024], "repeats": 3},
+        {"preset": "tiny", "num_examples": 64, "loop_examples": 16,
+         "proj_dims": [32], "batch_sizes": [16, 64], "repeats": 1},
+        name="bench_gradients")
 
-    w = modular_workload(args.preset, **parse_overrides(args.set))
+    w = modular_workload(args.preset, **args.overrides)
     params = jax.jit(w.init_fn)(jax.random.key(args.seed))
     real = np.flatnonzero(np.asarray(w.data.task_ids) >= 0)[:args.num_examples]
     inputs, labels = w.data.inputs[real], w.data.labels[real]

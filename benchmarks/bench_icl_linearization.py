@@ -36,6 +36,7 @@ and what the planted weaknesses do to the exact target loss.
 
     python benchmarks/bench_icl_linearization.py                 # ~8 min, 2 cores
     python benchmarks/bench_icl_linearization.py --designs probe --shots 4
+    python benchmarks/bench_icl_linearization.py --quick         # CI smoke
 
 Writes ``results/bench_icl_linearization.json``.
 """
@@ -48,7 +49,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+from _common import (
+    add_quick,
+    add_workload_args,
+    environment,
+    fill_defaults,
+    format_table,
+    timed,
+    write_json,
+)
 
 from tasksurrogate_jax import metrics
 from tasksurrogate_jax.workloads.icl import NearestAnchors
@@ -56,12 +65,6 @@ from tasksurrogate_jax.workloads.icl_regression import (
     bayes_predictions,
     icl_regression_workload,
 )
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
 
 
 def _spearman(a, b) -> float:
@@ -175,7 +178,7 @@ def redundancy(workload, shots: int, *, contexts: int, seed: int) -> dict:
 
 
 def one_design(design: str, args, overrides: dict) -> dict:
-    workload, train_s = _timed(
+    workload, train_s = timed(
         lambda: icl_regression_workload(args.preset, **{**overrides, "design": design}))
     c = workload.config
     print(f"\n== design {design!r}: trained in {train_s:.1f} s ({c.num_steps} "
@@ -194,7 +197,7 @@ def one_design(design: str, args, overrides: dict) -> dict:
     for shots in args.shots:
         masks = np.asarray(workload.sample_prompts(
             jax.random.key(args.seed), args.num_prompts, shots=shots))
-        exact, exact_s = _timed(lambda m=masks: workload.exact_scores(m))
+        exact, exact_s = timed(lambda m=masks: workload.exact_scores(m))
         exact = np.asarray(exact)
         clean = np.broadcast_to(
             (masks[:, workload.pool_outlier].sum(1) == 0)[:, None], exact.shape)
@@ -206,7 +209,7 @@ def one_design(design: str, args, overrides: dict) -> dict:
         rows = []
         for linearize in ("output", "loss"):
             for name, anchor in anchors.items():
-                estimated, seconds = _timed(
+                estimated, seconds = timed(
                     lambda m=masks, a=anchor, lin=linearize: workload.estimated_scores(
                         m, anchor=a, linearize=lin))
                 rows.append({"linearize": linearize, "anchor": name,
@@ -241,24 +244,32 @@ def one_design(design: str, args, overrides: dict) -> dict:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="FIELD=VALUE", help="ICLRegressionConfig field to override")
-    ap.add_argument("--designs", nargs="+", default=["probe", "random"],
-                    choices=["probe", "random"])
-    ap.add_argument("--shots", nargs="+", type=int, default=[4, 8])
-    ap.add_argument("--anchors", nargs="+", type=int, default=[16, 128, 512],
-                    help="numbers of random anchor prompts (nearest-A)")
-    ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--contexts", type=int, default=20,
-                    help="random contexts per near-duplicate pair (redundancy)")
+    add_quick(ap, "the 'tiny' preset, the probe design, 3 shots, 40 prompts, "
+              "anchors 8, 4 contexts", "bench_icl_linearization")
+    add_workload_args(ap, "ICLRegressionConfig")
+    ap.add_argument("--designs", nargs="+", default=None, choices=["probe", "random"],
+                    help="demonstration designs (probe random; quick probe)")
+    ap.add_argument("--shots", nargs="+", type=int, default=None,
+                    help="demonstrations per prompt (4 8; quick 3)")
+    ap.add_argument("--anchors", nargs="+", type=int, default=None,
+                    help="numbers of random anchor prompts (nearest-A; 16 128 512; "
+                    "quick 8)")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="random prompts scored (200; quick 40)")
+    ap.add_argument("--contexts", type=int, default=None,
+                    help="random contexts per near-duplicate pair (redundancy; 20; "
+                    "quick 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out",
-                    default=str(REPO_ROOT / "results/bench_icl_linearization.json"))
-    args = ap.parse_args()
+    args = fill_defaults(
+        ap.parse_args(),
+        {"preset": "cpu", "designs": ["probe", "random"], "shots": [4, 8],
+         "anchors": [16, 128, 512], "num_prompts": 200, "contexts": 20},
+        {"preset": "tiny", "designs": ["probe"], "shots": [3], "anchors": [8],
+         "num_prompts": 40, "contexts": 4},
+        name="bench_icl_linearization")
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"preset {args.preset}")
-    overrides = parse_overrides(args.overrides)
+    overrides = args.overrides
     if "design" in overrides:
         ap.error("choose designs with --designs, not --set design=...")
     start = time.perf_counter()

@@ -32,29 +32,33 @@ icl`` / ``icl_regression``):
     python benchmarks/bench_icl_selection.py --family induction  # ~25 min
     python benchmarks/bench_icl_selection.py --family induction --preset paper \
         --oracle   # GPU/TPU
+    python benchmarks/bench_icl_selection.py --family smooth --quick  # CI smoke
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import time
 
 import _selection
 import jax
 import numpy as np
-from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+from _common import (
+    REPO_ROOT,
+    add_quick,
+    add_workload_args,
+    environment,
+    fill_defaults,
+    format_table,
+    timed,
+    write_json,
+)
 
 from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.workloads import registry
 
 FAMILIES = {"induction": "icl", "smooth": "icl_regression"}
 SOURCES = ("exact", "estimated")
-
-
-def _timed(fn):
-    start = time.perf_counter()
-    out = jax.block_until_ready(fn())
-    return out, time.perf_counter() - start
 
 
 def _pm(values) -> str:
@@ -99,8 +103,8 @@ def one_draw(workload, config, args) -> dict:
     run = pipeline.collect(config, workload=workload, log=lambda line: None)
     masks = run.masks
     # The scorers' speed: both compiled on these prompts already, then timed.
-    exact, exact_s = _timed(lambda: workload.exact_scores(masks))
-    estimated, estimate_s = _timed(
+    exact, exact_s = timed(lambda: workload.exact_scores(masks))
+    estimated, estimate_s = timed(
         lambda: workload.estimated_scores(masks, anchor=args.anchor))
     run = run._replace(estimated=np.asarray(estimated))
     results = pipeline.evaluate(config, run)
@@ -129,7 +133,7 @@ def one_draw(workload, config, args) -> dict:
 
     for source, scores in zip(SOURCES, (exact, run.estimated), strict=True):
         fits = _selection.fit_selectors(masks[:m], scores[:m], seed=config.seed)
-        chosen, seconds = _timed(lambda f=fits: _selection.choose_subsets(
+        chosen, seconds = timed(lambda f=fits: _selection.choose_subsets(
             f, workload.num_tasks, size=k, coverage=args.coverage))
         for chooser, pick in chosen.items():
             extra = {key: pick[key] for key in ("kappa", "radius") if key in pick}
@@ -277,14 +281,16 @@ def print_tables(workload, draws, summary, args, oracle):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--family", choices=sorted(FAMILIES), default="smooth")
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="FIELD=VALUE", help="workload config field to override")
-    ap.add_argument("--num-prompts", type=int, default=200)
-    ap.add_argument("--num-fit", type=int, default=80)
-    ap.add_argument("--shots", type=int, default=4)
-    ap.add_argument("--draws", type=int, default=10,
-                    help="independent draws of the prompts")
+    add_quick(ap, "the 'tiny' preset, 40 prompts (16 fit), 3 shots, 2 draws")
+    add_workload_args(ap, "ICLConfig or ICLRegressionConfig")
+    ap.add_argument("--num-prompts", type=int, default=None,
+                    help="random prompts per draw (200; quick 40)")
+    ap.add_argument("--num-fit", type=int, default=None,
+                    help="of which the surrogates are fit on (80; quick 16)")
+    ap.add_argument("--shots", type=int, default=None,
+                    help="demonstrations per prompt (4; quick 3)")
+    ap.add_argument("--draws", type=int, default=None,
+                    help="independent draws of the prompts (10; quick 2)")
     ap.add_argument("--anchor", default=None,
                     help="the estimate's anchor (default: the workload's)")
     ap.add_argument("--coverage", type=float, default=0.9,
@@ -298,19 +304,24 @@ def main():
     ap.add_argument("--out", default=None,
                     help="JSON path (default: "
                          "results/bench_icl_selection_<family>.json)")
-    args = ap.parse_args()
+    args = fill_defaults(
+        ap.parse_args(),
+        {"preset": "cpu", "num_prompts": 200, "num_fit": 80, "shots": 4, "draws": 10},
+        {"preset": "tiny", "num_prompts": 40, "num_fit": 16, "shots": 3, "draws": 2})
     if not 2 < args.num_fit < args.num_prompts - 2:
         ap.error("--num-fit must leave at least 3 prompts on each side")
     if args.draws < 2:
         ap.error("--draws must be at least 2 (intervals over draws)")
-    out = args.out or str(REPO_ROOT / f"results/bench_icl_selection_{args.family}.json")
+    suffix = "_quick" if args.quick else ""
+    out = args.out or str(
+        REPO_ROOT / "results" / f"bench_icl_selection_{args.family}{suffix}.json")
     name = FAMILIES[args.family]
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, family "
           f"{args.family} (workload {name}), preset {args.preset}")
-    overrides = parse_overrides(args.overrides)
-    entry = pipeline.WORKLOADS[name]
-    workload, train_s = _timed(lambda: entry.factory(args.preset, **overrides))
+    overrides = args.overrides
+    workload, train_s = timed(lambda: registry.make_workload(name, args.preset,
+                                                             overrides))
     print(f"trained the transformer in {train_s:.1f} s; pool of "
           f"{workload.num_tasks} demonstrations, {workload.num_targets} target "
           f"queries, {workload.heldout[0].shape[0]} held-out queries "
@@ -343,14 +354,15 @@ def main():
         config = pipeline.check_config(pipeline.PipelineConfig(
             workload=name, preset=args.preset, seed=args.seed + d, shots=args.shots,
             num_subsets=args.num_fit, num_heldout=args.num_prompts - args.num_fit,
-            truth_prompts=args.truth_prompts, overrides=tuple(overrides.items())))
+            truth_prompts=args.truth_prompts, overrides=tuple(overrides.items())),
+            workload)
         draws.append(one_draw(workload, config, args))
         summary = summarize(draws) if len(draws) > 1 else None
         # Every finished draw is on disk: an interrupted run keeps them.
         save()
         print(f"draw {d + 1}/{args.draws} done", flush=True)
     if args.oracle:
-        mask, seconds = _timed(lambda: _oracle_mask(workload, args.shots))
+        mask, seconds = timed(lambda: _oracle_mask(workload, args.shots))
         perf = workload.prompt_performance(mask[None])
         oracle = {"heldout_loss": float(perf.loss[0]), "seconds": seconds,
                   "target_loss": float(np.asarray(

@@ -17,74 +17,66 @@ analysis of each compiled program, peak process RSS).
 
     python benchmarks/bench_retraining.py --preset cpu --num-subsets 32 \
         --out results/bench_retraining.json
+    python benchmarks/bench_retraining.py --quick     # CI smoke: 'tiny' preset
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-import resource
-import time
 
 import jax
 import numpy as np
-from _common import REPO_ROOT, environment, parse_overrides, write_json
+from _common import (
+    add_quick,
+    add_workload_args,
+    compile_timed,
+    environment,
+    fill_defaults,
+    memory_analysis,
+    peak_rss_mib,
+    time_call,
+    write_json,
+)
 
 from tasksurrogate_jax.retraining import retrain_chunk, retrain_one
 from tasksurrogate_jax.subsets import fixed_size_masks
 from tasksurrogate_jax.workloads.modular import modular_workload
 
 
-def _memory(compiled) -> dict:
-    try:
-        m = compiled.memory_analysis()
-        return {
-            "temp_bytes": int(m.temp_size_in_bytes),
-            "argument_bytes": int(m.argument_size_in_bytes),
-            "output_bytes": int(m.output_size_in_bytes),
-            "total_bytes": int(m.temp_size_in_bytes + m.argument_size_in_bytes
-                               + m.output_size_in_bytes),
-        }
-    except Exception as err:  # noqa: BLE001 - not every backend reports it
-        return {"error": repr(err)}
-
-
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--num-subsets", type=int, default=32)
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_quick(ap, "the 'tiny' preset and 4 subsets", "bench_retraining")
+    add_workload_args(ap, "ModularConfig")
+    ap.add_argument("--num-subsets", type=int, default=None,
+                    help="subsets, each dropping 3 tasks (32; quick 4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=1)
-    ap.add_argument("--set", nargs="*", default=[], help="field=value overrides")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_retraining.json"))
-    args = ap.parse_args()
-    overrides = parse_overrides(args.set)
+    ap.add_argument("--repeats", type=int, default=1, help="timed calls of each")
+    args = fill_defaults(ap.parse_args(), {"preset": "cpu", "num_subsets": 32},
+                         {"preset": "tiny", "num_subsets": 4},
+                         name="bench_retraining")
+    if args.num_subsets < 1 or args.repeats < 1:
+        ap.error("--num-subsets and --repeats must be positive")
 
-    w = modular_workload(args.preset, **overrides)
+    w = modular_workload(args.preset, **args.overrides)
     K, m = w.num_tasks, args.num_subsets
     masks = fixed_size_masks(jax.random.key(args.seed + 1), m, K, subset_size=K - 3)
     init_key, batch_key = jax.random.split(jax.random.key(args.seed))
     params = jax.jit(w.init_fn)(init_key)
     data, target, spec = w.data, w.target, w.train_spec
 
-    t0 = time.perf_counter()
-    vm = retrain_chunk.lower(masks, params, batch_key, data, target,
-                             spec=spec).compile()
-    compile_vmap = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    one = retrain_one.lower(masks[0], params, batch_key, data, target,
-                            spec=spec).compile()
-    compile_loop = time.perf_counter() - t0
-
-    t_vmap, t_loop = [], []
-    for _ in range(args.repeats):
-        t0 = time.perf_counter()
-        out_v = jax.block_until_ready(vm(masks, params, batch_key, data, target))
-        t_vmap.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        out_l = [jax.block_until_ready(one(masks[j], params, batch_key, data, target))
-                 for j in range(m)]
-        t_loop.append(time.perf_counter() - t0)
+    vm, compile_vmap = compile_timed(retrain_chunk, masks, params, batch_key, data,
+                                     target, spec=spec)
+    one, compile_loop = compile_timed(retrain_one, masks[0], params, batch_key, data,
+                                      target, spec=spec)
+    # [m, T] losses and accuracy of one call of each; the loop one subset a call.
+    timing_vmap = time_call(lambda: vm(masks, params, batch_key, data, target),
+                            repeats=args.repeats, warmup=False)
+    timing_loop = time_call(lambda: [one(masks[j], params, batch_key, data, target)
+                                     for j in range(m)],
+                            repeats=args.repeats, warmup=False)
+    out_v, out_l = timing_vmap["result"], timing_loop["result"]
+    t_vmap, t_loop = timing_vmap["times"], timing_loop["times"]
 
     lv = np.asarray(out_v[0], np.float64)
     ll = np.stack([np.asarray(o[0], np.float64) for o in out_l])
@@ -125,9 +117,9 @@ def main():
         "max_rel_mean_loss_diff": max_rel_mean,
         "mean_loss_spread_over_subsets": float(mean_l.std()),
         "accuracy_agreement": acc_agree,
-        "memory_vmap_program": _memory(vm),
-        "memory_loop_program": _memory(one),
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "memory_vmap_program": memory_analysis(vm),
+        "memory_loop_program": memory_analysis(one),
+        "peak_rss_bytes": int(peak_rss_mib() * 2**20),
     }
     rows = [
         ("vmap (1 call)", tv, tv / m, result["memory_vmap_program"]),

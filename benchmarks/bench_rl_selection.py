@@ -36,6 +36,7 @@ evaluation as ``tasksurrogate run rl``):
 
     python benchmarks/bench_rl_selection.py             # cpu preset, 15-26 min
     python benchmarks/bench_rl_selection.py --draws 0   # attribution only
+    python benchmarks/bench_rl_selection.py --quick     # CI smoke
 """
 
 from __future__ import annotations
@@ -46,7 +47,14 @@ import time
 import _selection
 import jax
 import numpy as np
-from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+from _common import (
+    add_quick,
+    add_workload_args,
+    environment,
+    fill_defaults,
+    format_table,
+    write_json,
+)
 
 from tasksurrogate_jax import pipeline, reliability, report
 from tasksurrogate_jax.chunking import pad_rows
@@ -65,10 +73,10 @@ def extra_methods(workload, run, config) -> dict:
     first-order estimate of the LOO sets, and gradient alignment at ``θ*``."""
     key = pipeline.stage_keys(config.seed)["estimated"]  # the estimate's key
     loo = np.asarray(leave_one_out_masks(workload.num_tasks))
-    estimate = np.asarray(pipeline.WORKLOADS["rl"].estimate(
-        workload, loo, key=key, base_params=run.theta, config=config))
+    estimate = np.asarray(run.workload.estimated_scores(
+        loo, key=key, base_params=run.theta))
     examples, task, adv, _ = workload.linearized_rollouts(
-        key=key, base_params=run.theta, proj_dim=config.proj_dim)
+        key=key, base_params=run.theta, proj_dim=run.workload.estimation.proj_dim)
     grads = np.asarray(policy_gradients(examples, adv))
     per_variant = np.stack([grads[task == i].mean(0)
                             for i in range(workload.num_tasks)])  # [K, d]
@@ -295,41 +303,46 @@ def print_selection(workload, draws, summary, ceiling, replicates: int) -> None:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--set", dest="overrides", action="append", default=[],
-                    metavar="FIELD=VALUE", help="RLConfig field to override")
+    add_quick(ap, "the 'tiny' preset, 2 replicates (1 to fit), 2 draws",
+              "bench_rl_selection")
+    add_workload_args(ap, "RLConfig")
     ap.add_argument("--num-fit", type=int, default=None,
                     help="subsets to fit on (default: the pipeline's)")
     ap.add_argument("--num-heldout", type=int, default=None)
     ap.add_argument("--drop", type=int, default=None,
                     help="variants each random subset drops (default: subsets of "
                          "any size but empty, full and leave-one-out)")
-    ap.add_argument("--replicates", type=int, default=8,
+    ap.add_argument("--replicates", type=int, default=None,
                     help="paired replicates of the ground truth: the LOO sets, "
-                         "the random subsets and every pick's re-measurement")
-    ap.add_argument("--fit-replicates", type=int, default=4,
+                         "the random subsets and every pick's re-measurement "
+                         "(8; quick 2)")
+    ap.add_argument("--fit-replicates", type=int, default=None,
                     help="replicates averaged into each draw's fitting scores "
-                         "(at most --replicates)")
-    ap.add_argument("--draws", type=int, default=10,
-                    help="independent selection draws (0: attribution only)")
+                         "(at most --replicates; 4; quick 1)")
+    ap.add_argument("--draws", type=int, default=None,
+                    help="independent selection draws (0: attribution only; 10; "
+                    "quick 2)")
     ap.add_argument("--proj-dim", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out-dir", default=None,
                     help="store the pipeline's stages here (a rerun resumes)")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results/bench_rl_selection.json"))
-    args = ap.parse_args()
+    args = fill_defaults(
+        ap.parse_args(),
+        {"preset": "cpu", "replicates": 8, "fit_replicates": 4, "draws": 10},
+        {"preset": "tiny", "replicates": 2, "fit_replicates": 1, "draws": 2},
+        name="bench_rl_selection")
     if not 1 <= args.fit_replicates <= args.replicates:
         ap.error("--fit-replicates must be between 1 and --replicates")
 
     start = time.perf_counter()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
           f"preset {args.preset}")
-    overrides = parse_overrides(args.overrides)
+    overrides = args.overrides
+    w = rl_workload(args.preset, **overrides)
     config = pipeline.check_config(pipeline.PipelineConfig(
         workload="rl", preset=args.preset, seed=args.seed, replicates=args.replicates,
         num_subsets=args.num_fit, num_heldout=args.num_heldout, drop=args.drop,
-        proj_dim=args.proj_dim, overrides=tuple(overrides.items())))
-    w = rl_workload(args.preset, **overrides)
+        proj_dim=args.proj_dim, overrides=tuple(overrides.items())), w)
     run, results, trained, untrained = attribution(w, config, args.out_dir)
     payload = {
         "args": vars(args), "environment": environment(),

@@ -12,11 +12,11 @@ memory is that measurement's alone):
    runs up to ``--exact-max`` subsets, the large-m solver (Nyström centres,
    preconditioned conjugate gradients) at every size; both with the same
    width and ridge.
-2. **Estimation of many subsets** on the ``modular`` ``cpu`` preset:
+2. **Estimation of many subsets** on the ``modular`` workload (``--preset``):
    ``--estimation-subsets`` random subsets with the workload's estimator
    (``--estimation-output-mode``, ``--estimation-proj-dim``), time and peak
    memory, the scores streamed to a chunk store.
-3. **Sharded programs** on 8 simulated CPU devices
+3. **Sharded programs** on 8 simulated CPU devices (on any machine)
    (``XLA_FLAGS=--xla_force_host_platform_device_count=8``): retraining,
    linearized estimation and exhaustive selection over a mesh of 8 devices
    against the same programs on one device of that process (max absolute
@@ -26,6 +26,7 @@ Writes ``results/bench_scale.json`` and prints the tables last.
 
     python benchmarks/bench_scale.py
     python benchmarks/bench_scale.py --sizes 1000 8000 --skip-estimation
+    python benchmarks/bench_scale.py --quick     # CI smoke, tiny presets
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -41,14 +41,22 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import REPO_ROOT, environment, format_table, write_json
+from _common import (
+    add_quick,
+    environment,
+    fill_defaults,
+    format_table,
+    memory_analysis,
+    peak_rss_mib,
+    write_json,
+)
 
 HELDOUT = 1000
 SIMULATED_DEVICES = 8
 
 
 def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss_mib() / 2**10
 
 
 # ---------------------------------------------------------------------------
@@ -109,7 +117,7 @@ def child_estimation(args) -> dict:
     from tasksurrogate_jax.subsets import fixed_size_masks
     from tasksurrogate_jax.workloads import modular_workload
 
-    workload = modular_workload("cpu")
+    workload = modular_workload(args.preset)
     key = jax.random.key(args.seed)
     params = jax.block_until_ready(workload.base_params(key=key))
     masks = np.asarray(fixed_size_masks(
@@ -125,7 +133,7 @@ def child_estimation(args) -> dict:
                                    store_dir=Path(store) / "estimates")
         scores = np.asarray(jax.block_until_ready(result.scores))
         seconds = time.perf_counter() - start
-    return {"section": "estimation", "workload": "modular", "preset": "cpu",
+    return {"section": "estimation", "workload": "modular", "preset": args.preset,
             "num_subsets": args.m, "num_targets": int(scores.shape[1]),
             "output_mode": args.output_mode, "proj_dim": args.proj_dim,
             "chunk_size": args.chunk_size, "seconds": seconds,
@@ -146,7 +154,7 @@ def child_sharding(args) -> dict:
     if jax.device_count() != SIMULATED_DEVICES:
         raise RuntimeError(f"expected {SIMULATED_DEVICES} devices, got "
                            f"{jax.device_count()}: set XLA_FLAGS.")
-    workload = digits_workload("cpu")
+    workload = digits_workload(args.preset)
     key = jax.random.key(args.seed)
     params = workload.base_params(key=key)
     rng = np.random.default_rng(args.seed)
@@ -178,11 +186,9 @@ def child_sharding(args) -> dict:
             sharding.replicate(workload.data, mesh),
             sharding.replicate(workload.target, mesh), spec=workload.finetune_spec,
             mesh=split).compile()
-        analysis = compiled.memory_analysis()
-        return (analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
-                + analysis.output_size_in_bytes) / 2**20
+        return memory_analysis(compiled).get("total_bytes", np.nan) / 2**20
 
-    return {"section": "sharding", "workload": "digits", "preset": "cpu",
+    return {"section": "sharding", "workload": "digits", "preset": args.preset,
             "num_subsets": args.m, "devices": SIMULATED_DEVICES,
             "max_abs_diff": {what: float(np.max(np.abs(out["eight", what]
                                                        - out["one", what])))
@@ -199,6 +205,7 @@ def run_child(args, section: str, extra: list[str], env=None) -> dict:
     command = [sys.executable, str(Path(__file__).resolve()), "--child", section,
                "--seed", str(args.seed), "--num-tasks", str(args.num_tasks),
                "--num-targets", str(args.num_targets), "--ridge", str(args.ridge),
+               "--preset", args.preset,
                "--out", args.out, *extra]
     done = subprocess.run(command, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, check=False)
@@ -213,29 +220,46 @@ CHILDREN = {"surrogate": child_surrogate, "estimation": child_estimation,
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--sizes", type=int, nargs="+",
-                    default=[1000, 2000, 4000, 8000, 16000, 32000, 100000])
+    add_quick(ap, "m = 300 (exact and Nystrom), 64 estimated subsets and 8 "
+              "sharded ones on the 'tiny' presets", "bench_scale")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None,
+                    help="numbers of subsets m of the surrogate fits "
+                    "(1000 ... 100000; quick 300)")
     ap.add_argument("--exact-max", type=int, default=16000,
                     help="largest m for the exact solver")
     ap.add_argument("--num-tasks", type=int, default=50)
-    ap.add_argument("--num-targets", type=int, default=100)
+    ap.add_argument("--num-targets", type=int, default=None,
+                    help="targets of the surrogate fits (100; quick 10)")
     ap.add_argument("--ridge", type=float, default=1e-1)
-    ap.add_argument("--estimation-subsets", type=int, default=100000)
+    ap.add_argument("--preset", default=None,
+                    help="preset of the modular (estimation) and digits (sharding) "
+                    "workloads (cpu; quick tiny)")
+    ap.add_argument("--estimation-subsets", type=int, default=None,
+                    help="subsets to estimate (100000; quick 64)")
     ap.add_argument("--output-mode", default="margin",
                     help="estimation output mode (margin: the fastest; see "
                          "bench_estimation.py for its accuracy)")
-    ap.add_argument("--proj-dim", type=int, default=512)
-    ap.add_argument("--chunk-size", type=int, default=256,
-                    help="subsets per compiled estimation call")
-    ap.add_argument("--sharding-subsets", type=int, default=61)
+    ap.add_argument("--proj-dim", type=int, default=None,
+                    help="estimation projection dimension (512; quick 64)")
+    ap.add_argument("--chunk-size", type=int, default=None,
+                    help="subsets per compiled estimation call (256; quick 32)")
+    ap.add_argument("--sharding-subsets", type=int, default=None,
+                    help="subsets of the sharded programs (61; quick 8)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--skip-estimation", action="store_true")
     ap.add_argument("--skip-sharding", action="store_true")
-    ap.add_argument("--out", default=str(REPO_ROOT / "results" / "bench_scale.json"))
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     ap.add_argument("--m", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--solver", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = fill_defaults(
+        ap.parse_args(),
+        {"sizes": [1000, 2000, 4000, 8000, 16000, 32000, 100000], "num_targets": 100,
+         "preset": "cpu", "estimation_subsets": 100000, "proj_dim": 512,
+         "chunk_size": 256, "sharding_subsets": 61},
+        {"sizes": [300], "num_targets": 10, "preset": "tiny",
+         "estimation_subsets": 64, "proj_dim": 64, "chunk_size": 32,
+         "sharding_subsets": 8},
+        name="bench_scale")
     if args.child:
         print(json.dumps(CHILDREN[args.child](args)))
         return
@@ -262,7 +286,8 @@ def main():
     if not args.skip_sharding:
         save("sharding", run_child(
             args, "sharding", ["--m", str(args.sharding_subsets)],
-            env={"XLA_FLAGS": "--xla_force_host_platform_device_count="
+            env={"JAX_PLATFORMS": "cpu",  # simulated devices, on any machine
+                 "XLA_FLAGS": "--xla_force_host_platform_device_count="
                               f"{SIMULATED_DEVICES}"}))
     if not args.skip_estimation:
         save("estimation", run_child(
@@ -278,7 +303,7 @@ def main():
     if payload["sharding"]:
         row = payload["sharding"]
         print(f"\nSharded on {row['devices']} simulated devices vs one device "
-              f"(digits cpu, {row['num_subsets']} subsets):")
+              f"(digits {args.preset}, {row['num_subsets']} subsets):")
         print(format_table([
             {"program": what, "max_abs_diff": row["max_abs_diff"][what],
              "max_abs_value": row["max_abs_value"][what]}
@@ -287,7 +312,7 @@ def main():
         print("fine-tuning chunk of 64, MiB per device: {eight:.3g} on 8 devices, "
               "{one:.3g} on one".format(**row["chunk64_mib_per_device"]))
     if payload["estimation"]:
-        print("\nEstimation (modular cpu):")
+        print(f"\nEstimation (modular {args.preset}):")
         print(format_table([payload["estimation"]], [
             "num_subsets", "output_mode", "proj_dim", "seconds", "ms_per_subset",
             "scores_gb", "peak_rss_gb"]))

@@ -20,6 +20,7 @@ Ratios are scikit-learn seconds / ours (above 1 = ours faster).
 Usage (repo root)::
 
     python benchmarks/bench_surrogates.py                      # full default set
+    python benchmarks/bench_surrogates.py --quick              # CI smoke, seconds
     python benchmarks/bench_surrogates.py --sizes 500 2000 --dtypes float64 \
         --selection-sizes 500
 """
@@ -38,9 +39,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import scipy.linalg  # noqa: E402
 from _common import (  # noqa: E402
-    REPO_ROOT,
-    compile_jitted,
+    add_quick,
+    compile_timed,
     environment,
+    fill_defaults,
     format_table,
     strip_results,
     time_call,
@@ -112,7 +114,7 @@ def bench_fit(masks, scores, test_masks, dtype, *, gamma, ridge, repeats,
                                     standardize=False).predict(xt)
 
     xj, yj, xtj = jnp.asarray(x), jnp.asarray(y), jnp.asarray(xt)
-    compiled, compile_s = compile_jitted(ours_fn, xj, yj, xtj)
+    compiled, compile_s = compile_timed(ours_fn, xj, yj, xtj)
     ours = time_call(lambda: compiled(xj, yj, xtj), repeats=repeats)
     # The same library calls without an outer jit (fit jitted inside, predict eager).
     eager = time_call(lambda: ours_fn(xj, yj, xtj), repeats=repeats)
@@ -155,7 +157,7 @@ def bench_selection(masks, scores, dtype, *, gammas, ridges, methods, repeats):
                 num_folds=NUM_FOLDS, criterion="mse", standardize=False)
             return search.gamma, search.ridge, search.mean_table
 
-        compiled, compile_s = compile_jitted(select, xj, yj)
+        compiled, compile_s = compile_timed(select, xj, yj)
         timing = time_call(lambda compiled=compiled: compiled(xj, yj),
                            repeats=repeats, warmup=False, max_seconds=30.0)
         gamma, ridge, table = (np.asarray(a) for a in timing["result"])
@@ -193,8 +195,11 @@ def bench_selection(masks, scores, dtype, *, gammas, ridges, methods, repeats):
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[500, 2000, 8000],
-                        help="numbers of subsets m for the fit benchmark")
+    add_quick(parser, "m = 100, 20 targets, 50 test masks, one repeat",
+              "bench_surrogates")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help="numbers of subsets m for the fit benchmark "
+                        "(500 2000 8000; quick 100)")
     parser.add_argument("--selection-sizes", type=int, nargs="*", default=None,
                         help="m for the selection benchmark (default: --sizes)")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"],
@@ -203,17 +208,22 @@ def parse_args(argv=None):
                         default=["sklearn", "loo", "kfold"],
                         choices=["sklearn", "loo", "kfold"])
     parser.add_argument("--num-tasks", type=int, default=50)
-    parser.add_argument("--num-targets", type=int, default=1000)
-    parser.add_argument("--num-test", type=int, default=1000,
-                        help="masks to predict after the fit")
+    parser.add_argument("--num-targets", type=int, default=None,
+                        help="targets (1000; quick 20)")
+    parser.add_argument("--num-test", type=int, default=None,
+                        help="masks to predict after the fit (1000; quick 50)")
     parser.add_argument("--gamma", type=float, default=None,
                         help="fit gamma (default 1 / num_tasks)")
     parser.add_argument("--ridge", type=float, default=1e-2, help="fit ridge")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed calls (3; quick 1)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out",
-                        default=str(REPO_ROOT / "results/bench_surrogates.json"))
-    return parser.parse_args(argv)
+    return fill_defaults(
+        parser.parse_args(argv),
+        {"sizes": [500, 2000, 8000], "num_targets": 1000, "num_test": 1000,
+         "repeats": 3},
+        {"sizes": [100], "num_targets": 20, "num_test": 50, "repeats": 1},
+        name="bench_surrogates")
 
 
 def main(argv=None):

@@ -21,7 +21,8 @@ For each: LOO Spearman of the predicted effects (mean over targets, and on the
 mean target) and held-out Spearman, for the linear and the kernel surrogate.
 
     python benchmarks/modular_attribution_study.py \
-        --out-dir results/modular-cpu-finetune-seed0
+        --run-dir results/modular-cpu-finetune-seed0
+    python benchmarks/modular_attribution_study.py --quick   # CI smoke
 """
 
 from __future__ import annotations
@@ -30,7 +31,15 @@ import argparse
 import dataclasses
 
 import numpy as np
-from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
+from _common import (
+    REPO_ROOT,
+    add_quick,
+    environment,
+    fill_defaults,
+    format_table,
+    parse_overrides,
+    write_json,
+)
 
 from tasksurrogate_jax import attribution, metrics, surrogates
 from tasksurrogate_jax.pipeline import PipelineConfig, ceiling, collect
@@ -79,28 +88,54 @@ def kernel_variants(masks, scores, num_tasks):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--out-dir",
-                    default=str(REPO_ROOT / "results/modular-cpu-finetune-seed0"),
-                    help="the pipeline run's folder (same configuration)")
+    add_quick(ap, "the 'tiny' preset from scratch, 2 replicates, 12 + 6 subsets, "
+              "no stored run folder, no baselines, the cheapest estimates")
+    ap.add_argument("--run-dir", "--out-dir", dest="run_dir", default=None,
+                    help="the pipeline run's folder, same configuration (default "
+                    "results/<workload>-<preset>-<regime>-seed<seed>; quick: none, "
+                    "nothing stored)")
     ap.add_argument("--workload", default="modular")
-    ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--regime", default="finetune")
-    ap.add_argument("--replicates", type=int, default=4)
+    ap.add_argument("--preset", default=None, help="workload preset (cpu; quick tiny)")
+    ap.add_argument("--regime", default=None, choices=("finetune", "scratch"),
+                    help="ground-truth regime (finetune; quick scratch: the tiny "
+                    "preset fine-tunes full-batch, so its replicates coincide)")
+    ap.add_argument("--replicates", type=int, default=None,
+                    help="paired replicates of the ground truth (4; quick 2)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num-subsets", type=int, default=96)
-    ap.add_argument("--num-heldout", type=int, default=32)
-    ap.add_argument("--drop", type=int, default=3)
-    ap.add_argument("--sizes", type=int, nargs="*", default=[12, 24, 48, 96])
+    ap.add_argument("--num-subsets", type=int, default=None,
+                    help="fitting subsets (96; quick 12)")
+    ap.add_argument("--num-heldout", type=int, default=None,
+                    help="held-out subsets (32; quick 6)")
+    ap.add_argument("--drop", type=int, default=3, help="tasks each subset drops")
+    ap.add_argument("--sizes", type=int, nargs="*", default=None,
+                    help="numbers of fitting subsets to compare (12 24 48 96; "
+                    "quick 6 12)")
     ap.add_argument("--stability", nargs="*", default=[],
                     help="workload overrides, e.g. batch_size=None,num_steps=1200")
-    ap.add_argument("--json", default=str(REPO_ROOT / "results/attribution_study.json"))
-    args = ap.parse_args()
+    ap.add_argument("--out", "--json", dest="out", default=None,
+                    help="JSON path (results/attribution_study[_quick].json)")
+    args = fill_defaults(
+        ap.parse_args(),
+        {"preset": "cpu", "regime": "finetune", "replicates": 4, "num_subsets": 96,
+         "num_heldout": 32, "sizes": [12, 24, 48, 96]},
+        {"preset": "tiny", "regime": "scratch", "replicates": 2, "num_subsets": 12,
+         "num_heldout": 6, "sizes": [6, 12]},
+        name="attribution_study")
+    if max(args.sizes) > args.num_subsets:
+        ap.error(f"--sizes must be at most --num-subsets ({args.num_subsets})")
+    if args.run_dir is None and not args.quick:
+        args.run_dir = str(REPO_ROOT / "results" / (
+            f"{args.workload}-{args.preset}-{args.regime}-seed{args.seed}"))
 
     config = PipelineConfig(workload=args.workload, preset=args.preset,
                             seed=args.seed, regime=args.regime,
                             replicates=args.replicates, num_subsets=args.num_subsets,
                             num_heldout=args.num_heldout, drop=args.drop)
-    run = collect(config, out_dir=args.out_dir)
+    if args.quick:  # the stages this study does not read, at their cheapest
+        config = dataclasses.replace(config, baselines=(), value_samples=0,
+                                     estimation_method="solve", estimation_ridge=1.0,
+                                     proj_dim=32)
+    run = collect(config, out_dir=args.run_dir)
     num_tasks = run.masks.shape[1]
     true_effects = (run.loo_scores[:, 1:] - run.loo_scores[:, :1]).mean(0)
     exact = run.exact.mean(0)
@@ -141,7 +176,7 @@ def main():
     print(format_table(rows, ["setting", "num_fit", "mean_target", "loo_spearman",
                               "loo_spearman_mean_target", "heldout_spearman",
                               "heldout_spearman_mean_target"]))
-    path = write_json(args.json, {"benchmark": "modular_attribution_study",
+    path = write_json(args.out, {"benchmark": "modular_attribution_study",
                                   "environment": environment(), "config": vars(args),
                                   "ceilings": ceilings, "rows": rows})
     print(f"\nwrote {path}")
