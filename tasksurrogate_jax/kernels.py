@@ -113,30 +113,69 @@ def gram(
     gamma = jnp.asarray(check_gamma(gamma, x.shape[1]), dtype)
     if block_size is not None:
         block_size = check_positive_int(block_size, "block_size")
-    elif kernel == "laplacian":
-        block_size = max(1, _L1_BLOCK_ELEMENTS // max(1, y.shape[0] * y.shape[1]))
 
     def rows(x_block):
-        return _kernel_rows(x_block, y, kernel, gamma, degree, coef0)
+        terms = _pairwise_terms(x_block, y, kernel)
+        return kernel_from_terms(terms, kernel, gamma, degree, coef0)
 
+    return _map_row_blocks(rows, x, _block_size(kernel, y, block_size))
+
+
+def pairwise_terms(x, y, kernel: str, block_size: int | None = None) -> jax.Array:
+    """The part of the kernel between rows of ``x`` ``[n, d]`` and ``y``
+    ``[m, d]`` that does not depend on ``gamma``, ``[n, m]``: squared
+    Euclidean distances (rbf), L1 distances (laplacian) or inner products
+    (polynomial, linear); computed once, they serve several widths through
+    :func:`kernel_from_terms`. Blocks of rows as in :func:`gram`; no argument
+    checks."""
+    return _map_row_blocks(lambda rows: _pairwise_terms(rows, y, kernel), x,
+                           _block_size(kernel, y, block_size))
+
+
+def _block_size(kernel, y, block_size):
+    """``block_size``, or where it is ``None`` the rows per block that save
+    memory: the Laplacian kernel's ``[block, m, num_features]`` differences
+    hold at most ``2**24`` elements (other kernels: unblocked)."""
+    if block_size is None and kernel == "laplacian":
+        return max(1, _L1_BLOCK_ELEMENTS // max(1, y.shape[0] * y.shape[1]))
+    return block_size
+
+
+def _map_row_blocks(fn, x, block_size):
+    """``fn(x)`` for ``fn: [b, d] -> [b, *]``, in blocks of ``block_size``
+    rows (``None``, or at least ``len(x)``: all at once)."""
     if block_size is None or block_size >= x.shape[0]:
-        return rows(x)
+        return fn(x)
     # lax.map over single rows, vmapped within blocks of `block_size` rows.
-    return jax.lax.map(lambda row: rows(row[None])[0], x, batch_size=block_size)
+    return jax.lax.map(lambda row: fn(row[None])[0], x, batch_size=block_size)
 
 
-def _kernel_rows(x, y, kernel, gamma, degree, coef0):
-    """Unblocked ``[n, m]`` kernel matrix (no argument checks)."""
+def _pairwise_terms(x, y, kernel):
     if kernel == "rbf":
         sq = (
             jnp.sum(x * x, axis=1)[:, None]
             + jnp.sum(y * y, axis=1)[None, :]
             - 2.0 * x @ y.T
         )
-        return jnp.exp(-gamma * jnp.maximum(sq, 0.0))
+        return jnp.maximum(sq, 0.0)
     if kernel == "laplacian":
-        l1 = jnp.sum(jnp.abs(x[:, None, :] - y[None, :, :]), axis=-1)
-        return jnp.exp(-gamma * l1)
-    if kernel == "polynomial":
-        return (gamma * (x @ y.T) + coef0) ** degree
+        return jnp.sum(jnp.abs(x[:, None, :] - y[None, :, :]), axis=-1)
     return x @ y.T
+
+
+def kernel_from_terms(terms, kernel: str, gamma, degree: int, coef0) -> jax.Array:
+    """The kernel matrix from :func:`pairwise_terms` at width ``gamma``: the
+    terms are computed once for several widths. No argument checks."""
+    if kernel in ("rbf", "laplacian"):
+        return jnp.exp(-gamma * terms)
+    if kernel == "polynomial":
+        return (gamma * terms + coef0) ** degree
+    return terms
+
+
+def kernel_diagonal(x, kernel: str, gamma, degree: int, coef0) -> jax.Array:
+    """``k(x, x)`` for each row of ``x`` ``[n, d]``: ``[n]``, without the
+    ``[n, n]`` matrix. No argument checks."""
+    if kernel in ("rbf", "laplacian"):
+        return jnp.ones(x.shape[0], x.dtype)
+    return kernel_from_terms(jnp.sum(x * x, axis=1), kernel, gamma, degree, coef0)

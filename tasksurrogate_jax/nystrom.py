@@ -68,29 +68,27 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax._checks import (
-    check_bool,
-    check_finite_scalar,
-    check_key,
-    check_positive_int,
-    is_concrete,
-)
-from tasksurrogate_jax.kernels import check_degree, check_gamma, check_kernel_name, gram
-from tasksurrogate_jax.surrogates import (
+from tasksurrogate_jax._checks import check_key, check_positive_int, is_concrete
+from tasksurrogate_jax.kernels import check_gamma, gram
+from tasksurrogate_jax.ridge import (
     DEFAULT_CRITERION,
     HyperparameterSearch,
     KernelSurrogate,
-    _check_criterion,
-    _check_fit_inputs,
-    _check_ridge,
-    _cholesky_with_jitter,
-    _choose_hyperparameters,
-    _criterion_values,
-    _factor_error,
-    _standardization,
-    _warn_if_duplicate_masks,
+    PairSolve,
+    check_grid,
+    check_kernel_inputs,
+    check_num_folds,
+    check_per_target,
+    check_ridge,
+    check_search_options,
+    cholesky_with_jitter,
+    criterion_values,
     default_gamma_grid,
     default_ridge_grid,
+    fit_per_pair,
+    search_result,
+    standardization,
+    warn_if_duplicate_masks,
 )
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -299,7 +297,7 @@ def _preconditioned_cg(normal, rhs, chol_mm, inv_mm, weights, ridge, tolerance,
     with ``true_residual``, else CG's recursive one) and whether CG's residual
     reached ``tolerance``; and whether ``R`` could be factored.
     """
-    chol_r, _, ok = _cholesky_with_jitter((chol_mm.T * weights) @ chol_mm, ridge,
+    chol_r, _, ok = cholesky_with_jitter((chol_mm.T * weights) @ chol_mm, ridge,
                                           jnp.zeros((), rhs.dtype))
     inv_r = _inverse_factor(chol_r)
 
@@ -361,7 +359,7 @@ def _fit_core(blocks, valid, y_blocks, centers, gamma, ridge, coef0, jitter,
               tolerance, max_iterations, weights, *, kernel, degree, cached):
     kernel_rows = _kernel_rows_fn(centers, gamma, coef0, kernel, degree)
     normal, adjoint = _design(blocks, valid, kernel_rows, centers.shape[0], cached)
-    chol_mm, used_jitter, ok_mm = _cholesky_with_jitter(kernel_rows(centers),
+    chol_mm, used_jitter, ok_mm = cholesky_with_jitter(kernel_rows(centers),
                                                         jnp.zeros_like(jitter), jitter)
     beta, iterations, residual, converged, ok_r = _preconditioned_cg(
         normal, adjoint(y_blocks), chol_mm, _inverse_factor(chol_mm), weights,
@@ -409,11 +407,9 @@ def fit_nystrom_surrogate(
     Not jittable as a whole (drawing distinct centres inspects the masks); the
     solve itself is one jitted program per shape.
     """
-    masks, scores = _check_fit_inputs(masks, scores)
-    kernel = check_kernel_name(kernel)
-    degree = check_degree(degree)
-    check_finite_scalar(coef0, "coef0")
-    standardize = check_bool(standardize, "standardize")
+    masks, scores, kernel, degree, standardize = check_kernel_inputs(
+        masks, scores, kernel=kernel, degree=degree, coef0=coef0,
+        standardize=standardize)
     if not (is_concrete(masks) and is_concrete(scores)):
         raise TypeError("masks and scores must be concrete (not traced inside jit) "
                         "for the Nyström solver.")
@@ -426,75 +422,46 @@ def fit_nystrom_surrogate(
     max_iterations = check_positive_int(max_iterations, "max_iterations")
     tolerance = _check_tolerance(tolerance, dtype)
     budget = _check_memory_budget(memory_budget)
-    gamma = check_gamma(gamma, num_tasks)
-    ridge = _check_ridge(ridge, positive=True)
+    gamma = check_per_target(check_gamma(gamma, num_tasks), "gamma", num_targets,
+                             dtype)
+    ridge = check_per_target(check_ridge(ridge, positive=True), "ridge",
+                             num_targets, dtype)
     if jitter is not None:
-        _check_ridge(jitter, "jitter")
-    gamma_t = _per_target(gamma, "gamma", num_targets)
-    ridge_t = _per_target(ridge, "ridge", num_targets)
+        check_ridge(jitter, "jitter")
 
     centers, weights = _centers_and_weights(masks, num_centers, key)
     center_masks = masks[jnp.asarray(centers)]
     num_used = centers.size
     jitter = num_used * np.finfo(dtype).eps if jitter is None else jitter
-    y_mean, y_scale = _standardization(scores, standardize)
+    y_mean, y_scale = standardization(scores, standardize)
     y = (scores - y_mean) / y_scale
-
     layout = _layout(num_subsets, num_used, dtype.itemsize, budget)
     blocks, valid = _blocks(masks, layout)
     coef0 = jnp.asarray(coef0, dtype)
-    alpha = jnp.zeros((num_used, num_targets), dtype)
-    iterations = jnp.zeros(num_targets, jnp.int32)
-    residual = jnp.zeros(num_targets, dtype)
-    jitter_t = jnp.zeros(num_targets, dtype)
-    converged = jnp.zeros(num_targets, bool)
-    gammas, gamma_index = np.unique(gamma_t, return_inverse=True)
-    for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist(), strict=True))):
-        columns = np.nonzero((gamma_t == g) & (ridge_t == r))[0]
+    fixed = (jnp.asarray(jitter, dtype), jnp.asarray(tolerance, dtype),
+             jnp.asarray(max_iterations, jnp.int32), jnp.asarray(weights, dtype))
+
+    def solve(g, r, columns):
         y_blocks, _ = _blocks(y[:, columns], layout)
         beta, its, res, conv, used, ok = _fit_core(
-            blocks, valid, y_blocks, center_masks, jnp.asarray(g, dtype),
-            jnp.asarray(r, dtype), coef0, jnp.asarray(jitter, dtype),
-            jnp.asarray(tolerance, dtype), jnp.asarray(max_iterations, jnp.int32),
-            jnp.asarray(weights, dtype), kernel=kernel, degree=degree,
-            cached=layout.cached)
-        if not bool(ok):
-            raise _factor_error(r, used)
-        alpha = alpha.at[:, columns].set(beta)
-        iterations = iterations.at[columns].set(its)
-        residual = residual.at[columns].set(res)
-        converged = converged.at[columns].set(conv)
-        jitter_t = jitter_t.at[columns].set(used)
+            blocks, valid, y_blocks, center_masks, g, r, coef0, *fixed,
+            kernel=kernel, degree=degree, cached=layout.cached)
+        return PairSolve(beta, (its, res, conv), used, ok)
 
-    if not bool(jnp.all(converged)):
-        bad = int(jnp.sum(~converged))
-        warnings.warn(
-            f"Nyström CG did not reach tolerance={tolerance:.3g} for {bad} of "
-            f"{num_targets} targets within max_iterations={max_iterations} (largest "
-            f"relative residual {float(jnp.max(residual)):.3g}). Raise "
-            "max_iterations or num_centers, or use a larger ridge.",
-            RuntimeWarning, stacklevel=2)
-    surrogate = KernelSurrogate(
-        train_masks=center_masks, alpha=alpha, gammas=jnp.asarray(gammas, dtype),
-        gamma_index=jnp.asarray(gamma_index.reshape(-1), jnp.int32),
-        ridge=jnp.asarray(ridge_t, dtype), jitter=jitter_t, y_mean=y_mean,
+    surrogate, (iterations, residual, converged) = fit_per_pair(
+        solve, train_masks=center_masks, gamma=gamma, ridge=ridge, y_mean=y_mean,
         y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
+    converged_host, residual_host = jax.device_get((converged, residual))
+    if not converged_host.all():
+        warnings.warn(
+            f"Nyström CG did not reach tolerance={tolerance:.3g} for "
+            f"{int((~converged_host).sum())} of {num_targets} targets within "
+            f"max_iterations={max_iterations} (largest relative residual "
+            f"{float(residual_host.max()):.3g}). Raise max_iterations or "
+            "num_centers, or use a larger ridge.",
+            RuntimeWarning, stacklevel=2)
     return NystromFit(surrogate=surrogate, iterations=iterations, residual=residual,
                       converged=converged, centers=centers)
-
-
-def _per_target(value, name, num_targets) -> np.ndarray:
-    """``[num_targets]`` concrete values of a scalar or per-target argument."""
-    if not is_concrete(value):
-        raise TypeError(f"{name} must be concrete (not traced inside jit) for the "
-                        "Nyström solver.")
-    arr = np.asarray(value, dtype=float)
-    if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != num_targets):
-        raise ValueError(
-            f"{name} must be a scalar or have shape [num_targets]=({num_targets},), "
-            f"got shape {arr.shape}."
-        )
-    return np.broadcast_to(arr, (num_targets,))
 
 
 # ----------------------------------------------------------------------------
@@ -513,7 +480,7 @@ def _validation_table(blocks, valid, y_blocks, centers, val_blocks, val_truth,
     """
     kernel_rows = _kernel_rows_fn(centers, gamma, coef0, kernel, degree)
     normal, adjoint = _design(blocks, valid, kernel_rows, centers.shape[0], cached)
-    chol_mm, _, ok_mm = _cholesky_with_jitter(kernel_rows(centers),
+    chol_mm, _, ok_mm = cholesky_with_jitter(kernel_rows(centers),
                                               jnp.zeros_like(jitter), jitter)
     inv_mm = _inverse_factor(chol_mm)
     rhs = adjoint(y_blocks)
@@ -529,7 +496,7 @@ def _validation_table(blocks, valid, y_blocks, centers, val_blocks, val_truth,
         lambda xs: jnp.einsum("vm,rmt->rvt", kernel_rows(xs[0]), betas), (val_blocks,))
     predicted = jnp.moveaxis(predicted, 0, 1).reshape(
         betas.shape[0], -1, betas.shape[-1])[:, : val_truth.shape[0]]
-    table = jax.vmap(lambda p: _criterion_values(val_truth, p, criterion))(predicted)
+    table = jax.vmap(lambda p: criterion_values(val_truth, p, criterion))(predicted)
     return table, ok_mm & jnp.all(ok)
 
 
@@ -582,15 +549,11 @@ def select_nystrom_hyperparameters(
       ``surrogates.HyperparameterSearch`` with ``method`` ``"holdout"`` or
       ``"kfold"``; pass its ``gamma`` and ``ridge`` to the fit.
     """
-    masks, scores = _check_fit_inputs(masks, scores)
-    kernel = check_kernel_name(kernel)
-    if not isinstance(method, str) or method not in ("holdout", "kfold"):
-        raise ValueError(f"method must be 'holdout' or 'kfold', got {method!r}.")
-    criterion = _check_criterion(criterion, scores)
-    per_target = check_bool(per_target, "per_target")
-    standardize = check_bool(standardize, "standardize")
-    degree = check_degree(degree)
-    check_finite_scalar(coef0, "coef0")
+    masks, scores, kernel, degree, standardize = check_kernel_inputs(
+        masks, scores, kernel=kernel, degree=degree, coef0=coef0,
+        standardize=standardize)
+    criterion, per_target = check_search_options(method, ("holdout", "kfold"),
+                                                 criterion, scores, per_target)
     key = check_key(key)
     if not (is_concrete(masks) and is_concrete(scores)):
         raise TypeError("masks and scores must be concrete (not traced inside jit).")
@@ -604,13 +567,11 @@ def select_nystrom_hyperparameters(
     gammas = default_gamma_grid(num_tasks) if gammas is None else gammas
     if ridges is None:
         ridges = default_ridge_grid(num_subsets, dtype)
-    gammas = np.atleast_1d(np.asarray(check_gamma(gammas, 1, "gammas"), float))
-    ridges = np.atleast_1d(np.asarray(_check_ridge(ridges, "ridges", positive=True),
-                                      float))
-    for name, grid in (("gammas", gammas), ("ridges", ridges)):
-        if grid.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D grid, got shape {grid.shape}.")
-    _warn_if_duplicate_masks(masks, f"method={method!r}")
+    gammas = check_grid(np.atleast_1d(np.asarray(check_gamma(gammas, 1, "gammas"),
+                                                 float)), "gammas")
+    ridges = check_grid(np.atleast_1d(np.asarray(
+        check_ridge(ridges, "ridges", positive=True), float)), "ridges")
+    warn_if_duplicate_masks(masks, f"method={method!r}")
 
     split_key, center_key = jax.random.split(key)
     order = np.asarray(jax.random.permutation(split_key, num_subsets))
@@ -626,35 +587,37 @@ def select_nystrom_hyperparameters(
                 "both need at least 2.")
         held_out = [order[num_subsets - num_held:]]
     else:
-        num_folds = check_positive_int(num_folds, "num_folds", minimum=2)
-        if num_folds > num_subsets // 2:
-            raise ValueError(
-                f"num_folds={num_folds} needs at least {2 * num_folds} subsets (two "
-                f"per fold), got {num_subsets}.")
-        held_out = np.array_split(order, num_folds)
+        held_out = np.array_split(order, check_num_folds(num_folds, num_subsets))
 
-    tables = []
+    tables, oks = [], []
     for index, val_rows in enumerate(held_out):
         train_rows = np.setdiff1d(order, val_rows)
-        tables.append(_split_table(
+        split_table, split_ok = _split_table(
             masks, scores, np.sort(train_rows), np.sort(val_rows),
             jax.random.fold_in(center_key, index), num_centers, gammas, ridges,
             kernel, degree, coef0, standardize, max_iterations, tolerance, budget,
-            criterion))
+            criterion)
+        tables.append(split_table)
+        oks.append(split_ok)
+    factored = np.asarray(jnp.stack(oks)).all(axis=0)  # one check for all fits
+    if not factored.all():
+        raise ValueError(
+            "the Nyström factors could not be computed for "
+            f"gamma={gammas[np.argmin(factored)]:.3g}: K_MM is not positive definite "
+            "even with grown jitter. Use a positive-definite kernel (rbf, "
+            "laplacian) or larger ridges.")
     table = jnp.mean(jnp.stack(tables), axis=0)
 
     gammas_arr, ridges_arr = jnp.asarray(gammas, dtype), jnp.asarray(ridges, dtype)
-    gamma, ridge, mean_table = _choose_hyperparameters(table, gammas_arr, ridges_arr,
-                                                       criterion, per_target)
-    return HyperparameterSearch(
-        gamma=gamma, ridge=ridge, gammas=gammas_arr, ridges=ridges_arr, table=table,
-        mean_table=mean_table, criterion=criterion, method=method)
+    return search_result(table, gammas_arr, ridges_arr, criterion=criterion,
+                         method=method, per_target=per_target)
 
 
 def _split_table(masks, scores, train_rows, val_rows, key, num_centers, gammas,
                  ridges, kernel, degree, coef0, standardize, max_iterations,
                  tolerance, budget, criterion):
-    """``[num_gammas, num_ridges, num_targets]`` criterion of one split."""
+    """``[num_gammas, num_ridges, num_targets]`` criterion of one split and
+    ``[num_gammas]`` whether its factors are finite."""
     dtype = masks.dtype
     train, val = masks[jnp.asarray(train_rows)], masks[jnp.asarray(val_rows)]
     y_train, y_val = scores[jnp.asarray(train_rows)], scores[jnp.asarray(val_rows)]
@@ -663,26 +626,23 @@ def _split_table(masks, scores, train_rows, val_rows, key, num_centers, gammas,
     center_rows, weights = _centers_and_weights(train, count, key)
     centers = train[jnp.asarray(center_rows)]
     num_used = centers.shape[0]
-    y_mean, y_scale = _standardization(y_train, standardize)
+    y_mean, y_scale = standardization(y_train, standardize)
     layout = _layout(num_train, num_used, dtype.itemsize, budget)
     blocks, valid = _blocks(train, layout)
     y_blocks, _ = _blocks((y_train - y_mean) / y_scale, layout)
     val_layout = _layout(val.shape[0], num_used * len(ridges), dtype.itemsize, budget)
     val_blocks, _ = _blocks(val, val_layout)
-    rows = []
+    val_truth = (y_val - y_mean) / y_scale
+    fixed = (jnp.asarray(ridges, dtype), jnp.asarray(coef0, dtype),
+             jnp.asarray(num_used * np.finfo(dtype).eps, dtype),
+             jnp.asarray(tolerance, dtype), jnp.asarray(max_iterations, jnp.int32),
+             jnp.asarray(weights, dtype))
+    rows, oks = [], []
     for g in gammas:
         table, ok = _validation_table(
-            blocks, valid, y_blocks, centers, val_blocks,
-            (y_val - y_mean) / y_scale, jnp.asarray(g, dtype),
-            jnp.asarray(ridges, dtype), jnp.asarray(coef0, dtype),
-            jnp.asarray(num_used * np.finfo(dtype).eps, dtype),
-            jnp.asarray(tolerance, dtype), jnp.asarray(max_iterations, jnp.int32),
-            jnp.asarray(weights, dtype), kernel=kernel, degree=degree,
+            blocks, valid, y_blocks, centers, val_blocks, val_truth,
+            jnp.asarray(g, dtype), *fixed, kernel=kernel, degree=degree,
             cached=layout.cached, criterion=criterion)
-        if not bool(ok):
-            raise ValueError(
-                f"the Nyström factors could not be computed for gamma={g:.3g}: "
-                "K_MM is not positive definite even with grown jitter. Use a "
-                "positive-definite kernel (rbf, laplacian) or larger ridges.")
         rows.append(table)
-    return jnp.stack(rows)
+        oks.append(ok)
+    return jnp.stack(rows), jnp.stack(oks)

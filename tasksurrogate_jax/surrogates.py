@@ -15,11 +15,14 @@
 Fitted surrogates are immutable pytrees: they pass through ``jax.jit`` and
 ``jax.vmap``, and ``surrogate.predict(masks)`` gives ``[n, num_targets]``.
 Scores are ``[num_subsets, num_targets]``; a 1-D ``scores`` is one target.
+
+``KernelSurrogate``, ``HyperparameterSearch``, ``DuplicateMasksWarning`` and
+the default grids live in ``ridge``, the kernel ridge core this module shares
+with ``nystrom``, and are re-exported here.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from functools import partial
 from typing import Literal
@@ -28,66 +31,67 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax import metrics
+from tasksurrogate_jax import nystrom
 from tasksurrogate_jax._checks import (
     check_bool,
     check_finite_scalar,
     check_key,
-    check_masks,
-    check_positive_int,
-    check_scores,
     is_concrete,
-    num_duplicate_rows,
 )
 from tasksurrogate_jax.kernels import (
     check_degree,
     check_gamma,
     check_kernel_name,
     gram,
+    kernel_diagonal,
+)
+from tasksurrogate_jax.ridge import (
+    CRITERIA,
+    DEFAULT_CRITERION,
+    DuplicateMasksWarning,
+    HyperparameterSearch,
+    KernelSurrogate,
+    PairSolve,
+    check_fit_inputs,
+    check_grid,
+    check_kernel_inputs,
+    check_num_folds,
+    check_per_target,
+    check_ridge,
+    check_search_options,
+    cholesky_with_jitter,
+    criterion_values,
+    default_gamma_grid,
+    default_ridge_grid,
+    fit_per_pair,
+    prediction_masks,
+    pytree_dataclass,
+    ridges_at_least,
+    search_result,
+    standardization,
+    warn_if_duplicate_masks,
 )
 
-MIN_SUBSETS = 2
-MAX_JITTER_TRIES = 8
-
-
-def _pytree_dataclass(cls=None, *, meta=(), eq: bool = True):
-    """Frozen dataclass registered as a pytree; ``meta`` fields are static;
-    ``eq=False`` keeps identity comparison and hashing."""
-
-    def wrap(c):
-        c = dataclasses.dataclass(frozen=True, eq=eq)(c)
-        fields = [f.name for f in dataclasses.fields(c)]
-        return jax.tree_util.register_dataclass(
-            c, data_fields=[f for f in fields if f not in meta], meta_fields=list(meta)
-        )
-
-    return wrap if cls is None else wrap(cls)
-
-
-def _check_fit_inputs(masks, scores):
-    masks = check_masks(masks)
-    scores = check_scores(scores, num_rows=masks.shape[0])
-    if masks.shape[0] < MIN_SUBSETS:
-        raise ValueError(
-            f"masks must have at least {MIN_SUBSETS} subsets (rows) to fit a "
-            f"surrogate, got {masks.shape[0]}."
-        )
-    dtype = jnp.result_type(masks, scores)
-    return masks.astype(dtype), scores.astype(dtype)
-
-
-def _check_ridge(ridge, name="ridge", *, positive=False):
-    if isinstance(ridge, (bool, str)) or ridge is None:
-        raise TypeError(f"{name} must be a number, got {ridge!r}.")
-    if is_concrete(ridge):
-        values = np.asarray(ridge)
-        if not np.issubdtype(values.dtype, np.number):
-            raise TypeError(f"{name} must be a number, got {ridge!r}.")
-        bad = ~np.isfinite(values) | ((values <= 0) if positive else (values < 0))
-        if bad.any():
-            expected = "positive" if positive else "non-negative"
-            raise ValueError(f"{name} must be {expected} and finite, got {ridge!r}.")
-    return ridge
+__all__ = [
+    "AUTO_EXACT_MAX_SUBSETS",
+    "CRITERIA",
+    "DEFAULT_CRITERION",
+    "NYSTROM_DEFAULT_SEED",
+    "SOLVERS",
+    "DuplicateMasksWarning",
+    "HyperparameterSearch",
+    "KernelSurrogate",
+    "LinearSurrogate",
+    "check_surrogate",
+    "default_gamma_grid",
+    "default_ridge_grid",
+    "fit_kernel_surrogate",
+    "fit_linear_surrogate",
+    "kernel_loo_predictions",
+    "predict",
+    "select_kernel_hyperparameters",
+    "surrogate_coefficients",
+]
 
 
 # ----------------------------------------------------------------------------
@@ -95,7 +99,7 @@ def _check_ridge(ridge, name="ridge", *, positive=False):
 # ----------------------------------------------------------------------------
 
 
-@_pytree_dataclass
+@pytree_dataclass
 class LinearSurrogate:
     """``g(s) = intercept + s @ coef``.
 
@@ -113,8 +117,8 @@ class LinearSurrogate:
 
     def predict(self, masks) -> jax.Array:
         """Predicted scores ``[n, num_targets]`` for masks ``[n, num_tasks]``."""
-        masks = check_masks(masks, num_tasks=self.num_tasks)
-        return masks.astype(self.coef.dtype) @ self.coef + self.intercept
+        masks = prediction_masks(masks, self.num_tasks, self.coef.dtype)
+        return masks @ self.coef + self.intercept
 
 
 def fit_linear_surrogate(
@@ -135,13 +139,13 @@ def fit_linear_surrogate(
     Returns:
       ``LinearSurrogate``.
     """
-    masks, scores = _check_fit_inputs(masks, scores)
-    ridge = _check_ridge(ridge)
+    masks, scores = check_fit_inputs(masks, scores)
+    ridge = check_ridge(ridge)
     fit_intercept = check_bool(fit_intercept, "fit_intercept")
     if rcond is None:
         rcond = jnp.finfo(masks.dtype).eps * max(masks.shape)
     else:
-        _check_ridge(rcond, "rcond")
+        check_ridge(rcond, "rcond")
     return _fit_linear(masks, scores, jnp.asarray(ridge, masks.dtype),
                        jnp.asarray(rcond, masks.dtype), fit_intercept)
 
@@ -169,67 +173,6 @@ def _fit_linear(x, y, ridge, rcond, fit_intercept):
 # ----------------------------------------------------------------------------
 # Kernel surrogate
 # ----------------------------------------------------------------------------
-
-
-@_pytree_dataclass(meta=("kernel", "degree"))
-class KernelSurrogate:
-    """Kernel ridge regression over subset masks.
-
-    Targets may carry their own hyperparameters: target ``t`` uses width
-    ``gammas[gamma_index[t]]`` and penalty ``ridge[t]``.
-
-    Attributes:
-      train_masks: ``[num_subsets, num_tasks]`` masks the surrogate was fit on.
-      alpha: ``[num_subsets, num_targets]`` dual coefficients.
-      gammas: ``[num_gammas]`` distinct kernel widths.
-      gamma_index: ``[num_targets]`` int index into ``gammas``.
-      ridge: ``[num_targets]`` ridge penalty per target.
-      jitter: ``[num_targets]`` diagonal jitter actually added.
-      y_mean, y_scale: ``[num_targets]`` target standardisation (0 and 1 if off).
-      coef0: polynomial offset.
-      kernel: kernel name (static).
-      degree: polynomial degree (static).
-    """
-
-    train_masks: jax.Array
-    alpha: jax.Array
-    gammas: jax.Array
-    gamma_index: jax.Array
-    ridge: jax.Array
-    jitter: jax.Array
-    y_mean: jax.Array
-    y_scale: jax.Array
-    coef0: jax.Array
-    kernel: str = "rbf"
-    degree: int = 3
-
-    @property
-    def num_tasks(self) -> int:
-        return self.train_masks.shape[1]
-
-    @property
-    def gamma(self) -> jax.Array:
-        """``[num_targets]`` kernel width of each target."""
-        return self.gammas[self.gamma_index]
-
-    def predict(self, masks, *, block_size: int | None = None) -> jax.Array:
-        """Predicted scores ``[n, num_targets]`` for masks ``[n, num_tasks]``."""
-        masks = check_masks(masks, num_tasks=self.num_tasks)
-        masks = masks.astype(self.alpha.dtype)
-
-        def one_gamma(g):
-            k = gram(masks, self.train_masks, kernel=self.kernel, gamma=g,
-                     degree=self.degree, coef0=self.coef0, block_size=block_size)
-            return k @ self.alpha
-
-        if self.gammas.shape[0] == 1:
-            raw = one_gamma(self.gammas[0])
-        else:
-            per_gamma = jax.lax.map(one_gamma, self.gammas)  # [G, n, T]
-            raw = jnp.take_along_axis(
-                per_gamma, self.gamma_index[None, None, :], axis=0
-            )[0]
-        return raw * self.y_scale + self.y_mean
 
 
 AUTO_EXACT_MAX_SUBSETS = 10_000
@@ -304,143 +247,49 @@ def fit_kernel_surrogate(
     Returns:
       ``KernelSurrogate`` (for Nyström, ``train_masks`` are the centres).
     """
-    masks, scores = _check_fit_inputs(masks, scores)
-    standardize = check_bool(standardize, "standardize")
-    check_kernel_name(kernel)
-    degree = check_degree(degree)
-    check_finite_scalar(coef0, "coef0")
+    masks, scores, kernel, degree, standardize = check_kernel_inputs(
+        masks, scores, kernel=kernel, degree=degree, coef0=coef0,
+        standardize=standardize)
     if _resolve_solver(solver, masks.shape[0], num_centers, key) == "nystrom":
-        from tasksurrogate_jax import nystrom  # nystrom imports this module
-
         if key is None:
             key = jax.random.key(NYSTROM_DEFAULT_SEED)
         if not (is_concrete(masks) and is_concrete(scores)):
             raise TypeError(
                 "solver='nystrom' needs concrete masks and scores (not traced inside "
                 "jit); use solver='exact' under jit.")
-        _check_ridge(ridge, positive=True)
+        check_ridge(ridge, positive=True)
         return nystrom.fit_nystrom_surrogate(
             masks, scores, num_centers=num_centers, key=key, kernel=kernel,
             gamma=gamma, ridge=ridge, degree=degree, coef0=coef0,
             standardize=standardize).surrogate
-    kernel = check_kernel_name(kernel)
-    gamma = check_gamma(gamma, masks.shape[1])
-    ridge = _check_ridge(ridge)
-    _check_ridge(jitter, "jitter")
     dtype = masks.dtype
     num_targets = scores.shape[1]
-    y_mean, y_scale = _standardization(scores, standardize)
-    y = (scores - y_mean) / y_scale
-    gamma_arr, ridge_arr = jnp.asarray(gamma, dtype), jnp.asarray(ridge, dtype)
-    for name, arr in (("gamma", gamma_arr), ("ridge", ridge_arr)):
-        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != num_targets):
-            raise ValueError(
-                f"{name} must be a scalar or have shape [num_targets]=({num_targets},)"
-                f", got shape {arr.shape}."
-            )
+    gamma = check_per_target(check_gamma(gamma, masks.shape[1]), "gamma", num_targets,
+                             dtype)
+    ridge = check_per_target(check_ridge(ridge), "ridge", num_targets, dtype)
+    jitter = jnp.asarray(check_ridge(jitter, "jitter"), dtype)
     coef0 = jnp.asarray(coef0, dtype)
-    jitter = jnp.asarray(jitter, dtype)
+    y_mean, y_scale = standardization(scores, standardize)
+    y = (scores - y_mean) / y_scale
 
-    if gamma_arr.ndim == 0 and ridge_arr.ndim == 0:
-        alpha, used_jitter, ok = _fit_kernel_single(
-            masks, y, gamma_arr, ridge_arr, coef0, jitter, kernel, degree)
-        _raise_if_not_factored(ok, ridge_arr, used_jitter)
-        return KernelSurrogate(
-            train_masks=masks, alpha=alpha, gammas=gamma_arr[None],
-            gamma_index=jnp.zeros(num_targets, jnp.int32),
-            ridge=jnp.full(num_targets, ridge_arr),
-            jitter=jnp.full(num_targets, used_jitter),
-            y_mean=y_mean, y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
+    def solve(g, r, columns):
+        # Every column is solved (fixed shapes: one compilation for all pairs).
+        alpha, used, ok = _fit_kernel_single(masks, y, g, r, coef0, jitter, kernel,
+                                             degree)
+        return PairSolve(alpha[:, columns], (), used, ok)
 
-    # Per-target hyperparameters: one factorisation per distinct (gamma, ridge),
-    # each solved for every column (fixed shapes: one compilation), keeping the
-    # columns of that group.
-    if not (is_concrete(gamma_arr) and is_concrete(ridge_arr)):
-        raise TypeError(
-            "per-target gamma or ridge arrays must be concrete (not traced inside "
-            "jit); pass scalars to fit under jit."
-        )
-    gamma_t = np.broadcast_to(np.asarray(gamma_arr), (num_targets,))
-    ridge_t = np.broadcast_to(np.asarray(ridge_arr), (num_targets,))
-    gammas, gamma_index = np.unique(gamma_t, return_inverse=True)
-    alpha = jnp.zeros_like(y)
-    jitter_t = jnp.zeros(num_targets, dtype)
-    for g, r in sorted(set(zip(gamma_t.tolist(), ridge_t.tolist(), strict=True))):
-        group = jnp.asarray((gamma_t == g) & (ridge_t == r))
-        a, used, ok = _fit_kernel_single(
-            masks, y, jnp.asarray(g, dtype), jnp.asarray(r, dtype), coef0, jitter,
-            kernel, degree)
-        _raise_if_not_factored(ok, r, used)
-        alpha = jnp.where(group[None, :], a, alpha)
-        jitter_t = jnp.where(group, used, jitter_t)
-    return KernelSurrogate(
-        train_masks=masks, alpha=alpha, gammas=jnp.asarray(gammas, dtype),
-        gamma_index=jnp.asarray(gamma_index.reshape(-1), jnp.int32),
-        ridge=jnp.asarray(ridge_t, dtype), jitter=jitter_t, y_mean=y_mean,
-        y_scale=y_scale, coef0=coef0, kernel=kernel, degree=degree)
-
-
-def _standardization(scores, standardize):
-    num_targets = scores.shape[1]
-    if not standardize:
-        return jnp.zeros(num_targets, scores.dtype), jnp.ones(num_targets, scores.dtype)
-    scale = scores.std(axis=0)
-    return scores.mean(axis=0), jnp.where(scale > 0, scale, 1.0)
+    return fit_per_pair(solve, train_masks=masks, gamma=gamma, ridge=ridge,
+                        y_mean=y_mean, y_scale=y_scale, coef0=coef0, kernel=kernel,
+                        degree=degree)[0]
 
 
 @partial(jax.jit, static_argnums=(6, 7))
 def _fit_kernel_single(masks, y, gamma, ridge, coef0, jitter, kernel, degree):
     """Solves ``(K + (ridge + jitter) I) alpha = y`` by Cholesky, growing jitter."""
     k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
-    chol, used_jitter, ok = _cholesky_with_jitter(k, ridge, jitter)
+    chol, used_jitter, ok = cholesky_with_jitter(k, ridge, jitter)
     alpha = jax.scipy.linalg.cho_solve((chol, True), y)
     return alpha, used_jitter, ok
-
-
-def _cholesky_with_jitter(k, shift, jitter):
-    """Cholesky of ``k + (shift + jitter) I``; jitter x10 while not finite."""
-    eye = jnp.eye(k.shape[0], dtype=k.dtype)
-    floor = jnp.finfo(k.dtype).eps * jnp.maximum(jnp.trace(k) / k.shape[0], 1.0)
-
-    def factor(j):
-        return jnp.linalg.cholesky(k + (shift + j) * eye)
-
-    def failed(chol):
-        return ~jnp.all(jnp.isfinite(chol))
-
-    def body(state):
-        _, j, tries = state
-        j = jnp.maximum(10.0 * j, floor)
-        return factor(j), j, tries + 1
-
-    state = (factor(jitter), jitter, 0)
-    chol, used, _ = jax.lax.while_loop(
-        lambda s: failed(s[0]) & (s[2] < MAX_JITTER_TRIES), body, state)
-    return chol, used, ~failed(chol)
-
-
-def _factor_error(ridge, jitter) -> ValueError:
-    return ValueError(
-        "the kernel matrix could not be factored: K + (ridge + jitter) I is not "
-        f"positive definite even with jitter grown to {float(jitter):.3g} "
-        f"(ridge={float(ridge):.3g}). Use a positive-definite kernel (rbf, "
-        "laplacian) or a larger ridge."
-    )
-
-
-def _raise_if_not_factored(ok, ridge, jitter):
-    if is_concrete(ok):
-        if not bool(ok):
-            raise _factor_error(ridge, jitter)
-        return
-
-    def check(ok_value, ridge_value, jitter_value):
-        # Host copies first: calling jax ops inside a callback can deadlock.
-        if not np.asarray(ok_value).all():
-            raise _factor_error(np.asarray(ridge_value).max(),
-                                np.asarray(jitter_value).max())
-
-    jax.debug.callback(check, ok, ridge, jitter)
 
 
 def check_surrogate(surrogate, name: str = "surrogate") -> int:
@@ -469,79 +318,6 @@ def predict(surrogate, masks) -> jax.Array:
 # ----------------------------------------------------------------------------
 # Hyperparameter selection
 # ----------------------------------------------------------------------------
-
-
-@_pytree_dataclass(meta=("criterion", "method"))
-class HyperparameterSearch:
-    """Result of ``select_kernel_hyperparameters`` (and of
-    ``nystrom.select_nystrom_hyperparameters``).
-
-    Attributes:
-      gamma: chosen width: a scalar, or ``[num_targets]`` with ``per_target``.
-      ridge: chosen penalty, shaped like ``gamma``.
-      gammas: ``[num_gammas]`` grid.
-      ridges: ``[num_ridges]`` grid.
-      table: ``[num_gammas, num_ridges, num_targets]`` criterion per target.
-      mean_table: ``[num_gammas, num_ridges]`` criterion averaged over targets.
-      criterion: ``"spearman"`` (higher is better; the default of both
-        searches) or ``"mse"`` (lower is better).
-      method: ``"loo"`` or ``"kfold"`` (``"holdout"`` or ``"kfold"`` for
-        the Nyström search).
-    """
-
-    gamma: jax.Array
-    ridge: jax.Array
-    gammas: jax.Array
-    ridges: jax.Array
-    table: jax.Array
-    mean_table: jax.Array
-    criterion: str
-    method: str
-
-
-CRITERIA = ("spearman", "mse")
-
-DEFAULT_CRITERION = "spearman"
-"""The criterion of every hyperparameter search by default (as in the pipeline);
-see :func:`select_kernel_hyperparameters`."""
-
-
-def default_gamma_grid(num_tasks: int) -> np.ndarray:
-    """Six widths around the reference ``1 / num_tasks``: ``2^{-2..3} / num_tasks``."""
-    return 2.0 ** np.arange(-2, 4) / num_tasks
-
-
-def default_ridge_grid(num_subsets: int | None = None, dtype=None) -> np.ndarray:
-    """Six penalties ``10^{-4..1}``; given ``num_subsets`` and a float ``dtype``,
-    only those above the rounding error of an RBF kernel matrix's eigenvalues
-    (``10 eps m``, the threshold of the precision warning), in the dtype the
-    fit computes in (float64 is float32 without ``jax_enable_x64``). When no
-    grid value is that large (float32 beyond about 8 million subsets), the
-    smallest power of ten above the threshold.
-
-    This is the grid :func:`select_kernel_hyperparameters` and
-    :func:`nystrom.select_nystrom_hyperparameters` search when ``ridges=None``
-    (the former also drops what the precision warning of a non-RBF kernel,
-    whose diagonal is not 1, would flag): a default never trips the warning.
-    """
-    grid = 10.0 ** np.arange(-4, 2)
-    if num_subsets is None or dtype is None:
-        return grid
-    eps = np.finfo(jax.dtypes.canonicalize_dtype(dtype)).eps
-    return _ridges_at_least(grid, 10 * float(eps) * num_subsets, dtype)
-
-
-def _ridges_at_least(grid, threshold, dtype) -> np.ndarray:
-    """The values of ``grid`` that, rounded to ``dtype``, are at least
-    ``threshold``; else the smallest such power of ten."""
-    dtype = jax.dtypes.canonicalize_dtype(dtype)
-    kept = grid[np.asarray(grid, dtype) >= threshold]
-    if kept.size:
-        return kept
-    value = 10.0 ** np.ceil(np.log10(threshold))
-    while np.asarray(value, dtype) < threshold:
-        value *= 10.0
-    return np.array([value])
 
 
 def select_kernel_hyperparameters(
@@ -605,33 +381,26 @@ def select_kernel_hyperparameters(
       ``HyperparameterSearch``; feed ``gamma`` and ``ridge`` to
       ``fit_kernel_surrogate``.
     """
-    masks, scores = _check_fit_inputs(masks, scores)
-    kernel = check_kernel_name(kernel)
-    if not isinstance(method, str) or method not in ("loo", "kfold"):
-        raise ValueError(f"method must be 'loo' or 'kfold', got {method!r}.")
-    criterion = _check_criterion(criterion, scores)
-    per_target = check_bool(per_target, "per_target")
-    standardize = check_bool(standardize, "standardize")
-    degree = check_degree(degree)
-    check_finite_scalar(coef0, "coef0")
+    masks, scores, kernel, degree, standardize = check_kernel_inputs(
+        masks, scores, kernel=kernel, degree=degree, coef0=coef0,
+        standardize=standardize)
+    criterion, per_target = check_search_options(method, ("loo", "kfold"), criterion,
+                                                 scores, per_target)
     dtype = masks.dtype
     num_subsets = masks.shape[0]
     gammas = default_gamma_grid(masks.shape[1]) if gammas is None else gammas
-    gammas = jnp.atleast_1d(jnp.asarray(check_gamma(gammas, 1, "gammas"), dtype))
-    if gammas.ndim != 1:
-        raise ValueError(f"gammas must be a 1-D grid, got shape {gammas.shape}.")
+    gammas = check_grid(jnp.atleast_1d(jnp.asarray(check_gamma(gammas, 1, "gammas"),
+                                                   dtype)), "gammas")
     coef0 = jnp.asarray(coef0, dtype)
     resolution = _ridge_resolution(masks, gammas, coef0, kernel, degree)
     if ridges is None:
         ridges = default_ridge_grid(num_subsets, dtype)
         if resolution is not None:
-            ridges = _ridges_at_least(ridges, resolution, dtype)
-    ridges = jnp.atleast_1d(jnp.asarray(_check_ridge(ridges, "ridges", positive=True),
-                                        dtype))
-    if ridges.ndim != 1:
-        raise ValueError(f"ridges must be a 1-D grid, got shape {ridges.shape}.")
+            ridges = ridges_at_least(ridges, resolution, dtype)
+    ridges = check_grid(jnp.atleast_1d(jnp.asarray(
+        check_ridge(ridges, "ridges", positive=True), dtype)), "ridges")
     _warn_if_ridge_below_precision(ridges, resolution, dtype)
-    _warn_if_duplicate_masks(masks, f"method={method!r}")
+    warn_if_duplicate_masks(masks, f"method={method!r}")
 
     if method == "loo":
         if num_subsets < 3:
@@ -639,16 +408,11 @@ def select_kernel_hyperparameters(
                 "masks must have at least 3 subsets for leave-one-out, got "
                 f"{num_subsets}."
             )
-        y_mean, y_scale = _standardization(scores, standardize)
+        y_mean, y_scale = standardization(scores, standardize)
         table = _loo_table(masks, (scores - y_mean) / y_scale, gammas, ridges, coef0,
                            kernel, degree, criterion)
     else:
-        num_folds = check_positive_int(num_folds, "num_folds", minimum=2)
-        if num_folds > num_subsets // 2:
-            raise ValueError(
-                f"num_folds={num_folds} needs at least {2 * num_folds} subsets (two "
-                f"per fold), got {num_subsets}."
-            )
+        num_folds = check_num_folds(num_folds, num_subsets)
         order = np.arange(num_subsets)
         if key is not None:
             order = np.asarray(jax.random.permutation(check_key(key), num_subsets))
@@ -656,45 +420,8 @@ def select_kernel_hyperparameters(
         table = _kfold_table(masks, scores, folds, gammas, ridges, coef0, kernel,
                              degree, criterion, standardize)
 
-    gamma, ridge, mean_table = _choose_hyperparameters(table, gammas, ridges,
-                                                       criterion, per_target)
-    return HyperparameterSearch(gamma=gamma, ridge=ridge, gammas=gammas, ridges=ridges,
-                                table=table, mean_table=mean_table,
-                                criterion=criterion, method=method)
-
-
-def _check_criterion(criterion, scores) -> str:
-    """``criterion`` if valid; Spearman also needs scores that vary."""
-    if not isinstance(criterion, str) or criterion not in CRITERIA:
-        raise ValueError(f"criterion must be 'mse' or 'spearman', got {criterion!r}.")
-    if criterion == "spearman" and is_concrete(scores):
-        values = np.asarray(scores)
-        if (values == values[:1]).all():
-            raise ValueError(
-                "scores are constant in every target column: criterion='spearman' "
-                "ranks held-out predictions against them and is undefined; use "
-                "criterion='mse' or scores that vary.")
-    return criterion
-
-
-def _choose_hyperparameters(table, gammas, ridges, criterion, per_target):
-    """``(gamma, ridge, mean_table)`` best by ``criterion`` in ``table``
-    ``[num_gammas, num_ridges, num_targets]``; NaN cells are ignored, and a
-    target whose cells are all NaN gets the setting best for the mean."""
-    better = jnp.nanargmin if criterion == "mse" else jnp.nanargmax
-    mean_table = jnp.nanmean(table, axis=-1)
-    if is_concrete(mean_table) and np.isnan(np.asarray(mean_table)).all():
-        raise ValueError(
-            f"the {criterion} criterion is NaN at every (gamma, ridge) of the grid "
-            "(e.g. Spearman of held-out predictions that are constant): no setting "
-            "can be chosen. Check the scores, or use criterion='mse'.")
-    num_ridges = ridges.shape[0]
-    best = better(mean_table.reshape(-1))
-    if per_target:
-        flat = table.reshape(-1, table.shape[-1])
-        best = jnp.where(jnp.all(jnp.isnan(flat), axis=0), best,
-                         better(flat, axis=0))
-    return gammas[best // num_ridges], ridges[best % num_ridges], mean_table
+    return search_result(table, gammas, ridges, criterion=criterion, method=method,
+                         per_target=per_target)
 
 
 def _ridge_resolution(masks, gammas, coef0, kernel, degree):
@@ -707,12 +434,9 @@ def _ridge_resolution(masks, gammas, coef0, kernel, degree):
     if kernel in ("rbf", "laplacian"):
         return 10 * eps * masks.shape[0]
 
-    def trace(gamma):
-        diag = jax.vmap(lambda x: gram(x[None], x[None], kernel=kernel, gamma=gamma,
-                                       degree=degree, coef0=coef0)[0, 0])(masks)
-        return jnp.sum(jnp.abs(diag))
-
-    return 10 * eps * max(float(trace(g)) for g in gammas)
+    diagonals = jax.vmap(lambda g: kernel_diagonal(masks, kernel, g, degree, coef0))(
+        gammas)
+    return 10 * eps * float(jnp.max(jnp.sum(jnp.abs(diagonals), axis=1)))
 
 
 def _warn_if_ridge_below_precision(ridges, resolution, dtype):
@@ -734,35 +458,6 @@ def _warn_if_ridge_below_precision(ridges, resolution, dtype):
             RuntimeWarning, stacklevel=3)
 
 
-class DuplicateMasksWarning(UserWarning):
-    """Masks given to a held-out criterion repeat rows: a held-out mask's copies
-    stay in the training rows, so the criterion leaks (filter it with
-    ``warnings.filterwarnings("ignore", category=DuplicateMasksWarning)`` when
-    the repetition is intended)."""
-
-
-def _warn_if_duplicate_masks(
-        masks, what: str,
-        consequence: str = "the criterion rewards interpolation (the smallest "
-                           "ridges)"):
-    """Warns when concrete ``masks`` repeat rows, which held-out criteria leak."""
-    count = num_duplicate_rows(masks)
-    if count:
-        warnings.warn(
-            f"masks holds {count} duplicate rows (equal to an earlier row): with "
-            f"{what} a held-out mask's copies stay in the training rows, so "
-            f"{consequence}. Average the scores of each distinct mask first "
-            "(subsets.unique_masks).",
-            DuplicateMasksWarning, stacklevel=3)
-
-
-def _criterion_values(truth, predicted, criterion):
-    """``[num_targets]`` held-out criterion."""
-    if criterion == "mse":
-        return jnp.mean((predicted - truth) ** 2, axis=0)
-    return metrics.spearman(truth, predicted)
-
-
 def _spectrum(masks, gamma, coef0, kernel, degree):
     """Eigenvalues (clipped at 0) and eigenvectors of the kernel matrix."""
     k = gram(masks, masks, kernel=kernel, gamma=gamma, degree=degree, coef0=coef0)
@@ -782,7 +477,7 @@ def _loo_table(masks, y, gammas, ridges, coef0, kernel, degree, criterion):
         def per_ridge(ridge):
             loo_prediction = _loo_from_spectrum(evals, evecs, sq_evecs, projected, y,
                                                 ridge)
-            return _criterion_values(y, loo_prediction, criterion)
+            return criterion_values(y, loo_prediction, criterion)
 
         return jax.lax.map(per_ridge, ridges)
 
@@ -816,13 +511,13 @@ def kernel_loo_predictions(
     Returns:
       ``[num_subsets, num_targets]`` held-out predictions.
     """
-    masks, scores = _check_fit_inputs(masks, scores)
+    masks, scores = check_fit_inputs(masks, scores)
     kernel = check_kernel_name(kernel)
     degree = check_degree(degree)
     check_finite_scalar(coef0, "coef0")
     dtype = masks.dtype
     gamma = jnp.asarray(check_gamma(gamma, masks.shape[1]), dtype)
-    ridge = jnp.asarray(_check_ridge(ridge, "ridge", positive=True), dtype)
+    ridge = jnp.asarray(check_ridge(ridge, "ridge", positive=True), dtype)
     for name, value in (("gamma", gamma), ("ridge", ridge)):
         if value.ndim != 0:
             raise ValueError(f"{name} must be a scalar, got shape {value.shape}.")
@@ -853,7 +548,7 @@ def _kfold_table(masks, y, folds, gammas, ridges, coef0, kernel, degree, criteri
             scale = jnp.sqrt(jnp.maximum(second - mean * mean, 0.0))
             stats.append((mean, jnp.where(scale > 0, scale, 1.0)))
         else:
-            stats.append(_standardization(y, False))
+            stats.append(standardization(y, False))
     rhs = jnp.concatenate([y, jnp.ones((num_subsets, 1), y.dtype)], axis=1)
 
     def per_gamma(gamma):
@@ -871,7 +566,7 @@ def _kfold_table(masks, y, folds, gammas, ridges, coef0, kernel, degree, criteri
                 shifted = (a_y[fold] - a_one[fold][:, None] * mean) / scale
                 residual = jax.scipy.linalg.solve(a_vv, shifted, assume_a="pos")
                 truth = (y[fold] - mean) / scale
-                values.append(_criterion_values(truth, truth - residual, criterion))
+                values.append(criterion_values(truth, truth - residual, criterion))
             return jnp.mean(jnp.stack(values), axis=0)
 
         return jax.lax.map(per_ridge, ridges)

@@ -85,7 +85,18 @@ from tasksurrogate_jax._checks import (
     is_concrete,
 )
 from tasksurrogate_jax.chunking import map_padded_chunks
-from tasksurrogate_jax.kernels import gram
+from tasksurrogate_jax.kernels import (
+    gram,
+    kernel_diagonal,
+    kernel_from_terms,
+    pairwise_terms,
+)
+from tasksurrogate_jax.ridge import (
+    factor_error,
+    prediction_masks,
+    pytree_dataclass,
+    warn_if_duplicate_masks,
+)
 from tasksurrogate_jax.selection import (
     SurrogateObjective,
     select_subset,
@@ -94,9 +105,6 @@ from tasksurrogate_jax.selection import (
 from tasksurrogate_jax.surrogates import (
     KernelSurrogate,
     LinearSurrogate,
-    _factor_error,
-    _pytree_dataclass,
-    _warn_if_duplicate_masks,
     check_surrogate,
     fit_kernel_surrogate,
     select_kernel_hyperparameters,
@@ -109,16 +117,6 @@ TAILS = ("upper", "lower", "both")
 # ----------------------------------------------------------------------------
 # Posterior
 # ----------------------------------------------------------------------------
-
-
-def _self_kernel(masks, kernel, gamma, degree, coef0):
-    """``k(x, x)`` for each row ``x`` of ``masks``: ``[n]``."""
-    if kernel in ("rbf", "laplacian"):
-        return jnp.ones(masks.shape[0], masks.dtype)
-    sq = jnp.sum(masks * masks, axis=1)
-    if kernel == "polynomial":
-        return (gamma * sq + coef0) ** degree
-    return sq
 
 
 def _map_blocks(fn, masks, block_size):
@@ -140,7 +138,7 @@ def _check_block_size(block_size):
     return block_size
 
 
-@partial(_pytree_dataclass, eq=False)
+@partial(pytree_dataclass, eq=False)
 class KernelPosterior:
     """GP posterior of a fitted exact :class:`KernelSurrogate` (module docstring).
 
@@ -178,19 +176,19 @@ class KernelPosterior:
         return self.signal_variance * (s.ridge + s.jitter) * s.y_scale**2
 
     def _check(self, masks):
-        masks = check_masks(masks, num_tasks=self.num_tasks)
-        return masks.astype(self.chol.dtype)
+        return prediction_masks(masks, self.num_tasks, self.chol.dtype)
 
     def _terms(self, masks):
         """``(raw mean, latent variance)``, each ``[n, T]``, in standardised
-        units (the variance without ``sigma2``)."""
+        units (the variance without ``sigma2``); the gamma-free kernel terms
+        are computed once for every factor."""
         s = self.surrogate
+        terms = pairwise_terms(masks, s.train_masks, s.kernel)
 
         def one_group(gamma, chol):
-            k = gram(masks, s.train_masks, kernel=s.kernel, gamma=gamma,
-                     degree=s.degree, coef0=s.coef0)
+            k = kernel_from_terms(terms, s.kernel, gamma, s.degree, s.coef0)
             v = jax.scipy.linalg.solve_triangular(chol, k.T, lower=True)
-            prior = _self_kernel(masks, s.kernel, gamma, s.degree, s.coef0)
+            prior = kernel_diagonal(masks, s.kernel, gamma, s.degree, s.coef0)
             return k @ s.alpha, jnp.maximum(prior - jnp.sum(v * v, axis=0), 0.0)
 
         if self.chol.shape[0] == 1:
@@ -370,7 +368,7 @@ def fit_posterior(surrogate, masks, scores, *,
         group_index, surrogate.coef0, surrogate.kernel, surrogate.degree)
     if is_concrete(ok) and not bool(np.all(ok)):
         bad = int(np.argmin(np.asarray(ok)))
-        raise _factor_error(float(surrogate.ridge[take][bad]),
+        raise factor_error(float(surrogate.ridge[take][bad]),
                             float(surrogate.jitter[take][bad]))
     if concrete and is_concrete(worst):
         worst, size = np.asarray(worst), np.asarray(size)
@@ -513,8 +511,7 @@ class TrustRegionObjective(SurrogateObjective):
     penalty: jax.Array
 
     def _check(self, masks):
-        masks = check_masks(masks, num_tasks=self.num_tasks)
-        return masks.astype(self.data_masks.dtype)
+        return prediction_masks(masks, self.num_tasks, self.data_masks.dtype)
 
     def distance(self, masks) -> jax.Array:
         """``[n]`` Hamming distance to the nearest of ``data_masks``."""
@@ -735,7 +732,7 @@ def calibrate_kappa(
         raise ValueError(
             f"masks must have at least 3 subsets for leave-one-out, got "
             f"{masks.shape[0]}.")
-    _warn_if_duplicate_masks(
+    warn_if_duplicate_masks(
         masks, "leave-one-out calibration",
         "the held-out residuals are too small and kappa too low")
     if kappa_grid is None:

@@ -63,3 +63,18 @@ def test_mismatched_feature_columns():
         kernels.gram(X, Y[:, :3])
     with pytest.raises(ValueError, match="same number of columns"):
         jax.jit(kernels.gram)(X, Y[:, :3])
+
+
+@pytest.mark.parametrize("name", kernels.KERNELS)
+def test_kernel_from_shared_terms_and_diagonal_equal_gram(name):
+    """The gamma-free terms serve every width; the diagonal needs no matrix."""
+    x, y = RNG.random((6, 5)), RNG.random((4, 5))
+    p = {"degree": 3, "coef0": 1.0}
+    terms = kernels.pairwise_terms(x, y, name)
+    for gamma in (0.1, 0.7):
+        np.testing.assert_allclose(
+            kernels.kernel_from_terms(terms, name, gamma, p["degree"], p["coef0"]),
+            kernels.gram(x, y, kernel=name, gamma=gamma, **p), rtol=1e-12)
+        np.testing.assert_allclose(
+            kernels.kernel_diagonal(x, name, gamma, p["degree"], p["coef0"]),
+            np.diag(kernels.gram(x, x, kernel=name, gamma=gamma, **p)), rtol=1e-12)

@@ -348,3 +348,17 @@ def test_default_num_centers_rule():
     assert nystrom.default_num_centers(8_000) == 2_000
     assert nystrom.default_num_centers(100_000) == 3_163
     assert nystrom.default_tolerance(np.float64) == pytest.approx(1.49e-8, rel=1e-2)
+
+
+def test_predict_makes_no_implicit_transfer():
+    """The Nyström surrogate's prediction of device-resident masks, eager and
+    jitted, runs with implicit transfers disallowed."""
+    surrogate = nystrom_fit(num_centers=30,
+                            gamma=np.array([0.1, 0.3, 0.1])).surrogate
+    expected = surrogate.predict(NEW)
+    new = jax.device_put(NEW)
+    with jax.transfer_guard("disallow"):
+        eager = surrogate.predict(new)
+        jitted = jax.jit(lambda s, x: s.predict(x))(surrogate, new)
+    np.testing.assert_allclose(eager, expected, rtol=1e-12)
+    np.testing.assert_allclose(jitted, expected, rtol=1e-12)

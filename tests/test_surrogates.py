@@ -105,6 +105,46 @@ def test_fitted_surrogates_are_pytrees_that_pass_through_jit_without_retracing()
     assert doubled.kernel == "rbf"
 
 
+def test_predict_and_jitted_fit_make_no_implicit_transfer():
+    """Device-resident masks: eager and jitted predictions (one width, per-target
+    widths, blocks) and a fit under jit run with implicit transfers disallowed."""
+    per_target = surrogates.fit_kernel_surrogate(
+        MASKS, SCORES, gamma=np.array([0.1, 0.4, 0.1, 0.4, 0.2]))
+    fitted = (per_target, surrogates.fit_kernel_surrogate(MASKS, SCORES),
+              surrogates.fit_linear_surrogate(MASKS, SCORES))
+    expected = [s.predict(NEW) for s in fitted]
+    masks, scores, new = (jax.device_put(x) for x in (MASKS, SCORES, NEW))
+    jitted_predict = jax.jit(lambda s, x: s.predict(x))
+    fit_predict = jax.jit(lambda m, y, x: surrogates.fit_kernel_surrogate(
+        m, y, gamma=0.2, ridge=0.1).predict(x))
+    with jax.transfer_guard("disallow"):
+        eager = [s.predict(new) for s in fitted]
+        jitted = [jitted_predict(s, new) for s in fitted]
+        blocked = [s.predict(new, block_size=5) for s in fitted[:2]]
+        refit = fit_predict(masks, scores, new)
+    for ours, ref in zip(eager + jitted + blocked, expected * 2 + expected[:2],
+                         strict=True):
+        np.testing.assert_allclose(ours, ref, rtol=1e-12)
+    np.testing.assert_allclose(refit, surrogates.fit_kernel_surrogate(
+        MASKS, SCORES, gamma=0.2, ridge=0.1).predict(NEW), rtol=1e-12)
+
+
+def test_predict_does_not_copy_device_masks_to_the_host(monkeypatch):
+    """The 0/1 check (a host copy) is skipped for a JAX array of the
+    surrogate's dtype and shape, and still runs on other inputs."""
+    fitted = surrogates.fit_kernel_surrogate(MASKS, SCORES)
+    expected = fitted.predict(NEW)
+
+    def host_check(masks, num_tasks):
+        raise AssertionError("check_masks ran on device-resident masks")
+
+    monkeypatch.setattr("tasksurrogate_jax.ridge.check_masks", host_check)
+    np.testing.assert_allclose(fitted.predict(jax.device_put(NEW)), expected,
+                               rtol=1e-12)
+    with pytest.raises(AssertionError, match="check_masks ran"):
+        fitted.predict(NEW)
+
+
 def test_jitter_grows_until_the_factor_is_finite():
     duplicated = np.concatenate([MASKS[:10]] * 3)
     scores = np.concatenate([SCORES[:10]] * 3)
@@ -122,6 +162,14 @@ def test_factorization_failure_raises_clear_error_eagerly_and_under_jit():
     fit = jax.jit(lambda m, s: surrogates.fit_kernel_surrogate(m, s, **kwargs).alpha)
     with pytest.raises(Exception, match="could not be factored"):
         jax.block_until_ready(fit(MASKS, SCORES))
+
+
+def test_factorization_failure_of_one_per_target_pair_names_its_ridge():
+    """Every (gamma, ridge) pair is solved before the one check of the fit."""
+    with pytest.raises(ValueError, match=r"could not be factored.*ridge=0\)"):
+        surrogates.fit_kernel_surrogate(
+            MASKS, SCORES, kernel="polynomial", gamma=1.0, coef0=-1.0, degree=3,
+            ridge=np.array([0.5, 0.5, 0.0, 0.5, 0.5]))
 
 
 class LinearSurrogateTest(chex.TestCase):
