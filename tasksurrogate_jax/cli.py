@@ -1,35 +1,38 @@
 """The ``tasksurrogate`` command.
 
     tasksurrogate list
-    tasksurrogate run digits --preset cpu [--out DIR] [--seed 0]
-        [--regime finetune|scratch] [--replicates 4]
-        [--num-subsets 96] [--num-heldout 32]
-        [--estimation-method finetune|solve] [--proj-dim 512]
-        [--baselines influence tracin trak] [--set num_steps=300 ...]
+    tasksurrogate run digits --preset cpu [--out DIR] [--seed 0] [...]
     tasksurrogate run digits --preset interactions --protocol pairs
     tasksurrogate run rl --preset tiny [--replicates 4] [--proj-dim 128] ...
     tasksurrogate run icl --preset tiny [--shots 4] [--truth-prompts 20000] ...
 
 ``list`` shows each workload's presets and protocol (``loo``: leave-one-out
 from the full set; ``fixed_size``: prompts of ``--shots`` demonstrations; see
-:mod:`tasksurrogate_jax.pipeline`). Options left out take the workload's
-defaults; an option that does not apply to the workload is an error.
+:mod:`tasksurrogate_jax.pipeline`). ``run``'s options are generated from the
+fields of :class:`~tasksurrogate_jax.pipeline.PipelineConfig` (``--num-subsets``
+for ``num_subsets``; ``--set FIELD=VALUE`` for ``overrides``), their help from
+its docstring (``tasksurrogate run --help``). Options left out take the
+workload's defaults; an option that does not apply to the workload is an
+error.
 
 ``run`` prints the table, writes ``results.json`` and the plots to ``--out``
-(default ``results/<workload>-<preset>[-<regime>][-pairs]-seed<seed>``) and resumes
-from what a previous run with the same configuration left there. Bad arguments
-(and an output folder of another configuration) print one line on stderr and
-exit with status 2; any other error is raised with its traceback.
+(default ``results/<workload>-<preset>[-<regime>][-pairs]-seed<seed>``) and
+resumes from what a previous run with the same configuration left there. Bad
+arguments (and an output folder of another configuration) print one line on
+stderr and exit with status 2; any other error is raised with its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
+import re
 import sys
 
 import jax
 
+from tasksurrogate_jax.baselines import HESSIANS
 from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
 from tasksurrogate_jax.estimation import OUTPUT_MODES
@@ -39,6 +42,7 @@ from tasksurrogate_jax.pipeline import (
     CV_CRITERIA,
     CV_METHODS,
     DESIGNS,
+    PROTOCOLS,
     PipelineConfig,
     check_config,
     check_applies,
@@ -92,95 +96,68 @@ def parse_proj_dim(text: str) -> int | str:
     return value
 
 
+# How the fields of PipelineConfig differ from a plain option of their type.
+CHOICES = {"protocol": PROTOCOLS, "regime": REGIMES, "design": DESIGNS,
+           "estimation_method": ESTIMATION_METHODS + RL_ESTIMATORS,
+           "output_mode": OUTPUT_MODES, "cv_method": CV_METHODS,
+           "cv_criterion": CV_CRITERIA, "influence_hessian": HESSIANS}
+PARSERS = {"proj_dim": parse_proj_dim, "trak_proj_dim": parse_proj_dim,
+           "estimation_ridge": parse_ridge, "influence_damping": parse_ridge}
+TYPES = {"int": int, "float": float, "str": str}
+
+
+def field_help() -> dict[str, str]:
+    """Each :class:`PipelineConfig` field's entry of its docstring, as plain
+    text (the option's help)."""
+    doc = PipelineConfig.__doc__.split("Attributes:", 1)[1]
+    entries = re.findall(r"^      (\w+): (.*?)(?=^      \w+: |\Z)", doc,
+                         flags=re.MULTILINE | re.DOTALL)
+    plain = {}
+    for name, text in entries:
+        text = re.sub(r":\w+:`~?(?:[\w.]+\.)?([\w]+)`", r"\1", " ".join(text.split()))
+        plain[name] = text.replace("``", "").replace("%", "%%")
+    return plain
+
+
+def add_config_options(run: argparse.ArgumentParser) -> None:
+    """One option per :class:`PipelineConfig` field (``workload``: the
+    positional argument; ``overrides``: ``--set FIELD=VALUE``), its help
+    from the field's docstring entry and its default the field's."""
+    helps = field_help()
+    for field in dataclasses.fields(PipelineConfig):
+        name, default, text = field.name, field.default, helps[field.name]
+        flag = "--" + name.replace("_", "-")
+        if name == "workload":
+            run.add_argument("workload", help=f"one of {sorted(WORKLOADS)}")
+        elif name == "overrides":
+            run.add_argument("--set", dest="overrides", type=parse_override,
+                             action="append", default=[], metavar="FIELD=VALUE",
+                             help=text + " Repeatable.")
+        elif name == "baselines":
+            run.add_argument(flag, nargs="*", default=None, choices=BASELINES,
+                             help=text)
+        elif field.type.startswith("bool"):
+            run.add_argument(flag, action="store_true", default=default, help=text)
+        else:
+            kind = field.type.split(" |")[0]
+            run.add_argument(flag, default=default, choices=CHOICES.get(name),
+                             type=PARSERS.get(name, TYPES.get(kind)), help=text)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    defaults = PipelineConfig()
     parser = argparse.ArgumentParser(
         prog="tasksurrogate", description="Task attribution with kernel surrogates.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the workloads, their presets and protocols")
     run = sub.add_parser("run", help="run the attribution pipeline on a workload",
                          description="Options left out take the workload's "
-                                     "defaults (see `tasksurrogate list`).")
-    run.add_argument("workload", help=f"one of {sorted(WORKLOADS)}")
-    run.add_argument("--preset", default=defaults.preset)
+                                     "defaults (see `tasksurrogate list`).",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_config_options(run)
     run.add_argument("--out", default=None,
                      help="output folder (default results/<workload>-<preset>"
-                          "[-<regime>]-seed<seed>); rerunning resumes from it")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--protocol", default=None, choices=("pairs",),
-                     help="pairs: add a pair-removal ground truth of the "
-                          "interactions to the loo protocol and compare each "
-                          "method's interactions with it")
-    run.add_argument("--max-pairs", type=int, default=defaults.max_pairs,
-                     help="the pairs protocol retrains every pair up to this many, "
-                          "else this many random pairs")
-    run.add_argument("--regime", default=None, choices=REGIMES,
-                     help="ground truth: fine-tuning from θ* (what the estimates "
-                          "approximate; the default) or training from scratch "
-                          "(loo protocol)")
-    run.add_argument("--replicates", type=int, default=defaults.replicates,
-                     help="paired replicates of the ground truth (>= 2; their "
-                          "agreement is the ceiling); fixed_size protocol: groups "
-                          "of a sampled truth")
-    run.add_argument("--num-subsets", type=int, default=None,
-                     help="random subsets (prompts) to fit the surrogates on")
-    run.add_argument("--num-heldout", type=int, default=None)
-    run.add_argument("--design", default=None, choices=DESIGNS,
-                     help="the random subsets (loo protocol): fixed (each drops "
-                          "--drop tasks), uniform (every size) or bernoulli (each "
-                          "task kept with probability --keep); default: the "
-                          "workload's")
-    run.add_argument("--drop", type=int, default=None,
-                     help="tasks dropped from each random subset (design fixed)")
-    run.add_argument("--keep", type=float, default=defaults.keep,
-                     help="keep probability of each task (design bernoulli)")
-    run.add_argument("--shots", type=int, default=None,
-                     help="demonstrations per prompt (fixed_size protocol)")
-    run.add_argument("--truth-prompts", type=int, default=None,
-                     help="the most prompts the ground truth scores: all of them "
-                          "when there are no more, else this many random ones "
-                          "(fixed_size protocol)")
-    run.add_argument("--estimation-method", default=None,
-                     choices=ESTIMATION_METHODS + RL_ESTIMATORS,
-                     help="supervised: linearized fine-tuning (default) or the "
-                          "convex solve; rl: policy gradient (default) or "
-                          "advantage-weighted regression")
-    run.add_argument("--proj-dim", type=parse_proj_dim, default=None,
-                     help="projection dimension of the estimation: an int, "
-                          "'full' (no projection) or 'auto' (full space up to "
-                          "100,000 parameters); default: the workload's")
-    run.add_argument("--estimation-ridge", type=parse_ridge, default=None,
-                     help="ridge of the convex solve: a number or 'auto' "
-                          "(default: the workload's)")
-    run.add_argument("--output-mode", default=None, choices=OUTPUT_MODES)
-    run.add_argument("--estimation-difference", action="store_true", default=None,
-                     help="anchor the estimates at one real fine-tuning on all "
-                          "tasks")
-    run.add_argument("--cv-method", default=defaults.cv_method,
-                     choices=CV_METHODS)
-    run.add_argument("--cv-criterion", default=defaults.cv_criterion,
-                     choices=CV_CRITERIA)
-    run.add_argument("--baselines", nargs="*", default=None, choices=BASELINES,
-                     help="default: every baseline the workload supports")
-    run.add_argument("--influence-damping", type=parse_ridge,
-                     default=defaults.influence_damping,
-                     help="λ of influence: a number >= 0 or 'auto' (0.05 × the "
-                          "curvature's largest eigenvalue)")
-    run.add_argument("--influence-hessian", default=defaults.influence_hessian,
-                     choices=("gauss_newton", "exact"))
-    run.add_argument("--chunk-size", type=int, default=defaults.chunk_size,
-                     help="subsets per retraining chunk (each stored when done)")
-    run.add_argument("--trak-proj-dim", type=parse_proj_dim,
-                     default=defaults.trak_proj_dim,
-                     help="an int, 'full' or 'auto' (min(p, 8 n C_h, 8192))")
-    run.add_argument("--value-samples", type=int, default=defaults.value_samples,
-                     help="coalitions of the Banzhaf values (loo protocol) or "
-                          "contexts of the fixed-size effects")
-    run.add_argument("--confidence-level", type=float,
-                     default=defaults.confidence_level)
-    run.add_argument("--set", dest="overrides", type=parse_override, action="append",
-                     default=[], metavar="FIELD=VALUE",
-                     help="change a workload configuration field (repeatable)")
+                          "[-<regime>][-pairs]-seed<seed>); rerunning resumes "
+                          "from it")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
@@ -227,23 +204,11 @@ def main(argv=None) -> int:
 
 def _config(args) -> PipelineConfig:
     """The :class:`PipelineConfig` of the parsed ``run`` arguments."""
-    return PipelineConfig(
-        workload=args.workload, preset=args.preset, seed=args.seed,
-        protocol=args.protocol, max_pairs=args.max_pairs,
-        regime=args.regime, replicates=args.replicates,
-        num_subsets=args.num_subsets, num_heldout=args.num_heldout,
-        design=args.design, drop=args.drop, keep=args.keep,
-        shots=args.shots, truth_prompts=args.truth_prompts,
-        estimation_method=args.estimation_method, proj_dim=args.proj_dim,
-        estimation_ridge=args.estimation_ridge, output_mode=args.output_mode,
-        estimation_difference=args.estimation_difference, cv_method=args.cv_method,
-        cv_criterion=args.cv_criterion,
-        baselines=None if args.baselines is None else tuple(args.baselines),
-        influence_damping=args.influence_damping,
-        influence_hessian=args.influence_hessian, trak_proj_dim=args.trak_proj_dim,
-        chunk_size=args.chunk_size,
-        value_samples=args.value_samples, confidence_level=args.confidence_level,
-        overrides=tuple(args.overrides))
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(PipelineConfig)}
+    values["overrides"] = tuple(args.overrides)
+    if args.baselines is not None:
+        values["baselines"] = tuple(args.baselines)
+    return PipelineConfig(**values)
 
 
 if __name__ == "__main__":

@@ -166,19 +166,31 @@ class PipelineConfig:
         per prompt, ``>= 2``).
       truth_prompts: the most prompts the ``"fixed_size"`` truth scores: every
         ``shots``-prompt when there are no more, else this many random ones.
-      estimation_method, proj_dim, estimation_ridge, output_mode,
-        estimation_difference: change the workload's estimation settings
-        (:data:`ESTIMATION_FIELDS` names the field of its settings each one
-        sets: for a supervised workload :class:`~tasksurrogate_jax.
-        estimation.EstimationSettings`, for RL :class:`~tasksurrogate_jax.
-        workloads.rl.RLEstimation`); ``None`` keeps the workload's.
+      estimation_method: the first-order estimate's method (supervised:
+        ``"finetune"``, linearized fine-tuning, or ``"solve"``, the convex
+        solve; RL: ``"pg"`` or ``"awr"``). This and the next four fields set
+        the workload's estimation settings (:data:`ESTIMATION_FIELDS`: its
+        :class:`~tasksurrogate_jax.estimation.EstimationSettings` or
+        :class:`~tasksurrogate_jax.workloads.rl.RLEstimation`); ``None``
+        keeps the workload's.
+      proj_dim: the estimate's projection dimension: an int, ``"full"`` (no
+        projection) or ``"auto"`` (the full space up to 100,000 parameters).
+      estimation_ridge: the ridge of the convex solve, a number or ``"auto"``
+        (RL: of the policy-gradient step).
+      output_mode: ``"logits"`` or ``"margin"`` (supervised).
+      estimation_difference: anchor the estimates at one real fine-tuning on
+        all tasks (supervised).
       cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
       cv_criterion: ``"mse"`` or ``"spearman"``.
       baselines: names in :data:`BASELINES` to compute (among the workload's
         ``baselines``; ``None``: all of them).
-      influence_damping, influence_hessian, trak_proj_dim: the baselines'
-        :class:`~tasksurrogate_jax.baselines.BaselineSettings`. What each
-        baseline used is in the results' ``baseline_settings``.
+      influence_damping: λ of influence, a number >= 0 or ``"auto"`` (0.05 ×
+        the curvature's largest eigenvalue). This and the next two fields are
+        the baselines' :class:`~tasksurrogate_jax.baselines.BaselineSettings`;
+        what each baseline used is in the results' ``baseline_settings``.
+      influence_hessian: ``"gauss_newton"`` or ``"exact"``.
+      trak_proj_dim: TRAK's projection dimension: an int, ``"full"`` or
+        ``"auto"`` (``min(p, 8 n C_h, 8192)``).
       value_samples: sampled coalitions for the kernel surrogate's Banzhaf
         values (``"loo"`` protocol; 0 = skip), or sampled contexts of each
         method's fixed-size effects (``"fixed_size"`` protocol; >= 1).

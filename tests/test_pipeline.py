@@ -257,3 +257,25 @@ def test_pairs_protocol_needs_a_leave_one_out_workload():
                                registry.registered("digits").kind)
     with pytest.raises(ValueError, match="protocol must be None or one of"):
         pipeline.PipelineConfig(protocol="triples")
+
+
+def test_cli_options_are_the_config_fields_with_their_docstring_help():
+    parser = cli.build_parser()
+    run = parser._subparsers._group_actions[0].choices["run"]
+    options = {a.dest: a for a in run._actions}
+    for field in dataclasses.fields(pipeline.PipelineConfig):
+        assert field.name in options, field.name
+        assert options[field.name].help, field.name
+    helps = cli.field_help()
+    assert helps["max_pairs"].startswith("the \"pairs\" protocol retrains every pair")
+    assert "``" not in helps["design"] and ":class:" not in helps["estimation_method"]
+    args = parser.parse_args(["run", "digits", "--bootstrap-resamples", "50",
+                              "--design", "bernoulli", "--keep", "0.6",
+                              "--proj-dim", "full", "--baselines", "influence",
+                              "--set", "num_steps=3", "--estimation-difference"])
+    config = cli._config(args)
+    assert (config.bootstrap_resamples, config.design, config.keep, config.proj_dim,
+            config.baselines, config.overrides, config.estimation_difference) == (
+        50, "bernoulli", 0.6, "full", ("influence",), (("num_steps", 3),), True)
+    assert cli._config(parser.parse_args(["run", "rl"])) == pipeline.PipelineConfig(
+        workload="rl")
