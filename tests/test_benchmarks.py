@@ -264,3 +264,15 @@ def test_device_check_bad_input(args, message, capsys):
         _device_check().main(args)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_device_check_commands_name_files_that_exist(quick, tmp_path):
+    commands = _device_check().commands(quick, tmp_path, "2")
+    assert set(commands) == {"environment", "tests", "main_job", "retraining",
+                             "estimation", "scale"}
+    scripts = [arg for command in commands.values() for arg in command
+               if arg.endswith(".py")]
+    assert len(scripts) >= 3 + 3 * quick  # the benchmarks, the quick test files
+    for script in scripts:
+        assert (ROOT / script).is_file(), script
