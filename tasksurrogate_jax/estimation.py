@@ -62,6 +62,7 @@ import functools
 import numbers
 import time
 from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import NamedTuple
 
 import jax
@@ -126,10 +127,11 @@ PROJ_DIM_CHOICES = ("auto", "full")
 PROJECTIONS = ("auto", "dense", "factored")
 # ``proj_dim="auto"``: the full parameter space up to this many parameters,
 # else a projection to DEFAULT_PROJ_DIM (dense) or DEFAULT_FACTORED_PROJ_DIM
-# (factored; see EstimationSettings).
+# of the output mode (factored: about the same cost per subset, C d; see
+# EstimationSettings).
 AUTO_FULL_SPACE_MAX_PARAMS = 100_000
 DEFAULT_PROJ_DIM = 512
-DEFAULT_FACTORED_PROJ_DIM = 4096
+DEFAULT_FACTORED_PROJ_DIM = MappingProxyType({"logits": 4096, "margin": 32768})
 # Training examples that factored.allocate_dims fits its error model on.
 ALLOCATION_SAMPLE = 64
 # The shared batch of a chunk (linearized_finetune_scores, factored) is
@@ -183,11 +185,19 @@ class EstimationSettings:
         :meth:`resolved_projection`): factored for a model of more than
         :data:`AUTO_FULL_SPACE_MAX_PARAMS` parameters whose parameters are all
         dense layers, else dense. ``proj_dim="auto"`` then means
-        :data:`DEFAULT_FACTORED_PROJ_DIM`. Why: on the digits ``wide`` preset
-        (1.1M parameters) factored features are several hundred times cheaper
-        than dense ones at the same d and, at d = 4,096, more accurate on
-        LOO effects than dense ones at d = 512
-        (``benchmarks/bench_estimation.py``).
+        :data:`DEFAULT_FACTORED_PROJ_DIM` of the output mode (4,096 logits,
+        32,768 margins: the same cost per subset). Why (measured with
+        ``benchmarks/bench_estimation.py``, LOO Spearman per target of the
+        kernel surrogate on estimated scores, 4 batch orders other than the
+        truth's): factored features cost seconds where dense ones cost
+        minutes on the digits ``wide`` preset (1.1M parameters), and are more
+        accurate for their cost: on digits ``cpu`` (p = 4,810) 0.911 at
+        factored d = 4,096 and 0.810 at d = 1,024 against 0.779 dense at
+        d = 512; on ``wide``, 0.782 / 0.826 / 0.858 at d = 1,024 / 2,048 /
+        4,096 with logits, and with margins (C = 1, a tenth of the cost per
+        d) 0.857 / 0.882 / 0.890 / 0.903 at d = 4,096 / 8,192 / 16,384 /
+        32,768 (ceiling 0.941). So on ``wide`` margins at a 10x larger d beat
+        logits at the same cost: prefer ``output_mode="margin"`` there.
     """
 
     method: str = "finetune"
@@ -236,8 +246,8 @@ class EstimationSettings:
         ``None`` for the full space (see ``proj_dim``). ``"auto"`` keeps a
         projection wherever the full space cannot run: the convex solve with
         ``ridge="auto"``, ``output_mode="margin"`` and the Adam
-        preconditioner; it is :data:`DEFAULT_FACTORED_PROJ_DIM` for the
-        ``"factored"`` projection (``projection``: as
+        preconditioner; it is :data:`DEFAULT_FACTORED_PROJ_DIM` of the output
+        mode for the ``"factored"`` projection (``projection``: as
         :meth:`resolved_projection` returns it), else
         :data:`DEFAULT_PROJ_DIM`."""
         if projection not in PROJECTIONS[1:]:
@@ -252,8 +262,8 @@ class EstimationSettings:
                    and num_params <= AUTO_FULL_SPACE_MAX_PARAMS)
         if full_ok:
             return None
-        return DEFAULT_FACTORED_PROJ_DIM if projection == "factored" \
-            else DEFAULT_PROJ_DIM
+        return DEFAULT_FACTORED_PROJ_DIM[self.output_mode] \
+            if projection == "factored" else DEFAULT_PROJ_DIM
 
     def resolved_projection(self, apply_fn: Callable, params, inputs) -> str:
         """``"dense"`` or ``"factored"`` for this model (see ``projection``).

@@ -183,7 +183,9 @@ def test_auto_projection_is_factored_only_for_large_dense_models():
     assert num_parameters(params) > est.AUTO_FULL_SPACE_MAX_PARAMS
     assert settings.resolved_projection(apply_fn, params, data.inputs) == "factored"
     assert settings.resolved_proj_dim(num_parameters(params), "factored") \
-        == est.DEFAULT_FACTORED_PROJ_DIM
+        == est.DEFAULT_FACTORED_PROJ_DIM["logits"] == 4096
+    margins = dataclasses.replace(settings, output_mode="margin")
+    assert margins.resolved_proj_dim(num_parameters(params), "factored") == 32768
     assert settings.resolved_proj_dim(num_parameters(params), "dense") \
         == est.DEFAULT_PROJ_DIM
     # A parameter outside a dense layer (a scale): dense.
