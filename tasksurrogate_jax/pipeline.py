@@ -1111,18 +1111,21 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
       compare_interactions`: Pearson too, with intervals), "pair_removal_error"
       {method: pooled normalized error of the predicted pair-removal losses},
       "planted_signs_correct" {method: [correct, total]} where the workload
-      plants interactions}``. Methods: each surrogate's second difference at
-      the full set (a linear surrogate's is 0: its correlations are NaN) and,
-      with ``value_samples``, the kernel's Banzhaf interactions (exact scores).
+      plants interactions}``. Methods: each kernel surrogate's second
+      difference at the full set and, with ``value_samples``, the kernel's
+      Banzhaf interactions (exact scores). A linear surrogate's interactions
+      are 0 by construction (no correlation, no sign): it appears only in
+      ``pair_removal_error``, where it is the additive baseline.
     """
     workload, num_tasks, pairs = run.workload, run.workload.num_tasks, run.pairs
     scores = np.concatenate([np.asarray(run.loo_scores),
                              np.asarray(run.pair_scores)], axis=1)
     truth = interactions.pair_interactions(scores, pairs=pairs, num_tasks=num_tasks)
     reliable = interactions.interaction_ceiling(truth, seed=config.seed)
-    predicted = {f"{kind} surrogate ({name})": np.asarray(
-        interactions.surrogate_pair_interactions(fitted[kind], pairs))
-        for name, fitted in fits.items() for kind in ("linear", "kernel")}
+    # A linear surrogate's interactions are 0 by construction: no correlation.
+    predicted = {f"kernel surrogate ({name})": np.asarray(
+        interactions.surrogate_pair_interactions(fitted["kernel"], pairs))
+        for name, fitted in fits.items()}
     if config.value_samples:
         predicted["kernel surrogate (exact), Banzhaf"] = np.asarray(
             interactions.banzhaf_interactions(

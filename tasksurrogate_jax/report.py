@@ -141,7 +141,8 @@ def summary(results: dict) -> str:
         f"{ceiling}; attainable: the most a noise-free method "
         f"can expect against one; brackets: {level}% bootstrap intervals (over "
         "targets for per-target figures, over tasks for the mean target)",
-        f"estimated ({_projection(est.get('proj_dim'))}) vs {est['truth']} of the "
+        f"estimated ({_projection(est.get('proj_dim'), results.get('protocol'))}) "
+        f"vs {est['truth']} of the "
         "fitting subsets: median relative "
         f"error {est['median_relative_error']:.3f} (mean target "
         f"{est['mean_target_relative_error']:.3f}), Spearman across subsets "
@@ -172,6 +173,9 @@ def _interaction_lines(inter: dict | None, level: int) -> list[str]:
             f"{_fmt(values['spearman'])} | "
             f"{'-' if error is None else f'{error:.3f}'} | "
             f"{'-' if signs is None else f'{signs[0]}/{signs[1]}'} |")
+    for name, error in inter["pair_removal_error"].items():
+        if name not in inter["comparison"]:  # additive: no interactions
+            rows.append(f"| {name} | 0 by construction | - | {error:.3f} | - |")
     return ["", f"interactions against the pair-removal truth ({len(inter['pairs'])} "
             f"pairs; > 0 substitutes, < 0 complements; {level}% intervals over "
             "pairs):",
@@ -199,9 +203,11 @@ def _baseline_settings(used: dict) -> list[str]:
     return ["baselines: " + "; ".join(parts)] if parts else []
 
 
-def _projection(proj_dim) -> str:
+def _projection(proj_dim, protocol) -> str:
+    """Where the estimates were linearized, in words."""
     if proj_dim is None:
-        return "in the prompts' embeddings"
+        return ("in the prompts' embeddings" if protocol == "fixed_size" else
+                "the workload's own first-order estimate")
     return "full parameter space" if proj_dim == "full" else f"d = {proj_dim}"
 
 

@@ -234,10 +234,11 @@ def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path
         interactions.interaction_ceiling(truth, seed=0).mean_target, abs=1e-6)
     assert {"kernel surrogate (exact)", "kernel surrogate (estimated)",
             "kernel surrogate (exact), Banzhaf"} <= set(inter["spearman"])
-    # A linear surrogate has no interactions: its correlations are undefined.
-    assert np.isnan(inter["spearman"]["linear surrogate (exact)"])
+    # A linear surrogate has no interactions: only its pair-removal error.
+    assert not any("linear" in name for name in inter["spearman"])
     for name in ("kernel surrogate (exact)", "kernel surrogate (estimated)"):
         assert -1 <= inter["spearman"][name] <= 1
+    for name in ("linear surrogate (exact)", "kernel surrogate (exact)"):
         assert 0 <= inter["pair_removal_error"][name]
     printed = report.summary(results)
     assert "interactions against the pair-removal truth (28 pairs" in printed

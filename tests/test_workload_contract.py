@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, pipeline
+from tasksurrogate_jax import attribution, pipeline, report
 from tasksurrogate_jax.fingerprint import array_digest
 from tasksurrogate_jax.workloads import lm_icl_workload, nnx_causal_lm_scorer, tiny_gpt
 from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload
@@ -189,6 +189,8 @@ def test_a_users_rl_like_workload_runs_through_the_pipeline(tmp_path):
     assert results["ceiling"]["loo_spearman_mean_target"] > 0.9
     assert results["estimation"]["spearman_across_subsets"] > 0.9
     assert results["estimation"]["settings"] == {"step_scale": 1.0}
+    assert "estimated (the workload's own first-order estimate)" in report.summary(
+        results)
 
 
 def test_config_fields_reach_a_users_estimation_settings_or_are_refused():
