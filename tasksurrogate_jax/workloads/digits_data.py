@@ -74,8 +74,6 @@ import numbers
 
 import numpy as np
 from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import (
@@ -327,6 +325,10 @@ def digits_data(config: DigitsDataConfig) -> tuple[TaskData, TargetData]:
         field).
     """
     c = config
+    # scikit-learn ships the images; imported here, where they are read.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
     digits = load_digits()
     pixels, labels = digits.data / 16.0, digits.target.astype(np.int32)
     _check_config(c, labels.shape[0])
