@@ -44,8 +44,9 @@ Writes ``--out`` (default ``results/bench_estimation_<workload>_<preset>
 (exact)"``, ``"linear surrogate (...)"``, ``"LOO estimates (direct)"``,
 ``"influence"``), ``loo_spearman_mean_target`` (the same),
 ``paired_interval_estimated_kernel_minus_influence``, ``ceiling``,
-``peak_rss_gb``, ``p_over_Cd``, ``feature_s`` and ``per_subset_s``
-(estimation) beside ``finetune_per_subset_s``, and the tables.
+``peak_rss_gb`` (and ``peak_rss_gb_after`` each phase), ``p_over_Cd``,
+``feature_s`` and ``per_subset_s`` (estimation) beside
+``finetune_per_subset_s``, and the tables.
 
     python benchmarks/bench_estimation.py --workload digits --preset wide
     python benchmarks/bench_estimation.py --workload digits --preset cpu
@@ -138,6 +139,11 @@ def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
         projection=projection, preconditioner=settings.preconditioner,
         replicates=settings.replicates, chunk_size=chunk_size)
     return np.asarray(jax.block_until_ready(result.scores)), result.seconds
+
+
+def rss_gb() -> float:
+    """Peak resident memory of this process so far, GB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def loo_agreement(effects, true_effects) -> dict:
@@ -293,6 +299,8 @@ def main(argv=None):
               f"LOO per target direct {direct['per_target']:.3f}, kernel "
               f"{surr['kernel']['per_target']:.3f}", flush=True)
 
+    peak_gb = {"ground truth and estimators": rss_gb()}
+
     # 3. Surrogates on the exact scores, influence.
     exact = surrogate_agreement(fit_masks, truth[:fit], true_effects, args.seed)
     headline = agreements[args.headline]
@@ -309,6 +317,7 @@ def main(argv=None):
             loss_fn=workload.loss_fn))
         influence_s = time.perf_counter() - t0
         methods["influence"] = loo_agreement(effects, true_effects)
+        peak_gb["influence"] = rss_gb()
     interval = None
     if "influence" in methods:
         diff = (methods[KERNEL_ESTIMATED]["_per_target_values"]
@@ -350,7 +359,7 @@ def main(argv=None):
           f"{feature_s if feature_s is None else round(feature_s, 1)} s included): "
           f"{speed['speedup']:.1f}x; p/(C d) = {bound}", flush=True)
 
-    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    peak_gb["speed"] = rss_gb()
     wall_s = time.perf_counter() - start
     public = {name: {k: v for k, v in m.items() if not k.startswith("_")}
               for name, m in methods.items()}
@@ -368,7 +377,8 @@ def main(argv=None):
         "speedup_m1024": speed["speedup"], "p_over_Cd": bound,
         "feature_s": feature_s, "per_subset_s": per_subset,
         "finetune_per_subset_s": finetune_per_subset,
-        "peak_rss_gb": peak_gb, "wall_s": wall_s,
+        "peak_rss_gb": peak_gb["speed"], "peak_rss_gb_after": peak_gb,
+        "wall_s": wall_s,
     })
     print("\nEstimators (LOO Spearman against the truth; per target unless "
           "said):\n")
@@ -384,8 +394,8 @@ def main(argv=None):
           f"({args.replicates} replicates)")
     print(f"paired interval, kernel (estimated) minus influence: {interval}")
     print(f"speedup_m1024 {speed['speedup']:.2f} (p/(C d) = {bound})")
-    print(f"wall time {wall_s:.0f} s, peak memory {peak_gb:.2f} GB (load average "
-          f"{os.getloadavg()[0]:.1f}); wrote {path}")
+    print(f"wall time {wall_s:.0f} s, peak memory after each phase {peak_gb} GB "
+          f"(load average {os.getloadavg()[0]:.1f}); wrote {path}")
 
 
 if __name__ == "__main__":

@@ -695,13 +695,18 @@ def factored_jacobians(apply_fn: Callable, params, inputs, *,
       ``(outputs [n, C], features [n, C, d])``, features in the parameters'
       dtype.
     """
+    _check_feature_args(projection, params, inputs, batch_size)
+    return _factored_jacobians(apply_fn, params, inputs, None, projection,
+                               batch_size, False)
+
+
+def _check_feature_args(projection, params, inputs, batch_size):
     _check_projection(projection, params)
     if tuple(jnp.shape(inputs)[1:]) != projection.structure.example_shape:
         raise ValueError(f"inputs must be [n, *{projection.structure.example_shape}]"
                          f", got shape {jnp.shape(inputs)}.")
     if batch_size is not None:
         check_positive_int(batch_size, "batch_size")
-    return _factored_jacobians(apply_fn, params, inputs, projection, batch_size)
 
 
 def _example_factors(apply_fn, params, x, structure, dtype):
@@ -733,20 +738,29 @@ def _example_factors(apply_fn, params, x, structure, dtype):
     return out, factors
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _factored_jacobians(apply_fn, params, inputs, projection, batch_size):
+@functools.partial(jax.jit, static_argnums=(0, 5, 6))
+def _factored_jacobians(apply_fn, params, inputs, labels, projection, batch_size,
+                        margins):
+    """``(outputs [n, C], features [n, C, d])``, or with ``margins`` the
+    correct-class log-odds ``[n]`` and their features ``[n, d]``, contracted
+    example by example (never ``[n, C, d]``)."""
     structure = projection.structure
     dtype = jnp.result_type(*jax.tree.leaves(params))
     factors = projection_factors(projection, dtype, explicit=False)
 
-    def one(x):
+    def one(example):
+        x, y = example
         out, layers = _example_factors(apply_fn, params, x, structure, dtype)
         blocks = [jnp.einsum("ti,ctj->cij", _apply(xs, p_in), _apply(gs, p_out)
                              ).reshape(structure.num_outputs, -1)
                   for (xs, gs), (p_in, p_out) in zip(layers, factors, strict=True)]
-        return out, jnp.concatenate(blocks, axis=-1)
+        features = jnp.concatenate(blocks, axis=-1)
+        if not margins:
+            return out, features
+        value, slope = jax.value_and_grad(margin)(out, y)
+        return value, slope.astype(features.dtype) @ features
 
-    return chunked_vmap(one, inputs, batch_size)
+    return chunked_vmap(one, (inputs, labels), batch_size)
 
 
 def layer_factors(apply_fn: Callable, params, inputs, *,
@@ -813,20 +827,23 @@ def factored_linearized_examples(
         ``[n, d] = Σ_c ∂m/∂z_c Φ_c``).
 
     Returns:
-      :class:`~tasksurrogate_jax.estimation.Linearized`.
+      :class:`~tasksurrogate_jax.estimation.Linearized`. Margin features are
+      contracted example by example: memory ``[n, d]``, never ``[n, C, d]``.
     """
     if output_mode not in OUTPUT_MODES:
         raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got "
                          f"{output_mode!r}.")
-    logits, features = factored_jacobians(apply_fn, params, inputs,
-                                          projection=projection,
-                                          batch_size=batch_size)
     labels = jnp.asarray(labels)
     if output_mode == "logits":
-        return Linearized(logits, features, labels)
-    margins, dmargin = jax.vmap(jax.value_and_grad(margin))(logits, labels)
-    return Linearized(margins, jnp.einsum("nc,ncd->nd", dmargin.astype(
-        features.dtype), features), labels)
+        return Linearized(*factored_jacobians(apply_fn, params, inputs,
+                                              projection=projection,
+                                              batch_size=batch_size), labels)
+    _check_feature_args(projection, params, inputs, batch_size)
+    if jnp.shape(labels) != jnp.shape(inputs)[:1]:
+        raise ValueError(f"labels must be [n] with n = {jnp.shape(inputs)[0]}, got "
+                         f"shape {jnp.shape(labels)}.")
+    return Linearized(*_factored_jacobians(apply_fn, params, inputs, labels,
+                                           projection, batch_size, True), labels)
 
 
 # -- choosing the dimensions ---------------------------------------------------------

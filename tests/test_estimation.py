@@ -12,6 +12,9 @@ from tasksurrogate_jax import estimation_check, losses, retraining
 from tasksurrogate_jax import projection as proj
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
 
+# References at tight tolerances: 64-bit JAX for every test here.
+pytestmark = pytest.mark.float64
+
 RNG = np.random.default_rng(0)
 NUM_CLASSES, NUM_FEATURES, NUM_TASKS = 3, 4, 4
 
@@ -33,8 +36,9 @@ def make_problem(n=120, num_targets=7):
     return data, target, params
 
 
-DATA, TARGET, PARAMS = make_problem()
-MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], float)
+with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
+    DATA, TARGET, PARAMS = make_problem()
+    MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], float)
 
 
 @pytest.mark.slow

@@ -21,6 +21,9 @@ from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.workloads.digits_data import DigitsDataConfig, DigitsMLP
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
 
+# References at tight tolerances: 64-bit JAX for every test here.
+pytestmark = pytest.mark.float64
+
 TIGHT = 1e-11
 
 

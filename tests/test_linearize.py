@@ -8,12 +8,16 @@ from jax.flatten_util import ravel_pytree
 from tasksurrogate_jax import linearize as lin
 from tasksurrogate_jax import projection as proj
 
+# References at tight tolerances: 64-bit JAX for every test here.
+pytestmark = pytest.mark.float64
+
 RNG = np.random.default_rng(0)
-X = jnp.asarray(RNG.normal(size=(11, 4)))
-Y = jnp.asarray(RNG.integers(0, 3, 11))
-PARAMS = {"w1": jnp.asarray(RNG.normal(size=(4, 6))), "b1": jnp.zeros(6),
-          "w2": jnp.asarray(RNG.normal(size=(6, 3))), "b2": jnp.asarray(RNG.normal(
-              size=3))}
+with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
+    X = jnp.asarray(RNG.normal(size=(11, 4)))
+    Y = jnp.asarray(RNG.integers(0, 3, 11))
+    PARAMS = {"w1": jnp.asarray(RNG.normal(size=(4, 6))), "b1": jnp.zeros(6),
+              "w2": jnp.asarray(RNG.normal(size=(6, 3))), "b2": jnp.asarray(RNG.normal(
+                  size=3))}
 
 
 def mlp(params, x):

@@ -26,6 +26,9 @@ from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_wei
 from tasksurrogate_jax.projection import make_projection, num_parameters
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
 
+# References at tight tolerances: 64-bit JAX for every test here.
+pytestmark = pytest.mark.float64
+
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(3)
 NUM_CLASSES, NUM_FEATURES, NUM_TASKS, HIDDEN = 3, 5, 4, 6
@@ -52,9 +55,10 @@ def make_problem(n=90, num_targets=11, hidden=HIDDEN):
     return data, target, apply_fn, params
 
 
-DATA, TARGET, APPLY, PARAMS = make_problem()
-MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1],
-                     [1, 1, 0, 1]], jnp.float32)
+with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
+    DATA, TARGET, APPLY, PARAMS = make_problem()
+    MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1],
+                         [1, 1, 0, 1]], jnp.float32)
 
 
 def spec_of(optimizer, batch_size, num_steps=7):
