@@ -13,7 +13,6 @@ copies the last one to the host, so the copy overlaps the computation.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -82,10 +81,10 @@ def map_chunks(compute: Callable[[np.ndarray], Mapping], num_rows: int, *,
     Chunk ``c`` holds rows ``c * chunk_size`` to ``(c + 1) * chunk_size - 1``
     (the last one fewer). Each finished chunk is saved to ``store`` as chunk
     ``first_chunk + c`` (its real rows only) and read back instead of
-    computed when the store has it. Chunk ``c + 1`` is dispatched before chunk ``c`` is copied
-    to the host (JAX dispatches asynchronously), so at most two chunks'
-    outputs are alive at once; an interruption loses at most the chunk in
-    flight.
+    computed when the store has it. Chunk ``c + 1`` is dispatched before
+    chunk ``c`` is copied to the host (JAX dispatches asynchronously), so at
+    most two chunks' outputs are alive at once; an interruption (an exception
+    from ``compute`` included) loses at most the chunk in flight.
 
     Args:
       compute: ``compute(rows) -> {name: [len(rows), ...] array}`` for the

@@ -36,7 +36,6 @@ from tasksurrogate_jax.baselines import HESSIANS
 from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
 from tasksurrogate_jax.estimation import OUTPUT_MODES
-from tasksurrogate_jax.workloads.rl import ESTIMATORS as RL_ESTIMATORS
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     CV_CRITERIA,
@@ -44,8 +43,8 @@ from tasksurrogate_jax.pipeline import (
     DESIGNS,
     PROTOCOLS,
     PipelineConfig,
-    check_config,
     check_applies,
+    check_config,
     configured_workload,
     make_workload,
     run_pipeline,
@@ -53,6 +52,7 @@ from tasksurrogate_jax.pipeline import (
 from tasksurrogate_jax.report import summary, write_report
 from tasksurrogate_jax.store import StoreMismatchError
 from tasksurrogate_jax.workloads.registry import WORKLOADS, registered
+from tasksurrogate_jax.workloads.rl import ESTIMATORS as RL_ESTIMATORS
 from tasksurrogate_jax.workloads.supervised import REGIMES
 
 

@@ -161,7 +161,8 @@ def _interaction_lines(inter: dict | None, level: int) -> list[str]:
         return []
     planted = inter.get("planted_signs_correct", {})
     rows = [f"| ceiling ({inter['num_replicates']} replicates) | "
-            f"{inter['ceiling']:.3f} (attainable {inter['attainable']['mean_target']:.3f}) | "
+            f"{inter['ceiling']:.3f} (attainable "
+            f"{inter['attainable']['mean_target']:.3f}) | "
             f"{inter['ceiling_per_target']:.3f} | - | - |"]
     for name, values in inter["comparison"].items():
         low, high = values["spearman_mean_target_interval"]

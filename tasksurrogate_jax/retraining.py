@@ -71,9 +71,8 @@ from tasksurrogate_jax.data import (
     check_target_matches,
     mask_to_weights,
 )
-from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.fingerprint import array_digest, program_digest
-from tasksurrogate_jax.store import ChunkStore
+from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 
 SEED_MODES = ("shared", "independent")
 
@@ -548,7 +547,8 @@ def retrain(
 
     params_out = None
     if return_params:
-        leaves = [gather(f"param_{i:05d}") for i in range(len(jax.tree.leaves(params0)))]
+        leaves = [gather(f"param_{i:05d}")
+                  for i in range(len(jax.tree.leaves(params0)))]
         params_out = jax.tree.unflatten(jax.tree.structure(params0), leaves)
     return RetrainResult(gather("losses"),
                          gather("accuracy") if spec.accuracy_fn is not None else None,

@@ -145,8 +145,10 @@ def test_a_folder_of_another_workload_or_seed_is_refused(first_run, capsys):
      "drop applies to design 'fixed' only, got drop=4 with design 'uniform'"),
     (["run", "rl", "--preset", "tiny", "--design", "fixed", "--drop", "4"],
      "drop must be < the workload's 4 tasks"),
-    (["run", "digits", "--keep", "0.5"],
+    (["run", "digits", "--design", "fixed", "--keep", "0.5"],
      "keep applies to design 'bernoulli' only"),
+    (["run", "digits", "--drop", "3"],
+     "drop applies to design 'fixed' only, got drop=3 with design 'bernoulli'"),
     (["run", "digits", "--design", "bernoulli", "--keep", "1.0"],
      "keep must be in (0, 1)"),
 ])

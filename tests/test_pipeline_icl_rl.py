@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 from tasksurrogate_jax import attribution, cli, pipeline, reliability, report
-from tasksurrogate_jax.workloads import icl, registry
 from tasksurrogate_jax.subsets import leave_one_out_masks, size_range_masks
 from tasksurrogate_jax.surrogates import fit_kernel_surrogate
+from tasksurrogate_jax.workloads import icl, registry
 
 PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")
 SURROGATES = {f"{kind} surrogate ({scores})" for kind in ("linear", "kernel")
@@ -141,8 +141,12 @@ def test_registered_protocols_and_their_defaults():
             workload="rl", influence_damping=1.0), cpu_rl)
     digits = pipeline.check_config(pipeline.PipelineConfig(),
                                    registry.make_workload("digits", "cpu"))
-    assert (digits.regime, digits.num_subsets, digits.num_heldout, digits.drop,
-            digits.baselines) == ("finetune", 96, 32, 4, pipeline.BASELINES)
+    assert (digits.regime, digits.num_subsets, digits.num_heldout, digits.design,
+            digits.keep, digits.drop, digits.baselines) == (
+        "finetune", 96, 32, "bernoulli", 0.9, None, pipeline.BASELINES)
+    fixed = pipeline.check_config(pipeline.PipelineConfig(design="fixed"),
+                                  registry.make_workload("digits", "cpu"))
+    assert (fixed.drop, fixed.keep) == (4, None)
 
 
 @pytest.mark.slow

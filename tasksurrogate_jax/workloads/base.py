@@ -46,6 +46,10 @@ import jax
 
 from tasksurrogate_jax._checks import check_masks
 
+# The training of a LeaveOneOutWorkload's ground truth: from the
+# initialisation ("scratch") or fine-tuning θ* ("finetune").
+REGIMES = ("scratch", "finetune")
+
 
 def config_from_preset(presets: Mapping[str, Any], preset: str, overrides: Mapping):
     """``presets[preset]`` (a dataclass) with ``overrides`` applied, or a clear

@@ -52,9 +52,9 @@ from tasksurrogate_jax.estimation import (
     linearized_examples,
     solve_subsets,
 )
+from tasksurrogate_jax.fingerprint import array_digest, program_digest
 from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
 from tasksurrogate_jax.retraining import replicate_key
-from tasksurrogate_jax.fingerprint import array_digest, program_digest
 from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload, config_from_preset
 from tasksurrogate_jax.workloads.supervised import check_regime
 
@@ -167,9 +167,10 @@ class RLEstimation:
                              f"policy-gradient estimate projects), got "
                              f"{self.proj_dim!r}.")
         check_positive_int(self.proj_dim, "proj_dim")
+        number = (isinstance(self.ridge, (int, float))
+                  and not isinstance(self.ridge, bool))
         if self.ridge is not None and not (
-                isinstance(self.ridge, (int, float)) and not isinstance(self.ridge, bool)
-                and self.ridge > 0 and np.isfinite(self.ridge)):
+                number and self.ridge > 0 and np.isfinite(self.ridge)):
             raise ValueError(f"ridge must be None or a finite number > 0, got "
                              f"{self.ridge!r}.")
         if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):

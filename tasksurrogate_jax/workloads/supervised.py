@@ -54,9 +54,9 @@ from tasksurrogate_jax.estimation import (
     estimate_scores,
     linearized_finetune_scores,
 )
+from tasksurrogate_jax.fingerprint import array_digest
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.projection import num_parameters
-from tasksurrogate_jax.fingerprint import array_digest
 from tasksurrogate_jax.retraining import (
     RetrainResult,
     TrainSpec,
@@ -65,10 +65,10 @@ from tasksurrogate_jax.retraining import (
     retrain,
     train_program_digest,
 )
-from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload
+from tasksurrogate_jax.workloads.base import REGIMES, LeaveOneOutWorkload
 
-REGIMES = ("scratch", "finetune")
 PRECISIONS = ("float32", "float64")
+DEFAULT_ESTIMATION = EstimationSettings()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +159,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
 
     name: ClassVar[str] = "supervised"
     baselines: ClassVar[tuple[str, ...]] = baseline_methods.BASELINES
-    estimation: EstimationSettings = EstimationSettings()
+    estimation: EstimationSettings = DEFAULT_ESTIMATION
 
     def __init__(
         self, *, apply_fn: Callable, init_fn: Callable, data: TaskData,
@@ -168,7 +168,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
         accuracy_fn: Callable | None = argmax_accuracy,
         description: Mapping[str, Any] | None = None, name: str | None = None,
         precision: str = "float32",
-        estimation: EstimationSettings = EstimationSettings(),
+        estimation: EstimationSettings = DEFAULT_ESTIMATION,
     ):
         for arg, value in (("apply_fn", apply_fn), ("init_fn", init_fn)):
             if not callable(value):
@@ -211,7 +211,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                  accuracy_fn: Callable | None = argmax_accuracy,
                  description: Mapping[str, Any] | None = None,
                  name: str | None = None, precision: str = "float32",
-                 estimation: EstimationSettings = EstimationSettings(),
+                 estimation: EstimationSettings = DEFAULT_ESTIMATION,
                  ) -> SupervisedWorkload:
         """The workload of a Flax NNX model (see :func:`nnx_model_functions`)."""
         apply_fn, init_fn = nnx_model_functions(module_factory)
