@@ -7,7 +7,8 @@ are ``[num_subsets, num_targets]`` (lower = better, e.g. target losses).
 
 __version__ = "0.1.0"
 
-from tasksurrogate_jax import (
+# The modules, as attributes (``ts.surrogates``); not in ``__all__``.
+from tasksurrogate_jax import (  # noqa: F401
     attribution,
     baselines,
     chunking,
@@ -44,25 +45,17 @@ from tasksurrogate_jax.data import (
     TaskData,
     make_target_data,
     make_task_data,
-    mask_to_weights,
 )
 from tasksurrogate_jax.estimation import (
     Adam,
     EstimationResult,
     EstimationSettings,
     SolverSettings,
-    difference_form,
     estimate_scores,
-    gradient_second_moment,
     linearized_finetune_scores,
 )
 from tasksurrogate_jax.estimation_check import EstimationCheck, check_estimation
 from tasksurrogate_jax.kernels import KERNELS, gram
-from tasksurrogate_jax.linearize import (
-    per_example_grads,
-    per_task_sums,
-    projected_jacobians,
-)
 from tasksurrogate_jax.metrics import (
     LOOCorrelation,
     loo_correlation,
@@ -70,7 +63,6 @@ from tasksurrogate_jax.metrics import (
     normalized_error,
     pearson,
     pooled_normalized_error,
-    rankdata,
     relative_error,
     spearman,
 )
@@ -80,7 +72,6 @@ from tasksurrogate_jax.nystrom import (
     select_nystrom_hyperparameters,
 )
 from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
-from tasksurrogate_jax.projection import Projection, make_projection
 from tasksurrogate_jax.report import (
     format_correlation_table,
     plot_heldout,
@@ -98,7 +89,6 @@ from tasksurrogate_jax.selection import (
     select_subset,
     surrogate_objective,
 )
-from tasksurrogate_jax.store import ChunkStore
 from tasksurrogate_jax.subsets import (
     all_masks,
     bernoulli_masks,
@@ -113,7 +103,6 @@ from tasksurrogate_jax.surrogates import (
     LinearSurrogate,
     fit_kernel_surrogate,
     fit_linear_surrogate,
-    kernel_loo_predictions,
     predict,
     select_kernel_hyperparameters,
 )
