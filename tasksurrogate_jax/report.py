@@ -177,6 +177,13 @@ def _interaction_lines(inter: dict | None, level: int) -> list[str]:
     for name, error in inter["pair_removal_error"].items():
         if name not in inter["comparison"]:  # additive: no interactions
             rows.append(f"| {name} | 0 by construction | - | {error:.3f} | - |")
+    gains = [f"{scores} {g['difference']:+.3f} [{_fmt(g['difference_interval'][0])}, "
+             f"{_fmt(g['difference_interval'][1])}]"
+             for scores, g in inter["kernel_minus_linear_pair_removal_error"].items()]
+    rows.append("")
+    rows.append("kernel minus linear normalized error of F(-i-j) (< 0: the kernel "
+                f"predicts the pair removals better; paired {level}% intervals over "
+                "pairs): " + "; ".join(gains))
     return ["", f"interactions against the pair-removal truth ({len(inter['pairs'])} "
             f"pairs; > 0 substitutes, < 0 complements; {level}% intervals over "
             "pairs):",

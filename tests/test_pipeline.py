@@ -242,6 +242,10 @@ def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path
         assert -1 <= inter["spearman"][name] <= 1
     for name in ("linear surrogate (exact)", "kernel surrogate (exact)"):
         assert 0 <= inter["pair_removal_error"][name]
+    gain = inter["kernel_minus_linear_pair_removal_error"]["exact"]
+    low, high = gain["difference_interval"]
+    assert low <= gain["difference"] <= high
+    assert "kernel minus linear normalized error of F(-i-j)" in report.summary(results)
     printed = report.summary(results)
     assert "interactions against the pair-removal truth (28 pairs" in printed
     assert "| ceiling (4 replicates) |" in printed

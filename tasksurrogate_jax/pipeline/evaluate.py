@@ -303,6 +303,10 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
       Spearman}, "comparison" (:func:`~tasksurrogate_jax.interactions.
       compare_interactions`: Pearson too, with intervals), "pair_removal_error"
       {method: pooled normalized error of the predicted pair-removal losses},
+      "kernel_minus_linear_pair_removal_error" {"exact" | "estimated": the
+      kernel's error minus the linear surrogate's on the same scores, with a
+      paired bootstrap interval over the pairs (:func:`~tasksurrogate_jax.
+      interactions.normalized_error_difference`; < 0: the kernel is better)},
       "planted_signs_correct" {method: [correct, total]} where the workload
       plants interactions}``. Methods: each kernel surrogate's second
       difference at the full set and, with ``value_samples``, the kernel's
@@ -328,10 +332,16 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
     comparison = interactions.compare_interactions(
         truth.mean, predicted, **_interval_settings(config))
     pair_masks = interactions.pair_removal_masks(num_tasks, pairs)[1 + num_tasks:]
-    errors = interactions.pair_removal_errors(
-        scores.mean(0)[1 + num_tasks:],
-        {f"{kind} surrogate ({name})": np.asarray(fitted[kind].predict(pair_masks))
-         for name, fitted in fits.items() for kind in ("linear", "kernel")})
+    pair_truth = scores.mean(0)[1 + num_tasks:]
+    pair_predicted = {(kind, name): np.asarray(fitted[kind].predict(pair_masks))
+                      for name, fitted in fits.items()
+                      for kind in ("linear", "kernel")}
+    errors = interactions.pair_removal_errors(pair_truth, {
+        f"{kind} surrogate ({name})": values
+        for (kind, name), values in pair_predicted.items()})
+    gain = {name: interactions.normalized_error_difference(
+        pair_truth, pair_predicted["kernel", name], pair_predicted["linear", name],
+        **_interval_settings(config)) for name in fits}
     out = {"pairs": pairs, "true": truth.mean.mean(1),
            "ceiling": reliable.mean_target, "ceiling_per_target": reliable.mean,
            "attainable": _attainable({"mean_target": reliable.mean_target,
@@ -339,7 +349,8 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
            "num_replicates": reliable.num_replicates,
            "spearman": {k: v["spearman_mean_target"] for k, v in comparison.items()},
            "spearman_per_target": {k: v["spearman"] for k, v in comparison.items()},
-           "comparison": comparison, "pair_removal_error": errors}
+           "comparison": comparison, "pair_removal_error": errors,
+           "kernel_minus_linear_pair_removal_error": gain}
     if workload.planted_interactions:
         out["planted_signs_correct"] = {
             name: interactions.planted_signs_correct(
