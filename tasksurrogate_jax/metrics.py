@@ -16,6 +16,7 @@ are symmetric and positional.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -68,26 +69,34 @@ def rankdata(x, axis: int = 0) -> jax.Array:
     if x.ndim == 0:
         raise ValueError("x must have at least one dimension to rank along, got a "
                          "scalar.")
-    x = jnp.moveaxis(x, axis, -1)
+    return _ranks(x, axis)
 
-    def ranks_1d(v):
-        n = v.shape[0]
-        position = jnp.arange(n)
-        s, order = jax.lax.sort((v, position), num_keys=1)
-        differs = s[1:] != s[:-1]
-        first = jnp.concatenate([jnp.ones(1, bool), differs])
-        last = jnp.concatenate([differs, jnp.ones(1, bool)])
-        start = jax.lax.cummax(jnp.where(first, position, 0))
-        end = jax.lax.cummin(jnp.where(last, position, n - 1), reverse=True)
-        average = (start + end) / 2.0 + 1.0
-        ranks = jnp.zeros(n, average.dtype).at[order].set(average)
-        return jnp.where(jnp.any(jnp.isnan(v)), jnp.nan, ranks)
 
-    flat = x.reshape(-1, x.shape[-1])
-    ranked = jax.vmap(ranks_1d)(flat).reshape(x.shape)
+def _ranks_1d(v):
+    n = v.shape[0]
+    position = jnp.arange(n)
+    s, order = jax.lax.sort((v, position), num_keys=1)
+    differs = s[1:] != s[:-1]
+    first = jnp.concatenate([jnp.ones(1, bool), differs])
+    last = jnp.concatenate([differs, jnp.ones(1, bool)])
+    start = jax.lax.cummax(jnp.where(first, position, 0))
+    end = jax.lax.cummin(jnp.where(last, position, n - 1), reverse=True)
+    average = (start + end) / 2.0 + 1.0
+    ranks = jnp.zeros(n, average.dtype).at[order].set(average)
+    return jnp.where(jnp.any(jnp.isnan(v)), jnp.nan, ranks)
+
+
+# One compiled program per shape (an eager call would lower each of its ops,
+# every process: most of a rerun's time when the pipeline reuses its stages).
+@functools.partial(jax.jit, static_argnums=1)
+def _ranks(x, axis: int):
+    moved = jnp.moveaxis(x, axis, -1)
+    flat = moved.reshape(-1, moved.shape[-1])
+    ranked = jax.vmap(_ranks_1d)(flat).reshape(moved.shape)
     return jnp.moveaxis(ranked.astype(jnp.result_type(x.dtype, float)), -1, axis)
 
 
+@jax.jit
 def _pearson_columns(x, y):
     xc = x - x.mean(axis=0)
     yc = y - y.mean(axis=0)
@@ -110,7 +119,12 @@ def spearman(x, y) -> jax.Array:
       ``[num_targets]`` (a scalar for 1-D input); NaN for a constant column.
     """
     x, y = _pair(x, y)
-    return _pearson_columns(rankdata(x, 0), rankdata(y, 0))
+    return _spearman_columns(x, y)
+
+
+@jax.jit
+def _spearman_columns(x, y):
+    return _pearson_columns(_ranks(x, 0), _ranks(y, 0))
 
 
 def mean_spearman(true, predicted) -> jax.Array:
