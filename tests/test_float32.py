@@ -1,12 +1,11 @@
 """Float32 paths against float64 references.
 
-tests/conftest.py enables 64-bit JAX for the whole suite, so that the other
-tests can compare with float64 references at tight tolerances. What users run
-by default is float32: here the inputs are cast to float32 explicitly (JAX
-keeps float32 arrays float32 with 64-bit enabled: nothing is promoted unless
-a float64 array enters), every result is checked to stay float32, and it is
-compared with the same computation on the same values in float64, at float32
-tolerances. No global configuration is changed.
+The suite runs in float32 (tests/conftest.py). These tests compare a float32
+computation with the same computation on the same values in float64, so they
+are marked ``float64`` (64-bit JAX on for the test only): the inputs are cast
+to float32 explicitly (JAX keeps float32 arrays float32 with 64-bit enabled:
+nothing is promoted unless a float64 array enters), every result is checked to
+stay float32, and compared with the float64 one at float32 tolerances.
 """
 
 import jax
@@ -22,6 +21,7 @@ from tasksurrogate_jax.subsets import leave_one_out_masks
 from tasksurrogate_jax.workloads import SupervisedWorkload, TrainSettings
 
 RNG = np.random.default_rng(7)
+pytestmark = pytest.mark.float64  # float64 references (see above)
 
 
 def as32(*arrays):

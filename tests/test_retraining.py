@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.retraining (float64 via tests/conftest.py)."""
+"""Tests for tasksurrogate_jax.retraining, in float32 (tests/conftest.py)."""
 
 import os
 import signal
@@ -25,9 +25,10 @@ from tasksurrogate_jax.retraining import (
 from tasksurrogate_jax.subsets import bernoulli_masks, leave_one_out_masks
 
 N, D, H, C, K = 48, 3, 8, 3, 4
+FLOAT = jnp.float32  # what users run (tests/conftest.py)
 
 
-def _problem(dtype=jnp.float64):
+def _problem(dtype=FLOAT):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(N, D)).astype(dtype)
     y = rng.integers(0, C, size=N)
@@ -38,7 +39,7 @@ def _problem(dtype=jnp.float64):
     return data, target
 
 
-def _init(key, dtype=jnp.float64):
+def _init(key, dtype=FLOAT):
     k1, k2 = jax.random.split(key)
     return {
         "w1": jax.random.normal(k1, (D, H), dtype) / np.sqrt(D),
@@ -78,7 +79,7 @@ def test_weighted_full_batch_equals_training_on_filtered_data():
     data, target = _problem()
     spec = SPEC_SGD
     masks = jnp.asarray([[1, 1, 1, 1], [1, 0, 1, 1], [0, 1, 0, 0], [1, 1, 0, 1]],
-                        jnp.float64)
+                        FLOAT)
     key = jax.random.key(3)
     res = retrain(masks, data=data, target=target, spec=spec, key=key,
                   init_fn=_init, return_params=True, chunk_size=4, progress=False)
@@ -109,7 +110,7 @@ def test_weighted_full_batch_equals_training_on_filtered_data():
 def test_vmapped_chunks_equal_one_at_a_time():
     data, target = _problem()
     spec = SPEC_ADAM
-    masks = bernoulli_masks(jax.random.key(0), 5, K, p=0.7, dtype=jnp.float64)
+    masks = bernoulli_masks(jax.random.key(0), 5, K, p=0.7, dtype=FLOAT)
     masks = masks.at[:, 0].set(1.0)  # never empty
     key = jax.random.key(11)
     res = retrain(masks, data=data, target=target, spec=spec, key=key,
@@ -126,7 +127,7 @@ def test_vmapped_chunks_equal_one_at_a_time():
 def test_keys_masks_and_seed_modes():
     data, target = _problem()
     spec = SPEC_ADAM
-    masks = leave_one_out_masks(K, dtype=jnp.float64)
+    masks = leave_one_out_masks(K, dtype=FLOAT)
 
     def run(**kw):
         kw.setdefault("key", jax.random.key(5))
@@ -151,7 +152,7 @@ def test_keys_masks_and_seed_modes():
 @pytest.mark.parametrize("seeds", ["shared", "independent"])
 def test_replicates_equal_separate_runs_with_their_keys(regime, seeds):
     data, target = _problem()
-    masks = leave_one_out_masks(K, dtype=jnp.float64)
+    masks = leave_one_out_masks(K, dtype=FLOAT)
     key = jax.random.key(3)
     init = ({"init_fn": _init} if regime == "scratch"
             else {"init_params": _init(jax.random.key(9))})
@@ -172,7 +173,7 @@ def test_replicates_equal_separate_runs_with_their_keys(regime, seeds):
 def test_one_replicate_of_the_full_set_reproduces_the_paired_initialisation():
     data, target = _problem()
     key = jax.random.key(4)
-    ones = jnp.ones((2, K), jnp.float64)
+    ones = jnp.ones((2, K), FLOAT)
     res = retrain(ones, data=data, target=target, spec=SPEC_ADAM, key=key,
                   init_fn=_init, replicates=1, progress=False, return_params=True)
     # paired: both rows of replicate 0 share initialisation and batch order
@@ -181,13 +182,15 @@ def test_one_replicate_of_the_full_set_reproduces_the_paired_initialisation():
     init_key, batch_key = jax.random.split(rt.replicate_key(key, 0))
     losses, _, _ = retrain_one(ones[0], _init(init_key), batch_key, data, target,
                                spec=SPEC_ADAM)
-    np.testing.assert_allclose(res.losses[0, 0], losses, rtol=1e-9, atol=1e-12)
+    # The batched program against the single one: float32 roundings (eps
+    # 1.2e-7) differ per step and grow over the 40 training steps.
+    np.testing.assert_allclose(res.losses[0, 0], losses, rtol=1e-5, atol=1e-6)
 
 
 def test_minibatches_come_from_kept_examples_only():
     data, target = _problem()
     spec = SPEC_ADAM
-    masks = jnp.asarray([[1, 0, 1, 1], [1, 1, 1, 1]], jnp.float64)
+    masks = jnp.asarray([[1, 0, 1, 1], [1, 1, 1, 1]], FLOAT)
     key = jax.random.key(2)
     base = retrain(masks, data=data, target=target, spec=spec, key=key,
                    init_fn=_init, chunk_size=2, progress=False).losses
@@ -210,26 +213,27 @@ def test_small_subset_fewer_examples_than_batch():
                               num_steps=10, batch_size=N - 1)
     spec_fb = make_train_spec(apply_fn=_apply, optimizer=optax.sgd(0.3),
                               num_steps=10)
-    mask = jnp.asarray([[0, 0, 1, 0]], jnp.float64)  # fewer than N - 1 examples
+    mask = jnp.asarray([[0, 0, 1, 0]], FLOAT)  # fewer than N - 1 examples
     kw = dict(data=data, target=target, key=jax.random.key(0), init_fn=_init,
               chunk_size=1, progress=False)
     # every kept example is in every batch: equal to full batch
     np.testing.assert_allclose(retrain(mask, spec=spec_mb, **kw).losses,
-                               retrain(mask, spec=spec_fb, **kw).losses, rtol=1e-10)
+                               retrain(mask, spec=spec_fb, **kw).losses,
+                               rtol=1e-5)  # float32 sums in another order
 
 
 def test_returned_params_reproduce_the_losses_and_auto_chunk():
     data, target = _problem()
     spec = make_train_spec(apply_fn=_apply, optimizer=optax.adam(0.05),
                            num_steps=5, batch_size=8)
-    masks = leave_one_out_masks(K, dtype=jnp.float64)
+    masks = leave_one_out_masks(K, dtype=FLOAT)
     res = retrain(masks, data=data, target=target, spec=spec, key=jax.random.key(0),
                   init_fn=_init, return_params=True, progress=False)  # auto chunk
     assert res.losses.shape == (K + 1, 7) and res.accuracy.shape == (K + 1, 7)
     for j in range(K + 1):
         p = jax.tree.map(lambda a, j=j: a[j], res.params)
         np.testing.assert_allclose(evaluate_targets(p, target, spec=spec)[0],
-                                   res.losses[j], rtol=1e-9)
+                                   res.losses[j], rtol=1e-6)  # float32 eps 1.2e-7
 
 
 def test_choose_chunk_size():

@@ -230,6 +230,7 @@ def test_select_subset_search_makes_no_implicit_transfer(method):
         expected = sel.select_subset(objective, 6, **kwargs)  # compiled
         with jax.transfer_guard("disallow"):
             guarded = sel.select_subset(objective, 6, **kwargs)
+        assert guarded.indices == expected.indices, name
         _same(tuple(guarded), tuple(expected))
 
 
