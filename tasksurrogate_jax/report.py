@@ -364,7 +364,7 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
         if names is not None:
             for index, (x, y, level) in enumerate(zip(
                     true, values, _label_levels(true, values), strict=True)):
-                ax.annotate(str(index), (x, y), xytext=(3, 2 + 7 * level),
+                ax.annotate(str(index), (x, y), xytext=_label_offset(level),
                             textcoords="offset points", fontsize=6)
         ax.set_title(f"{method}\nSpearman {_spearman(true, values):.2f}",
                      fontsize=9)
@@ -382,9 +382,18 @@ def plot_loo_effects(true_effects, predicted: Mapping[str, ArrayLike], *,
     return fig
 
 
+def _label_offset(level: int) -> tuple[int, int]:
+    """Where the label of a point with ``level`` earlier neighbours goes, in
+    points: right, left, then the next rows below and above, alternately."""
+    row = level // 2
+    step = 10 * ((row + 1) // 2)
+    return (-10 if level % 2 else 4, 2 + (step if row % 2 == 0 else -step))
+
+
 def _label_levels(x, y, near: float = 0.04) -> np.ndarray:
     """Per point, how many earlier points lie within ``near`` of it (in units
-    of each axis's range): its label is stacked that many lines higher."""
+    of each axis's range): its label goes around the point by that many
+    places (:func:`_label_offset`)."""
     scaled = np.stack([(v - v.min()) / (np.ptp(v) or 1.0) for v in (x, y)], 1)
     close = np.all(np.abs(scaled[:, None] - scaled[None]) < near, axis=2)
     return np.tril(close, k=-1).sum(1)
