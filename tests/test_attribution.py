@@ -57,6 +57,7 @@ def kernel_fit(kernel="polynomial", **kw):
                                            ridge=1e-8, **params)
 
 
+@pytest.mark.float64  # exact closed forms at 1e-8 to 1e-12 (interpolating fits)
 def test_kernel_surrogate_recovers_planted_scores_and_interactions():
     # F is a degree-2 polynomial in s, so a degree-2 polynomial kernel holds it.
     surrogate = kernel_fit()
@@ -79,6 +80,7 @@ def test_rbf_surrogate_recovers_the_ranking_and_the_xor_sign():
     assert interactions[2, 3, 0] == pytest.approx(-2 * XOR_STRENGTH, abs=0.1)
 
 
+@pytest.mark.float64  # exact closed forms at 1e-8 to 1e-12 (interpolating fits)
 def test_linear_surrogate_misses_the_xor_pair():
     # With uniform subsets, [s_2 != s_3] is uncorrelated with s_2 and s_3, so the
     # least-squares coefficients of tasks 2 and 3 carry only their additive part,
@@ -93,6 +95,7 @@ def test_linear_surrogate_misses_the_xor_pair():
     assert np.all(np.asarray(attribution.interaction_matrix(linear)) == 0)
 
 
+@pytest.mark.float64  # exact closed forms at 1e-8 to 1e-12 (interpolating fits)
 def test_generic_path_equals_linear_closed_forms():
     # Kernel surrogate with a linear kernel is a linear model: LOO scores by
     # predictions equal the closed form of the same ridge fit without intercept.
@@ -104,6 +107,7 @@ def test_generic_path_equals_linear_closed_forms():
                                attribution.loo_scores(linear), atol=1e-9)
 
 
+@pytest.mark.float64  # exact closed forms at 1e-8 to 1e-12 (interpolating fits)
 def test_sampled_values_of_a_linear_surrogate_are_exact():
     linear = surrogates.fit_linear_surrogate(FIT, planted_loss(FIT))
     for values_fn in (attribution.banzhaf_values, attribution.shapley_values):
@@ -126,6 +130,7 @@ def exact_values(predict, weight_fn):
     return out
 
 
+@pytest.mark.float64  # exact closed forms at 1e-8 to 1e-12 (interpolating fits)
 def test_sampled_banzhaf_and_shapley_converge_to_exhaustive_values():
     surrogate = kernel_fit()
     banzhaf = exact_values(surrogate.predict, lambda size: 1 / 2 ** (K - 1))

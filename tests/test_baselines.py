@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.baselines (float64 via tests/conftest.py).
+"""Tests for tasksurrogate_jax.baselines (float64: see pytestmark below).
 
 References are independent: exact derivatives of closed-form refits, Python
 loops over per-example gradients, NumPy with explicit projection matrices.
@@ -27,7 +27,6 @@ from tasksurrogate_jax.losses import softmax_cross_entropy, squared_error
 RNG = np.random.default_rng(0)
 NUM_FEATURES, NUM_CLASSES, NUM_TASKS = 3, 3, 4
 RIDGE_BATCH = 7  # chunks (the last one padded) for the regression problem
-ONES = jnp.ones(NUM_TASKS)
 
 
 def linear_model(params, x):
@@ -54,11 +53,6 @@ def classification_problem(n=30, num_targets=6):
             "w2": jnp.asarray(RNG.normal(size=(hidden, NUM_CLASSES))),
             "b2": jnp.zeros(NUM_CLASSES)}
     return data, target, linear, deep
-
-
-DATA, TARGET, LINEAR, DEEP = classification_problem()
-FEW_TARGETS = make_target_data(TARGET.inputs[:2], TARGET.labels[:2],
-                               num_classes=NUM_CLASSES)
 
 
 class Ridge:
@@ -90,7 +84,17 @@ class Ridge:
                              self.target.labels)
 
 
-RIDGE = Ridge()
+# Most tests here compare with exact float64 NumPy derivatives and solves at
+# 1e-7 to 1e-13, so the module runs with 64-bit JAX (tests/conftest.py), and
+# its module-level arrays, made at import (outside the per-test fixture), are
+# built in float64 too.
+pytestmark = pytest.mark.float64
+with jax.enable_x64(True):
+    ONES = jnp.ones(NUM_TASKS)
+    DATA, TARGET, LINEAR, DEEP = classification_problem()
+    FEW_TARGETS = make_target_data(TARGET.inputs[:2], TARGET.labels[:2],
+                                   num_classes=NUM_CLASSES)
+    RIDGE = Ridge()
 
 
 @functools.cache

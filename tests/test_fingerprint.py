@@ -97,6 +97,7 @@ CHANGES = {
 }
 
 
+@pytest.mark.float64  # builds precision='float64' workloads
 def test_every_ingredient_changes_the_fingerprint():
     base = Recipe().build().fingerprint()
     assert Recipe().build().fingerprint() == base  # rebuilt: the same digests
@@ -120,6 +121,7 @@ def test_fingerprint_names_the_part_that_changed():
 
 
 @pytest.mark.parametrize("name", sorted(CHANGES))
+@pytest.mark.float64  # builds precision='float64' workloads
 def test_a_store_of_another_program_is_refused(tmp_path, name):
     masks = np.array([[1, 1, 1, 0], [0, 1, 1, 1]], np.float32)
     key = jax.random.key(0)

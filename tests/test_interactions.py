@@ -36,6 +36,7 @@ class Quadratic:
 # -- masks and the truth formula ----------------------------------------------
 
 
+@pytest.mark.float64  # asks for float64 masks
 def test_pair_removal_masks_rows():
     masks = np.asarray(ix.pair_removal_masks(4))
     pairs = ix.all_pairs(4)
@@ -134,6 +135,7 @@ def test_planted_signs_correct():
         ix.planted_signs_correct(values, planted)
 
 
+@pytest.mark.float64  # a linear surrogate's interactions cancel to exactly 0
 def test_compare_interactions():
     rng = np.random.default_rng(0)
     truth = rng.normal(size=(30, 4))
@@ -207,6 +209,7 @@ def test_ceiling_matches_known_noise():
 # -- read off surrogates -------------------------------------------------------
 
 
+@pytest.mark.float64  # exact planted values at 1e-10 to 1e-12 (interpolating fits)
 def test_surrogate_interactions_of_a_planted_quadratic():
     quad = Quadratic(6, 2)
     pairs = ix.all_pairs(6)
@@ -218,6 +221,7 @@ def test_surrogate_interactions_of_a_planted_quadratic():
 
 
 @pytest.mark.parametrize("name", ["banzhaf_interactions", "shapley_interactions"])
+@pytest.mark.float64  # exact planted values at 1e-10 to 1e-12 (interpolating fits)
 def test_sampled_indices_of_a_planted_quadratic(name):
     """Every context gives ``b_ij``, so a few samples are exact."""
     quad = Quadratic(6, 2)
@@ -227,6 +231,7 @@ def test_sampled_indices_of_a_planted_quadratic(name):
                                atol=1e-12)
 
 
+@pytest.mark.float64  # exact planted values at 1e-10 to 1e-12 (interpolating fits)
 def test_fitted_kernel_surrogate_recovers_quadratic_coefficients():
     """A degree-2 polynomial kernel spans 1, s_i and s_i s_j on 0/1 masks: fit
     to every subset of a quadratic, its interactions are the coefficients."""
@@ -244,6 +249,7 @@ def test_fitted_kernel_surrogate_recovers_quadratic_coefficients():
         quad.pair_values(pairs), atol=1e-5)
 
 
+@pytest.mark.float64  # exact planted values at 1e-10 to 1e-12 (interpolating fits)
 def test_matches_interaction_matrix_and_linear_is_zero():
     rng = np.random.default_rng(2)
     masks = (rng.random((40, 6)) < 0.6).astype(np.float64)

@@ -204,8 +204,10 @@ def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
     exact = surrogates.fit_kernel_surrogate(
         masks, scores, gamma=float(large["search"].gamma),
         ridge=float(large["search"].ridge), solver="exact")
+    # In float32: conjugate gradients stopped at sqrt(eps32) = 3.5e-4 against
+    # a Cholesky solve (see tests/test_nystrom.py's AGREE).
     np.testing.assert_allclose(large["kernel"].predict(masks), exact.predict(masks),
-                               rtol=1e-5, atol=1e-6 * np.abs(scores).max())
+                               rtol=1e-3, atol=1e-3 * np.abs(scores).max())
 
 
 @pytest.mark.slow
