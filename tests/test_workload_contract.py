@@ -212,3 +212,32 @@ def test_config_fields_reach_a_users_estimation_settings_or_are_refused():
     with pytest.raises(ValueError, match="drop applies to design 'fixed' only"):
         pipeline.check_config(pipeline.PipelineConfig(workload="bandit", drop=2),
                               workload)
+
+
+def test_a_supervised_workload_runs_its_factored_estimation_settings():
+    """``EstimationSettings(projection="factored")`` reaches the estimator
+    through the workload: with every side kept whole (``proj_dim = p``) the
+    factored features are the exact Jacobian, so the estimates are the
+    full-space ones; the record says what ran."""
+    import dataclasses as dc
+
+    from tasksurrogate_jax.estimation import EstimationSettings
+    from tasksurrogate_jax.projection import num_parameters
+    from tasksurrogate_jax.workloads import digits_workload
+
+    workload = digits_workload("tiny")
+    key = jax.random.key(0)
+    theta = workload.base_params(key=key)
+    p = num_parameters(theta)
+    masks = np.asarray(1 - np.eye(workload.num_tasks)[:4], np.float32)
+    full = workload.with_estimation(EstimationSettings(proj_dim="full", replicates=1))
+    factored = workload.with_estimation(dc.replace(full.estimation, proj_dim=p,
+                                                   projection="factored"))
+    estimates = {name: np.asarray(w.estimated_scores(masks, key=key,
+                                                     base_params=theta))
+                 for name, w in (("full", full), ("factored", factored))}
+    np.testing.assert_allclose(estimates["factored"], estimates["full"], rtol=2e-4,
+                               atol=1e-6)
+    record = factored.estimation_record(theta)
+    assert (record["projection"], record["proj_dim"]) == ("factored", p)
+    assert full.estimation_record(theta)["projection"] == "dense"

@@ -411,7 +411,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                                      return_params=True, progress=False, mesh=mesh)
         rows = masks if not settings.difference else jnp.concatenate(
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
-        proj_dim = settings.resolved_proj_dim(num_parameters(params))
+        projection, proj_dim = self._resolved_space(settings, params)
         common = {"key": jax.random.fold_in(key, 1), "proj_dim": proj_dim,
                   "output_mode": settings.output_mode, "chunk_size": chunk_size,
                   "mesh": mesh}
@@ -419,7 +419,8 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             result = linearized_finetune_scores(
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
                 batch_key=key, preconditioner=settings.preconditioner,
-                replicates=settings.replicates, store_dir=store_dir,
+                projection=projection, replicates=settings.replicates,
+                store_dir=store_dir,
                 store_config=None if store_dir is None else {
                     **self.store_config("finetune"),
                     "replicates": settings.replicates},
@@ -451,11 +452,22 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                              base_params=base_params).scores
 
     def estimation_record(self, base_params) -> dict:
-        """The :attr:`estimation` settings (JSON), ``proj_dim`` resolved for
-        ``base_params``: an int, or ``"full"``."""
-        resolved = self.estimation.resolved_proj_dim(num_parameters(base_params))
-        return {**dataclasses.asdict(self.estimation),
-                "proj_dim": "full" if resolved is None else resolved}
+        """The :attr:`estimation` settings (JSON), ``projection`` and
+        ``proj_dim`` resolved for ``base_params`` (``proj_dim``: an int, or
+        ``"full"``)."""
+        projection, proj_dim = self._resolved_space(self.estimation, base_params)
+        return {**dataclasses.asdict(self.estimation), "projection": projection,
+                "proj_dim": "full" if proj_dim is None else proj_dim}
+
+    def _resolved_space(self, settings: EstimationSettings, params):
+        """``(projection, proj_dim)`` of ``settings`` for this model at
+        ``params``: ``"dense"`` or ``"factored"`` (Kronecker-factored per dense
+        layer, :mod:`tasksurrogate_jax.factored`), and d or ``None`` (full)."""
+        projection = (settings.resolved_projection(self.apply_fn, params,
+                                                   self.data.inputs)
+                      if settings.method == "finetune" else "dense")
+        return projection, settings.resolved_proj_dim(num_parameters(params),
+                                                      projection)
 
     def baseline_scores(self, base_params, *, names: tuple[str, ...], key,
                         settings: baseline_methods.BaselineSettings,
