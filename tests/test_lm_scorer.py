@@ -28,7 +28,7 @@ PAD, SEP = 0, 1
 @functools.cache
 def make_model(seed=0):
     return tiny_gpt(jax.random.key(seed), vocab_size=VOCAB, width=16, depth=2,
-                    heads=2, max_length=MAX_LENGTH, param_dtype=jnp.float64)
+                    heads=2, max_length=MAX_LENGTH, param_dtype=jnp.float32)
 
 
 @functools.cache
