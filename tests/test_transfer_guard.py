@@ -130,9 +130,9 @@ def test_retraining_chunk_loop_makes_no_implicit_transfer(monkeypatch, case):
 
 @pytest.mark.xfail(
     strict=True, raises=DISALLOWED,
-    reason="retraining.py:547 (gather): the result, fetched chunk by chunk, is "
-    "uploaded again with jnp.asarray: 2 implicit host-to-device transfers "
-    "(losses, accuracy; + one per parameter leaf with return_params=True)")
+    reason="retrain's gather (retraining.py:546): the result, fetched chunk by "
+    "chunk, is uploaded again with jnp.asarray: 2 implicit host-to-device "
+    "transfers (losses, accuracy; + one per parameter leaf with return_params)")
 def test_retrain_call_makes_no_implicit_transfer():
     kwargs = _retrain_kwargs("finetune")
     rt.retrain(**kwargs)  # compiled outside the guard
@@ -161,7 +161,7 @@ ESTIMATION_SETTINGS = {
     "finetune",
     pytest.param("solve", marks=pytest.mark.xfail(
         strict=True, raises=DISALLOWED,
-        reason="estimation.py:588 (estimate_scores, solve_chunk): the ridge, a "
+        reason="estimate_scores' solve_chunk (estimation.py:588): the ridge, a "
         "Python float, is an argument of the jitted solve_subsets: one implicit "
         "scalar host-to-device transfer per chunk")),
 ])
@@ -185,11 +185,12 @@ def test_estimation_chunk_loops_make_no_implicit_transfer(monkeypatch, method):
 @pytest.mark.xfail(
     strict=True, raises=DISALLOWED,
     reason="23 implicit host-to-device transfers (log mode, default settings): "
-    "workloads/supervised.py:415 fold_in(key, 1) (1); estimation.py:1285 "
-    "data.inputs[:1] (2); retraining.py:547 gather of the all-tasks fine-tuning "
-    "(1) and of the linearized runs' losses and 4 parameter leaves (4); "
-    "estimation.py:980-981 eager losses.mean(0), leaf[0] and the vmapped "
-    "shift norm (15)")
+    "SupervisedWorkload.estimate's fold_in(key, 1) (workloads/supervised.py:415: "
+    "1); _check_params_structure's data.inputs[:1] (estimation.py:1295: 2); "
+    "retrain's gather of the linearized runs' losses and 4 parameter leaves "
+    "(retraining.py:546: 5); linearized_finetune_scores' eager "
+    "result.losses.mean(0), leaf[0] and vmapped shift norm (estimation.py:"
+    "990-992: 15)")
 def test_estimated_scores_call_makes_no_implicit_transfer():
     workload, (masks, key) = _workload(), _device_inputs()
     theta = workload.base_params(key=key)
@@ -249,7 +250,7 @@ def test_exhaustive_chunk_loop_makes_no_implicit_transfer(monkeypatch):
 
 @pytest.mark.xfail(
     strict=True, raises=DISALLOWED,
-    reason="selection.py:433-437 (_exhaustive): the running best's initial "
+    reason="_exhaustive (selection.py:433-437): the running best's initial "
     "value is built eagerly with jnp.full / jnp.zeros: 5 implicit scalar "
     "host-to-device transfers per call (none per chunk)")
 def test_select_subset_exhaustive_call_makes_no_implicit_transfer():
@@ -261,7 +262,7 @@ def test_select_subset_exhaustive_call_makes_no_implicit_transfer():
 
 @pytest.mark.xfail(
     strict=True, raises=DISALLOWED,
-    reason="selection.py:158 (surrogate_objective, called by _objective_parts "
+    reason="surrogate_objective (selection.py:158, called by _objective_parts "
     "for a bare surrogate): the target weights, a NumPy array, are uploaded "
     "with jnp.asarray: one implicit host-to-device transfer per call")
 def test_select_subset_of_a_bare_surrogate_makes_no_implicit_transfer():
