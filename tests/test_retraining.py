@@ -91,10 +91,12 @@ def test_weighted_full_batch_equals_training_on_filtered_data():
         ref = _reference_gd(p0, data.inputs[keep], data.labels[keep], lr=0.5,
                             steps=15)
         got = jax.tree.map(lambda a, j=j: a[j], res.params)
-        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10,
-                                                             atol=1e-12), got, ref)
+        # Weighted full batch against the filtered one: float32 sums in another
+        # order (eps 1.2e-7), over 15 gradient steps.
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5,
+                                                             atol=1e-6), got, ref)
         ref_losses = _ce(ref, target.inputs, target.labels)
-        np.testing.assert_allclose(res.losses[j], ref_losses, rtol=1e-10)
+        np.testing.assert_allclose(res.losses[j], ref_losses, rtol=1e-5)
     # fine-tuning from given parameters: same reference, other starting point
     theta = jax.tree.map(lambda a: a + 0.1, p0)
     ft = retrain(masks[1:2], data=data, target=target, spec=spec, key=key,
@@ -102,8 +104,8 @@ def test_weighted_full_batch_equals_training_on_filtered_data():
                  progress=False)
     keep = np.asarray(masks[1])[ids] > 0
     ref = _reference_gd(theta, data.inputs[keep], data.labels[keep], lr=0.5, steps=15)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-10,
-                                                         atol=1e-12), ft.params, ref)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a[0], b, rtol=1e-5,
+                                                         atol=1e-6), ft.params, ref)
 
 
 @pytest.mark.slow
@@ -119,7 +121,8 @@ def test_vmapped_chunks_equal_one_at_a_time():
     p0 = _init(init_key)
     for j in range(masks.shape[0]):
         losses, acc, _ = retrain_one(masks[j], p0, batch_key, data, target, spec=spec)
-        np.testing.assert_allclose(res.losses[j], losses, rtol=1e-9, atol=1e-12)
+        # The batched program against the single one (float32, see above).
+        np.testing.assert_allclose(res.losses[j], losses, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(res.accuracy[j], acc)
 
 
