@@ -256,7 +256,9 @@ def test_fixed_size_functions_of_a_linear_surrogate():
     key = jax.random.key(0)
     inter = attribution.fixed_size_interactions(linear, key=key, size=3,
                                                 num_samples=50)
-    assert np.abs(np.asarray(inter)).max() < 1e-10
+    # Second differences of float32 predictions (~1-10) cancel to a few
+    # roundings: ~4 x eps32 (1.2e-7) x 10 ~ 5e-6, averaged over the samples.
+    assert np.abs(np.asarray(inter)).max() < 5e-6
     effects = attribution.fixed_size_effects(linear, key=key, size=3,
                                              num_samples=3000)
     exact, _ = _enumerated_fixed_size(lambda m: np.asarray(linear.predict(m)), 3)

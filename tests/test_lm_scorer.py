@@ -151,7 +151,8 @@ def test_exact_scores_equal_a_loop_of_forward_passes_and_cross_entropy():
                 zip(padded_queries, query_labels, strict=True)):
             logits = fwd(jnp.asarray(np.concatenate([prompt, query])))[-1, LABEL_IDS]
             expected[i, t] = jax.nn.logsumexp(logits) - logits[label]
-    np.testing.assert_allclose(scores, expected, rtol=1e-10, atol=1e-12)
+    # Batched against one forward pass per prompt, float32 (eps 1.2e-7) losses ~1.
+    np.testing.assert_allclose(scores, expected, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -165,7 +166,7 @@ def test_linearization_is_exact_at_the_anchor_and_equals_the_jvp():
     estimated = np.asarray(workload.estimated_scores(masks, anchor=anchor))
     # At the anchor prompt, the first-order estimate is the exact loss.
     np.testing.assert_allclose(estimated[0], workload.exact_scores(masks)[0],
-                               rtol=1e-12)
+                               rtol=1e-5)  # two float32 programs (above)
     # Elsewhere, it is L(E0) + jvp(L, E0)(E_s - E0).
     e0 = workload.anchor_embeddings(4, anchor)
 
@@ -186,7 +187,7 @@ def test_linearization_is_exact_at_the_anchor_and_equals_the_jvp():
             tokens = jnp.asarray(np.concatenate([prompt, query]))
             np.testing.assert_allclose(estimated[i, t],
                                        first_order(tokens, e0[t], label),
-                                       rtol=1e-10, atol=1e-12)
+                                       rtol=1e-5, atol=1e-6)  # float32 (above)
 
 
 def test_tiny_gpt_is_causal():

@@ -108,7 +108,8 @@ def test_loo_correlation_per_target_mean_and_mean_target():
     pred = true + RNG.normal(scale=0.5, size=(25, 8))
     out = metrics.loo_correlation(true_effects=true, predicted_effects=pred)
     ref = [scipy.stats.spearmanr(pred[:, j], true[:, j]).statistic for j in range(8)]
-    np.testing.assert_allclose(out.per_target, ref, rtol=1e-12)
+    # Spearman of 25 float32 values against scipy's float64 (see above).
+    np.testing.assert_allclose(out.per_target, ref, rtol=1e-5, atol=1e-6)
     assert float(out.mean) == pytest.approx(np.mean(ref))
     ref_mean = scipy.stats.spearmanr(pred.mean(1), true.mean(1)).statistic
     assert float(out.mean_target) == pytest.approx(ref_mean)

@@ -233,6 +233,7 @@ def test_missing_workload_member_is_a_clear_error():
 
 
 @pytest.mark.slow
+@pytest.mark.float64  # precision='float64' workloads
 def test_float64_results_do_not_depend_on_the_chunk_size(tiny):
     # conftest enables 64-bit JAX; float32 would round differently per chunking.
     config = DigitsConfig(**{**tiny.description, "precision": "float64"})
