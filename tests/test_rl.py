@@ -179,6 +179,10 @@ def _tree_norm(tree):
                              for x in jax.tree.leaves(tree))))
 
 
+# Two programs (vmapped over subsets, and one run alone) that sample actions
+# for 60 iterations: float32 rounding flips samples and drifts the returns by
+# about 2%, float64 keeps them within 1e-4.
+@pytest.mark.float64
 @pytest.mark.slow
 def test_exact_scores_are_the_returns_of_each_subsets_own_training(tiny):
     masks = np.array([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 0, 0]], np.float32)
