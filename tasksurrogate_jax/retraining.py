@@ -543,7 +543,7 @@ def retrain(
 
     def gather(name):
         values = arrays.pop(name)
-        return jnp.asarray(values.reshape(lead + values.shape[1:]))
+        return jax.device_put(values.reshape(lead + values.shape[1:]))  # explicit
 
     params_out = None
     if return_params:

@@ -128,11 +128,6 @@ def test_retraining_chunk_loop_makes_no_implicit_transfer(monkeypatch, case):
     _same(guarded, expected)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=DISALLOWED,
-    reason="retrain's gather (retraining.py:546): the result, fetched chunk by "
-    "chunk, is uploaded again with jnp.asarray: 2 implicit host-to-device "
-    "transfers (losses, accuracy; + one per parameter leaf with return_params)")
 def test_retrain_call_makes_no_implicit_transfer():
     kwargs = _retrain_kwargs("finetune")
     rt.retrain(**kwargs)  # compiled outside the guard
