@@ -89,7 +89,12 @@ from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.chunking import chunked_vmap
-from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
+from tasksurrogate_jax.data import (
+    TargetData,
+    TaskData,
+    check_target_matches,
+    leading_rows_spec,
+)
 from tasksurrogate_jax.linearize import (
     per_example_grads,
     per_task_sums,
@@ -552,7 +557,7 @@ def _num_features(apply_fn, params, data, features) -> int:
     n = int(np.sum(np.asarray(data.task_ids) >= 0))
     if features != "outputs":
         return n
-    out = jax.eval_shape(apply_fn, params, data.inputs[:1])
+    out = jax.eval_shape(apply_fn, params, leading_rows_spec(data.inputs))
     return n * math.prod(out.shape[1:])
 
 
@@ -964,7 +969,7 @@ def _check_trak_features(apply_fn, params, data, loss_fn, features):
                 f"labels of shape {data.labels.shape} and dtype {data.labels.dtype}."
             )
     if features != "loss":
-        out = jax.eval_shape(apply_fn, params, data.inputs[:1])
+        out = jax.eval_shape(apply_fn, params, leading_rows_spec(data.inputs))
         if len(out.shape) != 2:
             raise ValueError(
                 f"features={features!r} needs apply_fn to return [batch, outputs], "

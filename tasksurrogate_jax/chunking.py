@@ -52,11 +52,13 @@ def map_padded_chunks(fn, rows, chunk_size: int | None, *, mesh=None):
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis, or ``None``. With
         a mesh, chunks are rounded up to a multiple of its ``"subsets"`` length,
         each chunk is split over it (:func:`sharding.shard_subsets`) before
-        ``fn`` and its outputs are gathered (:func:`sharding.to_host`; every
-        process must call this when the mesh spans several).
+        ``fn``, and its outputs are gathered to the host
+        (:func:`sharding.to_host`; every process must call this when the mesh
+        spans several) after the next chunk is dispatched.
 
     Returns:
-      The outputs concatenated along the leading axis and cut to ``n`` rows.
+      The outputs concatenated along the leading axis and cut to ``n`` rows:
+      device arrays without a mesh, NumPy arrays with one.
     """
     n = rows.shape[0]
     size = n if chunk_size is None else min(
@@ -64,12 +66,17 @@ def map_padded_chunks(fn, rows, chunk_size: int | None, *, mesh=None):
     if mesh is None:
         outs = [fn(pad_rows(rows[start:start + size], size))
                 for start in range(0, n, size)]
-    else:
-        size = sharding.round_up(size, mesh)
-        outs = [sharding.to_host(fn(sharding.shard_subsets(
-                    pad_rows(rows[start:start + size], size), mesh)))
-                for start in range(0, n, size)]
-    return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
+        return jax.tree.map(lambda *xs: jnp.concatenate(xs)[:n], *outs)
+    size = sharding.round_up(size, mesh)
+    outs, in_flight = [], None
+    for start in range(0, n, size):
+        out = fn(sharding.shard_subsets(pad_rows(rows[start:start + size], size),
+                                        mesh))
+        if in_flight is not None:  # fetched while ``out`` computes
+            outs.append(sharding.to_host(in_flight))
+        in_flight = out
+    outs.append(sharding.to_host(in_flight))
+    return jax.tree.map(lambda *xs: np.concatenate(xs)[:n], *outs)
 
 
 def map_chunks(compute: Callable[[np.ndarray], Mapping], num_rows: int, *,

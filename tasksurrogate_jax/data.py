@@ -395,3 +395,9 @@ def pad_task_data(data: TaskData, num_examples: int) -> TaskData:
         labels=pad(data.labels),
         task_ids=pad(data.task_ids, PAD_TASK_ID),
     )
+
+
+def leading_rows_spec(inputs, rows: int = 1) -> jax.ShapeDtypeStruct:
+    """The shape and dtype of ``inputs[:rows]``, for ``jax.eval_shape``, with no
+    slice computed (an eager slice uploads its bounds)."""
+    return jax.ShapeDtypeStruct((rows, *inputs.shape[1:]), inputs.dtype)

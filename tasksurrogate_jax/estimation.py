@@ -79,6 +79,7 @@ from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
     check_nonempty_masks,
+    leading_rows_spec,
     mask_to_weights,
 )
 from tasksurrogate_jax.linearize import (
@@ -581,19 +582,30 @@ def estimate_scores(
         ridge = calibrate_ridge(train, data, projection, params,
                                 update_norm=reference_update_norm,
                                 output_mode=output_mode, settings=settings)
-    train, tgt, projection, params = sharding.replicate(
-        (train, tgt, projection, params), mesh)
+    ridge = float(ridge)
+    # The ridge goes up once, explicitly, with the features (not per chunk).
+    train, tgt, projection, params, ridge_device = sharding.replicate(
+        (train, tgt, projection, params, np.asarray(ridge, weights.dtype)), mesh)
 
     def solve_chunk(chunk):
-        sol = solve_subsets(train, chunk, ridge=ridge, output_mode=output_mode,
-                            settings=settings)
-        return (target_losses(tgt, sol.w, output_mode),
-                _update_norms(projection, sol.w, params), sol.grad_norm,
-                sol.iterations)
+        return _solve_chunk(train, tgt, projection, params, ridge_device, chunk,
+                            output_mode=output_mode, settings=settings)
 
     return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size,
                                                mesh=mesh),
-                            ridge=float(ridge))
+                            ridge=ridge)
+
+
+@functools.partial(jax.jit, static_argnames=("output_mode", "settings"))
+def _solve_chunk(train, tgt, projection, params, ridge, weights, *,
+                 output_mode, settings):
+    """One chunk of :func:`estimate_scores`, one program: ``(scores [m, T],
+    update norms [m], gradient norms [m], iterations [m])``."""
+    sol = solve_subsets(train, weights, ridge=ridge, output_mode=output_mode,
+                        settings=settings)
+    return (target_losses(tgt, sol.w, output_mode),
+            _update_norms(projection, sol.w, params), sol.grad_norm,
+            sol.iterations)
 
 
 def _projection(key, proj_dim, projection_kind, params):
@@ -666,44 +678,85 @@ def _update_norms(projection, w, params, scale=None):
                         for leaf in jax.tree_util.tree_leaves(update)))
 
 
+@jax.jit
+def _full_space_summary(losses, run_params, params):
+    """``(scores [m, T], shifts [m])`` of full-space linearized runs: the mean
+    over replicates of ``losses [R, m, T]``, and ``||θ_s − θ*||`` of the first
+    replicate's parameters (leaves ``[R, m, ...]``). One program, so that no
+    eager op uploads a constant."""
+    first = jax.tree.map(lambda leaf: leaf[0], run_params)
+    shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(first)
+    return losses.mean(0), shift
+
+
+@jax.jit
+def _projected_summary(losses, run_weights, projection, params, scale):
+    """:func:`_full_space_summary` for runs in the projected space
+    (``run_weights [R, m, d]``)."""
+    return losses.mean(0), _update_norms(projection, run_weights[0], params, scale)
+
+
 def _estimate_full_space(apply_fn, params, data, target, weights, *, ridge,
                          output_mode, settings, chunk_size, mesh):
     """Full-parameter-space linearized solves (L-BFGS over the update pytree)."""
     if settings.solver == "newton":
         settings = settings._replace(solver="lbfgs")  # no dense Hessian in p dims
+    ridge = float(ridge)
+    shared = sharding.replicate(
+        (params, data.inputs, data.labels, target.inputs, target.labels,
+         np.asarray(ridge, weights.dtype)), mesh)
 
-    def outputs_fn(p, inputs, labels):
-        logits = apply_fn(p, inputs)
-        return logits if output_mode == "logits" else jax.vmap(margin)(logits, labels)
+    def solve_chunk(chunk):
+        return _full_space_chunk(chunk, *shared, apply_fn=apply_fn,
+                                 output_mode=output_mode, settings=settings,
+                                 mesh=mesh)
 
-    f_lin_train = linearize(lambda p, x: outputs_fn(p, x, data.labels), params)
-    f_lin_target = linearize(lambda p, x: outputs_fn(p, x, target.labels), params)
-    # The update lives in one flat vector: optax's state lookups must not meet
-    # the attributes of framework containers (e.g. ``nnx.Param.value``).
-    flat_params, unravel = ravel_pytree(params)
-    zero = jnp.zeros_like(flat_params)
+    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size,
+                                               mesh=mesh),
+                            ridge=ridge)
 
-    def solve_rows(chunk):
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "output_mode", "settings",
+                                             "mesh"))
+def _full_space_chunk(weights, params, inputs, labels, target_inputs,
+                      target_labels, ridge, *, apply_fn, output_mode, settings,
+                      mesh):
+    """One chunk of :func:`_estimate_full_space`, compiled once per model and
+    shape: ``(scores [m, T], update norms [m], gradient norms [m],
+    iterations [m])`` for ``weights [m, n]``."""
+
+    def solve_rows(chunk, params, inputs, labels, target_inputs, target_labels,
+                   ridge):
+        def outputs_fn(p, x, y):
+            logits = apply_fn(p, x)
+            return logits if output_mode == "logits" else jax.vmap(margin)(logits, y)
+
+        f_lin_train = linearize(lambda p, x: outputs_fn(p, x, labels), params)
+        f_lin_target = linearize(lambda p, x: outputs_fn(p, x, target_labels),
+                                 params)
+        # The update lives in one flat vector: optax's state lookups must not
+        # meet the attributes of framework containers (``nnx.Param.value``).
+        flat_params, unravel = ravel_pytree(params)
+        zero = jnp.zeros_like(flat_params)
+
         def one(omega):
             def objective(delta):
-                losses = example_losses(f_lin_train(unravel(delta), data.inputs),
-                                        data.labels, output_mode)
+                losses = example_losses(f_lin_train(unravel(delta), inputs),
+                                        labels, output_mode)
                 penalty = 0.5 * ridge * jnp.sum(delta * delta)
                 return jnp.sum(omega * losses) / jnp.sum(omega) + penalty
 
             sol = _minimize(objective, zero, settings)
-            scores = example_losses(f_lin_target(unravel(sol.w), target.inputs),
-                                    target.labels, output_mode)
+            scores = example_losses(f_lin_target(unravel(sol.w), target_inputs),
+                                    target_labels, output_mode)
             return scores, jnp.linalg.norm(sol.w), sol.grad_norm, sol.iterations
 
         return jax.lax.map(one, chunk)
 
     # lax.map is sequential: under GSPMD every device would run every row, so
     # each device maps over its own rows (shard_map).
-    solve_chunk = jax.jit(sharding.per_shard(solve_rows, mesh))
-    return EstimationResult(*map_padded_chunks(solve_chunk, weights, chunk_size,
-                                               mesh=mesh),
-                            ridge=float(ridge))
+    return sharding.per_shard(solve_rows, mesh, batched=(True,) + (False,) * 6)(
+        weights, params, inputs, labels, target_inputs, target_labels, ridge)
 
 
 # ---------------------------------------------------------------------------
@@ -987,9 +1040,8 @@ def linearized_finetune_scores(
         spec = dataclasses.replace(finetune, apply_fn=linear_apply, accuracy_fn=None)
         result = retraining.retrain(data=data, target=target, spec=spec,
                                     init_params=params, **run)
-        shift = jax.vmap(lambda p: otu.tree_norm(otu.tree_sub(p, params)))(
-            jax.tree.map(lambda leaf: leaf[0], result.params))
-        return EstimationResult(result.losses.mean(0), shift)
+        return EstimationResult(*_full_space_summary(result.losses,
+                                                     result.params, params))
 
     dense = _projection(key, proj_dim, projection_kind, params)
     scale, optimizer = None, finetune.optimizer
@@ -1010,8 +1062,8 @@ def linearized_finetune_scores(
     w0 = jnp.zeros(dense.proj_dim, train.features.dtype)
     result = retraining.retrain(data=lin_data, target=lin_target, spec=spec,
                                 init_params=w0, **run)
-    return EstimationResult(result.losses.mean(0),
-                            _update_norms(dense, result.params[0], params, scale))
+    return EstimationResult(*_projected_summary(result.losses, result.params,
+                                                dense, params, scale))
 
 
 def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune,
@@ -1292,7 +1344,7 @@ def _check_settings(settings):
 
 def _check_params_structure(apply_fn, params, data):
     try:
-        jax.eval_shape(apply_fn, params, data.inputs[:1])
+        jax.eval_shape(apply_fn, params, leading_rows_spec(data.inputs))
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise ValueError(
             "params do not match the model: apply_fn(params, inputs) failed with "

@@ -154,8 +154,10 @@ def surrogate_objective(surrogate, *, target_weights=None) -> SurrogateObjective
                 f"weight > 0), got {weights.tolist()}."
             )
         weights = weights / weights.sum()
-    return SurrogateObjective(surrogate=surrogate,
-                              weights=jnp.asarray(weights, arrays.dtype))
+    # An explicit upload: the weights are host values, put once per objective.
+    return SurrogateObjective(
+        surrogate=surrogate,
+        weights=jax.device_put(np.asarray(weights, np.dtype(arrays.dtype))))
 
 
 class _ByIdentity:
@@ -428,13 +430,14 @@ def _exhaustive(parts, base, free, num_required, lo, hi, count, batch_size, mesh
     num_tasks = base.shape[0]
     width = hi - num_required
     chunk = sharding.round_up(min(batch_size, count), mesh)
-    dtype = jnp.result_type(float)
+    dtype = np.dtype(jnp.result_type(float))
+    # Built on the host and uploaded explicitly (by ``replicate``) in one go.
     best = _Best(
-        value=jnp.full((), jnp.inf, dtype),
-        row=jnp.full((width,), num_tasks, jnp.int32),
-        bad=jnp.zeros((), bool),
-        bad_row=jnp.full((width,), num_tasks, jnp.int32),
-        bad_value=jnp.zeros((), dtype),
+        value=np.full((), np.inf, dtype),
+        row=np.full((width,), num_tasks, np.int32),
+        bad=np.zeros((), bool),
+        bad_row=np.full((width,), num_tasks, np.int32),
+        bad_value=np.zeros((), dtype),
     )
     dynamic, base, best = sharding.replicate((dynamic, base, best), mesh)
     num_evaluated = 0

@@ -202,6 +202,20 @@ def test_estimation_settings_validate():
     assert not est.EstimationSettings().needs_reference_run
 
 
+def test_full_space_solve_compiles_once_per_model_and_shape():
+    # The chunk program is built at module level with the model static: a second
+    # call with new parameters and ridge reuses it instead of tracing again.
+    settings = est.SolverSettings("lbfgs", max_iter=20, tol=1e-6)
+    first = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+                                proj_dim=None, ridge=0.1, settings=settings)
+    compiled = est._full_space_chunk._cache_size()
+    shifted = jax.tree.map(lambda leaf: leaf + 0.01, PARAMS)
+    second = est.estimate_scores(softmax_regression, shifted, DATA, TARGET, MASKS,
+                                 proj_dim=None, ridge=0.2, settings=settings)
+    assert est._full_space_chunk._cache_size() == compiled
+    assert not np.allclose(first.scores, second.scores)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_projection_to_every_dimension_equals_the_full_space_solution(output_mode):

@@ -197,7 +197,8 @@ def test_exact_scores_are_the_returns_of_each_subsets_own_training(tiny):
         learning_rate=c.finetune_learning_rate)[0])
     for mask, row in zip(masks, exact, strict=True):
         tuned = finetune(tiny.base_params(), jnp.asarray(mask))
-        np.testing.assert_allclose(row, tiny.evaluate(tuned), rtol=1e-4, atol=1e-3)  # float32 returns summed over episodes
+        # float32 returns, summed over episodes
+        np.testing.assert_allclose(row, tiny.evaluate(tuned), rtol=1e-4, atol=1e-3)
     fresh = tiny.train(tiny.init_fn(jax.random.fold_in(key, 3)),
                        jnp.asarray(masks[2]), jax.random.fold_in(key, 5),
                        iterations=c.iterations, learning_rate=c.learning_rate)[0]

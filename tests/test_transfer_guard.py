@@ -13,11 +13,9 @@ JAX array printed. Explicit ones stay allowed: ``jax.device_put`` (how
 documented exceptions). Inputs are device-resident where the API allows
 (masks, keys, parameters; ``make_task_data`` returns JAX arrays).
 
-Where a whole call cannot pass yet, its test is ``xfail(strict=True)`` with
-the transfers measured (``jax.transfer_guard("log")``, located per call site)
-in the reason: it fails as soon as the package is fixed, so the mark is
-removed then. The loops inside those calls are checked on their own, by
-running the module's loop function under the guard (``_guard``).
+Every call here passes whole under the guard. The loops inside the calls are
+also checked on their own, by running the module's loop function under the
+guard (``_guard``), so that a failure names the loop.
 
 On the CPU, a NumPy array that JAX can alias without a copy is not always
 reported as a transfer; on a GPU it would be.
@@ -152,14 +150,7 @@ ESTIMATION_SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("method", [
-    "finetune",
-    pytest.param("solve", marks=pytest.mark.xfail(
-        strict=True, raises=DISALLOWED,
-        reason="estimate_scores' solve_chunk (estimation.py:588): the ridge, a "
-        "Python float, is an argument of the jitted solve_subsets: one implicit "
-        "scalar host-to-device transfer per chunk")),
-])
+@pytest.mark.parametrize("method", ["finetune", "solve"])
 def test_estimation_chunk_loops_make_no_implicit_transfer(monkeypatch, method):
     """The chunk loops estimation goes through (the retraining loop of
     linearized fine-tuning, the padded chunks of the solves) run with
@@ -177,15 +168,6 @@ def test_estimation_chunk_loops_make_no_implicit_transfer(monkeypatch, method):
     np.testing.assert_array_equal(guarded, expected)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=DISALLOWED,
-    reason="23 implicit host-to-device transfers (log mode, default settings): "
-    "SupervisedWorkload.estimate's fold_in(key, 1) (workloads/supervised.py:415: "
-    "1); _check_params_structure's data.inputs[:1] (estimation.py:1295: 2); "
-    "retrain's gather of the linearized runs' losses and 4 parameter leaves "
-    "(retraining.py:546: 5); linearized_finetune_scores' eager "
-    "result.losses.mean(0), leaf[0] and vmapped shift norm (estimation.py:"
-    "990-992: 15)")
 def test_estimated_scores_call_makes_no_implicit_transfer():
     workload, (masks, key) = _workload(), _device_inputs()
     theta = workload.base_params(key=key)
@@ -204,8 +186,8 @@ def _objectives():
     scores = rng.normal(size=(30, 2)).astype(np.float32)
     weights = jax.device_put(rng.normal(size=6).astype(np.float32))
     return {
-        # Objectives built outside the guard (select_subset of a bare surrogate
-        # uploads its uniform target weights: the xfail below).
+        # Objectives built outside the guard (fitting is not what is checked
+        # here; the bare-surrogate test below builds one inside it).
         "linear": sel.surrogate_objective(
             surrogates.fit_linear_surrogate(masks, scores)),
         "kernel": sel.surrogate_objective(
@@ -243,11 +225,6 @@ def test_exhaustive_chunk_loop_makes_no_implicit_transfer(monkeypatch):
         _same(tuple(guarded), tuple(expected))
 
 
-@pytest.mark.xfail(
-    strict=True, raises=DISALLOWED,
-    reason="_exhaustive (selection.py:433-437): the running best's initial "
-    "value is built eagerly with jnp.full / jnp.zeros: 5 implicit scalar "
-    "host-to-device transfers per call (none per chunk)")
 def test_select_subset_exhaustive_call_makes_no_implicit_transfer():
     objective = _objectives()["linear"]
     sel.select_subset(objective, 6, size=3)  # compiled
@@ -255,11 +232,6 @@ def test_select_subset_exhaustive_call_makes_no_implicit_transfer():
         sel.select_subset(objective, 6, size=3)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=DISALLOWED,
-    reason="surrogate_objective (selection.py:158, called by _objective_parts "
-    "for a bare surrogate): the target weights, a NumPy array, are uploaded "
-    "with jnp.asarray: one implicit host-to-device transfer per call")
 def test_select_subset_of_a_bare_surrogate_makes_no_implicit_transfer():
     rng = np.random.default_rng(3)
     surrogate = surrogates.fit_linear_surrogate(

@@ -71,6 +71,13 @@ PRECISIONS = ("float32", "float64")
 DEFAULT_ESTIMATION = EstimationSettings()
 
 
+@jax.jit
+def _projection_key(key):
+    """``fold_in(key, 1)``, the projection's key, as one compiled program (an
+    eager ``fold_in`` uploads its Python constant)."""
+    return jax.random.fold_in(key, 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
     """One training program's optimizer and length (the model comes apart).
@@ -412,7 +419,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
         rows = masks if not settings.difference else jnp.concatenate(
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
         projection, proj_dim = self._resolved_space(settings, params)
-        common = {"key": jax.random.fold_in(key, 1), "proj_dim": proj_dim,
+        common = {"key": _projection_key(key), "proj_dim": proj_dim,
                   "output_mode": settings.output_mode, "chunk_size": chunk_size,
                   "mesh": mesh}
         if settings.method == "finetune":
