@@ -13,7 +13,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from tasksurrogate_jax import cli, report
+from tasksurrogate_jax.pipeline import cli, report
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Environment variables that set the thread counts of XLA and the BLAS libraries.

@@ -23,7 +23,8 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 
-from tasksurrogate_jax import pipeline, selection, uncertainty
+from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.downstream import selection, uncertainty
 
 CHOOSERS = ("linear", "kernel", "kernel + LCB", "kernel + trust region")
 

@@ -2,7 +2,7 @@
 
 Issue 23, item 2: are the defaults of ``influence_scores`` and ``trak_scores``
 (``damping="auto"``, TRAK's ``proj_dim="auto"``; rules in
-``tasksurrogate_jax/baselines.py``) close to the best their grid offers, when
+``tasksurrogate_jax/estimate/baselines.py``) close to the best their grid offers, when
 both are scored against leave-one-out fine-tuning? The grid is for this
 benchmark only: the defaults never see a ground truth.
 
@@ -73,11 +73,11 @@ from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
 import tasksurrogate_jax as ts
-from tasksurrogate_jax import baselines as bl
-from tasksurrogate_jax import metrics
+from tasksurrogate_jax.core import metrics
+from tasksurrogate_jax.estimate import baselines as bl
+from tasksurrogate_jax.estimate.projection import num_parameters, ravel_rows
 from tasksurrogate_jax.pipeline import loo_effects
-from tasksurrogate_jax.projection import num_parameters, ravel_rows
-from tasksurrogate_jax.reliability import loo_reliability
+from tasksurrogate_jax.truth.reliability import loo_reliability
 
 # Damping grid: multiples of the largest eigenvalue of the matrix damped.
 FRACTIONS = (1e-3, 3e-3, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 3.0)

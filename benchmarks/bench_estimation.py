@@ -71,15 +71,18 @@ import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import attribution, baselines, metrics, reliability
-from tasksurrogate_jax.estimation import (
+from tasksurrogate_jax.core import metrics
+from tasksurrogate_jax.core.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.downstream import attribution
+from tasksurrogate_jax.estimate import baselines
+from tasksurrogate_jax.estimate.estimation import (
     Adam,
     EstimationSettings,
     linearized_finetune_scores,
 )
+from tasksurrogate_jax.estimate.projection import num_parameters
 from tasksurrogate_jax.pipeline import ceiling, fit_surrogates
-from tasksurrogate_jax.projection import num_parameters
-from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.truth import reliability
 from tasksurrogate_jax.workloads.digits import digits_workload
 from tasksurrogate_jax.workloads.modular import modular_workload
 

@@ -13,7 +13,7 @@ training and target example (``n = 1,797``, ``C = 10`` outputs), as
   chunks of ``--dense-batch-size`` (16) examples. Its cost is per example, so
   it is timed on ``--dense-examples`` examples (8 with ``--quick``, else 64)
   and scaled linearly to n (column ``scaled``): all n take minutes here.
-- ``factored``: :func:`tasksurrogate_jax.factored.factored_jacobians` with
+- ``factored``: :func:`tasksurrogate_jax.estimate.factored.factored_jacobians` with
   every side projected to ``k`` (sides of width <= k kept whole) for each
   ``--ks``; ``d = Σ_layers d_in d_out``. Timed on all n (chunks of 256).
 - ``factored-alloc``: the same with ``factored.allocate_dims`` at d = 512 and
@@ -60,10 +60,10 @@ import optax
 from _common import REPO_ROOT, environment, format_table, write_json
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import factored
-from tasksurrogate_jax.estimation import linearized_examples
+from tasksurrogate_jax.estimate import factored
+from tasksurrogate_jax.estimate.estimation import linearized_examples
+from tasksurrogate_jax.estimate.projection import make_projection, num_parameters
 from tasksurrogate_jax.losses import softmax_cross_entropy
-from tasksurrogate_jax.projection import make_projection, num_parameters
 from tasksurrogate_jax.workloads.digits_data import (
     DigitsDataConfig,
     DigitsMLP,
@@ -211,8 +211,8 @@ def estimate_section(args):
 
     from scipy.stats import spearmanr
 
-    from tasksurrogate_jax import retraining
-    from tasksurrogate_jax.estimation import EstimationSettings, linear_model
+    from tasksurrogate_jax.estimate.estimation import EstimationSettings, linear_model
+    from tasksurrogate_jax.truth import retraining
     from tasksurrogate_jax.workloads.digits import digits_workload
 
     workload = digits_workload("cpu", hidden=args.hidden, depth=args.depth)

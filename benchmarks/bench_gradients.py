@@ -47,13 +47,13 @@ from _common import (
 )
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax.linearize import per_example_grads
-from tasksurrogate_jax.losses import softmax_cross_entropy
-from tasksurrogate_jax.projection import (
+from tasksurrogate_jax.estimate.linearize import per_example_grads
+from tasksurrogate_jax.estimate.projection import (
     make_projection,
     num_parameters,
     unproject,
 )
+from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.workloads.modular import modular_workload
 
 

@@ -59,7 +59,7 @@ from _common import (
     write_json,
 )
 
-from tasksurrogate_jax import metrics
+from tasksurrogate_jax.core import metrics
 from tasksurrogate_jax.workloads.icl import NearestAnchors
 from tasksurrogate_jax.workloads.icl_regression import (
     bayes_predictions,

@@ -5,10 +5,10 @@ interactions of known sign; ``--preset cpu``: the main job's sources):
 
 1. **Ground truth.** Real fine-tuning from ``θ*`` of the full set, the K
    leave-one-out sets and every pair-removed set
-   (:func:`tasksurrogate_jax.interactions.pair_removal_masks`),
+   (:func:`tasksurrogate_jax.downstream.interactions.pair_removal_masks`),
    ``--replicates`` (8) paired replicates; per replicate
    ``I_ij = F(−i−j) − F(−i) − F(−j) + F(full)``
-   (:func:`~tasksurrogate_jax.interactions.pair_interactions`, positive =
+   (:func:`~tasksurrogate_jax.downstream.interactions.pair_interactions`, positive =
    substitutes), averaged. Its *ceiling* is the split-half reliability of the
    interactions over the pairs (Spearman-Brown-corrected; per target and on
    the target-mean interactions), and the planted signs it recovers.
@@ -62,14 +62,14 @@ import jax
 import numpy as np
 from _common import REPO_ROOT, environment, format_table, parse_overrides, write_json
 
-from tasksurrogate_jax import interactions as ix
-from tasksurrogate_jax.pipeline import fit_surrogates
-from tasksurrogate_jax.subsets import (
+from tasksurrogate_jax.core.subsets import (
     bernoulli_masks,
     fixed_size_masks,
     size_range_masks,
     unique_masks,
 )
+from tasksurrogate_jax.downstream import interactions as ix
+from tasksurrogate_jax.pipeline import fit_surrogates
 from tasksurrogate_jax.workloads.digits import digits_workload
 
 # Tiny sizes of --quick: a small model and 64 targets.

@@ -39,8 +39,8 @@ from _common import (
     write_json,
 )
 
-from tasksurrogate_jax.retraining import retrain_chunk, retrain_one
-from tasksurrogate_jax.subsets import fixed_size_masks
+from tasksurrogate_jax.core.subsets import fixed_size_masks
+from tasksurrogate_jax.truth.retraining import retrain_chunk, retrain_one
 from tasksurrogate_jax.workloads.modular import modular_workload
 
 

@@ -56,9 +56,11 @@ from _common import (
     write_json,
 )
 
-from tasksurrogate_jax import pipeline, reliability, report
-from tasksurrogate_jax.chunking import pad_rows
-from tasksurrogate_jax.subsets import leave_one_out_masks
+from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.core.subsets import leave_one_out_masks
+from tasksurrogate_jax.pipeline import report
+from tasksurrogate_jax.truth import reliability
+from tasksurrogate_jax.truth.chunking import pad_rows
 from tasksurrogate_jax.workloads.rl import policy_gradients, rl_workload
 
 # Subsets per compiled call when re-measuring picks: a draw has 10 to 50

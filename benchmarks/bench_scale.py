@@ -79,7 +79,7 @@ def planted_problem(seed: int, num_subsets: int, num_tasks: int, num_targets: in
 def child_surrogate(args) -> dict:
     import jax
 
-    from tasksurrogate_jax import metrics, nystrom, surrogates
+    from tasksurrogate_jax.core import metrics, nystrom, surrogates
 
     masks, noisy, clean = planted_problem(args.seed, args.m, args.num_tasks,
                                           args.num_targets)
@@ -113,8 +113,8 @@ def child_surrogate(args) -> dict:
 def child_estimation(args) -> dict:
     import jax
 
-    from tasksurrogate_jax.estimation import EstimationSettings
-    from tasksurrogate_jax.subsets import fixed_size_masks
+    from tasksurrogate_jax.core.subsets import fixed_size_masks
+    from tasksurrogate_jax.estimate.estimation import EstimationSettings
     from tasksurrogate_jax.workloads import modular_workload
 
     workload = modular_workload(args.preset)
@@ -148,7 +148,9 @@ def child_sharding(args) -> dict:
     mesh of the first device alone, in this one process."""
     import jax
 
-    from tasksurrogate_jax import retraining, selection, sharding, surrogates
+    from tasksurrogate_jax.core import surrogates
+    from tasksurrogate_jax.downstream import selection
+    from tasksurrogate_jax.truth import retraining, sharding
     from tasksurrogate_jax.workloads import digits_workload
 
     if jax.device_count() != SIMULATED_DEVICES:

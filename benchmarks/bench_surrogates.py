@@ -51,7 +51,7 @@ from _common import (  # noqa: E402
 from sklearn.kernel_ridge import KernelRidge  # noqa: E402
 from sklearn.model_selection import GridSearchCV, KFold  # noqa: E402
 
-from tasksurrogate_jax.surrogates import (  # noqa: E402
+from tasksurrogate_jax.core.surrogates import (  # noqa: E402
     default_gamma_grid,
     default_ridge_grid,
     fit_kernel_surrogate,

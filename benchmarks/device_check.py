@@ -89,8 +89,8 @@ def commands(quick: bool, out: Path, workers: str) -> dict[str, list[str]]:
     return {
         "environment": [*py, "-c", ENVIRONMENT],
         "tests": [*py, "-m", "pytest", "-q", "-n", workers, *args["tests"]],
-        "main_job": [*py, "-m", "tasksurrogate_jax.cli", "run", "digits", "--quiet",
-                     "--out", str(out / "main_job"), *args["main_job"]],
+        "main_job": [*py, "-m", "tasksurrogate_jax.pipeline.cli", "run", "digits",
+                     "--quiet", "--out", str(out / "main_job"), *args["main_job"]],
         **{name: [*py, str(BENCHMARKS / f"bench_{name}.py"), *args[name],
                   "--out", str(out / f"{name}.json")]
            for name in ("retraining", "estimation", "scale")},

@@ -41,7 +41,8 @@ from _common import (
     write_json,
 )
 
-from tasksurrogate_jax import attribution, metrics, surrogates
+from tasksurrogate_jax.core import metrics, surrogates
+from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.pipeline import PipelineConfig, ceiling, collect
 
 

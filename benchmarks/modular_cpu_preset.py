@@ -28,7 +28,7 @@ from _common import (
     write_json,
 )
 
-from tasksurrogate_jax.subsets import fixed_size_masks, leave_one_out_masks
+from tasksurrogate_jax.core.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.workloads.modular import block_task_ids, modular_workload
 
 

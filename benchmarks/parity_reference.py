@@ -39,8 +39,8 @@ from _common import (  # noqa: E402
     write_json,
 )
 
-from tasksurrogate_jax import metrics  # noqa: E402
-from tasksurrogate_jax.surrogates import (  # noqa: E402
+from tasksurrogate_jax.core import metrics  # noqa: E402
+from tasksurrogate_jax.core.surrogates import (  # noqa: E402
     default_ridge_grid,
     fit_kernel_surrogate,
     fit_linear_surrogate,

@@ -7,56 +7,20 @@ are ``[num_subsets, num_targets]`` (lower = better, e.g. target losses).
 
 __version__ = "0.1.0"
 
-# The modules, as attributes (``ts.surrogates``); not in ``__all__``.
+# The subpackages, along the data flow, as attributes (``ts.core``); modules
+# are reached by their path (``tasksurrogate_jax.core.surrogates``).
 from tasksurrogate_jax import (  # noqa: F401
-    attribution,
-    baselines,
-    chunking,
+    core,
     data,
-    estimation,
-    estimation_check,
-    kernels,
-    linearize,
+    downstream,
+    estimate,
     losses,
-    metrics,
-    nystrom,
     pipeline,
-    projection,
-    reliability,
-    report,
-    retraining,
-    selection,
-    sharding,
-    store,
-    subsets,
-    surrogates,
-    uncertainty,
+    truth,
     workloads,
 )
-from tasksurrogate_jax.attribution import (
-    banzhaf_values,
-    interaction_matrix,
-    loo_scores,
-    shapley_values,
-)
-from tasksurrogate_jax.baselines import influence_scores, tracin_scores, trak_scores
-from tasksurrogate_jax.data import (
-    TargetData,
-    TaskData,
-    make_target_data,
-    make_task_data,
-)
-from tasksurrogate_jax.estimation import (
-    Adam,
-    EstimationResult,
-    EstimationSettings,
-    SolverSettings,
-    estimate_scores,
-    linearized_finetune_scores,
-)
-from tasksurrogate_jax.estimation_check import EstimationCheck, check_estimation
-from tasksurrogate_jax.kernels import KERNELS, gram
-from tasksurrogate_jax.metrics import (
+from tasksurrogate_jax.core.kernels import KERNELS, gram
+from tasksurrogate_jax.core.metrics import (
     LOOCorrelation,
     loo_correlation,
     mean_spearman,
@@ -66,30 +30,12 @@ from tasksurrogate_jax.metrics import (
     relative_error,
     spearman,
 )
-from tasksurrogate_jax.nystrom import (
+from tasksurrogate_jax.core.nystrom import (
     NystromFit,
     fit_nystrom_surrogate,
     select_nystrom_hyperparameters,
 )
-from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
-from tasksurrogate_jax.report import (
-    format_correlation_table,
-    plot_heldout,
-    plot_interactions,
-    plot_loo_effects,
-)
-from tasksurrogate_jax.retraining import (
-    RetrainResult,
-    TrainSpec,
-    make_train_spec,
-    retrain,
-)
-from tasksurrogate_jax.selection import (
-    SelectionResult,
-    select_subset,
-    surrogate_objective,
-)
-from tasksurrogate_jax.subsets import (
+from tasksurrogate_jax.core.subsets import (
     all_masks,
     bernoulli_masks,
     fixed_size_masks,
@@ -97,7 +43,7 @@ from tasksurrogate_jax.subsets import (
     size_range_masks,
     unique_masks,
 )
-from tasksurrogate_jax.surrogates import (
+from tasksurrogate_jax.core.surrogates import (
     HyperparameterSearch,
     KernelSurrogate,
     LinearSurrogate,
@@ -106,13 +52,60 @@ from tasksurrogate_jax.surrogates import (
     predict,
     select_kernel_hyperparameters,
 )
-from tasksurrogate_jax.uncertainty import (
+from tasksurrogate_jax.data import (
+    TargetData,
+    TaskData,
+    make_target_data,
+    make_task_data,
+)
+from tasksurrogate_jax.downstream.attribution import (
+    banzhaf_values,
+    interaction_matrix,
+    loo_scores,
+    shapley_values,
+)
+from tasksurrogate_jax.downstream.selection import (
+    SelectionResult,
+    select_subset,
+    surrogate_objective,
+)
+from tasksurrogate_jax.downstream.uncertainty import (
     KernelPosterior,
     calibrate_kappa,
     fit_posterior,
     lcb_objective,
     sequential_selection,
     trust_region_objective,
+)
+from tasksurrogate_jax.estimate.baselines import (
+    influence_scores,
+    tracin_scores,
+    trak_scores,
+)
+from tasksurrogate_jax.estimate.estimation import (
+    Adam,
+    EstimationResult,
+    EstimationSettings,
+    SolverSettings,
+    estimate_scores,
+    linearized_finetune_scores,
+)
+from tasksurrogate_jax.estimate.estimation_check import (
+    EstimationCheck,
+    check_estimation,
+)
+from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
+from tasksurrogate_jax.pipeline.report import (
+    format_correlation_table,
+    plot_heldout,
+    plot_interactions,
+    plot_loo_effects,
+)
+from tasksurrogate_jax.truth.retraining import (
+    RetrainResult,
+    TrainSpec,
+    make_train_spec,
+    retrain,
 )
 from tasksurrogate_jax.workloads import (
     ICLWorkload,

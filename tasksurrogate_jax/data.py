@@ -13,7 +13,7 @@ the same shapes (one compiled program serves every subset):
 A subset mask ``s`` (``[num_tasks]`` of 0/1) becomes per-example weights
 ``w_n = s[task_ids[n]]`` (0 for padding): see :func:`mask_to_weights`.
 Training on the subset is then training with those weights (see
-``retraining.py``), with no change of shapes.
+``truth/retraining.py``), with no change of shapes.
 
 :class:`TargetData` is the evaluation set: ``inputs`` ``[num_targets, ...]``
 and ``labels`` ``[num_targets]``; each target example is one column of the

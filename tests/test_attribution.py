@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, surrogates
-from tasksurrogate_jax.subsets import all_masks
+from tasksurrogate_jax.core import surrogates
+from tasksurrogate_jax.core.subsets import all_masks
+from tasksurrogate_jax.downstream import attribution
 
 K = 8
 ADDITIVE = np.array([0.5, -0.3, 0.2, 0.1, 0.8, -0.6, 0.4, 0.05])  # loss drop per task

@@ -19,23 +19,13 @@ import numpy as np
 import optax
 import pytest
 
-from tasksurrogate_jax import (
-    attribution,
-    baselines,
-    data,
-    kernels,
-    metrics,
-    nystrom,
-    pipeline,
-    reliability,
-    retraining,
-    selection,
-    subsets,
-    surrogates,
-    uncertainty,
-)
-from tasksurrogate_jax.estimation import EstimationSettings
-from tasksurrogate_jax.store import ChunkStore, StoreMismatchError
+from tasksurrogate_jax import data, pipeline
+from tasksurrogate_jax.core import kernels, metrics, nystrom, subsets, surrogates
+from tasksurrogate_jax.downstream import attribution, selection, uncertainty
+from tasksurrogate_jax.estimate import baselines
+from tasksurrogate_jax.estimate.estimation import EstimationSettings
+from tasksurrogate_jax.truth import reliability, retraining
+from tasksurrogate_jax.truth.store import ChunkStore, StoreMismatchError
 from tasksurrogate_jax.workloads.supervised import SupervisedWorkload, TrainSettings
 
 K = 4

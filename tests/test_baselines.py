@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.baselines (float64: see pytestmark below).
+"""Tests for tasksurrogate_jax.estimate.baselines (float64: see pytestmark below).
 
 References are independent: exact derivatives of closed-form refits, Python
 loops over per-example gradients, NumPy with explicit projection matrices.
@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import baselines as bl
-from tasksurrogate_jax import projection as proj
 from tasksurrogate_jax.data import (
     filter_task_data,
     make_target_data,
@@ -22,6 +20,8 @@ from tasksurrogate_jax.data import (
     mask_to_weights,
     pad_task_data,
 )
+from tasksurrogate_jax.estimate import baselines as bl
+from tasksurrogate_jax.estimate import projection as proj
 from tasksurrogate_jax.losses import softmax_cross_entropy, squared_error
 
 RNG = np.random.default_rng(0)
@@ -605,7 +605,7 @@ def _logistic_truth(ridge=0.01):
 def test_baselines_at_their_defaults_track_exact_leave_one_out():
     # At their defaults (nothing tuned), influence and TRAK rank the tasks as
     # exact leave-one-out refits do: flipped labels hurt, clean data helps.
-    from tasksurrogate_jax.metrics import loo_correlation
+    from tasksurrogate_jax.core.metrics import loo_correlation
 
     data, target, theta, effects = _logistic_truth()
     assert np.all(effects[:2].mean(1) < 0) and np.all(effects[3:].mean(1) > 0)

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax.chunking import map_chunks, open_store
+from tasksurrogate_jax.truth.chunking import map_chunks, open_store
 
 TABLE = jnp.asarray(np.random.default_rng(0).normal(size=(11, 3)), jnp.float32)
 

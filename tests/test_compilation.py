@@ -4,7 +4,7 @@ from pathlib import Path
 
 import jax
 
-from tasksurrogate_jax import compilation
+from tasksurrogate_jax.pipeline import compilation
 
 
 def test_compilation_cache_opt_out_and_configured_folder(monkeypatch, tmp_path):

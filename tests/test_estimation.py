@@ -7,10 +7,12 @@ import optax
 import pytest
 import scipy.optimize
 
-from tasksurrogate_jax import estimation as est
-from tasksurrogate_jax import estimation_check, losses, retraining
-from tasksurrogate_jax import projection as proj
+from tasksurrogate_jax import losses
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
+from tasksurrogate_jax.estimate import estimation as est
+from tasksurrogate_jax.estimate import estimation_check
+from tasksurrogate_jax.estimate import projection as proj
+from tasksurrogate_jax.truth import retraining
 
 # References at tight tolerances: 64-bit JAX for every test here.
 pytestmark = pytest.mark.float64

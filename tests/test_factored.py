@@ -1,4 +1,4 @@
-"""Kernel-factored projected Jacobians (tasksurrogate_jax.factored).
+"""Kernel-factored projected Jacobians (tasksurrogate_jax.estimate.factored).
 
 References: per-example Jacobians from ``jax.jacrev`` on the raveled
 parameters, projected by an explicit dense ``P`` built from the factors with
@@ -15,8 +15,8 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import factored as fa
-from tasksurrogate_jax.estimation import Linearized, linear_model
+from tasksurrogate_jax.estimate import factored as fa
+from tasksurrogate_jax.estimate.estimation import Linearized, linear_model
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.workloads.digits_data import DigitsDataConfig, DigitsMLP
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions

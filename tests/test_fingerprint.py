@@ -19,8 +19,8 @@ import optax
 import pytest
 
 import tasksurrogate_jax as ts
-from tasksurrogate_jax.fingerprint import program_digest
-from tasksurrogate_jax.store import StoreMismatchError
+from tasksurrogate_jax.truth.fingerprint import program_digest
+from tasksurrogate_jax.truth.store import StoreMismatchError
 
 K = 4
 

@@ -15,9 +15,10 @@ import optax
 import pytest
 import scipy.stats
 
-from tasksurrogate_jax import attribution, metrics, surrogates
+from tasksurrogate_jax.core import metrics, surrogates
+from tasksurrogate_jax.core.subsets import leave_one_out_masks
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.subsets import leave_one_out_masks
+from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.workloads import SupervisedWorkload, TrainSettings
 
 RNG = np.random.default_rng(7)

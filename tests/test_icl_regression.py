@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tasksurrogate_jax.metrics import mean_spearman
+from tasksurrogate_jax.core.metrics import mean_spearman
 from tasksurrogate_jax.workloads.icl import (
     ICLWorkload,
     NearestAnchors,

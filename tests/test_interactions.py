@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.interactions: the pair-removal ground truth of
+"""Tests for tasksurrogate_jax.downstream.interactions: the pair-removal ground truth of
 pairwise interactions, its ceiling, and interactions read off surrogates."""
 
 import itertools
@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, surrogates
-from tasksurrogate_jax import interactions as ix
+from tasksurrogate_jax.core import surrogates
+from tasksurrogate_jax.downstream import attribution
+from tasksurrogate_jax.downstream import interactions as ix
 
 
 class Quadratic:

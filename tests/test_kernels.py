@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics.pairwise import pairwise_kernels
 
-from tasksurrogate_jax import kernels
+from tasksurrogate_jax.core import kernels
 
 RNG = np.random.default_rng(0)
 X = RNG.integers(0, 2, (13, 7)).astype(float)

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import linearize as lin
-from tasksurrogate_jax import projection as proj
+from tasksurrogate_jax.estimate import linearize as lin
+from tasksurrogate_jax.estimate import projection as proj
 
 # References at tight tolerances: 64-bit JAX for every test here.
 pytestmark = pytest.mark.float64

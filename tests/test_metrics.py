@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tasksurrogate_jax import metrics
+from tasksurrogate_jax.core import metrics
 
 RNG = np.random.default_rng(1)
 

@@ -6,8 +6,8 @@ import numpy as np
 import optax
 import pytest
 
-from tasksurrogate_jax.estimation import EstimationSettings
-from tasksurrogate_jax.subsets import leave_one_out_masks
+from tasksurrogate_jax.core.subsets import leave_one_out_masks
+from tasksurrogate_jax.estimate.estimation import EstimationSettings
 from tasksurrogate_jax.workloads import Workload, modular_workload
 from tasksurrogate_jax.workloads.modular import (
     PRESETS,

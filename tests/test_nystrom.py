@@ -3,13 +3,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, metrics, nystrom, selection, surrogates
-from tasksurrogate_jax.kernels import gram
+from tasksurrogate_jax.core import metrics, nystrom, surrogates
+from tasksurrogate_jax.core.kernels import gram
+from tasksurrogate_jax.downstream import attribution, selection
 
 # The random test masks repeat some rows on purpose (as bernoulli draws do);
 # the cross-validations' warning about it is tested where it is the subject.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+    "ignore::tasksurrogate_jax.core.surrogates.DuplicateMasksWarning")
 
 KEY = jax.random.key(0)
 # Nyström (conjugate gradients stopped at a relative residual of

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import cli, pipeline, reliability, report
+from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.pipeline import cli, report
+from tasksurrogate_jax.truth import reliability
 
 TINY = ["run", "digits", "--preset", "tiny", "--num-subsets", "16",
         "--num-heldout", "8", "--value-samples", "50", "--proj-dim", "16",
@@ -161,14 +163,15 @@ def test_bad_arguments_exit_with_status_2_and_a_message(args, message, capsys,
 
 
 def test_list_and_the_installed_entry_point():
-    done = subprocess.run([sys.executable, "-m", "tasksurrogate_jax.cli", "list"],
-                          capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "tasksurrogate_jax.pipeline.cli", "list"],
+        capture_output=True, text=True, check=True)
     assert "modular: presets paper, cpu, tiny" in done.stdout
     assert "digits: presets cpu, random, tiny" in done.stdout
 
 
 # Random masks repeat rows here: the search's duplicate warning is expected.
-@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.core.surrogates.DuplicateMasksWarning")
 def test_ridge_grid_follows_the_dtype_the_fit_computes_in():
     """float64 scores are fit in float32 without x64: no ridge below float32's
     rounding error is searched (the search would warn and could pick it)."""
@@ -186,9 +189,9 @@ def test_ridge_grid_follows_the_dtype_the_fit_computes_in():
     assert float(fits["search"].ridges.min()) >= 10 * eps * 240
 
 
-@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+@pytest.mark.filterwarnings("ignore::tasksurrogate_jax.core.surrogates.DuplicateMasksWarning")
 def test_large_fits_use_the_nystrom_surrogate_and_a_holdout_search(monkeypatch):
-    from tasksurrogate_jax import surrogates
+    from tasksurrogate_jax.core import surrogates
 
     rng = np.random.default_rng(0)
     masks = (rng.random((120, 8)) < 0.5).astype(np.float64)
@@ -216,7 +219,7 @@ def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path
     paired replicates, the interactions from them (checked against the
     workload's own retraining here), their ceiling, and each method's
     agreement; the stages are reused by a rerun."""
-    from tasksurrogate_jax import interactions
+    from tasksurrogate_jax.downstream import interactions
 
     config = dataclasses.replace(TINY_CONFIG, protocol="pairs")
     lines = []

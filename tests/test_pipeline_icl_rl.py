@@ -14,9 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, cli, pipeline, reliability, report
-from tasksurrogate_jax.subsets import leave_one_out_masks, size_range_masks
-from tasksurrogate_jax.surrogates import fit_kernel_surrogate
+from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.core.subsets import leave_one_out_masks, size_range_masks
+from tasksurrogate_jax.core.surrogates import fit_kernel_surrogate
+from tasksurrogate_jax.downstream import attribution
+from tasksurrogate_jax.pipeline import cli, report
+from tasksurrogate_jax.truth import reliability
 from tasksurrogate_jax.workloads import icl, registry
 
 PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from tasksurrogate_jax.reliability import (
+from tasksurrogate_jax.truth.reliability import (
     bootstrap_interval,
     interval_over_targets,
     loo_reliability,

@@ -1,4 +1,4 @@
-"""Plots and the correlation table from plain arrays (report.py), and
+"""Plots and the correlation table from plain arrays (pipeline/report.py), and
 ``write_plots`` drawing a run's results through them."""
 
 import json
@@ -13,7 +13,7 @@ import pytest  # noqa: E402
 from scipy import stats  # noqa: E402
 
 import tasksurrogate_jax as ts  # noqa: E402
-from tasksurrogate_jax import report  # noqa: E402
+from tasksurrogate_jax.pipeline import report  # noqa: E402
 
 RNG = np.random.default_rng(0)
 K, M = 6, 9

@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.retraining, in float32 (tests/conftest.py)."""
+"""Tests for tasksurrogate_jax.truth.retraining, in float32 (tests/conftest.py)."""
 
 import os
 import signal
@@ -13,16 +13,16 @@ import numpy as np
 import optax
 import pytest
 
-import tasksurrogate_jax.retraining as rt
+import tasksurrogate_jax.truth.retraining as rt
+from tasksurrogate_jax.core.subsets import bernoulli_masks, leave_one_out_masks
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.retraining import (
+from tasksurrogate_jax.truth.retraining import (
     choose_chunk_size,
     evaluate_targets,
     make_train_spec,
     retrain,
     retrain_one,
 )
-from tasksurrogate_jax.subsets import bernoulli_masks, leave_one_out_masks
 
 N, D, H, C, K = 48, 3, 8, 3, 4
 FLOAT = jnp.float32  # what users run (tests/conftest.py)
@@ -292,8 +292,8 @@ RESUME_PROBLEM = textwrap.dedent(
     """
     import jax, jax.numpy as jnp, numpy as np, optax
     from tasksurrogate_jax.data import make_target_data, make_task_data
-    from tasksurrogate_jax.retraining import make_train_spec, retrain
-    from tasksurrogate_jax.subsets import leave_one_out_masks
+    from tasksurrogate_jax.truth.retraining import make_train_spec, retrain
+    from tasksurrogate_jax.core.subsets import leave_one_out_masks
 
     rng = np.random.default_rng(0)
     x = rng.normal(size=(40, 3)).astype(np.float32)

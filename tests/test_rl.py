@@ -10,8 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax.estimation import linearized_examples
-from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
+from tasksurrogate_jax.estimate.estimation import linearized_examples
+from tasksurrogate_jax.estimate.projection import (
+    make_projection,
+    num_parameters,
+    unproject,
+)
 from tasksurrogate_jax.workloads.rl import (
     ACROBOT_VARIANTS,
     make_variant_params,

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import selection, surrogates
-from tasksurrogate_jax.selection import select_subset, surrogate_objective
+from tasksurrogate_jax.core import surrogates
+from tasksurrogate_jax.downstream import selection
+from tasksurrogate_jax.downstream.selection import select_subset, surrogate_objective
 
 K = 9
 _rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""Tests for tasksurrogate_jax.sharding: the subset axis on several devices.
+"""Tests for tasksurrogate_jax.truth.sharding: the subset axis on several devices.
 
 The test process has one CPU device; the multi-device checks run in
 subprocesses: one with 8 simulated CPU devices
@@ -22,11 +22,15 @@ import optax
 import pytest
 from jax.sharding import Mesh
 
-from tasksurrogate_jax import sharding
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.estimation import estimate_scores
-from tasksurrogate_jax.retraining import choose_chunk_size, make_train_spec, retrain
-from tasksurrogate_jax.selection import select_subset
+from tasksurrogate_jax.downstream.selection import select_subset
+from tasksurrogate_jax.estimate.estimation import estimate_scores
+from tasksurrogate_jax.truth import sharding
+from tasksurrogate_jax.truth.retraining import (
+    choose_chunk_size,
+    make_train_spec,
+    retrain,
+)
 
 REPO = str(Path(__file__).resolve().parents[1])
 TOL = 1e-10  # float64: the sharded rows agree with one device to rounding
@@ -39,9 +43,9 @@ PROBLEM = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     # START (before any JAX computation)
     import jax.numpy as jnp, numpy as np, optax
-    from tasksurrogate_jax import sharding
+    from tasksurrogate_jax.truth import sharding
     from tasksurrogate_jax.data import make_target_data, make_task_data
-    from tasksurrogate_jax.retraining import make_train_spec, retrain
+    from tasksurrogate_jax.truth.retraining import make_train_spec, retrain
 
     K = 5
     rng = np.random.default_rng(0)
@@ -80,11 +84,11 @@ PROBLEM = textwrap.dedent(
 
 EIGHT_DEVICES = textwrap.dedent(
     """
-    from tasksurrogate_jax.estimation import (estimate_scores,
+    from tasksurrogate_jax.estimate.estimation import (estimate_scores,
                                               linearized_finetune_scores)
-    from tasksurrogate_jax.retraining import retrain_chunk
-    from tasksurrogate_jax.selection import select_subset
-    from tasksurrogate_jax.surrogates import fit_linear_surrogate
+    from tasksurrogate_jax.truth.retraining import retrain_chunk
+    from tasksurrogate_jax.downstream.selection import select_subset
+    from tasksurrogate_jax.core.surrogates import fit_linear_surrogate
 
     assert len(jax.devices()) == 8
     EIGHT = sharding.subset_mesh()
@@ -202,9 +206,9 @@ JOIN = textwrap.dedent(
 
 TWO_PROCESSES = textwrap.dedent(
     """
-    from tasksurrogate_jax.estimation import estimate_scores
-    from tasksurrogate_jax.selection import select_subset
-    from tasksurrogate_jax.surrogates import fit_linear_surrogate
+    from tasksurrogate_jax.estimate.estimation import estimate_scores
+    from tasksurrogate_jax.downstream.selection import select_subset
+    from tasksurrogate_jax.core.surrogates import fit_linear_surrogate
 
     assert jax.process_count() == 2 and len(jax.devices()) == 4
     GLOBAL = sharding.subset_mesh()  # both processes' devices

@@ -20,10 +20,11 @@ import optax
 import pytest
 from flax import nnx
 
-from tasksurrogate_jax import estimation as est
-from tasksurrogate_jax import factored, retraining
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
-from tasksurrogate_jax.projection import make_projection, num_parameters
+from tasksurrogate_jax.estimate import estimation as est
+from tasksurrogate_jax.estimate import factored
+from tasksurrogate_jax.estimate.projection import make_projection, num_parameters
+from tasksurrogate_jax.truth import retraining
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
 
 # References at tight tolerances: 64-bit JAX for every test here.

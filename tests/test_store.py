@@ -1,11 +1,11 @@
-"""Tests for tasksurrogate_jax.store."""
+"""Tests for tasksurrogate_jax.truth.store."""
 
 import json
 
 import numpy as np
 import pytest
 
-from tasksurrogate_jax.store import ChunkStore, array_digest, config_hash
+from tasksurrogate_jax.truth.store import ChunkStore, array_digest, config_hash
 
 
 def test_config_hash_is_canonical():

@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import subsets
+from tasksurrogate_jax.core import subsets
 
 
 def test_bernoulli_masks_are_binary_reproducible_and_have_rate_p():

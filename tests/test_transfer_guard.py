@@ -29,13 +29,13 @@ import numpy as np
 import optax
 import pytest
 
-import tasksurrogate_jax.estimation as est
-import tasksurrogate_jax.retraining as rt
-import tasksurrogate_jax.selection as sel
-from tasksurrogate_jax import surrogates
+import tasksurrogate_jax.downstream.selection as sel
+import tasksurrogate_jax.estimate.estimation as est
+import tasksurrogate_jax.truth.retraining as rt
+from tasksurrogate_jax.core import surrogates
+from tasksurrogate_jax.core.subsets import leave_one_out_masks
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.estimation import EstimationSettings
-from tasksurrogate_jax.subsets import leave_one_out_masks
+from tasksurrogate_jax.estimate.estimation import EstimationSettings
 from tasksurrogate_jax.workloads import SupervisedWorkload, TrainSettings
 
 N, D, H, C, K = 48, 4, 8, 3, 4

@@ -7,9 +7,10 @@ import pytest
 from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import RBF, ConstantKernel
 
-from tasksurrogate_jax import selection, surrogates, uncertainty
-from tasksurrogate_jax.selection import select_subset
-from tasksurrogate_jax.uncertainty import (
+from tasksurrogate_jax.core import surrogates
+from tasksurrogate_jax.downstream import selection, uncertainty
+from tasksurrogate_jax.downstream.selection import select_subset
+from tasksurrogate_jax.downstream.uncertainty import (
     calibrate_kappa,
     fit_posterior,
     lcb_objective,
@@ -21,7 +22,7 @@ from tasksurrogate_jax.uncertainty import (
 # the leave-one-out calibration's warning about it is tested in
 # tests/test_bad_inputs.py.
 pytestmark = pytest.mark.filterwarnings(
-    "ignore::tasksurrogate_jax.surrogates.DuplicateMasksWarning")
+    "ignore::tasksurrogate_jax.core.surrogates.DuplicateMasksWarning")
 
 
 def all_masks(num_tasks, min_size=0):

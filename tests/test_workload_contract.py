@@ -21,8 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax import attribution, pipeline, report
-from tasksurrogate_jax.fingerprint import array_digest
+from tasksurrogate_jax import pipeline
+from tasksurrogate_jax.downstream import attribution
+from tasksurrogate_jax.pipeline import report
+from tasksurrogate_jax.truth.fingerprint import array_digest
 from tasksurrogate_jax.workloads import lm_icl_workload, nnx_causal_lm_scorer, tiny_gpt
 from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload
 
@@ -221,8 +223,8 @@ def test_a_supervised_workload_runs_its_factored_estimation_settings():
     full-space ones; the record says what ran."""
     import dataclasses as dc
 
-    from tasksurrogate_jax.estimation import EstimationSettings
-    from tasksurrogate_jax.projection import num_parameters
+    from tasksurrogate_jax.estimate.estimation import EstimationSettings
+    from tasksurrogate_jax.estimate.projection import num_parameters
     from tasksurrogate_jax.workloads import digits_workload
 
     workload = digits_workload("tiny")

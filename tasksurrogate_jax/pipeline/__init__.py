@@ -31,7 +31,7 @@ as they finish and reused by a rerun with the same configuration):
    and on the estimated scores of the fitting subsets; attribution; metrics,
    each with a bootstrap interval, beside the ground truth's own ``ceiling``
    (its split-half reliability across the replicates, Spearman-Brown
-   corrected: :mod:`tasksurrogate_jax.reliability`).
+   corrected: :mod:`tasksurrogate_jax.truth.reliability`).
 
 ``"fixed_size"`` (icl): every subset holds exactly ``shots`` tasks (a prompt of
 ``shots`` demonstrations), so there is no full set to leave one out of. Stages:
@@ -39,7 +39,7 @@ as they finish and reused by a rerun with the same configuration):
 1. ``prompts``: ``num_subsets + num_heldout`` distinct random ``shots``-prompts
    and their exact scores (forward passes: deterministic).
 2. ``truth``: the effect of including each demonstration in a prompt,
-   :func:`~tasksurrogate_jax.attribution.fixed_size_effects_from_scores`: the
+   :func:`~tasksurrogate_jax.downstream.attribution.fixed_size_effects_from_scores`: the
    mean loss of the prompts without it minus the mean loss of those with it
    (scaled by ``(K − k)/(K − k + 1)``), over every ``shots``-prompt when there
    are at most ``truth_prompts`` of them: exact and deterministic, ceiling 1.
@@ -48,7 +48,7 @@ as they finish and reused by a rerun with the same configuration):
    split-half reliability.
 3. ``estimated``: first-order estimates of the prompts' scores.
 4. surrogates as above; each method's effects are read with
-   :func:`~tasksurrogate_jax.attribution.fixed_size_effects` (the same
+   :func:`~tasksurrogate_jax.downstream.attribution.fixed_size_effects` (the same
    quantity, from ``value_samples`` random contexts of the surrogate) and the
    interactions with ``fixed_size_interactions``; metrics with intervals
    beside the ceiling (held-out prompts: 1, their scores being exact).
@@ -63,7 +63,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from tasksurrogate_jax.compilation import enable_compilation_cache
 from tasksurrogate_jax.pipeline.collect import (
     FIXED_SIZE_STAGE_FIELDS,
     PAIRS_STAGE_FIELDS,
@@ -79,6 +78,7 @@ from tasksurrogate_jax.pipeline.collect import (
     stage_keys,
     truth_pairs,
 )
+from tasksurrogate_jax.pipeline.compilation import enable_compilation_cache
 from tasksurrogate_jax.pipeline.config import (
     BASELINES,
     CV_CRITERIA,
@@ -101,7 +101,7 @@ from tasksurrogate_jax.pipeline.evaluate import (
     loo_effects,
     pair_interaction_results,
 )
-from tasksurrogate_jax.report import write_json
+from tasksurrogate_jax.pipeline.report import write_json
 from tasksurrogate_jax.workloads.base import Workload
 
 
@@ -114,11 +114,11 @@ def run_pipeline(config: PipelineConfig, *, workload: Workload | None = None,
     contract of :mod:`tasksurrogate_jax.workloads.base`; ``config.workload``
     then only names it); ``None`` builds the bundled ``config.workload``.
     Compiled programs are kept on disk for the next run
-    (:func:`~tasksurrogate_jax.compilation.enable_compilation_cache`; opt out
+    (:func:`~tasksurrogate_jax.pipeline.compilation.enable_compilation_cache`; opt out
     with ``TASKSURROGATE_COMPILATION_CACHE=0``). With ``out_dir``, the results
     are also written to ``out_dir/results.json``
-    (:func:`~tasksurrogate_jax.report.write_json`; the plots are
-    :func:`~tasksurrogate_jax.report.write_report`'s).
+    (:func:`~tasksurrogate_jax.pipeline.report.write_json`; the plots are
+    :func:`~tasksurrogate_jax.pipeline.report.write_report`'s).
     """
     enable_compilation_cache()
     results = evaluate(config, collect(config, workload=workload, out_dir=out_dir,

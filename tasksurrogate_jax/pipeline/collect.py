@@ -17,7 +17,14 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from tasksurrogate_jax import __version__, attribution, interactions
+from tasksurrogate_jax import __version__
+from tasksurrogate_jax.core.subsets import (
+    bernoulli_masks,
+    fixed_size_masks,
+    leave_one_out_masks,
+    size_range_masks,
+)
+from tasksurrogate_jax.downstream import attribution, interactions
 from tasksurrogate_jax.pipeline.config import (
     BASELINE_SETTINGS,
     PipelineConfig,
@@ -26,13 +33,7 @@ from tasksurrogate_jax.pipeline.config import (
     make_workload,
     run_protocol,
 )
-from tasksurrogate_jax.store import ChunkStore, StoreMismatchError, config_hash
-from tasksurrogate_jax.subsets import (
-    bernoulli_masks,
-    fixed_size_masks,
-    leave_one_out_masks,
-    size_range_masks,
-)
+from tasksurrogate_jax.truth.store import ChunkStore, StoreMismatchError, config_hash
 from tasksurrogate_jax.workloads.base import (
     FixedSizeWorkload,
     LeaveOneOutWorkload,

@@ -10,7 +10,7 @@ from types import MappingProxyType
 
 import numpy as np
 
-from tasksurrogate_jax import baselines
+from tasksurrogate_jax.estimate import baselines
 from tasksurrogate_jax.workloads.base import REGIMES, Workload
 
 BASELINES = baselines.BASELINES
@@ -62,7 +62,7 @@ class PipelineConfig:
         :class:`~tasksurrogate_jax.workloads.base.LeaveOneOutWorkload`) adds
         a pair-removal ground truth of the interactions to ``"loo"``: every
         ``F(full − i − j)`` in the same paired replicates (see
-        :mod:`tasksurrogate_jax.interactions`), and each method's
+        :mod:`tasksurrogate_jax.downstream.interactions`), and each method's
         interactions compared with it beside its ceiling.
       regime: the ground truth's training (``"loo"`` protocol):
         ``"finetune"`` (from ``θ*``, what the first-order estimates
@@ -89,7 +89,7 @@ class PipelineConfig:
         ``"finetune"``, linearized fine-tuning, or ``"solve"``, the convex
         solve; RL: ``"pg"`` or ``"awr"``). This and the next four fields set
         the workload's estimation settings (:data:`ESTIMATION_FIELDS`: its
-        :class:`~tasksurrogate_jax.estimation.EstimationSettings` or
+        :class:`~tasksurrogate_jax.estimate.estimation.EstimationSettings` or
         :class:`~tasksurrogate_jax.workloads.rl.RLEstimation`); ``None``
         keeps the workload's.
       proj_dim: the estimate's projection dimension: an int, ``"full"`` (no
@@ -105,7 +105,7 @@ class PipelineConfig:
         ``baselines``; ``None``: all of them).
       influence_damping: λ of influence, a number >= 0 or ``"auto"`` (0.05 ×
         the curvature's largest eigenvalue). This and the next two fields are
-        the baselines' :class:`~tasksurrogate_jax.baselines.BaselineSettings`;
+        the baselines' :class:`~tasksurrogate_jax.estimate.baselines.BaselineSettings`;
         what each baseline used is in the results' ``baseline_settings``.
       influence_hessian: ``"gauss_newton"`` or ``"exact"``.
       trak_proj_dim: TRAK's projection dimension: an int, ``"full"`` or

@@ -7,16 +7,11 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from tasksurrogate_jax import (
-    attribution,
-    interactions,
-    metrics,
-    nystrom,
-    reliability,
-    surrogates,
-)
+from tasksurrogate_jax.core import metrics, nystrom, surrogates
+from tasksurrogate_jax.downstream import attribution, interactions
 from tasksurrogate_jax.pipeline.collect import PromptRunScores, RunScores, record_time
 from tasksurrogate_jax.pipeline.config import PipelineConfig, check_config
+from tasksurrogate_jax.truth import reliability
 
 
 def loo_effects(loo_scores) -> np.ndarray:
@@ -101,7 +96,7 @@ def _attainable(values: dict) -> dict:
 
 def ceiling(loo_scores, heldout_scores, *, seed: int = 0) -> dict:
     """The ground truth's reliability: what any method's agreement with it is
-    measured against (:mod:`tasksurrogate_jax.reliability`).
+    measured against (:mod:`tasksurrogate_jax.truth.reliability`).
 
     Args:
       loo_scores: ``[R, K + 1, T]`` full set then LOO sets, per replicate.
@@ -138,7 +133,7 @@ def fixed_size_ceiling(truth_effects, *, exhaustive: bool, seed: int = 0) -> dic
       Exact scores are forward passes, so a truth over every prompt and the
       held-out prompts' scores are deterministic: ceiling 1. A truth over
       sampled prompts has the split-half reliability of its ``G`` groups
-      (:func:`~tasksurrogate_jax.reliability.subset_reliability` across tasks).
+      (:func:`~tasksurrogate_jax.truth.reliability.subset_reliability` across tasks).
     """
     effects = np.asarray(truth_effects)
     if exhaustive:
@@ -300,7 +295,7 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
       "ceiling_per_target", "attainable" (``sqrt`` of the ceilings),
       "num_replicates", "spearman" {method: Spearman of the mean-target
       interactions}, "spearman_per_target" {method: mean per-target
-      Spearman}, "comparison" (:func:`~tasksurrogate_jax.interactions.
+      Spearman}, "comparison" (:func:`~tasksurrogate_jax.downstream.interactions.
       compare_interactions`: Pearson too, with intervals), "pair_removal_error"
       {method: pooled normalized error of the predicted pair-removal losses},
       "kernel_minus_linear_pair_removal_error" {"exact" | "estimated": the

@@ -81,7 +81,7 @@ class Workload(abc.ABC):
         dataclass), or ``None`` when it has none.
       planted_interactions: ``{(i, j): sign}`` interactions known by
         construction (``+1`` substitutes, ``-1`` complements; see
-        :mod:`tasksurrogate_jax.interactions`), checked by the pipeline's
+        :mod:`tasksurrogate_jax.downstream.interactions`), checked by the pipeline's
         ``"pairs"`` protocol; ``{}`` when none are known.
     """
 
@@ -206,7 +206,7 @@ class LeaveOneOutWorkload(Workload):
           base_params: ``θ*``.
           names: among :attr:`baselines`.
           key: of any randomness (projections).
-          settings: :class:`~tasksurrogate_jax.baselines.BaselineSettings`.
+          settings: :class:`~tasksurrogate_jax.estimate.baselines.BaselineSettings`.
         """
         del base_params, key, settings
         if names:

@@ -124,7 +124,7 @@ class DigitsWorkload(SupervisedWorkload):
         """``{(i, j): sign}`` of the pairs planted with a known interaction
         sign (``"interactions"`` sources; ``{}`` otherwise): +1 substitutes,
         -1 complements, in the convention of
-        :mod:`tasksurrogate_jax.interactions`."""
+        :mod:`tasksurrogate_jax.downstream.interactions`."""
         return planted_interactions(self.config)
 
 

@@ -33,7 +33,7 @@
 
   - ``"interactions"``: sources with planted pairwise interactions of known
     sign (:func:`planted_interactions`), in the convention of
-    :mod:`tasksurrogate_jax.interactions`: ``I_ij = F(−i−j) − F(−i) − F(−j)
+    :mod:`tasksurrogate_jax.downstream.interactions`: ``I_ij = F(−i−j) − F(−i) − F(−j)
     + F(full)`` on the target losses, ``> 0`` substitutes, ``< 0``
     complements or conflict. With ``C`` the ``conflict_classes`` (by default
     the 8 classes other than the blend classes) and ``a, b`` the

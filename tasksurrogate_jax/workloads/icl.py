@@ -67,11 +67,15 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import check_key, check_positive_int
-from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
-from tasksurrogate_jax.fingerprint import array_digest, program_digest, tree_digest
+from tasksurrogate_jax.core.metrics import mean_spearman
+from tasksurrogate_jax.core.subsets import fixed_size_masks
 from tasksurrogate_jax.losses import softmax_cross_entropy
-from tasksurrogate_jax.metrics import mean_spearman
-from tasksurrogate_jax.subsets import fixed_size_masks
+from tasksurrogate_jax.truth.chunking import map_padded_chunks, pad_rows
+from tasksurrogate_jax.truth.fingerprint import (
+    array_digest,
+    program_digest,
+    tree_digest,
+)
 from tasksurrogate_jax.workloads.base import FixedSizeWorkload, config_from_preset
 from tasksurrogate_jax.workloads.transformer import (
     TransformerBlock,

@@ -14,7 +14,7 @@
 - Model: a small decoder-only transformer (pre-LayerNorm blocks, causal
   attention, learned positions) in Flax NNX, entering the retraining core
   through ``nnx.split``/``nnx.merge``.
-- Training: AdamW, mini-batches from the kept examples (``retraining.py``).
+- Training: AdamW, mini-batches from the kept examples (``truth/retraining.py``).
 
 Presets (:data:`PRESETS`): ``"cpu"`` (small, tuned for a 2-core CPU: see
 ``benchmarks/RETRAINING_RESULTS.md``), ``"paper"`` (the paper's sizes, for
@@ -34,7 +34,7 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.estimation import Adam
+from tasksurrogate_jax.estimate.estimation import Adam
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.supervised import (
     SupervisedWorkload,

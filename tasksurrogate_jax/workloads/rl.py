@@ -45,16 +45,20 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.chunking import map_chunks, map_padded_chunks, open_store
-from tasksurrogate_jax.estimation import (
+from tasksurrogate_jax.estimate.estimation import (
     Linearized,
     SolverSettings,
     linearized_examples,
     solve_subsets,
 )
-from tasksurrogate_jax.fingerprint import array_digest, program_digest
-from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
-from tasksurrogate_jax.retraining import replicate_key
+from tasksurrogate_jax.estimate.projection import (
+    make_projection,
+    num_parameters,
+    unproject,
+)
+from tasksurrogate_jax.truth.chunking import map_chunks, map_padded_chunks, open_store
+from tasksurrogate_jax.truth.fingerprint import array_digest, program_digest
+from tasksurrogate_jax.truth.retraining import replicate_key
 from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload, config_from_preset
 from tasksurrogate_jax.workloads.supervised import check_regime
 
@@ -611,7 +615,7 @@ class RLWorkload(LeaveOneOutWorkload):
           chunk_size: subsets per compiled call (memory); the last chunk is
             padded, so every chunk runs the same program.
           store_dir: folder to save each finished (replicate, chunk) of scores
-            to and resume from (:class:`~tasksurrogate_jax.store.ChunkStore`,
+            to and resume from (:class:`~tasksurrogate_jax.truth.store.ChunkStore`,
             keyed on this workload's configuration, the masks, the key, ``θ*``
             when given and the settings).
           progress: a progress bar over chunks.
@@ -680,7 +684,7 @@ class RLWorkload(LeaveOneOutWorkload):
 
         Returns:
           ``(examples, task_of_example, advantages, projection)``:
-          :class:`~tasksurrogate_jax.estimation.Linearized` over the ``n``
+          :class:`~tasksurrogate_jax.estimate.estimation.Linearized` over the ``n``
           alive steps (``outputs`` ``[n, A]`` logits at ``θ*``, ``features``
           ``[n, A, d]`` = ``J(s) P``, ``labels`` the actions), ``[n]`` variant
           of each step, ``[n]`` advantages, and the projection.

@@ -44,20 +44,20 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
-from tasksurrogate_jax import baselines as baseline_methods
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
-from tasksurrogate_jax.estimation import (
+from tasksurrogate_jax.estimate import baselines as baseline_methods
+from tasksurrogate_jax.estimate.estimation import (
     EstimationResult,
     EstimationSettings,
     difference_form,
     estimate_scores,
     linearized_finetune_scores,
 )
-from tasksurrogate_jax.fingerprint import array_digest
+from tasksurrogate_jax.estimate.projection import num_parameters
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
-from tasksurrogate_jax.projection import num_parameters
-from tasksurrogate_jax.retraining import (
+from tasksurrogate_jax.truth.fingerprint import array_digest
+from tasksurrogate_jax.truth.retraining import (
     RetrainResult,
     TrainSpec,
     make_train_spec,
@@ -84,7 +84,7 @@ class TrainSettings:
 
     Attributes:
       optimizer: an ``optax.GradientTransformation``, or an
-        :class:`~tasksurrogate_jax.estimation.Adam` (optax's Adam with readable
+        :class:`~tasksurrogate_jax.estimate.estimation.Adam` (optax's Adam with readable
         hyperparameters: what fine-tuning needs for the estimator's
         ``preconditioner="adam"``).
       num_steps: optimizer steps (``0`` only for fine-tuning: no update).
@@ -160,7 +160,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
       precision: ``"float32"``, or ``"float64"`` (CPU; needs 64-bit JAX,
         ``JAX_ENABLE_X64=1``): floating inputs and parameters are cast, and
         results no longer depend on the chunk size through rounding.
-      estimation: the :class:`~tasksurrogate_jax.estimation.
+      estimation: the :class:`~tasksurrogate_jax.estimate.estimation.
         EstimationSettings` of :meth:`estimated_scores`.
     """
 
@@ -269,7 +269,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
         target arrays (bytes and dtype), the programs of training from scratch
         and of fine-tuning (model, loss, accuracy, optimizer with its
         hyperparameters and schedule, steps, batch size: their jaxprs at the
-        data's shapes, :func:`~tasksurrogate_jax.retraining.
+        data's shapes, :func:`~tasksurrogate_jax.truth.retraining.
         train_program_digest`) and of ``init_fn``. Two workloads with equal
         fingerprints compute the same numbers from the same keys; the
         pipeline refuses a run folder whose fingerprint differs.
@@ -290,7 +290,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
 
     def store_config(self, regime: str) -> dict:
         """JSON description of the workload and regime, recorded in a results
-        store beside its key (the key, :func:`~tasksurrogate_jax.retraining.
+        store beside its key (the key, :func:`~tasksurrogate_jax.truth.retraining.
         retrain`'s, holds the digests of the data and the program)."""
         check_regime(regime)
         return {"workload": self.name, "regime": regime, **self.description}
@@ -319,7 +319,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                 return_params: bool = False, progress: bool = True,
                 mesh=None) -> RetrainResult:
         """Trains every (replicate, mask) pair in ``regime``: a
-        :class:`~tasksurrogate_jax.retraining.RetrainResult` with ``losses``
+        :class:`~tasksurrogate_jax.truth.retraining.RetrainResult` with ``losses``
         ``[replicates, num_subsets, num_targets]``.
 
         Args:
@@ -337,7 +337,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
           progress: a progress bar over chunks.
           mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
             the chunks over (``None``: every device; see
-            :func:`tasksurrogate_jax.sharding.subset_mesh`).
+            :func:`tasksurrogate_jax.truth.sharding.subset_mesh`).
         """
         masks = self.check_masks(masks)
         check_regime(regime)
@@ -386,10 +386,10 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             fine-tuning draws the batches of replicate 0 of
             ``retrain(..., key=key, regime="finetune")``, and so does the one
             real fine-tuning on all tasks that ``settings`` may need.
-          settings: :class:`~tasksurrogate_jax.estimation.EstimationSettings`
+          settings: :class:`~tasksurrogate_jax.estimate.estimation.EstimationSettings`
             (default: the workload's :attr:`estimation`);
             ``preconditioner="adam"`` needs the ``finetune`` optimizer given as
-            an :class:`~tasksurrogate_jax.estimation.Adam`.
+            an :class:`~tasksurrogate_jax.estimate.estimation.Adam`.
           base_params: ``θ*`` to linearize around.
           chunk_size: subsets per compiled call.
           mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
@@ -398,7 +398,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             fine-tuning to and resume from (``method="finetune"`` only).
 
         Returns:
-          :class:`~tasksurrogate_jax.estimation.EstimationResult`.
+          :class:`~tasksurrogate_jax.estimate.estimation.EstimationResult`.
         """
         masks = self.check_masks(masks)
         key = as_typed_key(key)
@@ -469,7 +469,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
     def _resolved_space(self, settings: EstimationSettings, params):
         """``(projection, proj_dim)`` of ``settings`` for this model at
         ``params``: ``"dense"`` or ``"factored"`` (Kronecker-factored per dense
-        layer, :mod:`tasksurrogate_jax.factored`), and d or ``None`` (full)."""
+        layer, :mod:`tasksurrogate_jax.estimate.factored`), and d or ``None`` (full)."""
         projection = (settings.resolved_projection(self.apply_fn, params,
                                                    self.data.inputs)
                       if settings.method == "finetune" else "dense")
@@ -482,7 +482,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
         """Influence functions, TracIn and TRAK at ``θ*`` (those in ``names``):
         ``({name: [num_tasks, num_targets]}, {name: settings used})`` (see
         :meth:`~tasksurrogate_jax.workloads.base.LeaveOneOutWorkload.
-        baseline_scores` and :mod:`tasksurrogate_jax.baselines`)."""
+        baseline_scores` and :mod:`tasksurrogate_jax.estimate.baselines`)."""
         return baseline_methods.compute_baselines(
             self.apply_fn, base_params, self.data, self.target, names=names,
             key=key, settings=settings, loss_fn=self.loss_fn)

@@ -32,10 +32,9 @@ import sys
 
 import jax
 
-from tasksurrogate_jax.baselines import HESSIANS
-from tasksurrogate_jax.compilation import enable_compilation_cache
-from tasksurrogate_jax.estimation import METHODS as ESTIMATION_METHODS
-from tasksurrogate_jax.estimation import OUTPUT_MODES
+from tasksurrogate_jax.estimate.baselines import HESSIANS
+from tasksurrogate_jax.estimate.estimation import METHODS as ESTIMATION_METHODS
+from tasksurrogate_jax.estimate.estimation import OUTPUT_MODES
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     CV_CRITERIA,
@@ -49,8 +48,9 @@ from tasksurrogate_jax.pipeline import (
     make_workload,
     run_pipeline,
 )
-from tasksurrogate_jax.report import summary, write_report
-from tasksurrogate_jax.store import StoreMismatchError
+from tasksurrogate_jax.pipeline.compilation import enable_compilation_cache
+from tasksurrogate_jax.pipeline.report import summary, write_report
+from tasksurrogate_jax.truth.store import StoreMismatchError
 from tasksurrogate_jax.workloads.registry import WORKLOADS, registered
 from tasksurrogate_jax.workloads.rl import ESTIMATORS as RL_ESTIMATORS
 from tasksurrogate_jax.workloads.supervised import REGIMES

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import ArrayLike
 
-from tasksurrogate_jax import metrics
+from tasksurrogate_jax.core import metrics
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -403,7 +403,8 @@ def plot_interactions(matrix, *, truth=None,
                       task_names: Sequence[str] | None = None,
                       title: str | None = None) -> Figure:
     """Heatmap of pairwise task interactions, e.g. one target's (or the
-    mean over targets) of :func:`tasksurrogate_jax.attribution.interaction_matrix`,
+    mean over targets) of
+    :func:`tasksurrogate_jax.downstream.attribution.interaction_matrix`,
     beside the ground truth's when given, on the same colour scale.
 
     The colour scale is symmetric about 0 (red > 0: substitutes, blue < 0:
@@ -412,7 +413,7 @@ def plot_interactions(matrix, *, truth=None,
     Args:
       matrix: ``[K, K]`` interactions, row and column ``i`` for task ``i``.
       truth: ``[K, K]`` true interactions (e.g. of a pair-removal truth,
-        :func:`tasksurrogate_jax.interactions.interactions_to_matrix`), or
+        :func:`tasksurrogate_jax.downstream.interactions.interactions_to_matrix`), or
         ``None``.
       task_names: ``K`` names on both axes; ``None``: the indices ``0..K-1``.
       title: the figure's title; ``None``: none.

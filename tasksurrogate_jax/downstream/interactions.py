@@ -14,8 +14,9 @@ tasks and ``−i`` / ``−i−j`` the full set without ``i`` / without both,
 the loss increase from removing ``i`` when ``j`` is already gone minus the
 loss increase from removing ``i`` when ``j`` is there (symmetric in ``i, j``).
 It is the discrete second difference of ``F`` at the full set, the same
-quantity (and sign) as :func:`tasksurrogate_jax.attribution.interaction_matrix`
-reads off a surrogate and ``shared/design/METHOD.md`` §11 defines. For
+quantity (and sign) as
+:func:`tasksurrogate_jax.downstream.attribution.interaction_matrix` reads off a
+surrogate and ``shared/design/METHOD.md`` §11 defines. For
 ``F(s) = c + Σ a_i s_i + Σ_{i<j} b_ij s_i s_j`` it is exactly ``b_ij``.
 
 **Sign convention** (derived for losses):
@@ -73,12 +74,13 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
-from tasksurrogate_jax import metrics, reliability
 from tasksurrogate_jax._checks import (
     as_typed_key,
     check_float_dtype,
     check_positive_int,
 )
+from tasksurrogate_jax.core import metrics
+from tasksurrogate_jax.truth import reliability
 
 __all__ = [
     "PairInteractions",
@@ -270,7 +272,7 @@ def interaction_ceiling(interactions, *, key=None, seed: int = 0,
                         num_splits: int = 50) -> reliability.Reliability:
     """Split-half reliability of the replicate-averaged interactions over pairs.
 
-    :func:`~tasksurrogate_jax.reliability.subset_reliability` on the ``[R, P,
+    :func:`~tasksurrogate_jax.truth.reliability.subset_reliability` on the ``[R, P,
     T]`` per-replicate interactions: the replicates are split into halves, each
     half's mean interactions are ranked over the ``P`` pairs and correlated
     (Spearman, per target and on the target-mean interactions), averaged over
@@ -286,7 +288,7 @@ def interaction_ceiling(interactions, *, key=None, seed: int = 0,
       key, seed, num_splits: as in ``subset_reliability``.
 
     Returns:
-      :class:`~tasksurrogate_jax.reliability.Reliability`.
+      :class:`~tasksurrogate_jax.truth.reliability.Reliability`.
     """
     return reliability.subset_reliability(_replicate_interactions(interactions),
                                           key=key, seed=seed, num_splits=num_splits)
@@ -511,10 +513,10 @@ def compare_interactions(truth, predicted: Mapping, *, level: float = 0.95,
       "pearson_mean_target", "pearson_mean_target_interval"}}``. ``spearman``
       and ``pearson`` are per-target correlations over pairs averaged over
       targets (interval: targets resampled,
-      :func:`~tasksurrogate_jax.reliability.interval_over_targets`);
+      :func:`~tasksurrogate_jax.truth.reliability.interval_over_targets`);
       ``*_mean_target`` correlate the target-mean interactions (interval:
       pairs resampled, as
-      :func:`~tasksurrogate_jax.reliability.loo_spearman_interval`). NaN where
+      :func:`~tasksurrogate_jax.truth.reliability.loo_spearman_interval`). NaN where
       a side is constant (e.g. a linear surrogate's zeros).
     """
     true = _as_pt(truth, "truth")
@@ -601,7 +603,7 @@ def planted_signs_correct(predicted, planted: Mapping, *, pairs=None) -> list[in
 
 
 def pair_removal_errors(true_scores, predicted: Mapping) -> dict:
-    """Pooled normalized error (:func:`~tasksurrogate_jax.metrics.
+    """Pooled normalized error (:func:`~tasksurrogate_jax.core.metrics.
     pooled_normalized_error`, 0 = perfect, 1 = each target's mean) of each
     method's predicted losses of the pair-removal subsets.
 
@@ -630,7 +632,7 @@ def normalized_error_difference(true_scores, predicted_a, predicted_b, *,
       true_scores: ``[n, T]`` (or ``[n]``) true losses of the subsets.
       predicted_a, predicted_b: the two methods' predictions, same shape.
       level, num_resamples, seed: of the bootstrap interval
-        (:func:`~tasksurrogate_jax.reliability.bootstrap_interval`).
+        (:func:`~tasksurrogate_jax.truth.reliability.bootstrap_interval`).
 
     Returns:
       ``{"a", "b", "difference", "difference_interval"}`` (floats; the

@@ -15,7 +15,7 @@ projection's ``C a o d``. This is LoGra's projection (Choe et al. 2024, arXiv
 2405.13954). Every layer has its own ``P_in``, ``P_out`` (independent:
 disjoint slices of one draw, entries ``±1/√k`` or ``N(0, 1/k)`` for a side of
 dimension ``k``), so ``E[P P^T] = I`` as for
-:mod:`tasksurrogate_jax.projection`, and inner products of features are
+:mod:`tasksurrogate_jax.estimate.projection`, and inner products of features are
 unbiased estimates of inner products of Jacobians: ``E[Φ Φ^T] = J J^T``.
 A side no wider than its requested dimension is kept whole (identity, exact).
 The features of all layers are concatenated: ``d = Σ_layers d_in d_out``.
@@ -37,7 +37,7 @@ Features are then computed by interpreting the same jaxpr with a zero
 forward pass gives the outputs and every layer's input ``x``, and one
 vector-Jacobian product per output class (vmapped over the C classes) with
 respect to the perturbations gives every ``g_c = ∂f_c/∂y``. Examples are
-vmapped one at a time (a batch of one, as :mod:`tasksurrogate_jax.linearize`
+vmapped one at a time (a batch of one, as :mod:`tasksurrogate_jax.estimate.linearize`
 does), so the model never mixes examples.
 
 What is not covered: a parameter used any other way (a LayerNorm scale, a
@@ -65,7 +65,7 @@ Main entry points:
   structure and dimensions static);
 - :func:`factored_jacobians` -> outputs ``[n, C]`` and features ``[n, C, d]``;
 - :func:`factored_linearized_examples` -> an
-  :class:`~tasksurrogate_jax.estimation.Linearized` (``"logits"`` or
+  :class:`~tasksurrogate_jax.estimate.estimation.Linearized` (``"logits"`` or
   ``"margin"``), the drop-in for ``estimation.linearized_examples``;
 - :func:`factored_unproject` (``w -> Δθ``, ``ΔK̃ = P_in w P_out^T`` per layer)
   and :func:`factored_update_norms` (``||Δθ||`` from ``d_in x d_in`` and
@@ -106,9 +106,9 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.chunking import chunked_vmap
-from tasksurrogate_jax.estimation import Linearized
+from tasksurrogate_jax.estimate.estimation import Linearized
 from tasksurrogate_jax.losses import margin
+from tasksurrogate_jax.truth.chunking import chunked_vmap
 
 KINDS = ("rademacher", "gaussian")
 OTHER_CHOICES = ("error", "freeze")
@@ -827,7 +827,7 @@ def factored_linearized_examples(
         ``[n, d] = Σ_c ∂m/∂z_c Φ_c``).
 
     Returns:
-      :class:`~tasksurrogate_jax.estimation.Linearized`. Margin features are
+      :class:`~tasksurrogate_jax.estimate.estimation.Linearized`. Margin features are
       contracted example by example: memory ``[n, d]``, never ``[n, C, d]``.
     """
     if output_mode not in OUTPUT_MODES:

@@ -23,7 +23,7 @@ so all the calls of one search have the same shape and compile once. An
 exhaustive search keeps its running best on the device and reads it back once.
 
 Each chunk is split over the devices of a mesh (``mesh``, see
-:mod:`tasksurrogate_jax.sharding`; default: every device) along its rows, the
+:mod:`tasksurrogate_jax.truth.sharding`; default: every device) along its rows, the
 objective's arrays replicated; ``jax.jit`` partitions the call (GSPMD), so any
 traceable objective gives the same result as on one device. Chunks are padded
 to a multiple of the device count.
@@ -42,15 +42,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import check_positive_int, is_concrete
-from tasksurrogate_jax.chunking import pad_rows
-from tasksurrogate_jax.surrogates import (
+from tasksurrogate_jax.core.surrogates import (
     KernelSurrogate,
     LinearSurrogate,
     check_surrogate,
     surrogate_coefficients,
 )
+from tasksurrogate_jax.truth import sharding
+from tasksurrogate_jax.truth.chunking import pad_rows
 
 METHODS = ("auto", "exhaustive", "greedy", "beam")
 
@@ -561,7 +561,7 @@ def select_subset(
         the device count).
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
         chunk of masks over; ``None``: every device (see
-        :func:`tasksurrogate_jax.sharding.subset_mesh`; after
+        :func:`tasksurrogate_jax.truth.sharding.subset_mesh`; after
         ``jax.distributed.initialize()`` every process must then make the same
         call, or pass ``subset_mesh(jax.local_devices())``).
 

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax import metrics
 from tasksurrogate_jax._checks import (
     check_bool,
     check_finite_scalar,
@@ -38,7 +37,8 @@ from tasksurrogate_jax._checks import (
     is_concrete,
     num_duplicate_rows,
 )
-from tasksurrogate_jax.kernels import (
+from tasksurrogate_jax.core import metrics
+from tasksurrogate_jax.core.kernels import (
     check_degree,
     check_kernel_name,
     kernel_from_terms,
@@ -47,6 +47,11 @@ from tasksurrogate_jax.kernels import (
 
 MIN_SUBSETS = 2
 MAX_JITTER_TRIES = 8
+# The largest jitter, relative to the kernel's mean diagonal (at least 1), that
+# is still rounding repair: beyond it the matrix is indefinite, not singular,
+# and the fit would carry a ridge nobody asked for. The same bound in float32
+# and float64 (float32 reaches it within the tries, float64 stops below it).
+MAX_RELATIVE_JITTER = 1e-3
 
 
 def pytree_dataclass(cls=None, *, meta=(), eq: bool = True):
@@ -231,10 +236,14 @@ def _predict(surrogate, masks, block_size):
 
 def cholesky_with_jitter(k, shift, jitter):
     """Lower Cholesky factor of ``k + (shift + jitter) I`` ``[m, m]``; the
-    jitter grows tenfold (up to ``MAX_JITTER_TRIES`` times) while the factor
-    is not finite. Returns ``(chol, used jitter, whether it is finite)``."""
+    jitter grows tenfold (up to ``MAX_JITTER_TRIES`` times, and at most to
+    ``MAX_RELATIVE_JITTER`` times the mean diagonal, at least 1) while the
+    factor is not finite. Returns ``(chol, used jitter, whether it is
+    finite)``."""
     eye = jnp.eye(k.shape[0], dtype=k.dtype)
-    floor = jnp.finfo(k.dtype).eps * jnp.maximum(jnp.trace(k) / k.shape[0], 1.0)
+    scale = jnp.maximum(jnp.trace(k) / k.shape[0], 1.0)
+    floor = jnp.finfo(k.dtype).eps * scale
+    cap = MAX_RELATIVE_JITTER * scale
 
     def factor(j):
         return jnp.linalg.cholesky(k + (shift + j) * eye)
@@ -244,12 +253,13 @@ def cholesky_with_jitter(k, shift, jitter):
 
     def body(state):
         _, j, tries = state
-        j = jnp.maximum(10.0 * j, floor)
+        j = jnp.minimum(jnp.maximum(10.0 * j, floor), cap)
         return factor(j), j, tries + 1
 
-    state = (factor(jitter), jitter, 0)
+    state = (factor(jitter), jnp.asarray(jitter, k.dtype), 0)
     chol, used, _ = jax.lax.while_loop(
-        lambda s: failed(s[0]) & (s[2] < MAX_JITTER_TRIES), body, state)
+        lambda s: failed(s[0]) & (s[2] < MAX_JITTER_TRIES) & (s[1] < cap),
+        body, state)
     return chol, used, ~failed(chol)
 
 
@@ -258,8 +268,10 @@ def factor_error(ridge, jitter) -> ValueError:
     return ValueError(
         "the kernel matrix could not be factored: K + (ridge + jitter) I is not "
         f"positive definite even with jitter grown to {float(jitter):.3g} "
-        f"(ridge={float(ridge):.3g}). Use a positive-definite kernel (rbf, "
-        "laplacian) or a larger ridge."
+        f"(ridge={float(ridge):.3g}; the jitter stops at {MAX_RELATIVE_JITTER:g} "
+        "of the mean diagonal: beyond, the matrix is indefinite, not merely "
+        "singular). Use a positive-definite kernel (rbf, laplacian) or a larger "
+        "ridge."
     )
 
 

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
-from tasksurrogate_jax import metrics, retraining
+from tasksurrogate_jax.core import metrics
 from tasksurrogate_jax.data import TargetData, TaskData
-from tasksurrogate_jax.linearize import linearize
+from tasksurrogate_jax.estimate.linearize import linearize
+from tasksurrogate_jax.truth import retraining
 
 
 class EstimationCheck(NamedTuple):

@@ -33,11 +33,11 @@ with any per-example loss ``loss_fn(outputs, labels) -> [batch]`` and any optax
 optimizer. Flax NNX models enter through ``nnx.split``/``nnx.merge`` (see
 ``workloads/modular.py``); this module does not import flax.
 
-Results can be stored chunk by chunk (:mod:`tasksurrogate_jax.store`) and are
+Results can be stored chunk by chunk (:mod:`tasksurrogate_jax.truth.store`) and are
 resumed: finished chunks are read back, not recomputed.
 
 **Devices.** Each chunk is split over the devices of a mesh
-(:mod:`tasksurrogate_jax.sharding`; default: every device): the masks and the
+(:mod:`tasksurrogate_jax.truth.sharding`; default: every device): the masks and the
 per-row keys and parameters along the ``"subsets"`` axis, the data, target and
 shared parameters replicated, and every device trains its rows with no
 communication (``jax.shard_map`` of the vmapped program). Compiled chunks are
@@ -61,9 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.chunking import map_chunks, open_store
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -71,8 +69,10 @@ from tasksurrogate_jax.data import (
     check_target_matches,
     mask_to_weights,
 )
-from tasksurrogate_jax.fingerprint import array_digest, program_digest
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
+from tasksurrogate_jax.truth import sharding
+from tasksurrogate_jax.truth.chunking import map_chunks, open_store
+from tasksurrogate_jax.truth.fingerprint import array_digest, program_digest
 
 SEED_MODES = ("shared", "independent")
 
@@ -207,7 +207,7 @@ def _abstract(tree):
 def train_program_digest(spec: TrainSpec, params, data: TaskData,
                          target: TargetData, *, key=None, init_fn=None) -> dict:
     """What one subset's training and scoring computes, as digests
-    (:func:`~tasksurrogate_jax.fingerprint.program_digest`).
+    (:func:`~tasksurrogate_jax.truth.fingerprint.program_digest`).
 
     Args:
       spec: the training program.
@@ -437,7 +437,7 @@ def retrain(
       return_params: also return the trained parameters (stacked).
       progress: show a tqdm progress bar over chunks (on process 0).
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
-        chunk over (:func:`tasksurrogate_jax.sharding.subset_mesh`); ``None``:
+        chunk over (:func:`tasksurrogate_jax.truth.sharding.subset_mesh`); ``None``:
         every device (of every process, after ``jax.distributed.initialize()``;
         every process must then make the same call). The store does not depend
         on it: a run stored with one device count resumes with another (its

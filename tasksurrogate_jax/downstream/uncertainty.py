@@ -2,7 +2,7 @@
 
 Kernel ridge regression is the posterior mean of a Gaussian process (GP). On
 the standardised targets ``y = (scores - y_mean) / y_scale`` of a fitted
-:class:`~tasksurrogate_jax.surrogates.KernelSurrogate`, take the prior
+:class:`~tasksurrogate_jax.core.surrogates.KernelSurrogate`, take the prior
 ``f ~ GP(0, sigma2 * k)`` and observations ``y_i = f(s_i) + noise`` with noise
 variance ``sigma2 * lam``, ``lam = ridge + jitter`` (the shift the surrogate
 actually added to its kernel matrix). The posterior of ``f`` at a mask ``x``
@@ -59,7 +59,7 @@ Selection (scores are losses: lower is better):
 - :func:`sequential_selection`: rounds of fit, propose by the bound, score the
   proposals with the user's true scoring, refit.
 
-Both objectives are :class:`~tasksurrogate_jax.selection.SurrogateObjective`
+Both objectives are :class:`~tasksurrogate_jax.downstream.selection.SurrogateObjective`
 subclasses: :func:`selection.select_subset` passes their arrays to ``jax.jit``
 as arguments (one compilation per shape, not per objective).
 """
@@ -84,31 +84,31 @@ from tasksurrogate_jax._checks import (
     check_scores,
     is_concrete,
 )
-from tasksurrogate_jax.chunking import map_padded_chunks
-from tasksurrogate_jax.kernels import (
+from tasksurrogate_jax.core.kernels import (
     gram,
     kernel_diagonal,
     kernel_from_terms,
     pairwise_terms,
 )
-from tasksurrogate_jax.ridge import (
+from tasksurrogate_jax.core.ridge import (
     factor_error,
     prediction_masks,
     pytree_dataclass,
     warn_if_duplicate_masks,
 )
-from tasksurrogate_jax.selection import (
-    SurrogateObjective,
-    select_subset,
-    surrogate_objective,
-)
-from tasksurrogate_jax.surrogates import (
+from tasksurrogate_jax.core.surrogates import (
     KernelSurrogate,
     LinearSurrogate,
     check_surrogate,
     fit_kernel_surrogate,
     select_kernel_hyperparameters,
 )
+from tasksurrogate_jax.downstream.selection import (
+    SurrogateObjective,
+    select_subset,
+    surrogate_objective,
+)
+from tasksurrogate_jax.truth.chunking import map_padded_chunks
 
 MODES = ("pessimistic", "optimistic")
 TAILS = ("upper", "lower", "both")

@@ -1,7 +1,7 @@
 """Gradients and Jacobians of a model at ``θ*``, projected on the fly.
 
 The model is ``apply_fn(params, inputs[batch, ...]) -> outputs[batch, ...]`` as
-in :mod:`tasksurrogate_jax.retraining`; per-example functions apply it to a
+in :mod:`tasksurrogate_jax.truth.retraining`; per-example functions apply it to a
 batch of one. Work over examples is chunked with ``lax.map(batch_size=...)``, so
 memory grows with the chunk, not with the data set.
 
@@ -25,8 +25,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-from tasksurrogate_jax.chunking import chunked_vmap
-from tasksurrogate_jax.projection import Projection, project, unproject
+from tasksurrogate_jax.estimate.projection import Projection, project, unproject
+from tasksurrogate_jax.truth.chunking import chunked_vmap
 
 JACOBIAN_MODES = ("auto", "reverse", "forward")
 

@@ -31,21 +31,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax import nystrom
 from tasksurrogate_jax._checks import (
     check_bool,
     check_finite_scalar,
     check_key,
     is_concrete,
 )
-from tasksurrogate_jax.kernels import (
+from tasksurrogate_jax.core import nystrom
+from tasksurrogate_jax.core.kernels import (
     check_degree,
     check_gamma,
     check_kernel_name,
     gram,
     kernel_diagonal,
 )
-from tasksurrogate_jax.ridge import (
+from tasksurrogate_jax.core.ridge import (
     CRITERIA,
     DEFAULT_CRITERION,
     DuplicateMasksWarning,

@@ -66,7 +66,7 @@ def check_mesh(mesh) -> Mesh:
     if not isinstance(mesh, Mesh):
         raise TypeError(
             "mesh must be a jax.sharding.Mesh with a 'subsets' axis (e.g. "
-            f"tasksurrogate_jax.sharding.subset_mesh()) or None, got "
+            f"tasksurrogate_jax.truth.sharding.subset_mesh()) or None, got "
             f"{type(mesh).__name__}.")
     if SUBSET_AXIS not in mesh.axis_names:
         raise ValueError(

@@ -69,8 +69,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasksurrogate_jax._checks import check_key, check_positive_int, is_concrete
-from tasksurrogate_jax.kernels import check_gamma, gram
-from tasksurrogate_jax.ridge import (
+from tasksurrogate_jax.core.kernels import check_gamma, gram
+from tasksurrogate_jax.core.ridge import (
     DEFAULT_CRITERION,
     HyperparameterSearch,
     KernelSurrogate,

@@ -7,7 +7,7 @@ the task raises the target loss = the task *helps* the target. These are the
 sign and units of the surrogate read-out ``ĝ(s* − e_i) − ĝ(s*)``, so they can be
 correlated with true LOO effects directly (``metrics.loo_correlation``).
 
-**The objective they linearize** is the training loss of ``retraining.py``. With
+**The objective they linearize** is the training loss of ``truth/retraining.py``. With
 task weights ``s ∈ R^K`` (a mask), example weights ``ω_n = s_{task(n)}`` (0 for
 padding), task sums ``G_k(θ) = Σ_{n ∈ task k} ℓ_n(θ)`` and task sizes ``N_k``:
 
@@ -88,21 +88,25 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax._checks import check_positive_int
-from tasksurrogate_jax.chunking import chunked_vmap
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
     check_target_matches,
     leading_rows_spec,
 )
-from tasksurrogate_jax.linearize import (
+from tasksurrogate_jax.estimate.linearize import (
     per_example_grads,
     per_task_sums,
     projected_jacobians,
 )
+from tasksurrogate_jax.estimate.projection import KINDS as PROJECTION_KINDS
+from tasksurrogate_jax.estimate.projection import (
+    make_projection,
+    num_parameters,
+    ravel_rows,
+)
 from tasksurrogate_jax.losses import margin, softmax_cross_entropy
-from tasksurrogate_jax.projection import KINDS as PROJECTION_KINDS
-from tasksurrogate_jax.projection import make_projection, num_parameters, ravel_rows
+from tasksurrogate_jax.truth.chunking import chunked_vmap
 
 BASELINES = ("influence", "tracin", "trak")
 HESSIANS = ("exact", "gauss_newton")

@@ -41,8 +41,8 @@ from tasksurrogate_jax._checks import (
     check_positive_int,
     check_scores,
 )
-from tasksurrogate_jax.subsets import leave_one_out_masks
-from tasksurrogate_jax.surrogates import (
+from tasksurrogate_jax.core.subsets import leave_one_out_masks
+from tasksurrogate_jax.core.surrogates import (
     LinearSurrogate,
     check_surrogate,
     surrogate_coefficients,

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasksurrogate_jax.fingerprint import array_digest  # noqa: F401 (re-export)
+from tasksurrogate_jax.truth.fingerprint import array_digest  # noqa: F401 (re-export)
 
 STORE_FORMAT = "tasksurrogate_jax.chunks/1"
 MANIFEST = "manifest.json"

@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tasksurrogate_jax import sharding
 from tasksurrogate_jax._checks import check_positive_int
-from tasksurrogate_jax.store import ChunkStore
+from tasksurrogate_jax.truth import sharding
+from tasksurrogate_jax.truth.store import ChunkStore
 
 
 def chunked_vmap(fn, xs, batch_size):

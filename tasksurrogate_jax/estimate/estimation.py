@@ -49,7 +49,7 @@ works in the full parameter space through ``jax.jvp`` (``linearize.linearize``),
 as a check of the projection's error.
 
 Both split each chunk of subsets over the devices of a mesh (``mesh``, see
-:mod:`tasksurrogate_jax.sharding`; default: every device): linearized
+:mod:`tasksurrogate_jax.truth.sharding`; default: every device): linearized
 fine-tuning through ``retraining.retrain``; the convex solve by GSPMD on its
 vmapped solver (projected space) or one ``lax.map`` per device
 (``jax.shard_map``, full space).
@@ -72,9 +72,7 @@ import optax
 import optax.tree_utils as otu
 from jax.flatten_util import ravel_pytree
 
-from tasksurrogate_jax import retraining, sharding
 from tasksurrogate_jax._checks import check_positive_int
-from tasksurrogate_jax.chunking import map_padded_chunks, pad_rows
 from tasksurrogate_jax.data import (
     TargetData,
     TaskData,
@@ -82,13 +80,19 @@ from tasksurrogate_jax.data import (
     leading_rows_spec,
     mask_to_weights,
 )
-from tasksurrogate_jax.linearize import (
+from tasksurrogate_jax.estimate.linearize import (
     linearize,
     per_example_grads,
     projected_jacobians,
 )
+from tasksurrogate_jax.estimate.projection import (
+    make_projection,
+    num_parameters,
+    unproject,
+)
 from tasksurrogate_jax.losses import margin, softmax_cross_entropy
-from tasksurrogate_jax.projection import make_projection, num_parameters, unproject
+from tasksurrogate_jax.truth import retraining, sharding
+from tasksurrogate_jax.truth.chunking import map_padded_chunks, pad_rows
 
 OUTPUT_MODES = ("logits", "margin")
 SOLVERS = ("newton", "lbfgs")
@@ -180,7 +184,7 @@ class EstimationSettings:
         ``"dense"`` (a Rademacher ``P`` ``[p, d]`` applied to per-example
         Jacobians: about ``2 p C d`` flops per example), ``"factored"``
         (per-layer Kronecker-factored projections of the dense layers,
-        :mod:`tasksurrogate_jax.factored`, never ``[n, p]``; dimensions
+        :mod:`tasksurrogate_jax.estimate.factored`, never ``[n, p]``; dimensions
         allocated by ``factored.allocate_dims``; the chunk's subsets share
         each step's batch as one matrix product) or ``"auto"`` (default,
         :meth:`resolved_projection`): factored for a model of more than
@@ -282,7 +286,7 @@ class EstimationSettings:
                 or num_params <= AUTO_FULL_SPACE_MAX_PARAMS
                 or self.proj_dim in (None, "full")):
             return "dense"
-        from tasksurrogate_jax import factored  # factored imports this module
+        from tasksurrogate_jax.estimate import factored  # factored imports this module
 
         try:
             structure = factored.find_dense_layers(apply_fn, params, inputs)
@@ -328,7 +332,7 @@ def linearized_examples(
       params: ``θ*``.
       inputs: ``[n, ...]``.
       labels: ``[n]`` integer labels.
-      projection: a :class:`~tasksurrogate_jax.projection.Projection` (P,
+      projection: a :class:`~tasksurrogate_jax.estimate.projection.Projection` (P,
         ``[p, d]`` implicitly).
       output_mode: ``"logits"`` or ``"margin"``.
       batch_size: examples per chunk.
@@ -548,7 +552,7 @@ def estimate_scores(
         device count).
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
         chunk over; ``None``: every device (see
-        :func:`tasksurrogate_jax.sharding.subset_mesh`).
+        :func:`tasksurrogate_jax.truth.sharding.subset_mesh`).
 
     Returns:
       :class:`EstimationResult` with ``scores`` ``[m, T]``.
@@ -950,7 +954,7 @@ def linearized_finetune_scores(
     (measured on the modular ``tiny`` preset: relative errors above 100x).
 
     With ``projection="factored"`` the features are per-layer Kronecker-
-    factored projections (:mod:`tasksurrogate_jax.factored`: the dense layers
+    factored projections (:mod:`tasksurrogate_jax.estimate.factored`: the dense layers
     found in ``apply_fn``, dimensions ``factored.allocate_dims`` at
     ``proj_dim`` fitted on :data:`ALLOCATION_SAMPLE` training examples),
     computed once at ``θ*`` without any ``[n, p]`` array, and the subsets run
@@ -1071,7 +1075,7 @@ def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune
                               projection_kind, replicates, batch_size, chunk_size,
                               mesh) -> EstimationResult:
     """:func:`linearized_finetune_scores` with ``projection="factored"``."""
-    from tasksurrogate_jax import factored  # factored imports this module
+    from tasksurrogate_jax.estimate import factored  # factored imports this module
 
     if key is None:
         raise ValueError("key is required for the projection.")

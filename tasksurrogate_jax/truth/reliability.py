@@ -28,8 +28,8 @@ import jax
 import numpy as np
 import scipy.stats
 
-from tasksurrogate_jax import metrics
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
+from tasksurrogate_jax.core import metrics
 
 __all__ = [
     "Reliability",
@@ -81,7 +81,7 @@ class Reliability(NamedTuple):
       num_splits: how many splits were averaged (all distinct splits when
         there are no more than the requested ``num_splits``).
 
-    The field names follow :class:`~tasksurrogate_jax.metrics.LOOCorrelation`:
+    The field names follow :class:`~tasksurrogate_jax.core.metrics.LOOCorrelation`:
     ``per_target`` an array, ``mean`` its summary, ``mean_target`` the
     target-mean figure.
     """
