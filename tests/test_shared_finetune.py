@@ -189,10 +189,18 @@ def test_auto_projection_is_factored_only_for_large_dense_models():
     data, _, apply_fn, params = make_problem(n=8, num_targets=1, hidden=11200)
     assert num_parameters(params) > est.AUTO_FULL_SPACE_MAX_PARAMS
     assert settings.resolved_projection(apply_fn, params, data.inputs) == "factored"
+    # output_mode="auto": margins for factored features of a classifier (d is
+    # then C times larger at the same cost), logits otherwise.
+    assert settings.resolved_output_mode("factored") == "margin"
+    assert settings.resolved_output_mode("factored", classification=False) == "logits"
+    assert settings.resolved_output_mode("dense") == "logits"
     assert settings.resolved_proj_dim(num_parameters(params), "factored") \
-        == est.DEFAULT_FACTORED_PROJ_DIM["logits"] == 4096
-    margins = dataclasses.replace(settings, output_mode="margin")
-    assert margins.resolved_proj_dim(num_parameters(params), "factored") == 32768
+        == est.DEFAULT_FACTORED_PROJ_DIM["margin"] == 16384
+    assert settings.resolved_proj_dim(num_parameters(params), "factored",
+                                      output_mode="logits") == 4096
+    logits = dataclasses.replace(settings, output_mode="logits")
+    assert logits.resolved_output_mode("factored") == "logits"
+    assert logits.resolved_proj_dim(num_parameters(params), "factored") == 4096
     assert settings.resolved_proj_dim(num_parameters(params), "dense") \
         == est.DEFAULT_PROJ_DIM
     # A parameter outside a dense layer (a scale): dense.

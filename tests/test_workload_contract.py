@@ -234,12 +234,20 @@ def test_a_supervised_workload_runs_its_factored_estimation_settings():
     masks = np.asarray(1 - np.eye(workload.num_tasks)[:4], np.float32)
     full = workload.with_estimation(EstimationSettings(proj_dim="full", replicates=1))
     factored = workload.with_estimation(dc.replace(full.estimation, proj_dim=p,
-                                                   projection="factored"))
+                                                   projection="factored",
+                                                   output_mode="logits"))
     estimates = {name: np.asarray(w.estimated_scores(masks, key=key,
                                                      base_params=theta))
                  for name, w in (("full", full), ("factored", factored))}
     np.testing.assert_allclose(estimates["factored"], estimates["full"], rtol=2e-4,
                                atol=1e-6)
     record = factored.estimation_record(theta)
-    assert (record["projection"], record["proj_dim"]) == ("factored", p)
+    assert (record["projection"], record["output_mode"], record["proj_dim"]) == (
+        "factored", "logits", p)
+    # The default output mode ("auto") takes margins for factored features of
+    # this classifier, logits in the full space.
+    auto = workload.with_estimation(dc.replace(factored.estimation,
+                                               output_mode="auto"))
+    assert auto.estimation_record(theta)["output_mode"] == "margin"
+    assert full.estimation_record(theta)["output_mode"] == "logits"
     assert full.estimation_record(theta)["projection"] == "dense"

@@ -136,7 +136,7 @@ PROJECTIONS = ("auto", "dense", "factored")
 # EstimationSettings).
 AUTO_FULL_SPACE_MAX_PARAMS = 100_000
 DEFAULT_PROJ_DIM = 512
-DEFAULT_FACTORED_PROJ_DIM = MappingProxyType({"logits": 4096, "margin": 32768})
+DEFAULT_FACTORED_PROJ_DIM = MappingProxyType({"logits": 4096, "margin": 16384})
 # Training examples that factored.allocate_dims fits its error model on.
 ALLOCATION_SAMPLE = 64
 # The shared batch of a chunk (linearized_finetune_scores, factored) is
@@ -162,7 +162,14 @@ class EstimationSettings:
         breast cancer, p = 2,114, 0.875 against 0.819), and its cost per subset is a few
         forward-backward passes of the model, which only large models cannot
         afford per subset.
-      output_mode: ``"logits"`` or ``"margin"``.
+      output_mode: ``"logits"``, ``"margin"`` (the correct class's log-odds:
+        integer class labels and the softmax cross-entropy loss), or
+        ``"auto"`` (default, :meth:`resolved_output_mode`): margins where the
+        features are factored and the loss is the softmax cross-entropy,
+        logits elsewhere. Why: a margin feature is one row per example where
+        logits are C, so at the same cost per subset d is C times larger, and
+        on the digits ``wide`` preset margins at d = 16,384 reached 0.890
+        against 0.858 for logits at d = 4,096 (numbers below).
       ridge: the convex solve's ridge, a number or ``"auto"`` (calibrated to one
         real fine-tuning on all tasks); unused by ``"finetune"``.
       difference: anchor the estimates at one real fine-tuning on all tasks
@@ -207,7 +214,7 @@ class EstimationSettings:
 
     method: str = "finetune"
     proj_dim: int | str | None = "auto"
-    output_mode: str = "logits"
+    output_mode: str = "auto"
     ridge: float | str = "auto"
     difference: bool = False
     replicates: int = 4
@@ -224,8 +231,9 @@ class EstimationSettings:
         elif self.proj_dim is not None:
             check_positive_int(self.proj_dim, "proj_dim")
         full = self.proj_dim in (None, "full")
-        _check_output_mode(self.output_mode)
-        if full and self.output_mode != "logits":
+        if self.output_mode != "auto":
+            _check_output_mode(self.output_mode)
+        if full and self.output_mode == "margin":
             raise ValueError(f"output_mode={self.output_mode!r} needs a projection: "
                              "set proj_dim to an int or 'auto'.")
         _check_preconditioner(self.preconditioner, None if full else self.proj_dim)
@@ -245,8 +253,19 @@ class EstimationSettings:
         if self.projection == "factored":
             _check_factored(self.method, full, self.preconditioner)
 
-    def resolved_proj_dim(self, num_params: int,
-                          projection: str = "dense") -> int | None:
+    def resolved_output_mode(self, projection: str, *,
+                             classification: bool = True) -> str:
+        """``"logits"`` or ``"margin"`` (see ``output_mode``): ``"auto"`` is
+        ``"margin"`` for the ``"factored"`` projection (``projection``: as
+        :meth:`resolved_projection` returns it) of a ``classification`` model
+        (softmax cross-entropy on integer labels), else ``"logits"``."""
+        _check_resolved_projection(projection)
+        if self.output_mode != "auto":
+            return self.output_mode
+        return "margin" if projection == "factored" and classification else "logits"
+
+    def resolved_proj_dim(self, num_params: int, projection: str = "dense", *,
+                          output_mode: str | None = None) -> int | None:
         """The projection dimension for a model of ``num_params`` parameters,
         ``None`` for the full space (see ``proj_dim``). ``"auto"`` keeps a
         projection wherever the full space cannot run: the convex solve with
@@ -254,20 +273,20 @@ class EstimationSettings:
         preconditioner; it is :data:`DEFAULT_FACTORED_PROJ_DIM` of the output
         mode for the ``"factored"`` projection (``projection``: as
         :meth:`resolved_projection` returns it), else
-        :data:`DEFAULT_PROJ_DIM`."""
-        if projection not in PROJECTIONS[1:]:
-            raise ValueError(f"projection must be 'dense' or 'factored' (resolved), "
-                             f"got {projection!r}.")
+        :data:`DEFAULT_PROJ_DIM`. ``output_mode``: the resolved one (default:
+        :meth:`resolved_output_mode` of a classification model)."""
+        _check_resolved_projection(projection)
+        mode = output_mode or self.resolved_output_mode(projection)
         if self.proj_dim in (None, "full"):
             return None
         if self.proj_dim != "auto":
             return int(self.proj_dim)
         full_ok = (self.method == "finetune" and self.preconditioner == "none"
-                   and self.output_mode == "logits"
+                   and mode == "logits"
                    and num_params <= AUTO_FULL_SPACE_MAX_PARAMS)
         if full_ok:
             return None
-        return DEFAULT_FACTORED_PROJ_DIM[self.output_mode] \
+        return DEFAULT_FACTORED_PROJ_DIM[mode] \
             if projection == "factored" else DEFAULT_PROJ_DIM
 
     def resolved_projection(self, apply_fn: Callable, params, inputs) -> str:
@@ -1286,6 +1305,12 @@ def difference_form(estimated, estimated_all, measured_all):
             raise ValueError(f"{name} must have shape {estimated.shape[1:]} (one "
                              f"value per target), got {jnp.shape(value)}.")
     return estimated - jnp.asarray(estimated_all) + jnp.asarray(measured_all)
+
+
+def _check_resolved_projection(projection):
+    if projection not in PROJECTIONS[1:]:
+        raise ValueError(f"projection must be 'dense' or 'factored' (resolved), "
+                         f"got {projection!r}.")
 
 
 def _check_output_mode(output_mode):

@@ -418,9 +418,9 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                                      return_params=True, progress=False, mesh=mesh)
         rows = masks if not settings.difference else jnp.concatenate(
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
-        projection, proj_dim = self._resolved_space(settings, params)
+        projection, output_mode, proj_dim = self._resolved_space(settings, params)
         common = {"key": _projection_key(key), "proj_dim": proj_dim,
-                  "output_mode": settings.output_mode, "chunk_size": chunk_size,
+                  "output_mode": output_mode, "chunk_size": chunk_size,
                   "mesh": mesh}
         if settings.method == "finetune":
             result = linearized_finetune_scores(
@@ -462,19 +462,25 @@ class SupervisedWorkload(LeaveOneOutWorkload):
         """The :attr:`estimation` settings (JSON), ``projection`` and
         ``proj_dim`` resolved for ``base_params`` (``proj_dim``: an int, or
         ``"full"``)."""
-        projection, proj_dim = self._resolved_space(self.estimation, base_params)
+        projection, output_mode, proj_dim = self._resolved_space(self.estimation,
+                                                                 base_params)
         return {**dataclasses.asdict(self.estimation), "projection": projection,
+                "output_mode": output_mode,
                 "proj_dim": "full" if proj_dim is None else proj_dim}
 
     def _resolved_space(self, settings: EstimationSettings, params):
-        """``(projection, proj_dim)`` of ``settings`` for this model at
-        ``params``: ``"dense"`` or ``"factored"`` (Kronecker-factored per dense
-        layer, :mod:`tasksurrogate_jax.estimate.factored`), and d or ``None`` (full)."""
+        """``(projection, output_mode, proj_dim)`` of ``settings`` for this
+        model at ``params``: ``"dense"`` or ``"factored"`` (Kronecker-factored
+        per dense layer, :mod:`tasksurrogate_jax.estimate.factored`),
+        ``"logits"`` or ``"margin"`` (margins only for the softmax
+        cross-entropy), and d or ``None`` (full)."""
         projection = (settings.resolved_projection(self.apply_fn, params,
                                                    self.data.inputs)
                       if settings.method == "finetune" else "dense")
-        return projection, settings.resolved_proj_dim(num_parameters(params),
-                                                      projection)
+        output_mode = settings.resolved_output_mode(
+            projection, classification=self.loss_fn is softmax_cross_entropy)
+        return projection, output_mode, settings.resolved_proj_dim(
+            num_parameters(params), projection, output_mode=output_mode)
 
     def baseline_scores(self, base_params, *, names: tuple[str, ...], key,
                         settings: baseline_methods.BaselineSettings,
