@@ -93,12 +93,16 @@ ESTIMATORS = {
     "default": EstimationSettings(),
     "full space": EstimationSettings(proj_dim="full"),
     "dense, d=512": EstimationSettings(proj_dim=512, projection="dense"),
-    "factored, d=1024": EstimationSettings(proj_dim=1024, projection="factored"),
-    "factored, d=2048": EstimationSettings(proj_dim=2048, projection="factored"),
-    "factored, d=4096": EstimationSettings(proj_dim=4096, projection="factored"),
-    "factored, d=8192": EstimationSettings(proj_dim=8192, projection="factored"),
+    "factored, d=1024": EstimationSettings(proj_dim=1024, projection="factored",
+                                          output_mode="logits"),
+    "factored, d=2048": EstimationSettings(proj_dim=2048, projection="factored",
+                                          output_mode="logits"),
+    "factored, d=4096": EstimationSettings(proj_dim=4096, projection="factored",
+                                          output_mode="logits"),
+    "factored, d=8192": EstimationSettings(proj_dim=8192, projection="factored",
+                                          output_mode="logits"),
     "factored, d=4096, 1 batch order": EstimationSettings(
-        proj_dim=4096, projection="factored", replicates=1),
+        proj_dim=4096, projection="factored", output_mode="logits", replicates=1),
     "factored, d=4096, margin": EstimationSettings(
         proj_dim=4096, projection="factored", output_mode="margin"),
     "factored, d=8192, margin": EstimationSettings(
@@ -116,11 +120,12 @@ DEFAULT_RUN = ["default"]
 KERNEL_ESTIMATED = "kernel surrogate (estimated)"
 
 
-def resolved(settings: EstimationSettings, workload, theta) -> tuple[str, object]:
-    """``(projection, proj_dim)`` the settings run with on this workload."""
-    projection = settings.resolved_projection(workload.apply_fn, theta,
-                                              workload.data.inputs)
-    return projection, settings.resolved_proj_dim(num_parameters(theta), projection)
+def resolved(settings: EstimationSettings, workload, theta) -> tuple[str, str, object]:
+    """``(projection, output_mode, proj_dim)`` the settings run with on this
+    workload (its estimation record)."""
+    record = workload.with_estimation(settings).estimation_record(theta)
+    proj_dim = None if record["proj_dim"] == "full" else record["proj_dim"]
+    return record["projection"], record["output_mode"], proj_dim
 
 
 def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
@@ -134,11 +139,11 @@ def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
         return np.asarray(workload.estimate(masks, key=key, base_params=theta,
                                             settings=settings,
                                             chunk_size=chunk_size).scores), None
-    projection, proj_dim = resolved(settings, workload, theta)
+    projection, output_mode, proj_dim = resolved(settings, workload, theta)
     result = linearized_finetune_scores(
         workload.apply_fn, theta, workload.data, workload.target, masks,
         finetune=workload.finetune_spec, key=jax.random.fold_in(key, 1),
-        batch_key=key, proj_dim=proj_dim, output_mode=settings.output_mode,
+        batch_key=key, proj_dim=proj_dim, output_mode=output_mode,
         projection=projection, preconditioner=settings.preconditioner,
         replicates=settings.replicates, chunk_size=chunk_size)
     return np.asarray(jax.block_until_ready(result.scores)), result.seconds
@@ -278,7 +283,7 @@ def main(argv=None):
         if settings.preconditioner == "adam" and not adam:
             print(f"  {name}: skipped (not an estimation.Adam fine-tuning)")
             continue
-        projection, proj_dim = resolved(settings, workload, theta)
+        projection, output_mode, proj_dim = resolved(settings, workload, theta)
         t0 = time.perf_counter()
         scores, seconds = estimate(workload, np.concatenate([loo, fit_masks]),
                                    settings, key=estimation_key, theta=theta,
@@ -289,7 +294,7 @@ def main(argv=None):
                                    args.seed)
         agreements[name] = {"direct": direct, **surr}
         rows.append({
-            "estimator": name, "projection": projection,
+            "estimator": name, "projection": projection, "output_mode": output_mode,
             "proj_dim": "full" if proj_dim is None else proj_dim,
             "replicates": settings.replicates, "seconds": total_s,
             "feature_s": None if seconds is None else seconds["features"],
@@ -336,7 +341,7 @@ def main(argv=None):
     finetune(speed_masks[:args.speed_finetune], 1)
     finetune_per_subset = (time.perf_counter() - t0) / args.speed_finetune
     one_order = dataclasses.replace(ESTIMATORS[args.headline], replicates=1)
-    projection, proj_dim = resolved(one_order, workload, theta)
+    projection, output_mode, proj_dim = resolved(one_order, workload, theta)
     estimate(workload, speed_masks[:args.chunk_size], one_order,
              key=estimation_key, theta=theta, chunk_size=args.chunk_size)  # compiles
     t0 = time.perf_counter()
@@ -345,7 +350,7 @@ def main(argv=None):
     estimate_s = time.perf_counter() - t0
     per_subset = estimate_s / args.speed_subsets
     feature_s = None if seconds is None else seconds["features"]
-    num_outputs = 1 if one_order.output_mode == "margin" else int(
+    num_outputs = 1 if output_mode == "margin" else int(
         np.asarray(workload.apply_fn(theta, workload.data.inputs[:1])).shape[-1])
     bound = None if proj_dim is None else p / (num_outputs * proj_dim)
     speed = {"num_subsets": args.speed_subsets, "finetune_subsets": args.speed_finetune,
@@ -355,7 +360,8 @@ def main(argv=None):
              "per_subset_s_without_features": None if seconds is None
              else seconds["subsets"] / args.speed_subsets,
              "speedup": finetune_per_subset / per_subset,
-             "projection": projection, "proj_dim": "full" if proj_dim is None
+             "projection": projection, "output_mode": output_mode,
+             "proj_dim": "full" if proj_dim is None
              else proj_dim, "p_over_Cd": bound}
     print(f"speed: fine-tuning {finetune_per_subset:.3f} s per subset, estimation "
           f"{per_subset:.4f} s per subset at m={args.speed_subsets} (features "
