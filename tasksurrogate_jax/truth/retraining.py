@@ -130,14 +130,17 @@ def make_train_spec(
 
 
 class RetrainResult(NamedTuple):
-    """Results for ``m`` subsets.
+    """Results for ``m`` subsets (with ``retrain(replicates=R)``, every array
+    has a leading replicate axis ``R`` before the subsets').
 
     Attributes:
-      losses: ``[num_subsets, num_targets]`` per-target loss ``F(s)``.
-      accuracy: ``[num_subsets, num_targets]`` per-target 0/1 correctness, or
-        ``None`` when the spec has no ``accuracy_fn``.
-      params: trained parameters stacked along a leading ``num_subsets`` axis,
-        or ``None`` unless ``return_params=True``.
+      losses: ``[num_subsets, num_targets]`` (or ``[R, num_subsets,
+        num_targets]``) per-target loss ``F(s)``.
+      accuracy: the same shape, per-target 0/1 correctness, or ``None`` when
+        the spec has no ``accuracy_fn``.
+      params: trained parameters stacked along the leading axes
+        (``[num_subsets, ...]`` or ``[R, num_subsets, ...]``), or ``None``
+        unless ``return_params=True``.
     """
 
     losses: jax.Array
