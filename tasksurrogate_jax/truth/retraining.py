@@ -486,51 +486,79 @@ def retrain(
             masks, params0, init_fn if scratch and per_row else None, init_key,
             batch_key, data, target, spec, num_rows=num_rows, store_dir=store_dir,
             memory_budget=memory_budget, mesh=mesh)
-    store = None
-    if store_dir is not None:
-        store = open_store(store_dir, {
-            "kind": "retraining",
-            "user": dict(store_config or {}),
-            "num_subsets": int(num_masks),
-            "replicates": replicates,
-            "num_tasks": int(data.num_tasks),
-            "num_targets": int(target.num_targets),
-            "masks": array_digest(np.asarray(masks)),
-            "data": array_digest(data.inputs, data.labels, data.task_ids),
-            "target": array_digest(target.inputs, target.labels),
-            "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
-            "seeds": seeds,
-            "init": "init_fn" if scratch else array_digest(*jax.tree.leaves(params0)),
-            "program": train_program_digest(spec, params0, data, target, key=key,
-                                            init_fn=init_fn if scratch else None),
-            "num_steps": spec.num_steps,
-            "batch_size": spec.batch_size,
-            "chunk_size": int(chunk_size),
-            "return_params": bool(return_params),
-            "accuracy": spec.accuracy_fn is not None,
-        }, mesh=mesh)
-
-    # Every compiled call has one shape: the chunk padded to the device count.
-    split = mesh if sharding.num_shards(mesh) > 1 else None  # else: one program
-    masks_host = np.asarray(masks)
+    store = None if store_dir is None else open_store(store_dir, _store_key(
+        masks, data, target, spec, key=key, params0=params0,
+        init_fn=init_fn if scratch else None, replicates=replicates, seeds=seeds,
+        chunk_size=chunk_size, return_params=return_params, user=store_config),
+        mesh=mesh)
     shared = sharding.replicate(
         {"data": data, "target": target, "key": key, "batch_key": batch_key,
          "params": None if scratch and per_row else params0}, mesh)
+    train_rows = _row_trainer(
+        np.asarray(masks), shared, spec, init_fn=init_fn if scratch else None,
+        replicates=replicates, per_row=per_row, independent=seeds == "independent",
+        return_params=return_params, mesh=mesh)
+    arrays = map_chunks(train_rows, num_rows, chunk_size=chunk_size, store=store,
+                        mesh=mesh, progress=f"retraining ({chunk_size}/chunk)"
+                        if progress else None)
+    lead = (num_masks,) if replicates is None else (replicates, num_masks)
+    return _result(arrays, lead, params0 if return_params else None,
+                   accuracy=spec.accuracy_fn is not None)
+
+
+def _store_key(masks, data: TaskData, target: TargetData, spec: TrainSpec, *, key,
+               params0, init_fn, replicates, seeds, chunk_size, return_params,
+               user) -> dict:
+    """What a stored retraining depends on (see :func:`retrain`'s
+    ``store_config``): ``init_fn`` is ``None`` when training from ``params0``."""
+    return {
+        "kind": "retraining",
+        "user": dict(user or {}),
+        "num_subsets": int(masks.shape[0]),
+        "replicates": replicates,
+        "num_tasks": int(data.num_tasks),
+        "num_targets": int(target.num_targets),
+        "masks": array_digest(np.asarray(masks)),
+        "data": array_digest(data.inputs, data.labels, data.task_ids),
+        "target": array_digest(target.inputs, target.labels),
+        "key": np.asarray(jax.random.key_data(key)).ravel().tolist(),
+        "seeds": seeds,
+        "init": "init_fn" if init_fn is not None
+        else array_digest(*jax.tree.leaves(params0)),
+        "program": train_program_digest(spec, params0, data, target, key=key,
+                                        init_fn=init_fn),
+        "num_steps": spec.num_steps,
+        "batch_size": spec.batch_size,
+        "chunk_size": int(chunk_size),
+        "return_params": bool(return_params),
+        "accuracy": spec.accuracy_fn is not None,
+    }
+
+
+def _row_trainer(masks_host: np.ndarray, shared: dict, spec: TrainSpec, *,
+                 init_fn, replicates, per_row: bool, independent: bool,
+                 return_params: bool, mesh):
+    """``train_rows(rows) -> {name: array}``: the chunk of (replicate, mask)
+    row indices ``rows`` trained, dispatched (for :func:`map_chunks`).
+    ``init_fn``: train from scratch (``None``: from ``shared["params"]``)."""
+    num_masks = masks_host.shape[0]
+    # Every compiled call has one shape: the chunk padded to the device count.
+    split = mesh if sharding.num_shards(mesh) > 1 else None  # else: one program
 
     def train_rows(rows):
-        """The chunk of (replicate, mask) rows ``rows``, dispatched."""
         params, keys = shared["params"], shared["batch_key"]
         if per_row:
             init_keys, keys = _row_keys(
                 shared["key"], sharding.shard_subsets(rows.astype(np.uint32), mesh),
                 num_masks=num_masks, replicated=replicates is not None,
-                independent=seeds == "independent")
-            if scratch:
+                independent=independent)
+            if init_fn is not None:
                 params = _init_rows(init_keys, init_fn=init_fn)
         losses, accuracy, trained = retrain_chunk(
             sharding.shard_subsets(masks_host[rows % num_masks], mesh), params,
             keys, shared["data"], shared["target"], spec=spec,
-            params_batched=per_row and scratch, keys_batched=per_row, mesh=split)
+            params_batched=per_row and init_fn is not None, keys_batched=per_row,
+            mesh=split)
         out = {"losses": losses}
         if accuracy is not None:
             out["accuracy"] = accuracy
@@ -539,22 +567,25 @@ def retrain(
                         for i, leaf in enumerate(jax.tree.leaves(trained))})
         return out
 
-    arrays = map_chunks(train_rows, num_rows, chunk_size=chunk_size, store=store,
-                        mesh=mesh, progress=f"retraining ({chunk_size}/chunk)"
-                        if progress else None)
-    lead = (num_masks,) if replicates is None else (replicates, num_masks)
+    return train_rows
+
+
+def _result(arrays: dict, lead: tuple, params_like, *, accuracy: bool
+            ) -> RetrainResult:
+    """The :class:`RetrainResult` of :func:`map_chunks`' host ``arrays``, rows
+    reshaped to ``lead`` and put on the device explicitly; ``params_like``:
+    the parameters' structure (``None``: not returned)."""
 
     def gather(name):
         values = arrays.pop(name)
         return jax.device_put(values.reshape(lead + values.shape[1:]))  # explicit
 
     params_out = None
-    if return_params:
+    if params_like is not None:
         leaves = [gather(f"param_{i:05d}")
-                  for i in range(len(jax.tree.leaves(params0)))]
-        params_out = jax.tree.unflatten(jax.tree.structure(params0), leaves)
-    return RetrainResult(gather("losses"),
-                         gather("accuracy") if spec.accuracy_fn is not None else None,
+                  for i in range(len(jax.tree.leaves(params_like)))]
+        params_out = jax.tree.unflatten(jax.tree.structure(params_like), leaves)
+    return RetrainResult(gather("losses"), gather("accuracy") if accuracy else None,
                          params_out)
 
 
