@@ -1,6 +1,7 @@
 """The docs site: built strictly, and its Python examples executed.
 
-- Every ```` ```python ```` block of a page under ``docs/`` runs, in page
+- Every ```` ```python ```` block of the README and of a page under ``docs/``
+  runs, in page
   order, in one namespace per page (a later block uses what an earlier one
   defined), in a temporary working directory. A block preceded by the line
   ``<!-- illustrative -->`` is shown but not run (it needs something this
@@ -30,16 +31,18 @@ DOCS = ROOT / "docs"
 ILLUSTRATIVE = "<!-- illustrative -->"
 FENCE = re.compile(r"^```python[^\n]*\n(.*?)^```", re.S | re.M)
 
-# The pages whose examples run, and text each page's run must print.
+# The pages whose examples run (paths from the repository root), and text each
+# page's run must print.
 EXECUTED = {
-    "your-own-model.md": ["| kernel surrogate (exact) |", "ceiling (2 replicates)",
+    "README.md": ["| kernel surrogate (exact) |", "ceiling (4 replicates)"],
+    "docs/your-own-model.md": ["| kernel surrogate (exact) |", "ceiling (2 replicates)",
                           "ceiling of the LOO ground truth", "shifted labels"],
-    "icl.md": ["| kernel surrogate (exact) |", "best 4-shot prompt",
+    "docs/icl.md": ["| kernel surrogate (exact) |", "best 4-shot prompt",
                "plain-JAX language model"],
-    "rl.md": ["| kernel surrogate (exact) |", "mixture_bandit"],
-    "surrogates.md": ["helps most", "raises under jit"],
-    "pipeline.md": ["| ceiling (2 replicates) |", "| method |"],
-    "scaling.md": ["devices on the mesh"],
+    "docs/rl.md": ["| kernel surrogate (exact) |", "mixture_bandit"],
+    "docs/surrogates.md": ["helps most", "raises under jit"],
+    "docs/pipeline.md": ["| ceiling (2 replicates) |", "| method |"],
+    "docs/scaling.md": ["devices on the mesh"],
 }
 # Shown, not run: at most this many blocks in all.
 MAX_ILLUSTRATIVE = 3
@@ -56,9 +59,14 @@ def python_blocks(path: Path) -> list[tuple[str, bool]]:
     return blocks
 
 
+def markdown_pages() -> list[Path]:
+    """The README and the docs pages."""
+    return [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+
+
 def pages_with_code() -> dict[str, list[tuple[str, bool]]]:
-    return {path.relative_to(DOCS).as_posix(): python_blocks(path)
-            for path in sorted(DOCS.rglob("*.md")) if python_blocks(path)}
+    return {path.relative_to(ROOT).as_posix(): python_blocks(path)
+            for path in markdown_pages() if python_blocks(path)}
 
 
 def test_every_example_runs_or_is_marked_illustrative():
@@ -71,7 +79,7 @@ def test_every_example_runs_or_is_marked_illustrative():
     assert len(illustrative) <= MAX_ILLUSTRATIVE, illustrative
     # An indented block (inside a list or an admonition) would escape the
     # extraction above: keep examples at the top level.
-    for path in DOCS.rglob("*.md"):
+    for path in markdown_pages():
         assert not re.search(r"^[ \t]+```python", path.read_text(), re.M), path
 
 
@@ -80,16 +88,17 @@ def test_every_example_runs_or_is_marked_illustrative():
 def test_docs_examples_run(page, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    namespace = {"__name__": f"docs_{page.replace('.', '_').replace('-', '_')}"}
+    name = re.sub(r"[^A-Za-z0-9]", "_", page)
+    namespace = {"__name__": f"docs_{name}"}
     printed = io.StringIO()
     timings = []
-    for index, (code, illustrative) in enumerate(python_blocks(DOCS / page)):
+    for index, (code, illustrative) in enumerate(python_blocks(ROOT / page)):
         if illustrative:
             compile(code, f"{page} block {index}", "exec")  # still valid Python
             continue
         start = time.perf_counter()
         with contextlib.redirect_stdout(printed):
-            exec(compile(code, f"docs/{page} block {index}", "exec"), namespace)
+            exec(compile(code, f"{page} block {index}", "exec"), namespace)
         timings.append(round(time.perf_counter() - start, 1))
     sys.stdout.write(f"{page}: block seconds {timings}\n")
     text = printed.getvalue()
