@@ -88,9 +88,9 @@ QUICK_PROJ_DIMS = (64, None)
 ESTIMATION_SETTINGS = (
     ("default", ts.EstimationSettings()),
     ("full space, 1 batch order", ts.EstimationSettings(proj_dim="full",
-                                                        replicates=1)),
+                                                        batch_orders=1)),
     ("d = 512, 1 batch order (former default)",
-     ts.EstimationSettings(proj_dim=512, replicates=1)),
+     ts.EstimationSettings(proj_dim=512, batch_orders=1)),
     ("d = 2048", ts.EstimationSettings(proj_dim=2048)),
 )
 CANCER_NAMES = ("flipped-labels", "half-flipped", "input-noise", "one-class")
@@ -318,7 +318,7 @@ def evaluate(name, workload, *, key, replicates, fractions, proj_dims,
         estimated = np.asarray(estimated)
         add("estimation", setting, estimated[1:] - estimated[:1],
             proj_dim=settings.resolved_proj_dim(p) or "full",
-            batch_orders=settings.replicates)
+            batch_orders=settings.batch_orders)
 
     summary = {}
     for method in ("influence", "trak"):

@@ -102,7 +102,7 @@ ESTIMATORS = {
     "factored, d=8192": EstimationSettings(proj_dim=8192, projection="factored",
                                           output_mode="logits"),
     "factored, d=4096, 1 batch order": EstimationSettings(
-        proj_dim=4096, projection="factored", output_mode="logits", replicates=1),
+        proj_dim=4096, projection="factored", output_mode="logits", batch_orders=1),
     "factored, d=4096, margin": EstimationSettings(
         proj_dim=4096, projection="factored", output_mode="margin"),
     "factored, d=8192, margin": EstimationSettings(
@@ -145,7 +145,7 @@ def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
         finetune=workload.finetune_spec, key=jax.random.fold_in(key, 1),
         batch_key=key, proj_dim=proj_dim, output_mode=output_mode,
         projection=projection, preconditioner=settings.preconditioner,
-        replicates=settings.replicates, chunk_size=chunk_size)
+        batch_orders=settings.batch_orders, chunk_size=chunk_size)
     return np.asarray(jax.block_until_ready(result.scores)), result.seconds
 
 
@@ -296,7 +296,7 @@ def main(argv=None):
         rows.append({
             "estimator": name, "projection": projection, "output_mode": output_mode,
             "proj_dim": "full" if proj_dim is None else proj_dim,
-            "replicates": settings.replicates, "seconds": total_s,
+            "batch_orders": settings.batch_orders, "seconds": total_s,
             "feature_s": None if seconds is None else seconds["features"],
             "direct_loo": direct["per_target"],
             "direct_loo_mean_target": direct["mean_target"],
@@ -340,7 +340,7 @@ def main(argv=None):
     t0 = time.perf_counter()
     finetune(speed_masks[:args.speed_finetune], 1)
     finetune_per_subset = (time.perf_counter() - t0) / args.speed_finetune
-    one_order = dataclasses.replace(ESTIMATORS[args.headline], replicates=1)
+    one_order = dataclasses.replace(ESTIMATORS[args.headline], batch_orders=1)
     projection, output_mode, proj_dim = resolved(one_order, workload, theta)
     estimate(workload, speed_masks[:args.chunk_size], one_order,
              key=estimation_key, theta=theta, chunk_size=args.chunk_size)  # compiles

@@ -85,7 +85,7 @@ def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
     key = jax.random.key(5)
     estimate = est.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=None,
-        batch_key=key, proj_dim=None, replicates=2)
+        batch_key=key, proj_dim=None, batch_orders=2)
     tuned = retraining.retrain(MASKS, data=DATA, target=TARGET, spec=spec, key=key,
                                init_params=PARAMS, replicates=2, return_params=True,
                                progress=False)

@@ -81,13 +81,13 @@ def test_shared_program_is_the_retraining_program_on_the_features(batch_size,
     key = jax.random.key(4)
     old = est.linearized_finetune_scores(
         APPLY, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
-        batch_key=jax.random.key(5), proj_dim=12, replicates=2, chunk_size=2)
+        batch_key=jax.random.key(5), proj_dim=12, batch_orders=2, chunk_size=2)
     projection = make_projection(key, 12, num_params=num_parameters(PARAMS))
     train, target = est._linearize_data(APPLY, PARAMS, DATA, TARGET, projection,
                                         "logits", 256)
     losses, norms = est.shared_linearized_finetune(
         train, target, mask_to_weights(MASKS, DATA.task_ids), spec=spec,
-        batch_key=jax.random.key(5), replicates=2, chunk_size=3,
+        batch_key=jax.random.key(5), batch_orders=2, chunk_size=3,
         norm_fn=lambda w: est._update_norms(projection, w, PARAMS))
     assert losses.shape == (2, MASKS.shape[0], TARGET.num_targets)
     np.testing.assert_allclose(losses.mean(0), old.scores, rtol=1e-10, atol=1e-12)
@@ -102,7 +102,7 @@ def test_factored_with_whole_sides_is_full_space_linearized_finetuning():
     spec = spec_of(optax.sgd(0.2), 16, num_steps=9)
     p = num_parameters(PARAMS)
     common = {"finetune": spec, "key": jax.random.key(1),
-              "batch_key": jax.random.key(2), "replicates": 2}
+              "batch_key": jax.random.key(2), "batch_orders": 2}
     full = est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                           proj_dim=None, **common)
     fac = est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,

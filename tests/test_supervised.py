@@ -159,7 +159,7 @@ def test_adam_preconditioned_estimate_is_the_library_program_and_is_stored(
                              finetune=TrainSettings(Adam(1e-2, b2=0.99), 20, 64),
                              name="digits-linear-adam")
     masks = leave_one_out_masks(own.num_tasks)[:3]
-    settings = EstimationSettings(proj_dim=16, preconditioner="adam", replicates=1)
+    settings = EstimationSettings(proj_dim=16, preconditioner="adam", batch_orders=1)
     store = tmp_path / "estimates"
     estimate = own.estimate(masks, key=KEY, settings=settings, store_dir=store)
     direct = linearized_finetune_scores(

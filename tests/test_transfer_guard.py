@@ -146,7 +146,7 @@ def _workload():
 
 ESTIMATION_SETTINGS = {
     "finetune": EstimationSettings(),  # the default: linearized fine-tuning
-    "solve": EstimationSettings(method="solve", proj_dim=16, replicates=2),
+    "solve": EstimationSettings(method="solve", proj_dim=16, batch_orders=2),
 }
 
 

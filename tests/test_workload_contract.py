@@ -232,7 +232,7 @@ def test_a_supervised_workload_runs_its_factored_estimation_settings():
     theta = workload.base_params(key=key)
     p = num_parameters(theta)
     masks = np.asarray(1 - np.eye(workload.num_tasks)[:4], np.float32)
-    full = workload.with_estimation(EstimationSettings(proj_dim="full", replicates=1))
+    full = workload.with_estimation(EstimationSettings(proj_dim="full", batch_orders=1))
     factored = workload.with_estimation(dc.replace(full.estimation, proj_dim=p,
                                                    projection="factored",
                                                    output_mode="logits"))

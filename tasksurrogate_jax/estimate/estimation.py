@@ -174,7 +174,7 @@ class EstimationSettings:
         real fine-tuning on all tasks); unused by ``"finetune"``.
       difference: anchor the estimates at one real fine-tuning on all tasks
         (:func:`difference_form`).
-      replicates: batch orders averaged by ``"finetune"`` (replicate ``r``
+      batch_orders: batch orders averaged by ``"finetune"`` (order ``r``
         draws the batches of replicate ``r`` of the real fine-tuning). Default
         4: the ground truth is an expectation over batch orders, and one
         order's noise costs accuracy (measured with
@@ -217,7 +217,7 @@ class EstimationSettings:
     output_mode: str = "auto"
     ridge: float | str = "auto"
     difference: bool = False
-    replicates: int = 4
+    batch_orders: int = 4
     preconditioner: str = "none"
     projection: str = "auto"
 
@@ -246,7 +246,7 @@ class EstimationSettings:
                      None if full and self.method == "solve" else 1)
         if not isinstance(self.difference, bool):
             raise TypeError(f"difference must be a bool, got {self.difference!r}.")
-        check_positive_int(self.replicates, "replicates")
+        check_positive_int(self.batch_orders, "batch_orders")
         if self.projection not in PROJECTIONS:
             raise ValueError(f"projection must be one of {PROJECTIONS}, got "
                              f"{self.projection!r}.")
@@ -947,7 +947,7 @@ def linearized_finetune_scores(
     apply_fn: Callable, params, data: TaskData, target: TargetData, masks, *,
     finetune: retraining.TrainSpec, key, batch_key, proj_dim: int | None = 512,
     output_mode: str = "logits", projection_kind: str = "rademacher",
-    projection: str = "dense", preconditioner: str = "none", replicates: int = 1,
+    projection: str = "dense", preconditioner: str = "none", batch_orders: int = 1,
     batch_size: int | None = 256, chunk_size: int = 64, mesh=None, store_dir=None,
     store_config: Mapping | None = None,
 ) -> EstimationResult:
@@ -955,7 +955,7 @@ def linearized_finetune_scores(
 
     Every subset runs ``finetune``'s program (``retraining.retrain``: same
     optimizer, schedule, steps, batch size, and with ``batch_key`` the same
-    mini-batches as ``retrain(..., key=batch_key, replicates=replicates)``)
+    mini-batches as ``retrain(..., key=batch_key, replicates=batch_orders)``)
     on the linearized model around ``θ*``: ``w ∈ R^d`` from 0 in the projected
     space, or ``θ`` from ``θ*`` in the full space (``proj_dim=None``, exact for
     a model linear in its parameters, whatever the optimizer).
@@ -998,7 +998,7 @@ def linearized_finetune_scores(
       projection: ``"dense"`` or ``"factored"`` (see above; projected space,
         no preconditioner, no ``store_dir``).
       preconditioner: ``"none"`` or ``"adam"`` (see above).
-      replicates: batch orders averaged (replicate ``r`` draws the batches of
+      batch_orders: batch orders averaged (replicate ``r`` draws the batches of
         ``retraining.replicate_key(batch_key, r)``).
       batch_size: examples per chunk when computing features.
       chunk_size: subsets per compiled call (padded to a multiple of the device
@@ -1014,7 +1014,7 @@ def linearized_finetune_scores(
 
     Returns:
       :class:`EstimationResult` with ``scores`` ``[m, T]`` (the mean over
-      replicates) and ``delta_norm`` (replicate 0's).
+      batch orders) and ``delta_norm`` (batch order 0's).
     """
     _check_output_mode(output_mode)
     if not isinstance(finetune, retraining.TrainSpec):
@@ -1027,7 +1027,7 @@ def linearized_finetune_scores(
         raise ValueError(f"projection must be 'dense' or 'factored', got "
                          f"{projection!r}.")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
-    replicates = check_positive_int(replicates, "replicates")
+    batch_orders = check_positive_int(batch_orders, "batch_orders")
     masks = check_nonempty_masks(masks, data)
     _check_params_structure(apply_fn, params, data)
     mesh = sharding.check_mesh(mesh)
@@ -1040,9 +1040,9 @@ def linearized_finetune_scores(
         return _factored_finetune_scores(
             apply_fn, params, data, target, masks, finetune=finetune, key=key,
             batch_key=batch_key, proj_dim=proj_dim, output_mode=output_mode,
-            projection_kind=projection_kind, replicates=replicates,
+            projection_kind=projection_kind, batch_orders=batch_orders,
             batch_size=batch_size, chunk_size=chunk_size, mesh=mesh)
-    run = {"masks": masks, "key": batch_key, "replicates": replicates,
+    run = {"masks": masks, "key": batch_key, "replicates": batch_orders,
            "chunk_size": chunk_size, "return_params": True, "progress": False,
            "mesh": mesh, "store_dir": store_dir}
     if store_dir is not None:
@@ -1091,7 +1091,7 @@ def linearized_finetune_scores(
 
 def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune,
                               key, batch_key, proj_dim, output_mode,
-                              projection_kind, replicates, batch_size, chunk_size,
+                              projection_kind, batch_orders, batch_size, chunk_size,
                               mesh) -> EstimationResult:
     """:func:`linearized_finetune_scores` with ``projection="factored"``."""
     from tasksurrogate_jax.estimate import factored  # factored imports this module
@@ -1126,7 +1126,7 @@ def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune
     losses, norms = shared_linearized_finetune(
         train, tgt, mask_to_weights(masks, data.task_ids),
         spec=dataclasses.replace(finetune, loss_fn=loss_fn),
-        batch_key=batch_key, replicates=replicates, chunk_size=chunk_size,
+        batch_key=batch_key, batch_orders=batch_orders, chunk_size=chunk_size,
         mesh=mesh, norm_fn=lambda w: factored.factored_update_norms(projection, w))
     scores = jax.block_until_ready(losses.mean(0))
     return EstimationResult(scores, norms, seconds={
@@ -1135,7 +1135,7 @@ def _factored_finetune_scores(apply_fn, params, data, target, masks, *, finetune
 
 def shared_linearized_finetune(
     train: Linearized, target: Linearized, weights, *, spec: retraining.TrainSpec,
-    batch_key, replicates: int = 1, chunk_size: int = 64, mesh=None,
+    batch_key, batch_orders: int = 1, chunk_size: int = 64, mesh=None,
     norm_fn: Callable | None = None,
 ):
     """Linearized fine-tuning of many subsets, each step one matrix product.
@@ -1143,7 +1143,7 @@ def shared_linearized_finetune(
     Runs ``spec``'s program (optimizer, schedule, steps, batch size, loss) on
     the linearized model ``w ↦ outputs + features @ w`` from ``w = 0`` for
     every row of ``weights``, with the mini-batches of
-    ``retraining.retrain(..., key=batch_key, replicates=replicates)``: at each
+    ``retraining.retrain(..., key=batch_key, replicates=batch_orders)``: at each
     step, the ``batch_size`` examples of largest Gumbel score among the
     subset's (``retraining.train_on_weights``). Those Gumbel scores are shared
     by every subset of a replicate, so all batches of a chunk lie in the
@@ -1163,7 +1163,7 @@ def shared_linearized_finetune(
       spec: the program; its ``loss_fn`` takes the linearized outputs
         (``apply_fn`` and ``accuracy_fn`` are not used).
       batch_key: the fine-tuning's key.
-      replicates: batch orders (replicate ``r``: the batches of
+      batch_orders: batch orders (replicate ``r``: the batches of
         ``retraining.replicate_key(batch_key, r)``).
       chunk_size: subsets per compiled call.
       mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split each
@@ -1172,13 +1172,13 @@ def shared_linearized_finetune(
         (default: ``||w||``).
 
     Returns:
-      ``(losses [replicates, m, T], norms [m])``: per-target losses of each
+      ``(losses [batch_orders, m, T], norms [m])``: per-target losses of each
       replicate and subset, and ``norm_fn`` of replicate 0's updates.
     """
     if not isinstance(spec, retraining.TrainSpec):
         raise TypeError(f"spec must be a retraining.TrainSpec, got "
                         f"{type(spec).__name__}.")
-    replicates = check_positive_int(replicates, "replicates")
+    batch_orders = check_positive_int(batch_orders, "batch_orders")
     chunk_size = check_positive_int(chunk_size, "chunk_size")
     mesh = sharding.check_mesh(mesh)
     weights = jnp.asarray(weights)
@@ -1194,7 +1194,7 @@ def shared_linearized_finetune(
     full_batch = spec.batch_size is None or spec.batch_size >= n
     train, target = sharding.replicate((train, target), mesh)
     losses, norms = [], None
-    for r in range(replicates):
+    for r in range(batch_orders):
         run_key = jax.random.split(retraining.replicate_key(batch_key, r))[1]
         step_keys = jax.random.split(run_key, spec.num_steps)
 

@@ -426,11 +426,11 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             result = linearized_finetune_scores(
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
                 batch_key=key, preconditioner=settings.preconditioner,
-                projection=projection, replicates=settings.replicates,
+                projection=projection, batch_orders=settings.batch_orders,
                 store_dir=store_dir,
                 store_config=None if store_dir is None else {
                     **self.store_config("finetune"),
-                    "replicates": settings.replicates},
+                    "batch_orders": settings.batch_orders},
                 **common)
         else:
             norm = None
