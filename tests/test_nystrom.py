@@ -342,13 +342,13 @@ def test_select_bad_inputs_name_the_argument(kwargs, error, match):
         nystrom.select_nystrom_hyperparameters(MASKS, SCORES, **kwargs)
 
 
-def test_default_search_is_spearman_on_ridges_above_the_rounding_error():
+def test_default_search_is_mse_on_ridges_above_the_rounding_error():
     rows = np.sort(np.unique(MASKS, axis=0, return_index=True)[1])  # distinct
     masks32 = np.asarray(MASKS[rows], np.float32)
     search = nystrom.select_nystrom_hyperparameters(
         masks32, np.asarray(SCORES[rows], np.float32), key=KEY, num_centers=20,
         gammas=[0.3])
-    assert search.criterion == "spearman"
+    assert search.criterion == "mse"
     np.testing.assert_allclose(
         search.ridges, surrogates.default_ridge_grid(rows.size, np.float32),
         rtol=1e-6)

@@ -540,9 +540,9 @@ def select_nystrom_hyperparameters(
       method: ``"holdout"`` or ``"kfold"``.
       holdout_fraction: share of rows held out, in (0, 1) (``"holdout"``).
       num_folds: folds, at least 2 (``"kfold"``).
-      criterion: ``"spearman"`` (the default, higher is better; chosen for
-        the reason given in :func:`surrogates.select_kernel_hyperparameters`)
-        or ``"mse"`` (lower is better).
+      criterion: ``"mse"`` (the default, lower is better; chosen for the
+        reason given in :func:`surrogates.select_kernel_hyperparameters`) or
+        ``"spearman"`` (higher is better).
       per_target: choose a setting per target instead of one for all.
 
     Returns:

@@ -421,7 +421,7 @@ class HyperparameterSearch:
 
 CRITERIA = ("spearman", "mse")
 
-DEFAULT_CRITERION = "spearman"
+DEFAULT_CRITERION = "mse"
 """The criterion of every hyperparameter search by default (as in the pipeline);
 see ``surrogates.select_kernel_hyperparameters``."""
 

@@ -109,7 +109,9 @@ class PipelineConfig:
       estimation_difference: anchor the estimates at one real fine-tuning on
         all tasks (supervised).
       cv_method: ``"loo"`` or ``"kfold"`` selection of the kernel's ``(γ, λ)``.
-      cv_criterion: ``"mse"`` or ``"spearman"``.
+      cv_criterion: ``"mse"`` (default) or ``"spearman"`` (see
+        :func:`~tasksurrogate_jax.core.surrogates.select_kernel_hyperparameters`:
+        a rank criterion keeps large ridges that flatten the interactions).
       baselines: names in :data:`BASELINES` to compute (among the workload's
         ``baselines``; ``None``: all of them).
       influence_damping: λ of influence, a number >= 0 or ``"auto"`` (0.05 ×
@@ -151,7 +153,7 @@ class PipelineConfig:
     output_mode: str | None = None
     estimation_difference: bool | None = None
     cv_method: str = "loo"
-    cv_criterion: str = "spearman"
+    cv_criterion: str = "mse"
     baselines: tuple[str, ...] | None = None
     influence_damping: float | str = "auto"
     influence_hessian: str = "gauss_newton"

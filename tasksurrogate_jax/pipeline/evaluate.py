@@ -22,7 +22,7 @@ def loo_effects(loo_scores) -> np.ndarray:
 
 
 def fit_surrogates(fit_masks, fit_scores, *, cv_method: str = "loo",
-                   cv_criterion: str = "spearman", seed: int = 0) -> dict:
+                   cv_criterion: str = "mse", seed: int = 0) -> dict:
     """The pipeline's two surrogates of ``(masks, scores)``.
 
     Above ``surrogates.AUTO_EXACT_MAX_SUBSETS`` subsets the kernel surrogate is
