@@ -221,7 +221,13 @@ def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path
     agreement; the stages are reused by a rerun."""
     from tasksurrogate_jax.downstream import interactions
 
-    config = dataclasses.replace(TINY_CONFIG, protocol="pairs")
+    # 4 replicates (the pairs protocol's default is 8): the check below
+    # retrains them.
+    config = dataclasses.replace(TINY_CONFIG, protocol="pairs", replicates=4)
+    tiny = pipeline.make_workload(config)
+    assert pipeline.check_config(dataclasses.replace(
+        TINY_CONFIG, protocol="pairs"), tiny).replicates == 8
+    assert pipeline.check_config(TINY_CONFIG, tiny).replicates == 4
     lines = []
     results = pipeline.run_pipeline(config, out_dir=tmp_path, log=lines.append,
                                     progress=False)
@@ -254,6 +260,18 @@ def test_pairs_protocol_compares_interactions_with_a_pair_removal_truth(tmp_path
     printed = report.summary(results)
     assert "interactions against the pair-removal truth (28 pairs" in printed
     assert "| ceiling (4 replicates) |" in printed
+    # The held-out subsets: the same kernel-minus-linear comparison, whose two
+    # errors are the methods' held-out normalized errors.
+    for scores in ("exact", "estimated"):
+        held = results["heldout"]["kernel_minus_linear_error"][scores]
+        for kind, side in (("kernel", "a"), ("linear", "b")):
+            assert held[side] == pytest.approx(
+                results["methods"][f"{kind} surrogate ({scores})"]["normalized_error"],
+                rel=1e-5)
+        assert held["difference"] == pytest.approx(held["a"] - held["b"])
+        low, high = held["difference_interval"]
+        assert low <= held["difference"] <= high
+    assert "normalized error on the held-out subsets" in printed
 
 
 def test_pairs_protocol_needs_a_leave_one_out_workload():

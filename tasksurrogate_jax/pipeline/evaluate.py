@@ -70,6 +70,18 @@ def _effect_metrics(effects, true_effects, config: PipelineConfig,
             f"{prefix}_pearson_mean_target": float(pear.mean_target)}
 
 
+def _kernel_minus_linear(fits: dict, masks, true_scores,
+                         config: PipelineConfig) -> dict:
+    """``{"exact" | "estimated": the kernel surrogate's pooled normalized error
+    minus the linear one's on ``masks``, with a paired bootstrap interval over
+    the subsets}`` (:func:`~tasksurrogate_jax.downstream.interactions.
+    normalized_error_difference`; < 0: the kernel is better)."""
+    return {name: interactions.normalized_error_difference(
+        true_scores, np.asarray(fitted["kernel"].predict(masks)),
+        np.asarray(fitted["linear"].predict(masks)), **_interval_settings(config))
+        for name, fitted in fits.items()}
+
+
 def _heldout_metrics(surrogate, masks, true_scores, config: PipelineConfig) -> dict:
     predicted = np.asarray(surrogate.predict(masks))
     per_target = np.asarray(metrics.spearman(true_scores, predicted))
@@ -269,7 +281,9 @@ def evaluate(config: PipelineConfig, run) -> dict:
         "interaction_matrix": matrix,
         **({} if run.pairs is None else {"interactions": timed(
             "interactions", lambda: pair_interaction_results(config, run, fits))}),
-        "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted},
+        "heldout": {"true": heldout_true.mean(1), "predicted": heldout_predicted,
+                    "kernel_minus_linear_error": _kernel_minus_linear(
+                        fits, heldout_masks, heldout_true, config)},
         "estimation": {**_estimation_errors(exact[:m], estimated[:m],
                                             f"{config.regime} ground truth"),
                        "settings": settings,
@@ -334,9 +348,7 @@ def pair_interaction_results(config: PipelineConfig, run: RunScores,
     errors = interactions.pair_removal_errors(pair_truth, {
         f"{kind} surrogate ({name})": values
         for (kind, name), values in pair_predicted.items()})
-    gain = {name: interactions.normalized_error_difference(
-        pair_truth, pair_predicted["kernel", name], pair_predicted["linear", name],
-        **_interval_settings(config)) for name in fits}
+    gain = _kernel_minus_linear(fits, pair_masks, pair_truth, config)
     out = {"pairs": pairs, "true": truth.mean.mean(1),
            "ceiling": reliable.mean_target, "ceiling_per_target": reliable.mean,
            "attainable": _attainable({"mean_target": reliable.mean_target,

@@ -149,6 +149,7 @@ def summary(results: dict) -> str:
         f"{est['spearman_across_subsets']:.3f} (mean target "
         f"{est['spearman_mean_target']:.3f})",
         *_baseline_settings(results.get("baseline_settings", {})),
+        *_heldout_gain_lines(results.get("heldout", {}), level),
         *_interaction_lines(results.get("interactions"), level),
         f"seconds: {seconds}",
     ])
@@ -177,19 +178,33 @@ def _interaction_lines(inter: dict | None, level: int) -> list[str]:
     for name, error in inter["pair_removal_error"].items():
         if name not in inter["comparison"]:  # additive: no interactions
             rows.append(f"| {name} | 0 by construction | - | {error:.3f} | - |")
-    gains = [f"{scores} {g['difference']:+.3f} [{_fmt(g['difference_interval'][0])}, "
-             f"{_fmt(g['difference_interval'][1])}]"
-             for scores, g in inter["kernel_minus_linear_pair_removal_error"].items()]
     rows.append("")
     rows.append("kernel minus linear normalized error of F(-i-j) (< 0: the kernel "
                 f"predicts the pair removals better; paired {level}% intervals over "
-                "pairs): " + "; ".join(gains))
+                "pairs): " + _gains(inter["kernel_minus_linear_pair_removal_error"]))
     return ["", f"interactions against the pair-removal truth ({len(inter['pairs'])} "
             f"pairs; > 0 substitutes, < 0 complements; {level}% intervals over "
             "pairs):",
             "| method | Spearman (mean target) | Spearman (per target) | "
             "normalized error of F(-i-j) | planted signs right |",
             "| --- | --- | --- | --- | --- |", *rows]
+
+
+def _gains(gains: dict) -> str:
+    """``{scores: normalized_error_difference(...)}`` as one line."""
+    return "; ".join(
+        f"{scores} {g['difference']:+.3f} [{_fmt(g['difference_interval'][0])}, "
+        f"{_fmt(g['difference_interval'][1])}]" for scores, g in gains.items())
+
+
+def _heldout_gain_lines(heldout: dict, level: int) -> list[str]:
+    """The kernel-minus-linear held-out error line (``"loo"`` runs)."""
+    gains = heldout.get("kernel_minus_linear_error")
+    if not gains:
+        return []
+    return [f"kernel minus linear normalized error on the held-out subsets (< 0: "
+            f"the kernel predicts them better; paired {level}% intervals over "
+            f"subsets): {_gains(gains)}"]
 
 
 def _fmt(value) -> str:
