@@ -6,12 +6,9 @@ from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax.estimate import projection as proj
 
-# References at tight tolerances: 64-bit JAX for every test here.
-pytestmark = pytest.mark.float64
-
-with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
-    TREE = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 1500))),
-            "b": jnp.arange(7.0)}
+# float32 by default (the conftest); module data in the default dtype.
+TREE = {"w": jnp.asarray(np.random.default_rng(0).normal(size=(3, 1500))),
+        "b": jnp.arange(7.0)}
 
 
 def explicit_matrix(projection, tree):

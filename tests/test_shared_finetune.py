@@ -195,7 +195,7 @@ def test_auto_projection_is_factored_only_for_large_dense_models():
     assert settings.resolved_output_mode("factored", classification=False) == "logits"
     assert settings.resolved_output_mode("dense") == "logits"
     assert settings.resolved_proj_dim(num_parameters(params), "factored") \
-        == est.DEFAULT_FACTORED_PROJ_DIM["margin"] == 16384
+        == est.DEFAULT_FACTORED_PROJ_DIM["margin"] == 32768
     assert settings.resolved_proj_dim(num_parameters(params), "factored",
                                       output_mode="logits") == 4096
     logits = dataclasses.replace(settings, output_mode="logits")
