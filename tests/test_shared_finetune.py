@@ -27,9 +27,6 @@ from tasksurrogate_jax.estimate.projection import make_projection, num_parameter
 from tasksurrogate_jax.truth import retraining
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
 
-# References at tight tolerances: 64-bit JAX for every test here.
-pytestmark = pytest.mark.float64
-
 ROOT = Path(__file__).resolve().parent.parent
 RNG = np.random.default_rng(3)
 NUM_CLASSES, NUM_FEATURES, NUM_TASKS, HIDDEN = 3, 5, 4, 6
@@ -51,15 +48,14 @@ def make_problem(n=90, num_targets=11, hidden=HIDDEN):
                           num_classes=NUM_CLASSES)
     target = make_target_data(x[n:], labels[n:], num_classes=NUM_CLASSES)
     apply_fn, init_fn = nnx_model_functions(lambda rngs: MLP(hidden, rngs=rngs))
-    params = jax.tree.map(lambda leaf: leaf.astype(jnp.float64),
-                          init_fn(jax.random.key(0)))  # float64 references
+    params = jax.tree.map(lambda leaf: jnp.asarray(leaf, float),
+                          init_fn(jax.random.key(0)))  # the default dtype
     return data, target, apply_fn, params
 
 
-with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
-    DATA, TARGET, APPLY, PARAMS = make_problem()
-    MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1],
-                         [1, 1, 0, 1]], jnp.float32)
+DATA, TARGET, APPLY, PARAMS = make_problem()  # float32 (the conftest)
+MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 0, 1],
+                     [1, 1, 0, 1]], jnp.float32)
 
 
 def spec_of(optimizer, batch_size, num_steps=7):
@@ -69,7 +65,6 @@ def spec_of(optimizer, batch_size, num_steps=7):
 
 @pytest.mark.parametrize("batch_size", [16, 40, None])
 @pytest.mark.parametrize("optimizer", ["sgd", "adam schedule"])
-@pytest.mark.float64  # two programs agree to 1e-9 to 1e-10 over training
 def test_shared_program_is_the_retraining_program_on_the_features(batch_size,
                                                                   optimizer):
     # The old path runs retraining.retrain on the linearized model; the shared
@@ -90,12 +85,13 @@ def test_shared_program_is_the_retraining_program_on_the_features(batch_size,
         batch_key=jax.random.key(5), batch_orders=2, chunk_size=3,
         norm_fn=lambda w: est._update_norms(projection, w, PARAMS))
     assert losses.shape == (2, MASKS.shape[0], TARGET.num_targets)
-    np.testing.assert_allclose(losses.mean(0), old.scores, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(norms, old.delta_norm, rtol=1e-10)
+    # float32: the two programs agree to 1-2 eps over the 7 steps (seen 5e-7
+    # at losses ~2); another batch order or one step less moves them by ~0.4.
+    np.testing.assert_allclose(losses.mean(0), old.scores, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norms, old.delta_norm, rtol=1e-5)
     assert float(jnp.min(norms)) > 0
 
 
-@pytest.mark.float64  # two programs agree to 1e-9 to 1e-10 over training
 def test_factored_with_whole_sides_is_full_space_linearized_finetuning():
     # proj_dim = p: allocate_dims keeps every side whole, the features are the
     # exact Jacobian, and SGD on w = θ − θ* is full-space linearized SGD.
@@ -108,8 +104,9 @@ def test_factored_with_whole_sides_is_full_space_linearized_finetuning():
     fac = est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                          proj_dim=p, projection="factored",
                                          **common)
-    np.testing.assert_allclose(fac.scores, full.scores, rtol=1e-9)
-    np.testing.assert_allclose(fac.delta_norm, full.delta_norm, rtol=1e-8)
+    # float32: features two ways, then 9 steps (seen 2e-7 relative)
+    np.testing.assert_allclose(fac.scores, full.scores, rtol=1e-5)
+    np.testing.assert_allclose(fac.delta_norm, full.delta_norm, rtol=1e-5)
     assert set(fac.seconds) == {"features", "subsets"}
     assert all(v > 0 for v in fac.seconds.values())
     assert full.seconds is None
@@ -227,7 +224,7 @@ def test_factored_update_norms_are_those_of_the_unprojected_updates():
     expected = jnp.sqrt(sum(jnp.sum(leaf.reshape(4, -1) ** 2, axis=1)
                             for leaf in jax.tree.leaves(update)))
     np.testing.assert_allclose(factored.factored_update_norms(projection, w),
-                               expected, rtol=1e-10)
+                               expected, rtol=1e-5)  # float32: sums of squares
 
 
 def run_quick(script: str, out: Path) -> dict:
