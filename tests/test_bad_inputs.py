@@ -250,7 +250,7 @@ CASES = [
      lambda: select(MASKS, SCORES, method="kfold", num_folds=4), V,
      "num_folds=4 needs at least 8 subsets"),
     ("select-constant-scores-spearman",
-     lambda: select(MASKS, np.ones((6, 2))), V,
+     lambda: select(MASKS, np.ones((6, 2)), criterion="spearman"), V,
      "scores are constant in every target column"),
     ("select-duplicate-masks",
      lambda: _strict(select, DUPLICATED, DUPLICATED_SCORES), D,
