@@ -69,14 +69,16 @@ from tasksurrogate_jax.downstream.selection import (
     select_subset,
     surrogate_objective,
 )
-from tasksurrogate_jax.downstream.uncertainty import (
-    KernelPosterior,
-    calibrate_kappa,
-    fit_posterior,
+from tasksurrogate_jax.downstream.uncertainty.calibration import calibrate_kappa
+from tasksurrogate_jax.downstream.uncertainty.objectives import (
     lcb_objective,
-    sequential_selection,
     trust_region_objective,
 )
+from tasksurrogate_jax.downstream.uncertainty.posterior import (
+    KernelPosterior,
+    fit_posterior,
+)
+from tasksurrogate_jax.downstream.uncertainty.sequential import sequential_selection
 from tasksurrogate_jax.estimate.baselines import (
     influence_scores,
     tracin_scores,

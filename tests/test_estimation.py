@@ -14,9 +14,6 @@ from tasksurrogate_jax.estimate import estimation_check
 from tasksurrogate_jax.estimate import projection as proj
 from tasksurrogate_jax.truth import retraining
 
-# References at tight tolerances: 64-bit JAX for every test here.
-pytestmark = pytest.mark.float64
-
 RNG = np.random.default_rng(0)
 NUM_CLASSES, NUM_FEATURES, NUM_TASKS = 3, 4, 4
 
@@ -26,35 +23,45 @@ def softmax_regression(params, x):
 
 
 def make_problem(n=120, num_targets=7):
-    """Overlapping classes (not separable): every subset has a finite optimum."""
-    centers = RNG.normal(size=(NUM_CLASSES, NUM_FEATURES))
-    labels = RNG.integers(0, NUM_CLASSES, n + num_targets)
-    x = centers[labels] + 1.5 * RNG.normal(size=(n + num_targets, NUM_FEATURES))
+    """Overlapping classes (not separable): every subset has a finite optimum.
+    The same draw each call, in JAX's default float type at the call."""
+    rng = np.random.default_rng(0)
+    centers = rng.normal(size=(NUM_CLASSES, NUM_FEATURES))
+    labels = rng.integers(0, NUM_CLASSES, n + num_targets)
+    x = centers[labels] + 1.5 * rng.normal(size=(n + num_targets, NUM_FEATURES))
     data = make_task_data(x[:n], labels[:n], np.arange(n) % NUM_TASKS,
                           num_classes=NUM_CLASSES)
     target = make_target_data(x[n:], labels[n:], num_classes=NUM_CLASSES)
-    params = {"w": jnp.asarray(0.1 * RNG.normal(size=(NUM_FEATURES, NUM_CLASSES))),
+    params = {"w": jnp.asarray(0.1 * rng.normal(size=(NUM_FEATURES, NUM_CLASSES))),
               "b": jnp.zeros(NUM_CLASSES)}
     return data, target, params
 
 
-with jax.enable_x64(True):  # float64 data (the conftest turns x64 on per test)
-    DATA, TARGET, PARAMS = make_problem()
-    MASKS = jnp.asarray([[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]], float)
+MASK_ROWS = [[1, 1, 1, 1], [0, 1, 1, 1], [1, 0, 1, 0], [0, 0, 1, 1]]
+# float32, what users run (the conftest).
+DATA, TARGET, PARAMS = make_problem()
+MASKS = jnp.asarray(MASK_ROWS, float)
+# The same problem in float64, for the tests marked float64: references at
+# tight tolerances (SciPy's BFGS, L-BFGS to a gradient norm of 1e-8).
+with jax.enable_x64(True):
+    DATA64, TARGET64, PARAMS64 = make_problem()
+    MASKS64 = jnp.asarray(MASK_ROWS, float)
 
 
+@pytest.mark.float64  # L-BFGS to a gradient norm of 1e-8
 @pytest.mark.slow
 def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     # Softmax regression is linear in its parameters: the linearization is exact,
     # so the full-space estimate is the converged fine-tuned model's target loss.
     settings = est.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
-    estimate = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
-                                   proj_dim=None, ridge=0.0, settings=settings)
+    estimate = est.estimate_scores(softmax_regression, PARAMS64, DATA64, TARGET64,
+                                   MASKS64, proj_dim=None, ridge=0.0,
+                                   settings=settings)
     spec = retraining.make_train_spec(apply_fn=softmax_regression,
                                       optimizer=optax.sgd(0.5), num_steps=3000)
     check = estimation_check.check_estimation(
-        estimate.scores, MASKS, params=PARAMS, data=DATA, target=TARGET, spec=spec,
-        key=jax.random.key(0))
+        estimate.scores, MASKS64, params=PARAMS64, data=DATA64, target=TARGET64,
+        spec=spec, key=jax.random.key(0))
     np.testing.assert_allclose(estimate.scores, check.exact, rtol=1e-5)
     assert float(estimate.grad_norm.max()) < 1e-8
     assert float(check.relative_error.max()) < 1e-5
@@ -66,7 +73,7 @@ def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     # The fine-tuned update has the norm the estimator reports (one minimiser:
     # ridge 0 leaves the shift of all logits free, plain GD from θ* does not
     # move along it, and neither does L-BFGS from zero).
-    base_norm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in PARAMS.values()))
+    base_norm = np.sqrt(sum(float(jnp.sum(v ** 2)) for v in PARAMS64.values()))
     np.testing.assert_allclose(check.param_shift, estimate.delta_norm / base_norm,
                                rtol=1e-4)
 
@@ -89,11 +96,12 @@ def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
     tuned = retraining.retrain(MASKS, data=DATA, target=TARGET, spec=spec, key=key,
                                init_params=PARAMS, replicates=2, return_params=True,
                                progress=False)
-    np.testing.assert_allclose(estimate.scores, tuned.losses.mean(0), rtol=1e-9)
+    # float32: the same program, its operations in another order.
+    np.testing.assert_allclose(estimate.scores, tuned.losses.mean(0), rtol=2e-5)
     shift = np.sqrt(sum(
         np.sum((np.asarray(v[0]) - np.asarray(PARAMS[k])).reshape(len(MASKS), -1) ** 2,
                axis=1) for k, v in tuned.params.items()))  # replicate 0
-    np.testing.assert_allclose(estimate.delta_norm, shift, rtol=1e-9)
+    np.testing.assert_allclose(estimate.delta_norm, shift, rtol=2e-5)
     assert float(np.min(shift)) > 1e-3  # the models did move
 
 
@@ -156,7 +164,8 @@ def test_projected_linearized_finetuning_is_gradient_descent_on_the_features(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
         batch_key=jax.random.key(0), proj_dim=d, output_mode=output_mode)
     expected = np.stack([reference(mask) for mask in MASKS])
-    np.testing.assert_allclose(estimate.scores, expected, rtol=1e-9, atol=1e-12)
+    # float32 features and program against a float64 NumPy program on them.
+    np.testing.assert_allclose(estimate.scores, expected, rtol=2e-5, atol=1e-6)
     # The program did move the scores away from θ*'s.
     at_theta = est.example_losses(jnp.asarray(f_target), TARGET.labels, output_mode)
     assert float(np.abs(expected - np.asarray(at_theta)).max()) > 1e-3
@@ -183,7 +192,7 @@ def test_auto_ridge_reproduces_the_reference_update_norm():
     # The calibrated ridge gives the same solution as passing it explicitly.
     again = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                                 key=key, proj_dim=8, ridge=estimate.ridge)
-    np.testing.assert_allclose(again.scores, estimate.scores[1:], rtol=1e-9)
+    np.testing.assert_allclose(again.scores, estimate.scores[1:], rtol=1e-5)
     with pytest.raises(ValueError, match="reference_update_norm > 0"):
         est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=key, proj_dim=8, ridge="auto")
@@ -218,21 +227,22 @@ def test_full_space_solve_compiles_once_per_model_and_shape():
     assert not np.allclose(first.scores, second.scores)
 
 
+@pytest.mark.float64  # ridge 0: L-BFGS to 1e-10 in a flat direction
 @pytest.mark.slow
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_projection_to_every_dimension_equals_the_full_space_solution(output_mode):
     # P is square and invertible, so both spaces hold the same minimisers; with
     # ridge 0 they are not unique (softmax is flat along shifts of all logits),
     # but the target losses are.
-    num_params = proj.num_parameters(PARAMS)
+    num_params = proj.num_parameters(PARAMS64)
     settings = est.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
     projected = est.estimate_scores(
-        softmax_regression, PARAMS, DATA, TARGET, MASKS, key=jax.random.key(3),
+        softmax_regression, PARAMS64, DATA64, TARGET64, MASKS64, key=jax.random.key(3),
         proj_dim=num_params, ridge=0.0, output_mode=output_mode, settings=settings,
         projection_kind="gaussian")
     full = est.estimate_scores(
-        softmax_regression, PARAMS, DATA, TARGET, MASKS, proj_dim=None, ridge=0.0,
-        output_mode=output_mode, settings=settings)
+        softmax_regression, PARAMS64, DATA64, TARGET64, MASKS64, proj_dim=None,
+        ridge=0.0, output_mode=output_mode, settings=settings)
     np.testing.assert_allclose(projected.scores, full.scores, rtol=1e-6)
 
 
@@ -242,22 +252,23 @@ def test_margin_mode_loss_at_theta_star_is_the_cross_entropy():
     np.testing.assert_allclose(
         est.example_losses(margins, TARGET.labels, "margin"),
         optax.softmax_cross_entropy_with_integer_labels(logits, TARGET.labels),
-        rtol=1e-12)
+        rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.float64  # SciPy's float64 BFGS at gtol 1e-11
 @pytest.mark.slow
 @pytest.mark.parametrize("solver", est.SOLVERS)
 @pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
 def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
     projection = proj.make_projection(jax.random.key(1), 6)
-    train = est.linearized_examples(softmax_regression, PARAMS, DATA.inputs,
-                                    DATA.labels, projection=projection,
+    train = est.linearized_examples(softmax_regression, PARAMS64, DATA64.inputs,
+                                    DATA64.labels, projection=projection,
                                     output_mode=output_mode)
-    weights = mask_to_weights(MASKS, DATA.task_ids)
+    weights = mask_to_weights(MASKS64, DATA64.task_ids)
     settings = est.SolverSettings(solver, max_iter=200, tol=1e-9)
     solution = est.solve_subsets(train, weights, ridge=1e-2, output_mode=output_mode,
                                  settings=settings)
-    for j in range(MASKS.shape[0]):
+    for j in range(MASKS64.shape[0]):
         def objective(w, j=j):
             return float(est.subset_objective(jnp.asarray(w), weights[j], train, 1e-2,
                                               output_mode))
@@ -283,7 +294,7 @@ def test_closed_form_hessian_equals_jax_hessian(output_mode):
     w = jnp.asarray(RNG.normal(size=6))
     ours = est.subset_hessian(w, weights, train, 0.3, output_mode)
     ref = jax.hessian(est.subset_objective)(w, weights, train, 0.3, output_mode)
-    np.testing.assert_allclose(ours, ref, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments():
@@ -372,9 +383,9 @@ def test_unit_preconditioner_is_the_plain_momentum_program(monkeypatch):
     plain = est.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec(momentum),
         **kw)
-    np.testing.assert_allclose(preconditioned.scores, plain.scores, rtol=1e-12)
+    np.testing.assert_allclose(preconditioned.scores, plain.scores, rtol=1e-5)
     np.testing.assert_allclose(preconditioned.delta_norm, plain.delta_norm,
-                               rtol=1e-12)
+                               rtol=1e-5)
     assert float(np.min(plain.delta_norm)) > 1e-3  # the program did move
 
 
@@ -403,8 +414,8 @@ def test_scaled_features_are_jvps_along_scaled_projection_columns(output_mode):
 
     jvps = [jax.jvp(outputs, (params,), (jax.tree.map(
         jnp.multiply, scale, _rows(columns, j)),))[1] for j in range(d)]
-    np.testing.assert_allclose(features, np.stack(jvps, axis=-1), rtol=1e-10,
-                               atol=1e-12)
+    np.testing.assert_allclose(features, np.stack(jvps, axis=-1), rtol=1e-5,
+                               atol=1e-5)
 
 
 def test_gradient_second_moment_is_that_of_a_mini_batch_without_replacement():
@@ -423,10 +434,10 @@ def test_gradient_second_moment_is_that_of_a_mini_batch_without_replacement():
     for chunk_size in (3, None):
         moment = est.gradient_second_moment(softmax_regression, PARAMS, data,
                                             batch_size=2, chunk_size=chunk_size)
-        np.testing.assert_allclose(_flat(moment), expected, rtol=1e-10)
+        np.testing.assert_allclose(_flat(moment), expected, rtol=1e-5)
     full = est.gradient_second_moment(softmax_regression, PARAMS, data,
                                       batch_size=None)
-    np.testing.assert_allclose(_flat(full), grads.mean(0) ** 2, rtol=1e-10)
+    np.testing.assert_allclose(_flat(full), grads.mean(0) ** 2, rtol=1e-5)
 
 
 @pytest.mark.slow
@@ -478,9 +489,9 @@ def test_adam_preconditioner_is_momentum_descent_with_fixed_second_moment():
         batch_key=jax.random.key(0), proj_dim=d, preconditioner="adam")
     expected = [reference(mask) for mask in MASKS]
     np.testing.assert_allclose(estimate.scores, np.stack([e[0] for e in expected]),
-                               rtol=1e-9, atol=1e-12)
+                               rtol=2e-5, atol=1e-6)
     np.testing.assert_allclose(estimate.delta_norm, [e[1] for e in expected],
-                               rtol=1e-9)
+                               rtol=2e-5)
     assert min(e[1] for e in expected) > 1e-3  # the program did move
 
 

@@ -86,3 +86,16 @@ def test_unique_masks_keeps_first_occurrences_in_order():
 def test_bad_arguments_are_named(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@pytest.mark.parametrize("draw", [
+    lambda key: subsets.bernoulli_masks(key, 64, 9, p=0.7),
+    lambda key: subsets.fixed_size_masks(key, 64, 9, subset_size=4),
+    lambda key: subsets.size_range_masks(key, 64, 9, min_size=2, max_size=7)])
+def test_a_key_gives_the_same_masks_with_64_bit_jax_on_or_off(draw):
+    key = jax.random.key(3)
+    single = np.asarray(draw(key))
+    with jax.enable_x64(True):
+        double = np.asarray(draw(key))
+    assert 0 < single.mean() < 1
+    np.testing.assert_array_equal(single, double)

@@ -1,7 +1,8 @@
 """Subset masks over K tasks: ``[num_subsets, num_tasks]`` arrays of 0/1.
 
 A mask row ``s`` keeps task ``i`` when ``s[i] == 1``. All random samplers take an
-explicit PRNG key: the same key gives the same masks. Masks are floating point
+explicit PRNG key: the same key gives the same masks, with 64-bit JAX on or
+off (the random numbers are drawn in float32 either way). Masks are floating point
 (``float32`` by default) because they are fed straight into kernels and
 linear models.
 """
@@ -52,7 +53,7 @@ def bernoulli_masks(
     check_float_dtype(dtype)
 
     def draw(k, m):
-        return jax.random.bernoulli(k, p, (m, num_tasks)).astype(dtype)
+        return jax.random.bernoulli(k, jnp.float32(p), (m, num_tasks)).astype(dtype)
 
     if unique:
         possible = 2**num_tasks if p < 1 else 1
@@ -83,7 +84,8 @@ def fixed_size_masks(
 
     def draw(k, m):
         # The ranks of i.i.d. uniforms form a uniform random permutation.
-        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k, (m, num_tasks)), 1), 1)
+        uniforms = jax.random.uniform(k, (m, num_tasks), jnp.float32)
+        ranks = jnp.argsort(jnp.argsort(uniforms, 1), 1)
         return (ranks < subset_size).astype(dtype)
 
     if unique:
@@ -125,8 +127,8 @@ def size_range_masks(
         k_size, k_order = jax.random.split(k)
         size = jnp.asarray(sizes)[jax.random.categorical(k_size, log_counts,
                                                          shape=(m,))]
-        ranks = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (m, num_tasks)),
-                                        1), 1)
+        ranks = jnp.argsort(jnp.argsort(
+            jax.random.uniform(k_order, (m, num_tasks), jnp.float32), 1), 1)
         return (ranks < size[:, None]).astype(dtype)
 
     if unique:

@@ -112,7 +112,8 @@ def banzhaf_values(surrogate, *, key, num_samples: int = 1000,
     eye = jnp.eye(num_tasks, dtype=dtype)
 
     def one(sample_key):
-        s = jax.random.bernoulli(sample_key, 0.5, (num_tasks,)).astype(dtype)
+        s = jax.random.bernoulli(sample_key, jnp.float32(0.5), (num_tasks,))
+        s = s.astype(dtype)
         without = s[None, :] * (1.0 - eye)  # row i: s with task i out
         with_task = jnp.maximum(without, eye)  # row i: s with task i in
         scores = surrogate.predict(jnp.concatenate([without, with_task]))
@@ -156,7 +157,7 @@ def shapley_values(surrogate, *, key, num_samples: int = 1000,
 
 def _random_context(sample_key, num_tasks, context_size, dtype):
     """``[K]`` mask of ``context_size`` tasks drawn uniformly."""
-    ranks = jnp.argsort(jax.random.uniform(sample_key, (num_tasks,)))
+    ranks = jnp.argsort(jax.random.uniform(sample_key, (num_tasks,), jnp.float32))
     return jnp.zeros(num_tasks, dtype).at[ranks[:context_size]].set(1.0)
 
 

@@ -356,7 +356,7 @@ def _second_differences(surrogate, pairs, contexts, dtype):
 
 def _draw_banzhaf(sample_key, pairs, num_tasks, dtype):
     """One context for every pair: each task in with probability 1/2."""
-    s = jax.random.bernoulli(sample_key, 0.5, (num_tasks,)).astype(dtype)
+    s = jax.random.bernoulli(sample_key, jnp.float32(0.5), (num_tasks,)).astype(dtype)
     return jnp.broadcast_to(s, (pairs.shape[0], num_tasks))
 
 
@@ -365,7 +365,8 @@ def _draw_shapley(sample_key, pairs, num_tasks, dtype):
     takes the first ``size`` tasks of the order other than ``i, j``."""
     k_size, k_order = jax.random.split(sample_key)
     size = jax.random.randint(k_size, (), 0, num_tasks - 1)
-    position = jnp.argsort(jnp.argsort(jax.random.uniform(k_order, (num_tasks,))))
+    uniforms = jax.random.uniform(k_order, (num_tasks,), jnp.float32)
+    position = jnp.argsort(jnp.argsort(uniforms))
     pi, pj = position[pairs[:, 0]], position[pairs[:, 1]]  # [P]
     # Rank of each task among the tasks other than i, j (those two are
     # overwritten by _second_differences).

@@ -764,7 +764,9 @@ def top_eigenvalue(matvec: Callable, dim: int, dtype, *,
     It approaches the eigenvalue from below in magnitude, at the rate
     ``(λ_2 / λ_1)²`` per step. Jittable (``max_iter`` static).
     """
-    v = jax.random.normal(jax.random.key(EIGEN_SEED), (dim,), dtype)
+    # Drawn in float32 whatever dtype: the same start with 64-bit JAX on or off.
+    v = jax.random.normal(jax.random.key(EIGEN_SEED), (dim,), jnp.float32).astype(
+        dtype)
     v = v / jnp.linalg.norm(v)
 
     def cond(state):

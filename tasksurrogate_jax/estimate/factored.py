@@ -107,6 +107,7 @@ from jax.extend import core as jex_core
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.estimate.estimation import Linearized
+from tasksurrogate_jax.estimate.projection import random_entries
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.truth.chunking import chunked_vmap
 
@@ -641,10 +642,7 @@ def projection_factors(projection: FactoredProjection, dtype=jnp.float32,
     total = sum(math.prod(shape) for pair in shapes for shape in pair
                 if shape is not None)
     if total:
-        if projection.kind == "gaussian":
-            flat = jax.random.normal(projection.key, (total,), dtype)
-        else:
-            flat = jax.random.rademacher(projection.key, (total,), dtype)
+        flat = random_entries(projection.key, (total,), projection.kind, dtype)
     factors, offset = [], 0
     for layer, pair in zip(projection.structure.layers, shapes, strict=True):
         sides = []

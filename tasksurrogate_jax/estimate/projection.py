@@ -65,14 +65,24 @@ def num_parameters(params) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(params))
 
 
+def random_entries(key, shape, kind: str, dtype) -> jax.Array:
+    """Entries of a random projection: standard normal (``kind="gaussian"``)
+    or ±1, ``shape``, cast to ``dtype``. Drawn in float32 whatever ``dtype``,
+    so that one key gives the same projection with 64-bit JAX on or off (JAX
+    draws other numbers for a float64 request)."""
+    if kind == "gaussian":
+        return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+    # jax.random.rademacher draws with a float64 p under 64-bit JAX.
+    heads = jax.random.bernoulli(key, jnp.float32(0.5), shape)
+    return jnp.where(heads, 1.0, -1.0).astype(dtype)
+
+
 def _block(projection: Projection, block_index, dtype):
     """Rows ``[PROJECTION_BLOCK, proj_dim]`` of P for one block of parameters."""
     key = jax.random.fold_in(projection.key, block_index)
     shape = (PROJECTION_BLOCK, projection.proj_dim)
     scale = 1.0 / math.sqrt(projection.proj_dim)
-    if projection.kind == "gaussian":
-        return jax.random.normal(key, shape, dtype) * scale
-    return jax.random.rademacher(key, shape, dtype) * scale
+    return random_entries(key, shape, projection.kind, dtype) * scale
 
 
 def ravel_rows(tree, batch_dims: int = 1) -> jax.Array:
