@@ -16,7 +16,7 @@ On one supervised workload (``digits`` or ``modular``; ``--preset``), from
    :data:`DEFAULT_RUN`), each run on the LOO sets and the fitting subsets
    with batch orders other than the truth's (``key`` ``fold_in(seed, 11)``,
    as the pipeline's estimation stage has its own key). Linearized
-   fine-tuning runs ``estimation.linearized_finetune_scores`` with the
+   fine-tuning runs ``finetune.linearized_finetune_scores`` with the
    settings' resolved projection (``resolved_projection``: ``dense`` or
    ``factored``) and dimension. Per estimator: LOO Spearman of its LOO
    effects read directly (per target and mean target), and of the kernel and
@@ -75,11 +75,8 @@ from tasksurrogate_jax.core import metrics
 from tasksurrogate_jax.core.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.estimate import baselines
-from tasksurrogate_jax.estimate.estimation import (
-    Adam,
-    EstimationSettings,
-    linearized_finetune_scores,
-)
+from tasksurrogate_jax.estimate.estimation import EstimationSettings
+from tasksurrogate_jax.estimate.finetune import Adam, linearized_finetune_scores
 from tasksurrogate_jax.estimate.projection import num_parameters
 from tasksurrogate_jax.pipeline import ceiling, fit_surrogates
 from tasksurrogate_jax.truth import reliability
@@ -185,7 +182,7 @@ def parse_args(argv=None):
                     choices=[*ESTIMATORS, "all"], metavar="NAME",
                     help=f"'all' or names of {list(ESTIMATORS)} (default "
                          f"{DEFAULT_RUN}); the Adam-preconditioned one runs where "
-                         "the workload fine-tunes with estimation.Adam")
+                         "the workload fine-tunes with finetune.Adam")
     ap.add_argument("--headline", default="default", choices=list(ESTIMATORS),
                     metavar="NAME",
                     help="the estimator whose scores the methods table, the "
@@ -281,7 +278,7 @@ def main(argv=None):
     for name in args.estimators:
         settings = ESTIMATORS[name]
         if settings.preconditioner == "adam" and not adam:
-            print(f"  {name}: skipped (not an estimation.Adam fine-tuning)")
+            print(f"  {name}: skipped (not an finetune.Adam fine-tuning)")
             continue
         projection, output_mode, proj_dim = resolved(settings, workload, theta)
         t0 = time.perf_counter()

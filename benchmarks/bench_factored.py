@@ -5,9 +5,9 @@ digits data (``DigitsDataConfig(hidden=1024, depth=2)``: 1,257 training and
 540 target images), float32, ``θ*`` from ``--train-steps`` full-batch Adam
 steps. The one-time features of linearized fine-tuning are computed for every
 training and target example (``n = 1,797``, ``C = 10`` outputs), as
-``estimation._linearize_data`` does:
+``features.linearize_data`` does:
 
-- ``dense``: ``estimation.linearized_examples`` with a Rademacher
+- ``dense``: ``features.linearized_examples`` with a Rademacher
   ``projection.make_projection`` (``d = 512``, the library's default, and
   without ``--quick`` also ``d`` equal to the first factored ``k``'s d),
   chunks of ``--dense-batch-size`` (16) examples. Its cost is per example, so
@@ -61,7 +61,7 @@ from _common import REPO_ROOT, environment, format_table, write_json
 from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax.estimate import factored
-from tasksurrogate_jax.estimate.estimation import linearized_examples
+from tasksurrogate_jax.estimate.features import linearized_examples
 from tasksurrogate_jax.estimate.projection import make_projection, num_parameters
 from tasksurrogate_jax.losses import softmax_cross_entropy
 from tasksurrogate_jax.workloads.digits_data import (
@@ -203,7 +203,7 @@ def estimate_section(args):
     sets and ``--estimate-subsets`` random drop-4 sets: real fine-tuning
     (one replicate), and linearized fine-tuning of the same program (same
     batches) on factored features, written out as
-    ``estimation.linearized_finetune_scores`` would run it with
+    ``finetune.linearized_finetune_scores`` would run it with
     ``_linearize_data`` replaced by ``factored_linearized_examples`` and
     ``_update_norms`` by ``factored_update_norms``.
     """
@@ -211,7 +211,8 @@ def estimate_section(args):
 
     from scipy.stats import spearmanr
 
-    from tasksurrogate_jax.estimate.estimation import EstimationSettings, linear_model
+    from tasksurrogate_jax.estimate.estimation import EstimationSettings
+    from tasksurrogate_jax.estimate.features import linear_model
     from tasksurrogate_jax.truth import retraining
     from tasksurrogate_jax.workloads.digits import digits_workload
 

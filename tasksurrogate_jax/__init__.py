@@ -84,18 +84,13 @@ from tasksurrogate_jax.estimate.baselines import (
     tracin_scores,
     trak_scores,
 )
-from tasksurrogate_jax.estimate.estimation import (
-    Adam,
-    EstimationResult,
-    EstimationSettings,
-    SolverSettings,
-    estimate_scores,
-    linearized_finetune_scores,
-)
+from tasksurrogate_jax.estimate.convex import SolverSettings, estimate_scores
+from tasksurrogate_jax.estimate.estimation import EstimationResult, EstimationSettings
 from tasksurrogate_jax.estimate.estimation_check import (
     EstimationCheck,
     check_estimation,
 )
+from tasksurrogate_jax.estimate.finetune import Adam, linearized_finetune_scores
 from tasksurrogate_jax.pipeline import PipelineConfig, run_pipeline
 from tasksurrogate_jax.pipeline.report import (
     format_correlation_table,

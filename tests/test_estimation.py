@@ -9,8 +9,13 @@ import scipy.optimize
 
 from tasksurrogate_jax import losses
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
-from tasksurrogate_jax.estimate import estimation as est
-from tasksurrogate_jax.estimate import estimation_check
+from tasksurrogate_jax.estimate import (
+    convex,
+    estimation,
+    estimation_check,
+    features,
+    finetune,
+)
 from tasksurrogate_jax.estimate import projection as proj
 from tasksurrogate_jax.truth import retraining
 
@@ -53,8 +58,8 @@ with jax.enable_x64(True):
 def test_full_space_estimate_equals_real_fine_tuning_for_a_linear_model():
     # Softmax regression is linear in its parameters: the linearization is exact,
     # so the full-space estimate is the converged fine-tuned model's target loss.
-    settings = est.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
-    estimate = est.estimate_scores(softmax_regression, PARAMS64, DATA64, TARGET64,
+    settings = convex.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
+    estimate = convex.estimate_scores(softmax_regression, PARAMS64, DATA64, TARGET64,
                                    MASKS64, proj_dim=None, ridge=0.0,
                                    settings=settings)
     spec = retraining.make_train_spec(apply_fn=softmax_regression,
@@ -90,7 +95,7 @@ def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
                                       optimizer=optimizer, num_steps=40,
                                       batch_size=batch_size)
     key = jax.random.key(5)
-    estimate = est.linearized_finetune_scores(
+    estimate = finetune.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=None,
         batch_key=key, proj_dim=None, batch_orders=2)
     tuned = retraining.retrain(MASKS, data=DATA, target=TARGET, spec=spec, key=key,
@@ -106,7 +111,7 @@ def test_linearized_finetuning_in_full_space_is_fine_tuning_for_a_linear_model(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+@pytest.mark.parametrize("output_mode", features.OUTPUT_MODES)
 def test_projected_linearized_finetuning_is_gradient_descent_on_the_features(
         output_mode):
     # Reference: full-batch gradient descent on w, written out in numpy with the
@@ -160,24 +165,26 @@ def test_projected_linearized_finetuning_is_gradient_descent_on_the_features(
 
     spec = retraining.make_train_spec(apply_fn=softmax_regression,
                                       optimizer=optax.sgd(lr), num_steps=steps)
-    estimate = est.linearized_finetune_scores(
+    estimate = finetune.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
         batch_key=jax.random.key(0), proj_dim=d, output_mode=output_mode)
     expected = np.stack([reference(mask) for mask in MASKS])
     # float32 features and program against a float64 NumPy program on them.
     np.testing.assert_allclose(estimate.scores, expected, rtol=2e-5, atol=1e-6)
     # The program did move the scores away from θ*'s.
-    at_theta = est.example_losses(jnp.asarray(f_target), TARGET.labels, output_mode)
+    at_theta = features.example_losses(jnp.asarray(f_target), TARGET.labels,
+                                       output_mode)
     assert float(np.abs(expected - np.asarray(at_theta)).max()) > 1e-3
 
 
 def test_difference_form_anchors_the_estimates():
     estimated = jnp.asarray([[1.0, 2.0], [1.5, 2.5], [0.5, 3.0]])
-    anchored = est.difference_form(estimated, estimated[0], jnp.asarray([0.2, 0.4]))
+    anchored = estimation.difference_form(estimated, estimated[0],
+                                          jnp.asarray([0.2, 0.4]))
     np.testing.assert_allclose(anchored[0], [0.2, 0.4])
     np.testing.assert_allclose(anchored[1:] - anchored[0], estimated[1:] - estimated[0])
     with pytest.raises(ValueError, match=r"measured_all must have shape \(2,\)"):
-        est.difference_form(estimated, estimated[0], jnp.zeros(3))
+        estimation.difference_form(estimated, estimated[0], jnp.zeros(3))
 
 
 @pytest.mark.slow
@@ -185,62 +192,63 @@ def test_auto_ridge_reproduces_the_reference_update_norm():
     key = jax.random.key(2)
     full = jnp.ones((1, NUM_TASKS))
     target_norm = 0.05
-    estimate = est.estimate_scores(
+    estimate = convex.estimate_scores(
         softmax_regression, PARAMS, DATA, TARGET, jnp.concatenate([full, MASKS]),
         key=key, proj_dim=8, ridge="auto", reference_update_norm=target_norm)
     np.testing.assert_allclose(estimate.delta_norm[0], target_norm, rtol=1e-4)
     # The calibrated ridge gives the same solution as passing it explicitly.
-    again = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+    again = convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                                 key=key, proj_dim=8, ridge=estimate.ridge)
     np.testing.assert_allclose(again.scores, estimate.scores[1:], rtol=1e-5)
     with pytest.raises(ValueError, match="reference_update_norm > 0"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=key, proj_dim=8, ridge="auto")
     with pytest.raises(ValueError, match="ridge must be a number >= 0 or 'auto'"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=key, proj_dim=8, ridge="large")
 
 
 def test_estimation_settings_validate():
     with pytest.raises(ValueError, match="method must be one of"):
-        est.EstimationSettings(method="exact")
+        estimation.EstimationSettings(method="exact")
     with pytest.raises(ValueError, match="output_mode must be one of"):
-        est.EstimationSettings(output_mode="probs")
+        estimation.EstimationSettings(output_mode="probs")
     with pytest.raises(ValueError, match="ridge='auto' needs a projection"):
-        est.EstimationSettings(method="solve", proj_dim=None)
-    assert est.EstimationSettings(method="finetune", proj_dim=None).proj_dim is None
-    assert est.EstimationSettings(method="solve").needs_reference_run
-    assert not est.EstimationSettings().needs_reference_run
+        estimation.EstimationSettings(method="solve", proj_dim=None)
+    full = estimation.EstimationSettings(method="finetune", proj_dim=None)
+    assert full.proj_dim is None
+    assert estimation.EstimationSettings(method="solve").needs_reference_run
+    assert not estimation.EstimationSettings().needs_reference_run
 
 
 def test_full_space_solve_compiles_once_per_model_and_shape():
     # The chunk program is built at module level with the model static: a second
     # call with new parameters and ridge reuses it instead of tracing again.
-    settings = est.SolverSettings("lbfgs", max_iter=20, tol=1e-6)
-    first = est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+    settings = convex.SolverSettings("lbfgs", max_iter=20, tol=1e-6)
+    first = convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                                 proj_dim=None, ridge=0.1, settings=settings)
-    compiled = est._full_space_chunk._cache_size()
+    compiled = convex._full_space_chunk._cache_size()
     shifted = jax.tree.map(lambda leaf: leaf + 0.01, PARAMS)
-    second = est.estimate_scores(softmax_regression, shifted, DATA, TARGET, MASKS,
+    second = convex.estimate_scores(softmax_regression, shifted, DATA, TARGET, MASKS,
                                  proj_dim=None, ridge=0.2, settings=settings)
-    assert est._full_space_chunk._cache_size() == compiled
+    assert convex._full_space_chunk._cache_size() == compiled
     assert not np.allclose(first.scores, second.scores)
 
 
 @pytest.mark.float64  # ridge 0: L-BFGS to 1e-10 in a flat direction
 @pytest.mark.slow
-@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+@pytest.mark.parametrize("output_mode", features.OUTPUT_MODES)
 def test_projection_to_every_dimension_equals_the_full_space_solution(output_mode):
     # P is square and invertible, so both spaces hold the same minimisers; with
     # ridge 0 they are not unique (softmax is flat along shifts of all logits),
     # but the target losses are.
     num_params = proj.num_parameters(PARAMS64)
-    settings = est.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
-    projected = est.estimate_scores(
+    settings = convex.SolverSettings("lbfgs", max_iter=500, tol=1e-10)
+    projected = convex.estimate_scores(
         softmax_regression, PARAMS64, DATA64, TARGET64, MASKS64, key=jax.random.key(3),
         proj_dim=num_params, ridge=0.0, output_mode=output_mode, settings=settings,
         projection_kind="gaussian")
-    full = est.estimate_scores(
+    full = convex.estimate_scores(
         softmax_regression, PARAMS64, DATA64, TARGET64, MASKS64, proj_dim=None,
         ridge=0.0, output_mode=output_mode, settings=settings)
     np.testing.assert_allclose(projected.scores, full.scores, rtol=1e-6)
@@ -250,31 +258,31 @@ def test_margin_mode_loss_at_theta_star_is_the_cross_entropy():
     logits = softmax_regression(PARAMS, TARGET.inputs)
     margins = jax.vmap(losses.margin)(logits, TARGET.labels)
     np.testing.assert_allclose(
-        est.example_losses(margins, TARGET.labels, "margin"),
+        features.example_losses(margins, TARGET.labels, "margin"),
         optax.softmax_cross_entropy_with_integer_labels(logits, TARGET.labels),
         rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.float64  # SciPy's float64 BFGS at gtol 1e-11
 @pytest.mark.slow
-@pytest.mark.parametrize("solver", est.SOLVERS)
-@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+@pytest.mark.parametrize("solver", convex.SOLVERS)
+@pytest.mark.parametrize("output_mode", features.OUTPUT_MODES)
 def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
     projection = proj.make_projection(jax.random.key(1), 6)
-    train = est.linearized_examples(softmax_regression, PARAMS64, DATA64.inputs,
+    train = features.linearized_examples(softmax_regression, PARAMS64, DATA64.inputs,
                                     DATA64.labels, projection=projection,
                                     output_mode=output_mode)
     weights = mask_to_weights(MASKS64, DATA64.task_ids)
-    settings = est.SolverSettings(solver, max_iter=200, tol=1e-9)
-    solution = est.solve_subsets(train, weights, ridge=1e-2, output_mode=output_mode,
+    settings = convex.SolverSettings(solver, max_iter=200, tol=1e-9)
+    solution = convex.solve_subsets(train, weights, ridge=1e-2, output_mode=output_mode,
                                  settings=settings)
     for j in range(MASKS64.shape[0]):
         def objective(w, j=j):
-            return float(est.subset_objective(jnp.asarray(w), weights[j], train, 1e-2,
-                                              output_mode))
+            return float(convex.subset_objective(jnp.asarray(w), weights[j], train,
+                                                 1e-2, output_mode))
 
         def gradient(w, j=j):
-            return np.asarray(jax.grad(est.subset_objective)(
+            return np.asarray(jax.grad(convex.subset_objective)(
                 jnp.asarray(w), weights[j], train, 1e-2, output_mode))
 
         ref = scipy.optimize.minimize(objective, np.zeros(6), jac=gradient,
@@ -284,32 +292,32 @@ def test_solver_reaches_the_optimum_of_each_subset_problem(solver, output_mode):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+@pytest.mark.parametrize("output_mode", features.OUTPUT_MODES)
 def test_closed_form_hessian_equals_jax_hessian(output_mode):
     projection = proj.make_projection(jax.random.key(4), 6)
-    train = est.linearized_examples(softmax_regression, PARAMS, DATA.inputs,
+    train = features.linearized_examples(softmax_regression, PARAMS, DATA.inputs,
                                     DATA.labels, projection=projection,
                                     output_mode=output_mode)
     weights = mask_to_weights(MASKS[2], DATA.task_ids)
     w = jnp.asarray(RNG.normal(size=6))
-    ours = est.subset_hessian(w, weights, train, 0.3, output_mode)
-    ref = jax.hessian(est.subset_objective)(w, weights, train, 0.3, output_mode)
+    ours = convex.subset_hessian(w, weights, train, 0.3, output_mode)
+    ref = jax.hessian(convex.subset_objective)(w, weights, train, 0.3, output_mode)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="proj_dim must be >= 1"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=jax.random.key(0), proj_dim=0)
     with pytest.raises(ValueError, match=r"proj_dim must be <= the number of "
                                          r"parameters \(15\)"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=jax.random.key(0), proj_dim=16)
     with pytest.raises(ValueError, match="params do not match the model"):
-        est.estimate_scores(softmax_regression, {"w": PARAMS["w"][:2]}, DATA, TARGET,
+        convex.estimate_scores(softmax_regression, {"w": PARAMS["w"][:2]}, DATA, TARGET,
                             MASKS, key=jax.random.key(0), proj_dim=4)
     with pytest.raises(ValueError, match="task columns"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS[:, :3],
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS[:, :3],
                             key=jax.random.key(0), proj_dim=4)
     def broken_model(params, x):  # NaN gradients where x[:, 0] < 0
         return softmax_regression(params, x) * jnp.sqrt(x[:, :1])
@@ -317,16 +325,16 @@ def test_bad_arguments():
     rows = np.nonzero(np.asarray(DATA.inputs)[:, 0] < 0)[0][:3].tolist()
     with pytest.raises(ValueError, match=r"non-finite training features .*examples "
                                          + str(rows)[:-1].replace("[", r"\[")):
-        est.estimate_scores(broken_model, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(broken_model, PARAMS, DATA, TARGET, MASKS,
                             key=jax.random.key(0), proj_dim=4)
     with pytest.raises(ValueError, match="newton solver needs ridge > 0"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=jax.random.key(0), proj_dim=4, ridge=0.0)
     with pytest.raises(ValueError, match="output_mode must be one of"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             key=jax.random.key(0), proj_dim=4, output_mode="probs")
     with pytest.raises(ValueError, match="key is required"):
-        est.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
+        convex.estimate_scores(softmax_regression, PARAMS, DATA, TARGET, MASKS,
                             proj_dim=4)
 
 
@@ -351,7 +359,7 @@ def _rows(tree, i):
 def test_adam_updates_bitwise_as_optax_adam(weight_decay):
     reference = optax.adamw(0.05, b1=0.8, b2=0.95, eps=1e-6,
                             weight_decay=weight_decay)
-    ours = est.Adam(0.05, b1=0.8, b2=0.95, eps=1e-6, weight_decay=weight_decay)
+    ours = finetune.Adam(0.05, b1=0.8, b2=0.95, eps=1e-6, weight_decay=weight_decay)
     params, states = [PARAMS, PARAMS], [reference.init(PARAMS), ours.init(PARAMS)]
     for _ in range(5):
         grads = jax.tree.map(lambda p: jnp.asarray(RNG.normal(size=p.shape)), PARAMS)
@@ -359,13 +367,13 @@ def test_adam_updates_bitwise_as_optax_adam(weight_decay):
             updates, states[i] = optimizer.update(grads, states[i], params[i])
             params[i] = optax.apply_updates(params[i], updates)
     jax.tree.map(np.testing.assert_array_equal, params[0], params[1])
-    assert ours.momentum() is est.Adam(0.05, b1=0.8).momentum()  # compiled once
+    assert ours.momentum() is finetune.Adam(0.05, b1=0.8).momentum()  # compiled once
 
 
 def test_unit_preconditioner_is_the_plain_momentum_program(monkeypatch):
     # v ≡ 1 and ε = 0 give S = 1: the features are J P, and the program is
     # momentum descent (Adam's β1 and learning rate) on w.
-    monkeypatch.setattr(est, "gradient_second_moment",
+    monkeypatch.setattr(finetune, "gradient_second_moment",
                         lambda apply_fn, params, *a, **k: jax.tree.map(
                             jnp.ones_like, params))
     kw = dict(key=jax.random.key(3), batch_key=jax.random.key(4), proj_dim=6)
@@ -375,12 +383,12 @@ def test_unit_preconditioner_is_the_plain_momentum_program(monkeypatch):
                                           optimizer=optimizer, num_steps=20,
                                           batch_size=16)
 
-    adam = est.Adam(ADAM_LR, b1=ADAM_B1, eps=0.0)
-    preconditioned = est.linearized_finetune_scores(
+    adam = finetune.Adam(ADAM_LR, b1=ADAM_B1, eps=0.0)
+    preconditioned = finetune.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec(adam),
         preconditioner="adam", **kw)
     momentum = optax.chain(optax.ema(ADAM_B1, debias=True), optax.sgd(ADAM_LR))
-    plain = est.linearized_finetune_scores(
+    plain = finetune.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec(momentum),
         **kw)
     np.testing.assert_allclose(preconditioned.scores, plain.scores, rtol=1e-5)
@@ -393,7 +401,7 @@ def _mlp(params, x):
     return jnp.tanh(x @ params["hidden"]) @ params["out"]
 
 
-@pytest.mark.parametrize("output_mode", est.OUTPUT_MODES)
+@pytest.mark.parametrize("output_mode", features.OUTPUT_MODES)
 def test_scaled_features_are_jvps_along_scaled_projection_columns(output_mode):
     keys = jax.random.split(jax.random.key(7), 3)
     params = {"hidden": jax.random.normal(keys[0], (NUM_FEATURES, 5)),
@@ -402,9 +410,9 @@ def test_scaled_features_are_jvps_along_scaled_projection_columns(output_mode):
                          params)
     d = 4
     projection = proj.make_projection(jax.random.key(8), d)
-    features = est.linearized_examples(_mlp, params, DATA.inputs, DATA.labels,
-                                       projection=projection,
-                                       output_mode=output_mode, scale=scale).features
+    phi = features.linearized_examples(
+        _mlp, params, DATA.inputs, DATA.labels, projection=projection,
+        output_mode=output_mode, scale=scale).features
     columns = proj.unproject(projection, jnp.eye(d), params)  # P e_j, [d, ...]
 
     def outputs(p):
@@ -414,7 +422,7 @@ def test_scaled_features_are_jvps_along_scaled_projection_columns(output_mode):
 
     jvps = [jax.jvp(outputs, (params,), (jax.tree.map(
         jnp.multiply, scale, _rows(columns, j)),))[1] for j in range(d)]
-    np.testing.assert_allclose(features, np.stack(jvps, axis=-1), rtol=1e-5,
+    np.testing.assert_allclose(phi, np.stack(jvps, axis=-1), rtol=1e-5,
                                atol=1e-5)
 
 
@@ -432,10 +440,10 @@ def test_gradient_second_moment_is_that_of_a_mini_batch_without_replacement():
     expected = np.mean([grads[list(batch)].mean(0) ** 2
                         for batch in itertools.combinations(range(6), 2)], axis=0)
     for chunk_size in (3, None):
-        moment = est.gradient_second_moment(softmax_regression, PARAMS, data,
+        moment = finetune.gradient_second_moment(softmax_regression, PARAMS, data,
                                             batch_size=2, chunk_size=chunk_size)
         np.testing.assert_allclose(_flat(moment), expected, rtol=1e-5)
-    full = est.gradient_second_moment(softmax_regression, PARAMS, data,
+    full = finetune.gradient_second_moment(softmax_regression, PARAMS, data,
                                       batch_size=None)
     np.testing.assert_allclose(_flat(full), grads.mean(0) ** 2, rtol=1e-5)
 
@@ -447,7 +455,7 @@ def test_adam_preconditioner_is_momentum_descent_with_fixed_second_moment():
     d, steps, eps = 6, 30, 1e-3
     # Halved at steps 10 and 20: float32 rates (optax's), exact under jit too.
     schedule = optax.piecewise_constant_schedule(ADAM_LR, {10: 0.5, 20: 0.5})
-    adam = est.Adam(schedule, b1=ADAM_B1, eps=eps)
+    adam = finetune.Adam(schedule, b1=ADAM_B1, eps=eps)
     key = jax.random.key(9)
     projection = proj.make_projection(key, d, num_params=proj.num_parameters(PARAMS))
     columns = proj.unproject(projection, jnp.eye(d), PARAMS)  # P e_j, [d, ...]
@@ -484,7 +492,7 @@ def test_adam_preconditioner_is_momentum_descent_with_fixed_second_moment():
 
     spec = retraining.make_train_spec(apply_fn=softmax_regression, optimizer=adam,
                                       num_steps=steps)
-    estimate = est.linearized_finetune_scores(
+    estimate = finetune.linearized_finetune_scores(
         softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
         batch_key=jax.random.key(0), proj_dim=d, preconditioner="adam")
     expected = [reference(mask) for mask in MASKS]
@@ -497,25 +505,25 @@ def test_adam_preconditioner_is_momentum_descent_with_fixed_second_moment():
 
 def test_bad_preconditioner_settings():
     with pytest.raises(ValueError, match="preconditioner must be one of"):
-        est.EstimationSettings(preconditioner="sgd")
+        estimation.EstimationSettings(preconditioner="sgd")
     with pytest.raises(ValueError, match=r"preconditioner='adam' needs a "
                                          r"projection \(proj_dim\)"):
-        est.EstimationSettings(preconditioner="adam", proj_dim=None)
+        estimation.EstimationSettings(preconditioner="adam", proj_dim=None)
     with pytest.raises(ValueError, match="preconditioner='adam' needs "
                                          "method='finetune'"):
-        est.EstimationSettings(method="solve", preconditioner="adam")
+        estimation.EstimationSettings(method="solve", preconditioner="adam")
     for kwargs, name in (({"learning_rate": -1.0}, "learning_rate"),
                          ({"learning_rate": "fast"}, "learning_rate"),
                          ({"b1": 1.0}, "b1"), ({"b2": -0.1}, "b2"),
                          ({"eps": -1e-8}, "eps"), ({"weight_decay": -1.0},
                                                    "weight_decay")):
         with pytest.raises(ValueError, match=f"^{name} must be"):
-            est.Adam(**{"learning_rate": 0.1, **kwargs})
+            finetune.Adam(**{"learning_rate": 0.1, **kwargs})
 
     def run(optimizer):
         spec = retraining.make_train_spec(apply_fn=softmax_regression,
                                           optimizer=optimizer, num_steps=2)
-        est.linearized_finetune_scores(
+        finetune.linearized_finetune_scores(
             softmax_regression, PARAMS, DATA, TARGET, MASKS, finetune=spec,
             key=jax.random.key(0), batch_key=jax.random.key(0), proj_dim=4,
             preconditioner="adam")
@@ -524,9 +532,10 @@ def test_bad_preconditioner_settings():
                                          "GradientTransformationExtraArgs"):
         run(optax.adam(0.1))
     with pytest.raises(ValueError, match=r"finetune\.optimizer has weight_decay"):
-        run(est.Adam(0.1, weight_decay=0.1))
+        run(finetune.Adam(0.1, weight_decay=0.1))
     with pytest.raises(ValueError, match="scale must be a pytree shaped like "
                                          "params"):
-        est.linearized_examples(softmax_regression, PARAMS, DATA.inputs, DATA.labels,
-                                projection=proj.make_projection(jax.random.key(0), 4),
-                                output_mode="logits", scale={"w": PARAMS["w"]})
+        features.linearized_examples(
+            softmax_regression, PARAMS, DATA.inputs, DATA.labels,
+            projection=proj.make_projection(jax.random.key(0), 4),
+            output_mode="logits", scale={"w": PARAMS["w"]})

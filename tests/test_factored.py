@@ -17,7 +17,7 @@ from flax import nnx
 from jax.flatten_util import ravel_pytree
 
 from tasksurrogate_jax.estimate import factored as fa
-from tasksurrogate_jax.estimate.estimation import Linearized, linear_model
+from tasksurrogate_jax.estimate.features import Linearized, linear_model
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.workloads.digits_data import DigitsDataConfig, DigitsMLP
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
@@ -221,7 +221,7 @@ def test_linearized_examples_logits_and_margin():
     assert_close(
         margins.outputs, jax.vmap(margin)(apply_fn(params, inputs), labels))
     # The estimator's linear model reads the stacked inputs as it does for
-    # estimation.linearized_examples.
+    # features.linearized_examples.
     w = jnp.ones(projection.proj_dim) * 1e-3
     stacked = jnp.concatenate([logits.outputs[..., None], logits.features], -1)
     assert_close(linear_model(w, stacked), logits.outputs + logits.features @ w)

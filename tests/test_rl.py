@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tasksurrogate_jax.estimate.estimation import linearized_examples
+from tasksurrogate_jax.estimate.features import linearized_examples
 from tasksurrogate_jax.estimate.projection import (
     make_projection,
     num_parameters,

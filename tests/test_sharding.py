@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 
 from tasksurrogate_jax.data import make_target_data, make_task_data
 from tasksurrogate_jax.downstream.selection import select_subset
-from tasksurrogate_jax.estimate.estimation import estimate_scores
+from tasksurrogate_jax.estimate.convex import estimate_scores
 from tasksurrogate_jax.truth import sharding
 from tasksurrogate_jax.truth.retraining import (
     choose_chunk_size,
@@ -84,8 +84,8 @@ PROBLEM = textwrap.dedent(
 
 EIGHT_DEVICES = textwrap.dedent(
     """
-    from tasksurrogate_jax.estimate.estimation import (estimate_scores,
-                                              linearized_finetune_scores)
+    from tasksurrogate_jax.estimate.convex import estimate_scores
+    from tasksurrogate_jax.estimate.finetune import linearized_finetune_scores
     from tasksurrogate_jax.truth.retraining import retrain_chunk
     from tasksurrogate_jax.downstream.selection import select_subset
     from tasksurrogate_jax.core.surrogates import fit_linear_surrogate
@@ -206,7 +206,7 @@ JOIN = textwrap.dedent(
 
 TWO_PROCESSES = textwrap.dedent(
     """
-    from tasksurrogate_jax.estimate.estimation import estimate_scores
+    from tasksurrogate_jax.estimate.convex import estimate_scores
     from tasksurrogate_jax.downstream.selection import select_subset
     from tasksurrogate_jax.core.surrogates import fit_linear_surrogate
 

@@ -1,6 +1,6 @@
 """Linearized fine-tuning on factored features, each step shared by a chunk.
 
-The shared program (``estimation.shared_linearized_finetune``) must be the
+The shared program (``finetune.shared_linearized_finetune``) must be the
 fine-tuning program of ``retraining`` on the linearized model, batch for
 batch; with every side of the factored projection kept whole its features
 are the exact Jacobian, so it must then equal linearized fine-tuning in the
@@ -21,8 +21,7 @@ import pytest
 from flax import nnx
 
 from tasksurrogate_jax.data import make_target_data, make_task_data, mask_to_weights
-from tasksurrogate_jax.estimate import estimation as est
-from tasksurrogate_jax.estimate import factored
+from tasksurrogate_jax.estimate import estimation, factored, features, finetune
 from tasksurrogate_jax.estimate.projection import make_projection, num_parameters
 from tasksurrogate_jax.truth import retraining
 from tasksurrogate_jax.workloads.supervised import nnx_model_functions
@@ -74,16 +73,16 @@ def test_shared_program_is_the_retraining_program_on_the_features(batch_size,
         optax.linear_schedule(0.05, 0.01, 7))
     spec = spec_of(opt, batch_size)
     key = jax.random.key(4)
-    old = est.linearized_finetune_scores(
+    old = finetune.linearized_finetune_scores(
         APPLY, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=key,
         batch_key=jax.random.key(5), proj_dim=12, batch_orders=2, chunk_size=2)
     projection = make_projection(key, 12, num_params=num_parameters(PARAMS))
-    train, target = est._linearize_data(APPLY, PARAMS, DATA, TARGET, projection,
+    train, target = features.linearize_data(APPLY, PARAMS, DATA, TARGET, projection,
                                         "logits", 256)
-    losses, norms = est.shared_linearized_finetune(
+    losses, norms = finetune.shared_linearized_finetune(
         train, target, mask_to_weights(MASKS, DATA.task_ids), spec=spec,
         batch_key=jax.random.key(5), batch_orders=2, chunk_size=3,
-        norm_fn=lambda w: est._update_norms(projection, w, PARAMS))
+        norm_fn=lambda w: features.update_norms(projection, w, PARAMS))
     assert losses.shape == (2, MASKS.shape[0], TARGET.num_targets)
     # float32: the two programs agree to 1-2 eps over the 7 steps (seen 5e-7
     # at losses ~2); another batch order or one step less moves them by ~0.4.
@@ -99,9 +98,9 @@ def test_factored_with_whole_sides_is_full_space_linearized_finetuning():
     p = num_parameters(PARAMS)
     common = {"finetune": spec, "key": jax.random.key(1),
               "batch_key": jax.random.key(2), "batch_orders": 2}
-    full = est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+    full = finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                           proj_dim=None, **common)
-    fac = est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+    fac = finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                          proj_dim=p, projection="factored",
                                          **common)
     # float32: features two ways, then 9 steps (seen 2e-7 relative)
@@ -120,13 +119,13 @@ def test_factored_estimates_approach_full_space_as_d_grows():
                                       num_steps=9, batch_size=16)
     common = {"finetune": spec, "key": jax.random.key(1),
               "batch_key": jax.random.key(2)}
-    full = est.linearized_finetune_scores(apply_fn, params, data, target, MASKS,
+    full = finetune.linearized_finetune_scores(apply_fn, params, data, target, MASKS,
                                           proj_dim=None, **common)
-    shift = np.abs(np.asarray(full.scores) - np.asarray(est.example_losses(
+    shift = np.abs(np.asarray(full.scores) - np.asarray(features.example_losses(
         apply_fn(params, target.inputs), target.labels, "logits"))).mean()
     errors = []
     for d in (8, 64, 512):
-        fac = est.linearized_finetune_scores(apply_fn, params, data, target, MASKS,
+        fac = finetune.linearized_finetune_scores(apply_fn, params, data, target, MASKS,
                                              proj_dim=d, projection="factored",
                                              **common)
         errors.append(float(np.abs(np.asarray(fac.scores - full.scores)).mean()))
@@ -136,7 +135,7 @@ def test_factored_estimates_approach_full_space_as_d_grows():
 
 def test_margin_mode_runs_on_factored_features():
     spec = spec_of(optax.sgd(0.2), 16)
-    out = est.linearized_finetune_scores(
+    out = finetune.linearized_finetune_scores(
         APPLY, PARAMS, DATA, TARGET, MASKS, finetune=spec, key=jax.random.key(1),
         batch_key=jax.random.key(2), proj_dim=20, projection="factored",
         output_mode="margin")
@@ -145,46 +144,47 @@ def test_margin_mode_runs_on_factored_features():
 
 
 def test_bad_arguments_name_what_is_wrong():
-    spec = spec_of(est.Adam(1e-2), 16)
+    spec = spec_of(finetune.Adam(1e-2), 16)
     common = {"finetune": spec, "key": jax.random.key(1),
               "batch_key": jax.random.key(2)}
     with pytest.raises(ValueError, match="projection must be"):
-        est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+        finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                        proj_dim=8, projection="kron", **common)
     with pytest.raises(ValueError, match="preconditioner='adam'"):
-        est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+        finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                        proj_dim=8, projection="factored",
                                        preconditioner="adam", **common)
     with pytest.raises(ValueError, match="needs a projection"):
-        est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+        finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                        proj_dim=None, projection="factored",
                                        **common)
     with pytest.raises(ValueError, match="store_dir"):
-        est.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
+        finetune.linearized_finetune_scores(APPLY, PARAMS, DATA, TARGET, MASKS,
                                        proj_dim=8, projection="factored",
                                        store_dir="/tmp/x", **common)
-    train = est.Linearized(jnp.zeros((4, 3)), jnp.zeros((4, 3, 2)), jnp.zeros(4, int))
+    train = features.Linearized(jnp.zeros((4, 3)), jnp.zeros((4, 3, 2)),
+                                jnp.zeros(4, int))
     with pytest.raises(ValueError, match="weights must be"):
-        est.shared_linearized_finetune(train, train, jnp.ones((2, 5)),
+        finetune.shared_linearized_finetune(train, train, jnp.ones((2, 5)),
                                        spec=spec, batch_key=jax.random.key(0))
     with pytest.raises(TypeError, match="spec must be"):
-        est.shared_linearized_finetune(train, train, jnp.ones((2, 4)),
+        finetune.shared_linearized_finetune(train, train, jnp.ones((2, 4)),
                                        spec=None, batch_key=jax.random.key(0))
     with pytest.raises(ValueError, match="projection must be one of"):
-        est.EstimationSettings(projection="kron")
+        estimation.EstimationSettings(projection="kron")
     with pytest.raises(ValueError, match="method='finetune'"):
-        est.EstimationSettings(projection="factored", method="solve")
+        estimation.EstimationSettings(projection="factored", method="solve")
     with pytest.raises(ValueError, match="is not Kronecker"):
-        est.EstimationSettings(projection="factored", proj_dim=8,
+        estimation.EstimationSettings(projection="factored", proj_dim=8,
                                preconditioner="adam")
 
 
 def test_auto_projection_is_factored_only_for_large_dense_models():
-    settings = est.EstimationSettings()
+    settings = estimation.EstimationSettings()
     assert settings.resolved_projection(APPLY, PARAMS, DATA.inputs) == "dense"
     assert settings.resolved_proj_dim(num_parameters(PARAMS)) is None
     data, _, apply_fn, params = make_problem(n=8, num_targets=1, hidden=11200)
-    assert num_parameters(params) > est.AUTO_FULL_SPACE_MAX_PARAMS
+    assert num_parameters(params) > estimation.AUTO_FULL_SPACE_MAX_PARAMS
     assert settings.resolved_projection(apply_fn, params, data.inputs) == "factored"
     # output_mode="auto": margins for factored features of a classifier (d is
     # then C times larger at the same cost), logits otherwise.
@@ -192,14 +192,14 @@ def test_auto_projection_is_factored_only_for_large_dense_models():
     assert settings.resolved_output_mode("factored", classification=False) == "logits"
     assert settings.resolved_output_mode("dense") == "logits"
     assert settings.resolved_proj_dim(num_parameters(params), "factored") \
-        == est.DEFAULT_FACTORED_PROJ_DIM["margin"] == 32768
+        == estimation.DEFAULT_FACTORED_PROJ_DIM["margin"] == 32768
     assert settings.resolved_proj_dim(num_parameters(params), "factored",
                                       output_mode="logits") == 4096
     logits = dataclasses.replace(settings, output_mode="logits")
     assert logits.resolved_output_mode("factored") == "logits"
     assert logits.resolved_proj_dim(num_parameters(params), "factored") == 4096
     assert settings.resolved_proj_dim(num_parameters(params), "dense") \
-        == est.DEFAULT_PROJ_DIM
+        == estimation.DEFAULT_PROJ_DIM
     # A parameter outside a dense layer (a scale): dense.
     scaled = {"p": params, "scale": jnp.ones(())}
 

@@ -11,11 +11,8 @@ import pytest
 import tasksurrogate_jax.truth.retraining as rt
 from tasksurrogate_jax.core.subsets import leave_one_out_masks
 from tasksurrogate_jax.data import make_task_data
-from tasksurrogate_jax.estimate.estimation import (
-    Adam,
-    EstimationSettings,
-    linearized_finetune_scores,
-)
+from tasksurrogate_jax.estimate.estimation import EstimationSettings
+from tasksurrogate_jax.estimate.finetune import Adam, linearized_finetune_scores
 from tasksurrogate_jax.truth.store import StoreMismatchError
 from tasksurrogate_jax.workloads import (
     SupervisedWorkload,

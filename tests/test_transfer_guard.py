@@ -30,7 +30,7 @@ import optax
 import pytest
 
 import tasksurrogate_jax.downstream.selection as sel
-import tasksurrogate_jax.estimate.estimation as est
+import tasksurrogate_jax.estimate.convex as convex
 import tasksurrogate_jax.truth.retraining as rt
 from tasksurrogate_jax.core import surrogates
 from tasksurrogate_jax.core.subsets import leave_one_out_masks
@@ -161,7 +161,7 @@ def test_estimation_chunk_loops_make_no_implicit_transfer(monkeypatch, method):
     expected = workload.estimated_scores(masks, key=key, base_params=theta,
                                          settings=settings)
     loops = (_guard(monkeypatch, rt, "map_chunks"),
-             _guard(monkeypatch, est, "map_padded_chunks"))
+             _guard(monkeypatch, convex, "map_padded_chunks"))
     guarded = workload.estimated_scores(masks, key=key, base_params=theta,
                                         settings=settings)
     assert any(loops), "no chunk loop ran under the guard"

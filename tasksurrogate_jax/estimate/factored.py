@@ -50,12 +50,12 @@ bias with it). A kernel used by several taps (weight sharing) is supported:
 its features sum over the taps. A per-parameter scale (the Adam
 preconditioner's ``diag(S)``) is not Kronecker-factored and is not supported.
 
-The estimator uses it through ``estimation.linearized_finetune_scores(...,
+The estimator uses it through ``finetune.linearized_finetune_scores(...,
 projection="factored")`` (``EstimationSettings.projection``; ``"auto"``
 picks it for a model of more than 100,000 parameters that are all dense
 layers): :func:`find_dense_layers`, :func:`allocate_dims` at ``proj_dim`` on
 64 training examples, :func:`factored_linearized_examples` once at ``θ*``,
-then ``estimation.shared_linearized_finetune`` for the subsets and
+then ``finetune.shared_linearized_finetune`` for the subsets and
 :func:`factored_update_norms` for their update norms.
 
 Main entry points:
@@ -65,8 +65,8 @@ Main entry points:
   structure and dimensions static);
 - :func:`factored_jacobians` -> outputs ``[n, C]`` and features ``[n, C, d]``;
 - :func:`factored_linearized_examples` -> an
-  :class:`~tasksurrogate_jax.estimate.estimation.Linearized` (``"logits"`` or
-  ``"margin"``), the drop-in for ``estimation.linearized_examples``;
+  :class:`~tasksurrogate_jax.estimate.features.Linearized` (``"logits"`` or
+  ``"margin"``), the drop-in for ``features.linearized_examples``;
 - :func:`factored_unproject` (``w -> Δθ``, ``ΔK̃ = P_in w P_out^T`` per layer)
   and :func:`factored_update_norms` (``||Δθ||`` from ``d_in x d_in`` and
   ``d_out x d_out`` Gram matrices, never ``[m, p]``);
@@ -106,7 +106,7 @@ import jax.numpy as jnp
 from jax.extend import core as jex_core
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.estimate.estimation import Linearized
+from tasksurrogate_jax.estimate.features import Linearized
 from tasksurrogate_jax.estimate.projection import random_entries
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.truth.chunking import chunked_vmap
@@ -814,7 +814,7 @@ def factored_linearized_examples(
     apply_fn: Callable, params, inputs, labels, *, projection: FactoredProjection,
     output_mode: str = "logits", batch_size: int | None = None,
 ) -> Linearized:
-    """``estimation.linearized_examples`` with factored features.
+    """``features.linearized_examples`` with factored features.
 
     Args:
       apply_fn, params, inputs, projection, batch_size: as for
@@ -825,7 +825,7 @@ def factored_linearized_examples(
         ``[n, d] = Σ_c ∂m/∂z_c Φ_c``).
 
     Returns:
-      :class:`~tasksurrogate_jax.estimate.estimation.Linearized`. Margin features are
+      :class:`~tasksurrogate_jax.estimate.features.Linearized`. Margin features are
       contracted example by example: memory ``[n, d]``, never ``[n, C, d]``.
     """
     if output_mode not in OUTPUT_MODES:

@@ -34,7 +34,7 @@ import jax
 
 from tasksurrogate_jax.estimate.baselines import HESSIANS
 from tasksurrogate_jax.estimate.estimation import METHODS as ESTIMATION_METHODS
-from tasksurrogate_jax.estimate.estimation import OUTPUT_MODES
+from tasksurrogate_jax.estimate.features import OUTPUT_MODES
 from tasksurrogate_jax.pipeline import (
     BASELINES,
     CV_CRITERIA,

@@ -34,7 +34,7 @@ from flax import nnx
 
 from tasksurrogate_jax._checks import check_positive_int
 from tasksurrogate_jax.data import make_target_data, make_task_data
-from tasksurrogate_jax.estimate.estimation import Adam
+from tasksurrogate_jax.estimate.finetune import Adam
 from tasksurrogate_jax.workloads.base import config_from_preset
 from tasksurrogate_jax.workloads.supervised import (
     SupervisedWorkload,
@@ -265,7 +265,7 @@ class ModularWorkload(SupervisedWorkload):
             train=TrainSettings(optax.adamw(c.learning_rate, b1=c.b1, b2=c.b2,
                                             weight_decay=c.weight_decay),
                                 c.num_steps, c.batch_size),
-            # estimation.Adam: optax.adam's training, with hyperparameters the
+            # finetune.Adam: optax.adam's training, with hyperparameters the
             # Adam-preconditioned estimator reads.
             finetune=TrainSettings(
                 Adam(self._finetune_learning_rate(), b1=c.b1, b2=c.b2),

@@ -19,11 +19,11 @@ which subset to train on?
   from the same ``θ*``, ``[R, m, T]``: the ground truth's noise, for its
   ceiling).
 - ``estimated_scores``: the policy's action logits linearized around ``θ*``
-  with projected gradient features (``estimation.linearized_examples``), on
+  with projected gradient features (``features.linearized_examples``), on
   rollouts of ``θ*``; per subset, a policy-improvement problem in the
   projected space over the steps of its variants: the linearized policy
   gradient with a ridge (closed form, default) or advantage-weighted logistic
-  regression on the actions taken (``estimation.solve_subsets``); the target
+  regression on the actions taken (``convex.solve_subsets``); the target
   score is then measured by rolling out the policy ``θ* + P ŵ_s``.
 
 gymnax is an optional dependency of this workload: ``pip install
@@ -45,12 +45,8 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.estimate.estimation import (
-    Linearized,
-    SolverSettings,
-    linearized_examples,
-    solve_subsets,
-)
+from tasksurrogate_jax.estimate.convex import SolverSettings, solve_subsets
+from tasksurrogate_jax.estimate.features import Linearized, linearized_examples
 from tasksurrogate_jax.estimate.projection import (
     make_projection,
     num_parameters,
@@ -684,7 +680,7 @@ class RLWorkload(LeaveOneOutWorkload):
 
         Returns:
           ``(examples, task_of_example, advantages, projection)``:
-          :class:`~tasksurrogate_jax.estimate.estimation.Linearized` over the ``n``
+          :class:`~tasksurrogate_jax.estimate.features.Linearized` over the ``n``
           alive steps (``outputs`` ``[n, A]`` logits at ``θ*``, ``features``
           ``[n, A, d]`` = ``J(s) P``, ``labels`` the actions), ``[n]`` variant
           of each step, ``[n]`` advantages, and the projection.

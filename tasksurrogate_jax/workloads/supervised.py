@@ -47,13 +47,13 @@ import optax.tree_utils as otu
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
 from tasksurrogate_jax.data import TargetData, TaskData, check_target_matches
 from tasksurrogate_jax.estimate import baselines as baseline_methods
+from tasksurrogate_jax.estimate.convex import estimate_scores
 from tasksurrogate_jax.estimate.estimation import (
     EstimationResult,
     EstimationSettings,
     difference_form,
-    estimate_scores,
-    linearized_finetune_scores,
 )
+from tasksurrogate_jax.estimate.finetune import linearized_finetune_scores
 from tasksurrogate_jax.estimate.projection import num_parameters
 from tasksurrogate_jax.losses import argmax_accuracy, softmax_cross_entropy
 from tasksurrogate_jax.truth.fingerprint import array_digest
@@ -84,7 +84,7 @@ class TrainSettings:
 
     Attributes:
       optimizer: an ``optax.GradientTransformation``, or an
-        :class:`~tasksurrogate_jax.estimate.estimation.Adam` (optax's Adam with readable
+        :class:`~tasksurrogate_jax.estimate.finetune.Adam` (optax's Adam with readable
         hyperparameters: what fine-tuning needs for the estimator's
         ``preconditioner="adam"``).
       num_steps: optimizer steps (``0`` only for fine-tuning: no update).
@@ -389,7 +389,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
           settings: :class:`~tasksurrogate_jax.estimate.estimation.EstimationSettings`
             (default: the workload's :attr:`estimation`);
             ``preconditioner="adam"`` needs the ``finetune`` optimizer given as
-            an :class:`~tasksurrogate_jax.estimate.estimation.Adam`.
+            an :class:`~tasksurrogate_jax.estimate.finetune.Adam`.
           base_params: ``θ*`` to linearize around.
           chunk_size: subsets per compiled call.
           mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
