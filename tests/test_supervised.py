@@ -168,7 +168,8 @@ def test_adam_preconditioned_estimate_is_the_library_program_and_is_stored(
     with pytest.raises(StoreMismatchError, match="preconditioner"):
         own.estimate(masks, key=KEY, store_dir=store, settings=dataclasses.replace(
             settings, preconditioner="none"))
-    with pytest.raises(ValueError, match=r"finetune\.optimizer.*estimation\.Adam"):
+    with pytest.raises(ValueError,
+                       match=r"finetune\.optimizer.*estimate\.finetune\.Adam"):
         tiny.estimate(masks, key=KEY, settings=settings)  # it fine-tunes with SGD
 
 

@@ -567,8 +567,9 @@ def _check_adam(optimizer) -> None:
     if not isinstance(optimizer, Adam):
         raise ValueError(
             "preconditioner='adam' reads Adam's hyperparameters from the "
-            "fine-tuning optimizer (finetune.optimizer), which must be an "
-            f"finetune.Adam; got {type(optimizer).__name__}. Build it as "
+            "fine-tuning optimizer (finetune.optimizer), which must be a "
+            f"tasksurrogate_jax.estimate.finetune.Adam (ts.Adam); got "
+            f"{type(optimizer).__name__}. Build it as "
             "Adam(learning_rate, b1=..., b2=..., eps=...), the same training as "
             "optax.adam.")
     if optimizer.weight_decay != 0:
