@@ -54,9 +54,7 @@ from tasksurrogate_jax.estimate.features import (
     target_losses,
     update_norms,
 )
-from tasksurrogate_jax.estimate.linearize import (
-    linearize,
-)
+from tasksurrogate_jax.estimate.linearize import linearize
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.truth import sharding
 from tasksurrogate_jax.truth.chunking import map_padded_chunks

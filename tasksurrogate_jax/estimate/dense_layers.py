@@ -43,12 +43,9 @@ from jax.extend import core as jex_core
 
 OTHER_CHOICES = ("error", "freeze")
 
-
 # Primitives whose sub-jaxpr is interpreted in place (semantically transparent).
 _CALL_PRIMITIVES = ("jit", "pjit", "closed_call", "core_call", "checkpoint", "remat",
                     "remat2")
-
-
 # One-operand primitives a parameter may pass through on its way to a layer.
 _VIEW_PRIMITIVES = ("convert_element_type", "copy", "copy_p", "reshape",
                     "broadcast_in_dim", "transpose", "sharding_constraint", "pvary")

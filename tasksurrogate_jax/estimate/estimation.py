@@ -34,37 +34,22 @@ import jax
 import jax.numpy as jnp
 
 from tasksurrogate_jax._checks import check_positive_int
-from tasksurrogate_jax.data import (
-    leading_rows_spec,
-)
+from tasksurrogate_jax.data import leading_rows_spec
 from tasksurrogate_jax.estimate import factored
 from tasksurrogate_jax.estimate.features import check_output_mode
-from tasksurrogate_jax.estimate.projection import (
-    num_parameters,
-)
+from tasksurrogate_jax.estimate.projection import num_parameters
 
 METHODS = ("finetune", "solve")
-
-
 PROJ_DIM_CHOICES = ("auto", "full")
-
-
 PROJECTIONS = ("auto", "dense", "factored")
-
-
 PRECONDITIONERS = ("none", "adam")
-
 
 # ``proj_dim="auto"``: the full parameter space up to this many parameters,
 # else a projection to DEFAULT_PROJ_DIM (dense) or DEFAULT_FACTORED_PROJ_DIM
 # of the output mode (factored: about the same cost per subset, C d; see
 # EstimationSettings).
 AUTO_FULL_SPACE_MAX_PARAMS = 100_000
-
-
 DEFAULT_PROJ_DIM = 512
-
-
 DEFAULT_FACTORED_PROJ_DIM = MappingProxyType({"logits": 4096, "margin": 32768})
 
 

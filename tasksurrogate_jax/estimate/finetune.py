@@ -75,8 +75,6 @@ from tasksurrogate_jax.truth.chunking import map_padded_chunks, pad_rows
 
 # Training examples that factored.allocate_dims fits its error model on.
 ALLOCATION_SAMPLE = 64
-
-
 # The shared batch of a chunk (linearized_finetune_scores, factored) is
 # rounded up to a multiple of this many examples (fewer compiled shapes).
 SUPERBATCH_GRANULARITY = 16
