@@ -81,8 +81,8 @@ class EstimationSettings:
         logits are C, so at the same cost per subset d is C times larger. On
         the digits ``wide`` preset (``benchmarks/bench_estimation.py``, MSE
         criterion) margins at the default d = 32,768 reached 0.904 against
-        0.942 on exact scores, 19 to 27 times cheaper per subset than
-        fine-tuning (two runs; at d = 16,384: 0.889, 44 times); logits at
+        0.942 on exact scores, 19.1 times cheaper per subset than fine-tuning
+        on an idle 2-core CPU (at d = 16,384: 0.889, 44 times); logits at
         d = 4,096 0.858.
       ridge: the convex solve's ridge, a number or ``"auto"`` (calibrated to one
         real fine-tuning on all tasks); unused by ``"finetune"``.

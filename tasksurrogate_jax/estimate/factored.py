@@ -87,16 +87,10 @@ from tasksurrogate_jax.estimate.dense_layers import (
     find_dense_layers,
     run_with_taps,
 )
-from tasksurrogate_jax.estimate.features import Linearized
-from tasksurrogate_jax.estimate.projection import random_entries
+from tasksurrogate_jax.estimate.features import Linearized, check_output_mode
+from tasksurrogate_jax.estimate.projection import KINDS, random_entries
 from tasksurrogate_jax.losses import margin
 from tasksurrogate_jax.truth.chunking import chunked_vmap
-
-KINDS = ("rademacher", "gaussian")
-OUTPUT_MODES = ("logits", "margin")
-
-
-
 
 # -- the factored projection ------------------------------------------------------
 
@@ -397,9 +391,7 @@ def factored_linearized_examples(
       :class:`~tasksurrogate_jax.estimate.features.Linearized`. Margin features are
       contracted example by example: memory ``[n, d]``, never ``[n, C, d]``.
     """
-    if output_mode not in OUTPUT_MODES:
-        raise ValueError(f"output_mode must be one of {OUTPUT_MODES}, got "
-                         f"{output_mode!r}.")
+    check_output_mode(output_mode)
     labels = jnp.asarray(labels)
     if output_mode == "logits":
         return Linearized(*factored_jacobians(apply_fn, params, inputs,

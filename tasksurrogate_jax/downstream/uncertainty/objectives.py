@@ -42,14 +42,14 @@ from tasksurrogate_jax.downstream.selection import (
 )
 from tasksurrogate_jax.downstream.uncertainty.posterior import (
     KernelPosterior,
-    _check_block_size,
-    _moments,
+    check_block_size,
+    posterior_moments,
 )
 
 MODES = ("pessimistic", "optimistic")
 
 
-def _check_nonnegative_number(value, name):
+def check_nonnegative_number(value, name):
     if isinstance(value, (bool, str)) or value is None or not isinstance(
             value, numbers.Real) and not (
             isinstance(value, (np.ndarray, jax.Array)) and np.ndim(value) == 0):
@@ -83,18 +83,18 @@ class ConfidenceBoundObjective(SurrogateObjective):
 
     def mean_and_std(self, masks):
         """``(w . mean [n], std of w . f [n])``."""
-        return _bound_terms(self, self.posterior._check(masks))[1:]
+        return bound_terms(self, self.posterior._check(masks))[1:]
 
     def __call__(self, masks) -> jax.Array:
         """Objective values ``[n]`` for masks ``[n, num_tasks]``."""
-        return _bound_terms(self, self.posterior._check(masks))[0]
+        return bound_terms(self, self.posterior._check(masks))[0]
 
 
 @jax.jit
-def _bound_terms(objective, masks):
+def bound_terms(objective, masks):
     """``(bound, weighted mean, its std)``, each ``[n]``."""
-    mean, var, _ = _moments(objective.posterior, masks, objective.include_noise,
-                            objective.block_size)
+    mean, var, _ = posterior_moments(objective.posterior, masks,
+                                     objective.include_noise, objective.block_size)
     mean = mean @ objective.weights
     std = jnp.sqrt(var @ (objective.weights**2))
     sign = 1.0 if objective.mode == "pessimistic" else -1.0
@@ -139,12 +139,12 @@ def lcb_objective(posterior: KernelPosterior, *, kappa, mode: str = "pessimistic
         raise TypeError(
             "posterior must be a KernelPosterior (from fit_posterior), got "
             f"{type(posterior).__name__}.")
-    kappa = _check_nonnegative_number(kappa, "kappa")
+    kappa = check_nonnegative_number(kappa, "kappa")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     if not isinstance(include_noise, bool):
         raise TypeError(f"include_noise must be a bool, got {include_noise!r}.")
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     base = surrogate_objective(posterior.surrogate, target_weights=target_weights)
     return ConfidenceBoundObjective(
         surrogate=posterior.surrogate, weights=base.weights, posterior=posterior,
@@ -240,7 +240,7 @@ def trust_region_objective(surrogate, *, max_distance, masks=None,
     if isinstance(surrogate, KernelPosterior):
         surrogate = surrogate.surrogate
     num_tasks = check_surrogate(surrogate)
-    max_distance = _check_nonnegative_number(max_distance, "max_distance")
+    max_distance = check_nonnegative_number(max_distance, "max_distance")
     if masks is None:
         if not isinstance(surrogate, KernelSurrogate):
             raise ValueError(
@@ -253,7 +253,7 @@ def trust_region_objective(surrogate, *, max_distance, masks=None,
     if penalty is None:
         penalty = 2.0 * _prediction_bound(surrogate, base.weights) + 1.0
     else:
-        penalty = _check_nonnegative_number(penalty, "penalty")
+        penalty = check_nonnegative_number(penalty, "penalty")
     return TrustRegionObjective(
         surrogate=surrogate, weights=base.weights, data_masks=masks,
         max_distance=jnp.asarray(max_distance, dtype),

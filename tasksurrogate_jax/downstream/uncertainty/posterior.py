@@ -89,7 +89,7 @@ def _map_blocks(fn, masks, block_size):
     return tuple(o.reshape((num_blocks * block_size,) + o.shape[2:])[:n] for o in outs)
 
 
-def _check_block_size(block_size):
+def check_block_size(block_size):
     if block_size is not None:
         check_positive_int(block_size, "block_size")
     return block_size
@@ -189,12 +189,12 @@ class KernelPosterior:
     def _moments(self, masks, include_noise, block_size):
         if not isinstance(include_noise, bool):
             raise TypeError(f"include_noise must be a bool, got {include_noise!r}.")
-        return _moments(self, self._check(masks), include_noise,
-                        _check_block_size(block_size))
+        return posterior_moments(self, self._check(masks), include_noise,
+                                 check_block_size(block_size))
 
 
 @partial(jax.jit, static_argnums=3)
-def _moments(posterior, masks, include_noise, block_size):
+def posterior_moments(posterior, masks, include_noise, block_size):
     """``(mean, variance, std)`` in score units, ``[n, T]`` each;
     ``include_noise`` is a traced flag (one compilation serves both)."""
     s = posterior.surrogate

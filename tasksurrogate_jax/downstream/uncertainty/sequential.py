@@ -31,8 +31,8 @@ from tasksurrogate_jax.core.surrogates import (
 from tasksurrogate_jax.downstream.selection import select_subset
 from tasksurrogate_jax.downstream.uncertainty.objectives import (
     MODES,
-    _bound_terms,
-    _check_nonnegative_number,
+    bound_terms,
+    check_nonnegative_number,
     lcb_objective,
 )
 from tasksurrogate_jax.downstream.uncertainty.posterior import (
@@ -222,7 +222,7 @@ def _propose(objective, pool, per_round, batch_size):
     on ``pool [n, K]``, and the ``per_round`` lowest (ties: pool order)."""
     dtype = objective.weights.dtype
     bound, mean, std = (np.asarray(a, np.float64) for a in map_padded_chunks(
-        partial(_bound_terms, objective), jnp.asarray(pool, dtype), batch_size))
+        partial(bound_terms, objective), jnp.asarray(pool, dtype), batch_size))
     if not np.isfinite(bound).all():
         raise ValueError("the confidence bound is not finite on the candidate "
                          "pool (a non-finite surrogate fit).")
@@ -309,7 +309,7 @@ def sequential_selection(
     rounds = check_positive_int(rounds, "rounds")
     per_round = check_positive_int(per_round, "per_round")
     key = as_typed_key(key)
-    kappa = _check_nonnegative_number(kappa, "kappa")
+    kappa = check_nonnegative_number(kappa, "kappa")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
     pool = _check_pool(num_tasks, candidates, min_size, max_size, max_enumerate,
