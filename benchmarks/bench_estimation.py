@@ -32,7 +32,9 @@ On one supervised workload (``digits`` or ``modular``; ``--preset``), from
 4. **Speed**: fine-tuning (``--speed-finetune`` subsets, one replicate,
    vmapped in chunks of ``--chunk-size``, compiled first) against the
    headline estimator on ``--speed-subsets`` (1,024) subsets, one replicate,
-   features included; both per subset (the fine-tuning's figure scaled
+   in chunks of ``--estimation-chunk-size`` (default: the library's,
+   ``finetune.SHARED_CHUNK_SIZE`` for the factored projection), compiled
+   first, features included; both per subset (the fine-tuning's figure scaled
    linearly: a chunk's cost does not depend on the number of chunks).
    ``speedup_m1024`` is their ratio; ``p_over_Cd`` is its flop bound
    ``p / (C d)`` (a fine-tuning step costs about ``6 B p`` flops, a shared
@@ -76,7 +78,12 @@ from tasksurrogate_jax.core.subsets import fixed_size_masks, leave_one_out_masks
 from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.estimate import baselines
 from tasksurrogate_jax.estimate.estimation import EstimationSettings
-from tasksurrogate_jax.estimate.finetune import Adam, linearized_finetune_scores
+from tasksurrogate_jax.estimate.finetune import (
+    SHARED_CHUNK_SIZE,
+    VMAPPED_CHUNK_SIZE,
+    Adam,
+    linearized_finetune_scores,
+)
 from tasksurrogate_jax.estimate.projection import num_parameters
 from tasksurrogate_jax.pipeline import ceiling, fit_surrogates
 from tasksurrogate_jax.truth import reliability
@@ -194,7 +201,11 @@ def parse_args(argv=None):
                     help="subsets fine-tuning is timed on (64)")
     ap.add_argument("--no-influence", action="store_true",
                     help="leave out the influence baseline")
-    ap.add_argument("--chunk-size", type=int, default=64)
+    ap.add_argument("--chunk-size", type=int, default=64,
+                    help="subsets per compiled call of fine-tuning (64)")
+    ap.add_argument("--estimation-chunk-size", type=int, default=None,
+                    help="subsets per compiled call of the estimators (default: "
+                         "the library's)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     metavar="FIELD=VALUE",
                     help="change a workload configuration field, e.g. hidden=512")
@@ -284,7 +295,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         scores, seconds = estimate(workload, np.concatenate([loo, fit_masks]),
                                    settings, key=estimation_key, theta=theta,
-                                   chunk_size=args.chunk_size)
+                                   chunk_size=args.estimation_chunk_size)
         total_s = time.perf_counter() - t0
         direct = loo_agreement(scores[1:1 + num_tasks] - scores[:1], true_effects)
         surr = surrogate_agreement(fit_masks, scores[1 + num_tasks:], true_effects,
@@ -339,11 +350,15 @@ def main(argv=None):
     finetune_per_subset = (time.perf_counter() - t0) / args.speed_finetune
     one_order = dataclasses.replace(ESTIMATORS[args.headline], batch_orders=1)
     projection, output_mode, proj_dim = resolved(one_order, workload, theta)
-    estimate(workload, speed_masks[:args.chunk_size], one_order,
-             key=estimation_key, theta=theta, chunk_size=args.chunk_size)  # compiles
+    estimation_chunk = args.estimation_chunk_size or (
+        SHARED_CHUNK_SIZE if projection == "factored" else VMAPPED_CHUNK_SIZE)
+    estimate(workload, speed_masks[:min(estimation_chunk, args.speed_subsets)],
+             one_order, key=estimation_key, theta=theta,
+             chunk_size=estimation_chunk)  # compiles
     t0 = time.perf_counter()
     _, seconds = estimate(workload, speed_masks[:args.speed_subsets], one_order,
-                          key=estimation_key, theta=theta, chunk_size=args.chunk_size)
+                          key=estimation_key, theta=theta,
+                          chunk_size=estimation_chunk)
     estimate_s = time.perf_counter() - t0
     per_subset = estimate_s / args.speed_subsets
     feature_s = None if seconds is None else seconds["features"]
@@ -351,6 +366,8 @@ def main(argv=None):
         np.asarray(workload.apply_fn(theta, workload.data.inputs[:1])).shape[-1])
     bound = None if proj_dim is None else p / (num_outputs * proj_dim)
     speed = {"num_subsets": args.speed_subsets, "finetune_subsets": args.speed_finetune,
+             "finetune_chunk_size": args.chunk_size,
+             "estimation_chunk_size": estimation_chunk,
              "finetune_per_subset_s": finetune_per_subset,
              "estimate_s": estimate_s, "feature_s": feature_s,
              "per_subset_s": per_subset,

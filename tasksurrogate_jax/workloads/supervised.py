@@ -375,7 +375,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             progress=progress).mean(0)
 
     def estimate(self, masks, *, key, settings: EstimationSettings | None = None,
-                 base_params=None, chunk_size: int = 64,
+                 base_params=None, chunk_size: int | None = None,
                  mesh=None, store_dir=None) -> EstimationResult:
         """First-order estimates around ``θ*`` with diagnostics.
 
@@ -391,7 +391,9 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             ``preconditioner="adam"`` needs the ``finetune`` optimizer given as
             an :class:`~tasksurrogate_jax.estimate.finetune.Adam`.
           base_params: ``θ*`` to linearize around.
-          chunk_size: subsets per compiled call.
+          chunk_size: subsets per compiled call (``None``: the estimator's
+            default, ``finetune.SHARED_CHUNK_SIZE`` for the factored
+            projection's shared program).
           mesh: a ``jax.sharding.Mesh`` with a ``"subsets"`` axis to split
             the chunks over (``None``: every device).
           store_dir: folder to save each finished chunk of the linearized
@@ -420,8 +422,9 @@ class SupervisedWorkload(LeaveOneOutWorkload):
             [masks, jnp.ones((1, self.num_tasks), masks.dtype)])
         projection, output_mode, proj_dim = self._resolved_space(settings, params)
         common = {"key": _projection_key(key), "proj_dim": proj_dim,
-                  "output_mode": output_mode, "chunk_size": chunk_size,
-                  "mesh": mesh}
+                  "output_mode": output_mode, "mesh": mesh}
+        if chunk_size is not None:
+            common["chunk_size"] = chunk_size
         if settings.method == "finetune":
             result = linearized_finetune_scores(
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
