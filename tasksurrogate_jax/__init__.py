@@ -78,7 +78,12 @@ from tasksurrogate_jax.downstream.uncertainty.posterior import (
     KernelPosterior,
     fit_posterior,
 )
-from tasksurrogate_jax.downstream.uncertainty.sequential import sequential_selection
+from tasksurrogate_jax.downstream.uncertainty.sequential import (
+    CandidatePool,
+    ConfidenceBound,
+    SurrogateFit,
+    sequential_selection,
+)
 from tasksurrogate_jax.estimate.baselines import (
     influence_scores,
     tracin_scores,
@@ -186,6 +191,9 @@ __all__ = [
     "fit_posterior",
     "lcb_objective",
     "sequential_selection",
+    "ConfidenceBound",
+    "SurrogateFit",
+    "CandidatePool",
     "trust_region_objective",
     "influence_scores",
     "tracin_scores",

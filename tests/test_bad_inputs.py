@@ -394,8 +394,9 @@ CASES = [
                      gamma=0.2, ridge=0.1), D,
      "masks holds 2 duplicate rows"),
     ("sequential-gamma-without-ridge",
-     lambda: uncertainty.sequential_selection(np.sum, MASKS, SCORES, K, rounds=1,
-                                              per_round=1, key=KEY, gamma=0.1), V,
+     lambda: uncertainty.sequential_selection(
+         np.sum, MASKS, SCORES, K, rounds=1, per_round=1, key=KEY,
+         fit=uncertainty.SurrogateFit(gamma=0.1)), V,
      "gamma and ridge must be given together"),
     ("sequential-task-mismatch",
      lambda: uncertainty.sequential_selection(np.sum, MASKS, SCORES, 5, rounds=1,

@@ -11,6 +11,9 @@ from tasksurrogate_jax.core import surrogates
 from tasksurrogate_jax.downstream import selection, uncertainty
 from tasksurrogate_jax.downstream.selection import select_subset
 from tasksurrogate_jax.downstream.uncertainty import (
+    CandidatePool,
+    ConfidenceBound,
+    SurrogateFit,
     calibrate_kappa,
     fit_posterior,
     lcb_objective,
@@ -395,8 +398,9 @@ class TestSequential:
             init, scores, gamma=gamma, ridge=ridge), K8)
         assert not np.array_equal(one_shot.mask, optimum)
 
-        run = dict(rounds=2, per_round=4, key=jax.random.key(0), kappa=2.0,
-                   gamma=gamma, ridge=ridge)
+        run = dict(rounds=2, per_round=4, key=jax.random.key(0),
+                   bound=ConfidenceBound(kappa=2.0),
+                   fit=SurrogateFit(gamma=gamma, ridge=ridge))
         result = sequential_selection(diminishing_returns, init, scores, K8, **run)
         np.testing.assert_array_equal(result.best_mask, optimum)
         assert result.best_value == pytest.approx(truth.min())
@@ -421,8 +425,9 @@ class TestSequential:
         one_shot = select_subset(surrogates.fit_kernel_surrogate(
             init, scores, gamma=search.gamma, ridge=search.ridge), K8)
         assert not np.array_equal(one_shot.mask, optimum)
-        run = dict(rounds=2, per_round=4, key=jax.random.key(0), kappa=2.0,
-                   gammas=GAMMAS, ridges=RIDGES)
+        run = dict(rounds=2, per_round=4, key=jax.random.key(0),
+                   bound=ConfidenceBound(kappa=2.0),
+                   fit=SurrogateFit(gammas=GAMMAS, ridges=RIDGES))
         result = sequential_selection(diminishing_returns, init, scores, K8, **run)
         np.testing.assert_array_equal(result.best_mask, optimum)
         check_run(result, init)
@@ -432,9 +437,10 @@ class TestSequential:
     def test_sampled_pool_is_deterministic_given_the_key(self):
         init = initial_design()
         scores = diminishing_returns(init)
-        run = dict(rounds=2, per_round=4, kappa=1.0, gamma=0.125, ridge=1e-2,
-                   max_enumerate=8, num_candidates=32, min_size=2, max_size=5,
-                   beam_width=2)
+        run = dict(rounds=2, per_round=4, bound=ConfidenceBound(kappa=1.0),
+                   fit=SurrogateFit(gamma=0.125, ridge=1e-2),
+                   pool=CandidatePool(max_enumerate=8, num_candidates=32,
+                                      min_size=2, max_size=5, beam_width=2))
         a = sequential_selection(diminishing_returns, init, scores, K8,
                                  key=jax.random.key(7), **run)
         b = sequential_selection(diminishing_returns, init, scores, K8,
@@ -451,16 +457,16 @@ class TestSequential:
         candidates = all_masks(K8)[::17]
         result = sequential_selection(diminishing_returns, init, scores, K8,
                                       rounds=1, per_round=4, key=jax.random.key(0),
-                                      kappa=2.0, candidates=candidates,
-                                      gammas=GAMMAS, ridges=RIDGES)
+                                      pool=CandidatePool(candidates=candidates),
+                                      fit=SurrogateFit(gammas=GAMMAS, ridges=RIDGES))
         check_run(result, init)
         new = result.masks[init.shape[0]:]
         assert all((candidates == row).all(1).any() for row in new)
         # The grids as stored: float32 copies.
         assert result.history[0].gamma in np.asarray(GAMMAS, np.float32)
         assert result.history[0].ridge in np.asarray(RIDGES, np.float32)
-        run = dict(rounds=1, per_round=4, key=jax.random.key(0), gamma=0.125,
-                   ridge=1e-2)
+        run = dict(rounds=1, per_round=4, key=jax.random.key(0),
+                   fit=SurrogateFit(gamma=0.125, ridge=1e-2))
         with pytest.raises(ValueError, match="score_fn"):
             sequential_selection(lambda m: np.zeros((m.shape[0] + 1, 1)), init,
                                  scores, K8, **run)
@@ -559,14 +565,22 @@ class TestBadInputs:
             sequential_selection(None, masks, scores, 6, rounds=1, per_round=1,
                                  key=key)
         with pytest.raises(ValueError, match="gamma and ridge"):
+            SurrogateFit(gamma=0.3)
+        with pytest.raises(TypeError, match="fit must be a SurrogateFit"):
             sequential_selection(score, masks, scores, 6, rounds=1, per_round=1,
-                                 key=key, gamma=0.3)
+                                 key=key, fit={"gamma": 0.3, "ridge": 0.1})
+        with pytest.raises(ValueError, match="kappa"):
+            ConfidenceBound(kappa=-1.0)
+        with pytest.raises(ValueError, match="mode"):
+            ConfidenceBound(mode="greedy")
+        with pytest.raises(ValueError, match="num_candidates"):
+            CandidatePool(num_candidates=0)
         with pytest.raises(ValueError, match="num_tasks"):
             sequential_selection(score, masks, scores, 5, rounds=1, per_round=1,
                                  key=key)
         with pytest.raises(ValueError, match="max_size"):
             sequential_selection(score, masks, scores, 6, rounds=1, per_round=1,
-                                 key=key, max_size=9)
+                                 key=key, pool=CandidatePool(max_size=9))
 
 
 def test_module_exports():

@@ -42,19 +42,25 @@ from tasksurrogate_jax.downstream.uncertainty.posterior import (
     fit_posterior,
 )
 from tasksurrogate_jax.downstream.uncertainty.sequential import (
+    CandidatePool,
+    ConfidenceBound,
     RoundRecord,
     SequentialResult,
+    SurrogateFit,
     sequential_selection,
 )
 
 __all__ = [
     "MODES",
     "TAILS",
+    "CandidatePool",
+    "ConfidenceBound",
     "ConfidenceBoundObjective",
     "KappaCalibration",
     "KernelPosterior",
     "RoundRecord",
     "SequentialResult",
+    "SurrogateFit",
     "TrustRegionObjective",
     "calibrate_kappa",
     "fit_posterior",

@@ -9,6 +9,7 @@ user's true scoring of it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from functools import partial
@@ -129,18 +130,55 @@ def _unique_rows(masks):
     return masks[np.sort(first)]
 
 
-class _Search(NamedTuple):
-    """The fit of every round: ``(gamma, ridge)`` by closed-form LOO
-    (``select_kernel_hyperparameters``) unless both are fixed, then the exact
-    kernel surrogate and its posterior."""
+@dataclasses.dataclass(frozen=True)
+class ConfidenceBound:
+    """The bound each round of :func:`sequential_selection` proposes by
+    (:func:`~tasksurrogate_jax.downstream.uncertainty.objectives.lcb_objective`).
 
-    kernel: str
-    gammas: Any
-    ridges: Any
-    per_target: bool
-    gamma: Any
-    ridge: Any
-    signal_variance: Any
+    Attributes:
+      kappa: non-negative multiple of the posterior std.
+      mode: ``"optimistic"`` (mean − κ·std: explores, right when the proposals
+        get truly scored) or ``"pessimistic"`` (mean + κ·std).
+      include_noise: the std of a new observed score rather than of the latent
+        one.
+    """
+
+    kappa: float = 2.0
+    mode: str = "optimistic"
+    include_noise: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "kappa",
+                           check_nonnegative_number(self.kappa, "kappa"))
+        if not isinstance(self.mode, str) or self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}.")
+        if not isinstance(self.include_noise, bool):
+            raise TypeError("include_noise must be a bool, got "
+                            f"{type(self.include_noise).__name__}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SurrogateFit:
+    """How each round of :func:`sequential_selection` fits: ``(gamma, ridge)``
+    by closed-form LOO (``select_kernel_hyperparameters`` over ``kernel``,
+    ``gammas``, ``ridges``, ``per_target``) unless both ``gamma`` and
+    ``ridge`` are fixed, then the exact kernel surrogate and its posterior
+    (``fit_posterior``'s ``signal_variance``)."""
+
+    kernel: str = "rbf"
+    gammas: Any = None
+    ridges: Any = None
+    per_target: bool = False
+    gamma: Any = None
+    ridge: Any = None
+    signal_variance: Any = "mle"
+
+    def __post_init__(self):
+        if (self.gamma is None) != (self.ridge is None):
+            raise ValueError(
+                "gamma and ridge must be given together (fixed hyperparameters) "
+                "or both left None (searched each round), got "
+                f"gamma={self.gamma!r}, ridge={self.ridge!r}.")
 
     def fit(self, masks, scores):
         """``((gamma, ridge), posterior)`` on ``masks [m, K]``, ``scores [m, T]``."""
@@ -159,9 +197,62 @@ class _Search(NamedTuple):
         return chosen, posterior
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class CandidatePool:
+    """Where each round of :func:`sequential_selection` finds its candidates.
+
+    ``candidates`` if given; else every mask with ``min_size..max_size`` tasks
+    when there are at most ``max_enumerate`` of them; else ``num_candidates``
+    random masks (a fresh draw each round), plus the one-task neighbours of
+    the 8 best scored masks and the beam-search optimum of the bound
+    (``select_subset``, ``beam_width``).
+
+    Attributes:
+      candidates: ``[N, K]`` a fixed pool (then the sizes are unused).
+      min_size, max_size: subset sizes (``max_size`` ``None``: every task).
+      max_enumerate: enumerate the pool up to this many masks.
+      num_candidates: random masks per round otherwise.
+      beam_width: of the beam search.
+      batch_size: masks per call when evaluating the bound on the pool.
+    """
+
+    candidates: Any = None
+    min_size: int = 1
+    max_size: int | None = None
+    max_enumerate: int = 2**16
+    num_candidates: int = 4096
+    beam_width: int = 16
+    batch_size: int = 8192
+
+    def __post_init__(self):
+        for name in ("max_enumerate", "num_candidates", "beam_width", "batch_size"):
+            check_positive_int(getattr(self, name), name)
+        check_positive_int(self.min_size, "min_size", minimum=0)
+        if self.max_size is not None:
+            check_positive_int(self.max_size, "max_size", minimum=0)
+
+    def resolve(self, num_tasks: int) -> _Pool:
+        """The pool for ``num_tasks`` tasks, its fixed masks built."""
+        max_size = num_tasks if self.max_size is None else self.max_size
+        if not self.min_size <= max_size <= num_tasks:
+            raise ValueError(
+                f"need min_size <= max_size <= num_tasks, got min_size="
+                f"{self.min_size}, max_size={max_size}, num_tasks={num_tasks}.")
+        fixed = None
+        if self.candidates is not None:
+            fixed = _unique_rows(np.asarray(check_masks(
+                self.candidates, "candidates", num_tasks=num_tasks), np.float64))
+        elif sum(math.comb(num_tasks, s) for s in range(
+                self.min_size, max_size + 1)) <= self.max_enumerate:
+            fixed = _all_masks(num_tasks, self.min_size, max_size)
+        return _Pool(fixed, num_tasks, self.min_size, max_size,
+                     self.num_candidates, self.beam_width, self.batch_size)
+
+
 class _Pool(NamedTuple):
-    """Where each round's candidates come from: ``fixed`` ``[N, K]`` (given or
-    enumerated), else sampled each round around the bound's beam optimum."""
+    """A :class:`CandidatePool` resolved for ``num_tasks``: ``fixed`` ``[N, K]``
+    (given or enumerated), else sampled each round around the bound's beam
+    optimum."""
 
     fixed: np.ndarray | None
     num_tasks: int
@@ -193,30 +284,6 @@ class _Pool(NamedTuple):
         return pool[fresh]
 
 
-def _check_pool(num_tasks, candidates, min_size, max_size, max_enumerate,
-                num_candidates, beam_width, batch_size) -> _Pool:
-    """The checked pool settings (see :func:`sequential_selection`)."""
-    max_enumerate = check_positive_int(max_enumerate, "max_enumerate")
-    num_candidates = check_positive_int(num_candidates, "num_candidates")
-    batch_size = check_positive_int(batch_size, "batch_size")
-    min_size = check_positive_int(min_size, "min_size", minimum=0)
-    max_size = num_tasks if max_size is None else check_positive_int(
-        max_size, "max_size", minimum=0)
-    if not min_size <= max_size <= num_tasks:
-        raise ValueError(
-            f"need min_size <= max_size <= num_tasks, got min_size={min_size}, "
-            f"max_size={max_size}, num_tasks={num_tasks}.")
-    fixed_pool = None
-    if candidates is not None:
-        fixed_pool = _unique_rows(np.asarray(
-            check_masks(candidates, "candidates", num_tasks=num_tasks), np.float64))
-    elif sum(math.comb(num_tasks, s) for s in range(min_size, max_size + 1)) <= (
-            max_enumerate):
-        fixed_pool = _all_masks(num_tasks, min_size, max_size)
-    return _Pool(fixed_pool, num_tasks, min_size, max_size, num_candidates,
-                 beam_width, batch_size)
-
-
 def _propose(objective, pool, per_round, batch_size):
     """``(order [p], bound [n], mean [n], std [n])``: the bound and its terms
     on ``pool [n, K]``, and the ``per_round`` lowest (ties: pool order)."""
@@ -243,37 +310,27 @@ def _score(score_fn, proposed, num_targets):
 
 def sequential_selection(
     score_fn: Callable, masks, scores, num_tasks: int, *, rounds: int,
-    per_round: int, key, kappa: float = 2.0, mode: str = "optimistic",
-    include_noise: bool = False, target_weights=None, kernel: str = "rbf",
-    gammas=None, ridges=None, per_target: bool = False, gamma=None, ridge=None,
-    signal_variance="mle",
-    candidates=None, min_size: int = 1, max_size: int | None = None,
-    max_enumerate: int = 2**16, num_candidates: int = 4096,
-    beam_width: int = 16, batch_size: int = 8192,
+    per_round: int, key, target_weights=None,
+    bound: ConfidenceBound = ConfidenceBound(),
+    fit: SurrogateFit = SurrogateFit(), pool: CandidatePool = CandidatePool(),
 ) -> SequentialResult:
     """Active selection: fit, propose by a confidence bound, score, refit.
 
-    Each round: choose ``gamma``/``ridge`` by closed-form LOO
-    (``select_kernel_hyperparameters``; or use fixed ``gamma``/``ridge``),
-    fit the exact kernel surrogate and its posterior on every scored row,
-    evaluate ``lcb_objective(posterior, kappa, mode)`` on a candidate pool,
-    take the ``per_round`` lowest candidates not scored yet (ties: pool
-    order), score them with ``score_fn``, append. After the last round the
-    surrogate is refit on everything (``SequentialResult.posterior``).
-    ``mode="optimistic"`` (default) explores, which is what proposals that
-    get truly scored want; the result is the best *truly scored* mask, never
-    a prediction.
+    Each round: fit the exact kernel surrogate and its posterior on every
+    scored row (``fit``: ``gamma``/``ridge`` by closed-form LOO, or fixed),
+    evaluate ``lcb_objective(posterior, ...)`` (``bound``, ``target_weights``)
+    on the round's candidates (``pool``), take the ``per_round`` lowest
+    candidates not scored yet (ties: pool order), score them with
+    ``score_fn``, append. After the last round the surrogate is refit on
+    everything (``SequentialResult.posterior``). The default
+    ``ConfidenceBound(mode="optimistic")`` explores, which is what proposals
+    that get truly scored want; the result is the best *truly scored* mask,
+    never a prediction.
 
     Each round compiles its fit anew, for its new number of scored rows
     (measured on 2 CPU cores, K = 12, 4 per round: about 5.5 compilations
     and 0.8 s per round); the true scoring of the proposals (retraining)
     usually costs far more.
-
-    Candidate pool: ``candidates`` if given; else every mask with
-    ``min_size..max_size`` tasks when there are at most ``max_enumerate`` of
-    them; else ``num_candidates`` random masks (drawn with ``key``, a fresh
-    draw each round), plus the one-task neighbours of the 8 best scored masks
-    and the beam-search optimum of the bound (``select_subset``).
 
     Args:
       score_fn: ``masks [p, num_tasks] (float64 NumPy) -> scores [p, T]`` (or
@@ -282,23 +339,24 @@ def sequential_selection(
       num_tasks: ``K``.
       rounds: number of rounds (``>= 1``).
       per_round: masks scored per round (``>= 1``).
-      key: PRNG key (used by the sampled pool only; results are deterministic
+      key: PRNG key (used by a sampled pool only; results are deterministic
         given it).
-      kappa, mode, include_noise, target_weights: as in :func:`lcb_objective`.
-      kernel, gammas, ridges, per_target: the hyperparameter search.
-      gamma, ridge: give both to skip the search and fit with these every round.
-      signal_variance: as in :func:`fit_posterior`.
-      candidates: ``[N, K]`` a fixed pool (then sizes and ``key`` are unused).
-      min_size, max_size: subset sizes of the default pool (``None``: ``K``).
-      max_enumerate: enumerate the pool up to this many masks.
-      num_candidates: random masks per round otherwise.
-      beam_width, batch_size: of the beam search / pool evaluation.
+      target_weights: ``[T]`` as in :func:`lcb_objective` (``None``: the mean).
+      bound: :class:`ConfidenceBound`, the bound proposals minimise.
+      fit: :class:`SurrogateFit`, each round's hyperparameters and fit.
+      pool: :class:`CandidatePool`, where candidates come from.
 
     Returns:
       ``SequentialResult``.
     """
     if not callable(score_fn):
         raise TypeError(f"score_fn must be callable, got {type(score_fn).__name__}.")
+    for value, name, cls in ((bound, "bound", ConfidenceBound),
+                             (fit, "fit", SurrogateFit),
+                             (pool, "pool", CandidatePool)):
+        if not isinstance(value, cls):
+            raise TypeError(f"{name} must be a {cls.__name__}, got "
+                            f"{type(value).__name__}.")
     num_tasks = check_positive_int(num_tasks, "num_tasks")
     masks = np.asarray(check_masks(masks, num_tasks=num_tasks), np.float64)
     scores = np.asarray(check_scores(scores, num_rows=masks.shape[0]), np.float64)
@@ -309,32 +367,21 @@ def sequential_selection(
     rounds = check_positive_int(rounds, "rounds")
     per_round = check_positive_int(per_round, "per_round")
     key = as_typed_key(key)
-    kappa = check_nonnegative_number(kappa, "kappa")
-    if not isinstance(mode, str) or mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}.")
-    pool = _check_pool(num_tasks, candidates, min_size, max_size, max_enumerate,
-                       num_candidates, beam_width, batch_size)
-    if (gamma is None) != (ridge is None):
-        raise ValueError(
-            "gamma and ridge must be given together (fixed hyperparameters) or "
-            f"both left None (searched each round), got gamma={gamma!r}, "
-            f"ridge={ridge!r}.")
-    search = _Search(kernel, gammas, ridges, per_target, gamma, ridge,
-                     signal_variance)
+    resolved_pool = pool.resolve(num_tasks)
 
     round_index = np.zeros(masks.shape[0], np.int64)
     history = []
     for r in range(1, rounds + 1):
-        chosen, posterior = search.fit(masks, scores)
-        objective = lcb_objective(posterior, kappa=kappa, mode=mode,
+        chosen, posterior = fit.fit(masks, scores)
+        objective = lcb_objective(posterior, kappa=bound.kappa, mode=bound.mode,
                                   target_weights=target_weights,
-                                  include_noise=include_noise)
+                                  include_noise=bound.include_noise)
         weights = np.asarray(objective.weights, np.float64)
-        fresh = pool.candidates(objective, masks, scores, weights, key, r)
+        fresh = resolved_pool.candidates(objective, masks, scores, weights, key, r)
         if fresh.shape[0] == 0:
             break
-        order, bound, mean, std = _propose(objective, fresh, per_round,
-                                           pool.batch_size)
+        order, values, mean, std = _propose(objective, fresh, per_round,
+                                            resolved_pool.batch_size)
         proposed = fresh[order]
         new_scores = _score(score_fn, proposed, scores.shape[1])
         masks = np.concatenate([masks, proposed])
@@ -344,10 +391,10 @@ def sequential_selection(
         history.append(RoundRecord(
             round=r, gamma=np.asarray(chosen[0]), ridge=np.asarray(chosen[1]),
             proposed=proposed, predicted=mean[order], std=std[order],
-            bound=bound[order], observed=new_scores @ weights,
+            bound=values[order], observed=new_scores @ weights,
             best_value=float(np.min(scores @ weights))))
 
-    _, posterior = search.fit(masks, scores)
+    _, posterior = fit.fit(masks, scores)
     values = scores @ weights
     best = int(np.argmin(values))
     return SequentialResult(
