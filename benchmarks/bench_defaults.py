@@ -2,7 +2,7 @@
 
 Issue 23, item 2: are the defaults of ``influence_scores`` and ``trak_scores``
 (``damping="auto"``, TRAK's ``proj_dim="auto"``; rules in
-``tasksurrogate_jax/estimate/baselines.py``) close to the best their grid offers, when
+``tasksurrogate_jax/estimate/baselines/``) close to the best their grid offers, when
 both are scored against leave-one-out fine-tuning? The grid is for this
 benchmark only: the defaults never see a ground truth.
 

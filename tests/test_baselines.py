@@ -510,7 +510,7 @@ def test_trak_auto_projection_dimension_rule(monkeypatch):
     assert bl.trak_proj_dim(mlp, wide, few, features="outputs") == 8 * 5 * 3
     assert bl.trak_proj_dim(mlp, wide, DATA) == 240  # 8 · 30 examples
     assert bl.trak_proj_dim(mlp, DEEP, few) is None  # p = 31 <= 40
-    monkeypatch.setattr(bl, "PROJ_DIM_MAX", 16)
+    monkeypatch.setattr(bl.trak, "PROJ_DIM_MAX", 16)  # read there
     assert bl.trak_proj_dim(mlp, wide, few) == 16
     monkeypatch.undo()
     _, info = bl.trak_scores(mlp, wide, few, TARGET, key=jax.random.key(0),
