@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tasksurrogate_jax.workloads.icl import (
+from tasksurrogate_jax.workloads.icl import ICLWorkload, PromptScorer
+from tasksurrogate_jax.workloads.icl_synthetic import (
     ICLConfig,
     ICLTransformer,
-    ICLWorkload,
-    PromptScorer,
     icl_workload,
 )
 

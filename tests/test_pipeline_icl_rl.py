@@ -20,7 +20,8 @@ from tasksurrogate_jax.core.surrogates import fit_kernel_surrogate
 from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.pipeline import cli, report
 from tasksurrogate_jax.truth import reliability
-from tasksurrogate_jax.workloads import icl, registry
+from tasksurrogate_jax.workloads import icl_synthetic as icl
+from tasksurrogate_jax.workloads import registry
 
 PLOTS = ("loo_effects.png", "interactions.png", "heldout.png")
 SURROGATES = {f"{kind} surrogate ({scores})" for kind in ("linear", "kernel")

@@ -7,17 +7,19 @@ from tasksurrogate_jax.workloads.digits import (
     digits_workload,
 )
 from tasksurrogate_jax.workloads.icl import (
-    ICLConfig,
     ICLWorkload,
     NearestAnchors,
     PromptScorer,
-    SyntheticICLWorkload,
-    icl_workload,
 )
 from tasksurrogate_jax.workloads.icl_regression import (
     ICLRegressionConfig,
     ICLRegressionWorkload,
     icl_regression_workload,
+)
+from tasksurrogate_jax.workloads.icl_synthetic import (
+    ICLConfig,
+    SyntheticICLWorkload,
+    icl_workload,
 )
 from tasksurrogate_jax.workloads.lm_scorer import (
     causal_lm_scorer,

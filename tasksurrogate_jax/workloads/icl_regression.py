@@ -77,8 +77,8 @@ from tasksurrogate_jax.workloads.icl import (
     ICLWorkload,
     NearestAnchors,
     PromptScorer,
-    with_preset_defaults,
 )
+from tasksurrogate_jax.workloads.icl_synthetic import with_preset_defaults
 from tasksurrogate_jax.workloads.transformer import (
     TransformerBlock,
     train_on_fresh_batches,

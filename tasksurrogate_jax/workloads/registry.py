@@ -13,10 +13,13 @@ from typing import Any, NamedTuple
 
 from tasksurrogate_jax.workloads.base import Workload
 from tasksurrogate_jax.workloads.digits import DigitsWorkload, digits_workload
-from tasksurrogate_jax.workloads.icl import SyntheticICLWorkload, icl_workload
 from tasksurrogate_jax.workloads.icl_regression import (
     ICLRegressionWorkload,
     icl_regression_workload,
+)
+from tasksurrogate_jax.workloads.icl_synthetic import (
+    SyntheticICLWorkload,
+    icl_workload,
 )
 from tasksurrogate_jax.workloads.modular import ModularWorkload, modular_workload
 from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload

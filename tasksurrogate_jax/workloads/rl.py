@@ -18,16 +18,13 @@ which subset to train on?
   ``replicate_scores`` repeats it with other training keys (paired replicates
   from the same ``θ*``, ``[R, m, T]``: the ground truth's noise, for its
   ceiling).
-- ``estimated_scores``: the policy's action logits linearized around ``θ*``
-  with projected gradient features (``features.linearized_examples``), on
-  rollouts of ``θ*``; per subset, a policy-improvement problem in the
-  projected space over the steps of its variants: the linearized policy
-  gradient with a ridge (closed form, default) or advantage-weighted logistic
-  regression on the actions taken (``convex.solve_subsets``); the target
-  score is then measured by rolling out the policy ``θ* + P ŵ_s``.
+- ``estimated_scores``: a first-order estimate from ``θ*``'s linearized
+  policy, with no training: :class:`RLWorkload` inherits it from
+  :mod:`tasksurrogate_jax.workloads.rl_estimation`.
 
-gymnax is an optional dependency of this workload: ``pip install
-"tasksurrogate-jax[rl]"``.
+The environment variants, the policy and its trajectories are in
+:mod:`tasksurrogate_jax.workloads.rl_env`. gymnax is an optional dependency of
+this workload: ``pip install "tasksurrogate-jax[rl]"``.
 
 Presets (:data:`PRESETS`): ``"cpu"`` (a few minutes on 2 cores), ``"paper"``
 (longer horizons and training, for GPU/TPU), ``"tiny"`` (tests).
@@ -36,7 +33,7 @@ Presets (:data:`PRESETS`): ``"cpu"`` (a few minutes on 2 cores), ``"paper"``
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -45,65 +42,33 @@ import optax
 from flax import nnx
 
 from tasksurrogate_jax._checks import as_typed_key, check_positive_int
-from tasksurrogate_jax.estimate.convex import SolverSettings, solve_subsets
-from tasksurrogate_jax.estimate.features import Linearized, linearized_examples
-from tasksurrogate_jax.estimate.projection import (
-    make_projection,
-    num_parameters,
-    unproject,
-)
 from tasksurrogate_jax.truth.chunking import map_chunks, map_padded_chunks, open_store
 from tasksurrogate_jax.truth.fingerprint import array_digest, program_digest
 from tasksurrogate_jax.truth.retraining import replicate_key
 from tasksurrogate_jax.workloads.base import LeaveOneOutWorkload, config_from_preset
+from tasksurrogate_jax.workloads.rl_env import (
+    ACROBOT_VARIANTS,
+    CARTPOLE_VARIANTS,
+    ENVIRONMENTS,
+    PARAMETER_RANGES,
+    Policy,
+    Trajectories,
+    _key_bytes,
+    _params_digest,
+    make_variant_params,
+    variant_name,
+)
+from tasksurrogate_jax.workloads.rl_estimation import (
+    ESTIMATORS as ESTIMATORS,  # re-exported
+)
+from tasksurrogate_jax.workloads.rl_estimation import (
+    LinearizedPolicyEstimate,
+    RLEstimation,
+)
+from tasksurrogate_jax.workloads.rl_estimation import (
+    policy_gradients as policy_gradients,  # re-exported
+)
 from tasksurrogate_jax.workloads.supervised import check_regime
-
-# Parameters a variant may set, with their valid ranges (inclusive). Derived
-# CartPole quantities (total_mass, polemass_length) are recomputed.
-# ``position_weight`` (w) and ``target_x`` are ours: CartPole's reward becomes
-# ``1 - w |x - target_x| / x_threshold``, so variants can pull the cart to
-# different places (conflicting objectives: the policy does not see which
-# variant it is in).
-PARAMETER_RANGES: dict[str, dict[str, tuple[float, float]]] = {
-    "CartPole-v1": {
-        "gravity": (0.1, 50.0), "masscart": (0.05, 20.0), "masspole": (0.01, 5.0),
-        "length": (0.05, 5.0), "force_mag": (0.5, 100.0), "tau": (0.001, 0.05),
-        "position_weight": (0.0, 1.0), "target_x": (-2.0, 2.0),
-    },
-    "Acrobot-v1": {
-        "link_length_1": (0.2, 5.0), "link_length_2": (0.2, 5.0),
-        "link_mass_1": (0.1, 10.0), "link_mass_2": (0.1, 10.0),
-        "link_com_pos_1": (0.05, 5.0), "link_com_pos_2": (0.05, 5.0),
-        "link_moi": (0.1, 10.0), "torque_noise_max": (0.0, 1.0), "dt": (0.02, 0.5),
-    },
-}
-ENVIRONMENTS = tuple(PARAMETER_RANGES)
-ESTIMATORS = ("pg", "awr")
-
-# Ten CartPole variants: physics (gravity, pole, cart, force) and where the
-# reward wants the cart (target_x; position_weight 1).
-CARTPOLE_VARIANTS: tuple[tuple[tuple[str, float], ...], ...] = (
-    (("position_weight", 1.0), ("target_x", 0.0)),
-    (("position_weight", 1.0), ("target_x", 1.0)),
-    (("position_weight", 1.0), ("target_x", -1.0)),
-    (("position_weight", 1.0), ("target_x", 0.5), ("gravity", 19.6)),
-    (("position_weight", 1.0), ("target_x", -0.5), ("length", 0.25)),
-    (("position_weight", 1.0), ("target_x", 1.0), ("gravity", 4.9)),
-    (("position_weight", 1.0), ("target_x", 0.0), ("masspole", 0.5)),
-    (("position_weight", 1.0), ("target_x", -1.0), ("force_mag", 5.0)),
-    (("position_weight", 1.0), ("target_x", 0.5), ("force_mag", 20.0)),
-    (("position_weight", 1.0), ("target_x", -1.5), ("masscart", 3.0)),
-)
-ACROBOT_VARIANTS: tuple[tuple[tuple[str, float], ...], ...] = (
-    (),
-    (("link_length_1", 0.7),),
-    (("link_length_2", 1.5),),
-    (("link_mass_1", 2.0),),
-    (("link_mass_2", 0.5),),
-    (("link_moi", 2.0),),
-    (("torque_noise_max", 0.2),),
-    (("dt", 0.1),),
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,42 +106,6 @@ class RLConfig:
     seed: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
-class RLEstimation:
-    """The settings of :meth:`RLWorkload.estimated_scores` (validated when
-    built; see there).
-
-    Attributes:
-      method: one of :data:`ESTIMATORS`.
-      proj_dim: d of the projected policy (an int).
-      ridge: the L2 penalty (``None``: calibrated, see ``estimated_scores``).
-      temperature: β of the ``"awr"`` weights.
-    """
-
-    method: str = "pg"
-    proj_dim: int = 128
-    ridge: float | None = None
-    temperature: float = 1.0
-
-    def __post_init__(self):
-        if self.method not in ESTIMATORS:
-            raise ValueError(f"method must be one of {ESTIMATORS}, got "
-                             f"{self.method!r}.")
-        if isinstance(self.proj_dim, str):
-            raise ValueError("proj_dim must be an int for the RL workload (its "
-                             f"policy-gradient estimate projects), got "
-                             f"{self.proj_dim!r}.")
-        check_positive_int(self.proj_dim, "proj_dim")
-        number = (isinstance(self.ridge, (int, float))
-                  and not isinstance(self.ridge, bool))
-        if self.ridge is not None and not (
-                number and self.ridge > 0 and np.isfinite(self.ridge)):
-            raise ValueError(f"ridge must be None or a finite number > 0, got "
-                             f"{self.ridge!r}.")
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}.")
-
-
 PRESETS: dict[str, RLConfig] = {
     "cpu": RLConfig(),
     "paper": RLConfig(horizon=500, hidden=64, episodes=32, iterations=500,
@@ -191,110 +120,7 @@ PRESETS: dict[str, RLConfig] = {
 PRESET_PIPELINE_DEFAULTS = {"tiny": {"num_subsets": 7, "num_heldout": 3}}
 
 
-def _gymnax():
-    try:
-        import gymnax
-    except ImportError as err:  # pragma: no cover - depends on the install
-        raise ImportError(
-            "the RL workload needs gymnax: pip install \"tasksurrogate-jax[rl]\" "
-            "(or pip install gymnax six)."
-        ) from err
-    return gymnax
-
-
-def make_variant_params(env: str, variants) -> tuple[Any, Any, jax.Array]:
-    """The environment and its parameters for every variant.
-
-    Returns:
-      ``(environment, params, shaping)``: ``params`` is the gymnax parameter
-      dataclass with a leading ``[K]`` axis on every field; ``shaping``
-      ``[K, 2]`` holds each variant's ``(position_weight, target_x)``.
-    """
-    if env not in PARAMETER_RANGES:
-        raise ValueError(f"env must be one of {ENVIRONMENTS}, got {env!r}.")
-    environment, default = _gymnax().make(env)
-    ranges = PARAMETER_RANGES[env]
-    if len(variants) == 0:
-        raise ValueError("variants must hold at least one variant.")
-    per_variant, centers = [], []
-    for k, variant in enumerate(variants):
-        try:
-            settings = dict(variant)
-        except (TypeError, ValueError) as err:
-            raise TypeError(
-                f"variants[{k}] must be a tuple of (parameter, value) pairs, got "
-                f"{variant!r}."
-            ) from err
-        for name, value in settings.items():
-            if name not in ranges:
-                raise ValueError(
-                    f"variants[{k}]: unknown {env} parameter {name!r}; valid: "
-                    f"{sorted(ranges)}."
-                )
-            lo, hi = ranges[name]
-            if not (isinstance(value, (int, float, np.floating, np.integer))
-                    and lo <= float(value) <= hi):
-                raise ValueError(
-                    f"variants[{k}]: {name}={value!r} is outside its valid range "
-                    f"[{lo}, {hi}] for {env}."
-                )
-        centers.append((float(settings.pop("position_weight", 0.0)),
-                        float(settings.pop("target_x", 0.0))))
-        params = default.replace(**{n: float(v) for n, v in settings.items()})
-        if env == "CartPole-v1":
-            params = params.replace(
-                total_mass=params.masscart + params.masspole,
-                polemass_length=params.masspole * params.length)
-        per_variant.append(params)
-    stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
-                           *per_variant)
-    return environment, stacked, jnp.asarray(centers, jnp.float32).reshape(-1, 2)
-
-
-def variant_name(variant) -> str:
-    """Short name: ``"default"``, ``"x*=+1 gravity=4.9"`` (``x*``: the reward's
-    target cart position, shown with its weight when that is not 1)."""
-    settings = dict(variant)
-    parts = []
-    if "position_weight" in settings or "target_x" in settings:
-        weight = settings.pop("position_weight", 0.0)
-        target = settings.pop("target_x", 0.0)
-        parts.append(f"x*={target:+g}" + ("" if weight == 1 else f"(w={weight:g})"))
-    parts += [f"{n}={v:g}" for n, v in settings.items()]
-    return " ".join(parts) or "default"
-
-
-class Policy(nnx.Module):
-    """MLP policy: observations ``[..., obs_dim]`` -> action logits ``[..., A]``."""
-
-    def __init__(self, obs_dim: int, num_actions: int, hidden: int, *,
-                 rngs: nnx.Rngs):
-        self.fc1 = nnx.Linear(obs_dim, hidden, rngs=rngs)
-        self.fc2 = nnx.Linear(hidden, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, num_actions, rngs=rngs,
-                              kernel_init=nnx.initializers.normal(0.01))
-
-    def __call__(self, obs):
-        return self.out(jnp.tanh(self.fc2(jnp.tanh(self.fc1(obs)))))
-
-
-class Trajectories(NamedTuple):
-    """Episodes of one or more variants.
-
-    Attributes:
-      obs: ``[..., horizon, obs_dim]`` observations.
-      actions: ``[..., horizon]`` int actions.
-      rewards: ``[..., horizon]`` rewards (0 after the episode ended).
-      alive: ``[..., horizon]`` 1 while the episode runs.
-    """
-
-    obs: jax.Array
-    actions: jax.Array
-    rewards: jax.Array
-    alive: jax.Array
-
-
-class RLWorkload(LeaveOneOutWorkload):
+class RLWorkload(LinearizedPolicyEstimate, LeaveOneOutWorkload):
     """Environment variants as tasks (see the module docstring).
 
     Args:
@@ -311,7 +137,7 @@ class RLWorkload(LeaveOneOutWorkload):
     estimation: RLEstimation = RLEstimation()
 
     def __init__(self, config: RLConfig, *,
-                 estimation: RLEstimation = RLEstimation()):
+                 estimation: RLEstimation = RLEstimation()):  # noqa: B008 (frozen)
         if not isinstance(config, RLConfig):
             raise TypeError(f"config must be an RLConfig, got {type(config).__name__}.")
         if not isinstance(estimation, RLEstimation):
@@ -663,166 +489,9 @@ class RLWorkload(LeaveOneOutWorkload):
             masks, key=key, regime="scratch" if from_scratch else "finetune",
             base_params=base_params, chunk_size=chunk_size, store_dir=store_dir)[0]
 
-    # -- the first-order estimate -------------------------------------------
 
-    def linearized_rollouts(self, *, key=None, base_params=None, proj_dim: int = 64,
-                            num_episodes: int | None = None,
-                            batch_size: int | None = 4096):
-        """Rollouts of ``θ*`` and the projected Jacobians of its action logits.
-
-        Args:
-          key: the rollouts use ``fold_in(key, 11)``, the projection
-            ``fold_in(key, 13)``; default from the config's seed.
-          base_params: ``θ*``; ``None``: :meth:`base_params` of ``key``.
-          proj_dim: d.
-          num_episodes: per variant (default ``episodes``).
-          batch_size: steps per Jacobian batch.
-
-        Returns:
-          ``(examples, task_of_example, advantages, projection)``:
-          :class:`~tasksurrogate_jax.estimate.features.Linearized` over the ``n``
-          alive steps (``outputs`` ``[n, A]`` logits at ``θ*``, ``features``
-          ``[n, A, d]`` = ``J(s) P``, ``labels`` the actions), ``[n]`` variant
-          of each step, ``[n]`` advantages, and the projection.
-        """
-        key = self._key(key)
-        params = self.base_params(key=key) if base_params is None else base_params
-        num_episodes = self.config.episodes if num_episodes is None else num_episodes
-        cache = (_key_bytes(key), _params_digest(params), proj_dim, num_episodes)
-        if cache not in self._linearized:
-            self._linearized[cache] = self._linearize(key, params, proj_dim,
-                                                      num_episodes, batch_size)
-        return self._linearized[cache]
-
-    def _linearize(self, key, params, proj_dim, num_episodes, batch_size):
-        traj = jax.jit(self.rollouts, static_argnums=2)(
-            params, jax.random.fold_in(key, 11), num_episodes)
-        adv = self.advantages(traj)
-        alive = np.asarray(traj.alive).reshape(-1) > 0
-        task = np.broadcast_to(np.arange(self.num_tasks)[:, None, None],
-                               traj.alive.shape).reshape(-1)[alive]
-        obs = np.asarray(traj.obs).reshape(-1, self.obs_dim)[alive]
-        actions = np.asarray(traj.actions).reshape(-1)[alive]
-        projection = make_projection(jax.random.fold_in(key, 13), proj_dim,
-                                     num_params=num_parameters(params))
-        examples = linearized_examples(
-            self.apply_fn, params, jnp.asarray(obs), jnp.asarray(actions),
-            projection=projection, output_mode="logits", batch_size=batch_size)
-        return examples, task, np.asarray(adv).reshape(-1)[alive], projection
-
-    def estimated_scores(self, masks, *, key=None, base_params=None,
-                         method: str | None = None, proj_dim: int | None = None,
-                         ridge: float | None = None,
-                         temperature: float | None = None,
-                         num_episodes: int | None = None,
-                         settings: SolverSettings | None = None) -> jax.Array:
-        """First-order estimates ``[num_subsets, num_targets]`` (no training).
-
-        The policy's logits are linearized around ``θ*`` in a random
-        ``proj_dim``-dimensional subspace, ``z(x; θ* + P w) ≈ z_n + Φ_n w``, on
-        ``θ*``'s rollouts; each subset's update ``ŵ_s`` solves a policy-
-        improvement problem over the steps of its variants, and the score is
-        minus the mean target return of the real policy ``θ* + P ŵ_s``.
-
-        - ``method="pg"``: the linearized policy-gradient objective
-          ``Σ_n A_n log π_w(a_n | x_n)`` to first order in w, minus
-          ``ridge/2 ||w||²``: ``ŵ_s = mean_n A_n Φ_nᵀ(e_{a_n} − p_n) / ridge``,
-          one closed-form step per subset.
-        - ``method="awr"``: advantage-weighted logistic regression on the
-          actions taken, weights ``exp(clip(A_n / (temperature · std A), ±5))``,
-          plus ``ridge/2 ||w||²`` (convex; Newton, ``settings``).
-
-        Args:
-          masks: ``[num_subsets, num_tasks]``, no row empty.
-          key: the rollouts and projection (:meth:`linearized_rollouts`) and
-            the calibrating fine-tuning (replicate 0 of :meth:`train_subsets`);
-            ``θ*`` is :meth:`base_params` of ``key`` unless ``base_params``.
-          base_params: ``θ*`` to linearize around.
-          method, proj_dim, ridge, temperature: override the workload's
-            :attr:`estimation` (:class:`RLEstimation`) for this call:
-            ``"pg"`` or ``"awr"``; d; the L2 penalty, which sets how far each
-            update moves (``None`` in the settings: for ``"pg"``, calibrated
-            by one real fine-tuning on all variants so that the full set's
-            update has the same norm, :meth:`calibrated_ridge`; for
-            ``"awr"``, 1e-2); β of the ``"awr"`` weights.
-          num_episodes: rollouts of ``θ*`` per variant (default ``episodes``).
-          settings: the ``"awr"`` solver.
-        """
-        chosen = {"method": method, "proj_dim": proj_dim, "ridge": ridge,
-                  "temperature": temperature}
-        estimation = dataclasses.replace(self.estimation, **{
-            name: value for name, value in chosen.items() if value is not None})
-        method, proj_dim = estimation.method, estimation.proj_dim
-        ridge, temperature = estimation.ridge, estimation.temperature
-        masks = np.asarray(self.check_masks(masks))
-        key = self._key(key)
-        params = self.base_params(key=key) if base_params is None else base_params
-        examples, task, adv, projection = self.linearized_rollouts(
-            key=key, base_params=params, proj_dim=proj_dim, num_episodes=num_episodes)
-        weights = masks[:, task]  # [m, n]
-        if method == "pg":
-            if ridge is None:
-                ridge = self.calibrated_ridge(key=key, base_params=params,
-                                              proj_dim=proj_dim,
-                                              num_episodes=num_episodes)
-            w = jnp.asarray(weights, jnp.float32) @ policy_gradients(examples, adv)
-            w = w / jnp.asarray(weights.sum(1, keepdims=True), jnp.float32) / ridge
-        else:
-            scaled = adv / (temperature * max(float(np.std(adv)), 1e-8))
-            awr = np.exp(np.clip(scaled, -5.0, 5.0))
-            w = solve_subsets(examples, jnp.asarray(weights * awr, jnp.float32),
-                              ridge=jnp.asarray(1e-2 if ridge is None else ridge,
-                                                examples.features.dtype),
-                              output_mode="logits",
-                              settings=settings or SolverSettings()).w
-        deltas = unproject(projection, w, params)
-        policies = jax.tree.map(lambda p, d: p[None] + d, params, deltas)
-        return self._evaluate_many(policies)
-
-    def calibrated_ridge(self, *, key=None, base_params=None, proj_dim: int = 128,
-                         num_episodes: int | None = None) -> float:
-        """The ``"pg"`` ridge whose full-set update ``P ŵ`` has the norm of one
-        real fine-tuning of ``θ*`` on all variants (replicate 0 of
-        :meth:`train_subsets`; one training run per key and ``θ*``)."""
-        key = self._key(key)
-        params = self.base_params(key=key) if base_params is None else base_params
-        examples, task, adv, projection = self.linearized_rollouts(
-            key=key, base_params=params, proj_dim=proj_dim, num_episodes=num_episodes)
-        g = policy_gradients(examples, adv).mean(0)
-        step = _tree_norm(unproject(projection, g, params))
-        cache = (_key_bytes(key), _params_digest(params))
-        if cache not in self._moved:
-            tuned = self.train_subsets(np.ones((1, self.num_tasks)), key=key,
-                                       base_params=params)
-            self._moved[cache] = float(_tree_norm(
-                jax.tree.map(lambda a, b: a[0] - b, tuned, params)))
-        return float(step) / self._moved[cache]
-
-
-def policy_gradients(examples: Linearized, advantages) -> jax.Array:
-    """``[n, d]``: ``A_n Φ_nᵀ(e_{a_n} − softmax(z_n))``, each step's projected
-    policy gradient."""
-    probs = jax.nn.softmax(examples.outputs, axis=-1)
-    onehot = jax.nn.one_hot(examples.labels, probs.shape[-1], dtype=probs.dtype)
-    scores = jnp.einsum("nc,ncd->nd", onehot - probs, examples.features)
-    return scores * jnp.asarray(advantages, scores.dtype)[:, None]
-
-
-def _key_bytes(key) -> bytes:
-    """A typed key's data, as a cache key."""
-    return np.asarray(jax.random.key_data(key)).tobytes()
-
-
-def _params_digest(params) -> str:
-    """A digest of a policy's parameters, as a cache and store key."""
-    return array_digest(*jax.tree.leaves(params))
-
-
-def _tree_norm(tree) -> jax.Array:
-    return jnp.sqrt(sum(jnp.sum(x * x) for x in jax.tree.leaves(tree)))
-
-
-def rl_workload(preset: str = "cpu", *, estimation: RLEstimation = RLEstimation(),
+def rl_workload(preset: str = "cpu", *,
+                estimation: RLEstimation = RLEstimation(),  # noqa: B008 (frozen)
                 **overrides) -> RLWorkload:
     """Builds the RL workload from a preset (``θ*`` is trained on first use).
 
