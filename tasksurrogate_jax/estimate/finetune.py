@@ -343,17 +343,34 @@ def linearized_finetune_scores(
         if output_mode != "logits":
             raise ValueError("output_mode='margin' needs a projection: set "
                              "proj_dim, or use output_mode='logits'.")
-        linear = linearize(apply_fn, params)
+        return _full_space_finetune_scores(apply_fn, params, data, target,
+                                           finetune=finetune, run=run)
+    return _dense_finetune_scores(
+        apply_fn, params, data, target, finetune=finetune, key=key,
+        proj_dim=proj_dim, output_mode=output_mode, projection_kind=projection_kind,
+        preconditioner=preconditioner, batch_size=batch_size, run=run)
 
-        def linear_apply(theta, inputs):
-            return linear(otu.tree_sub(theta, params), inputs)
 
-        spec = dataclasses.replace(finetune, apply_fn=linear_apply, accuracy_fn=None)
-        result = retraining.retrain(data=data, target=target, spec=spec,
-                                    init_params=params, **run)
-        return EstimationResult(*full_space_summary(result.losses,
-                                                     result.params, params))
+def _full_space_finetune_scores(apply_fn, params, data, target, *, finetune, run):
+    """:func:`linearized_finetune_scores` in the full space: ``retrain`` of
+    the model linearized at ``θ*`` (``run``: its other arguments)."""
+    linear = linearize(apply_fn, params)
 
+    def linear_apply(theta, inputs):
+        return linear(otu.tree_sub(theta, params), inputs)
+
+    spec = dataclasses.replace(finetune, apply_fn=linear_apply, accuracy_fn=None)
+    result = retraining.retrain(data=data, target=target, spec=spec,
+                                init_params=params, **run)
+    return EstimationResult(*full_space_summary(result.losses, result.params,
+                                                 params))
+
+
+def _dense_finetune_scores(apply_fn, params, data, target, *, finetune, key,
+                           proj_dim, output_mode, projection_kind, preconditioner,
+                           batch_size, run):
+    """:func:`linearized_finetune_scores` under a dense projection: ``retrain``
+    of ``w`` on the projected features (``run``: its other arguments)."""
     dense = projection_from_key(key, proj_dim, projection_kind, params)
     scale, optimizer = None, finetune.optimizer
     if preconditioner == "adam":
