@@ -33,7 +33,6 @@ import sys
 import jax
 
 from tasksurrogate_jax.estimate.baselines import HESSIANS
-from tasksurrogate_jax.estimate.estimation import METHODS as ESTIMATION_METHODS
 from tasksurrogate_jax.estimate.features import OUTPUT_MODES
 from tasksurrogate_jax.pipeline import (
     BASELINES,
@@ -51,9 +50,12 @@ from tasksurrogate_jax.pipeline import (
 from tasksurrogate_jax.pipeline.compilation import enable_compilation_cache
 from tasksurrogate_jax.pipeline.report import summary, write_report
 from tasksurrogate_jax.truth.store import StoreMismatchError
-from tasksurrogate_jax.workloads.registry import WORKLOADS, registered
-from tasksurrogate_jax.workloads.rl import ESTIMATORS as RL_ESTIMATORS
-from tasksurrogate_jax.workloads.supervised import REGIMES
+from tasksurrogate_jax.workloads.base import REGIMES
+from tasksurrogate_jax.workloads.registry import (
+    ESTIMATION_METHODS,
+    WORKLOADS,
+    registered,
+)
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -98,7 +100,7 @@ def parse_proj_dim(text: str) -> int | str:
 
 # How the fields of PipelineConfig differ from a plain option of their type.
 CHOICES = {"protocol": PROTOCOLS, "regime": REGIMES, "design": DESIGNS,
-           "estimation_method": ESTIMATION_METHODS + RL_ESTIMATORS,
+           "estimation_method": ESTIMATION_METHODS,
            "output_mode": OUTPUT_MODES, "cv_method": CV_METHODS,
            "cv_criterion": CV_CRITERIA, "influence_hessian": HESSIANS}
 PARSERS = {"proj_dim": parse_proj_dim, "trak_proj_dim": parse_proj_dim,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
+from tasksurrogate_jax.estimate.estimation import METHODS as SUPERVISED_METHODS
 from tasksurrogate_jax.workloads.base import Workload
 from tasksurrogate_jax.workloads.digits import DigitsWorkload, digits_workload
 from tasksurrogate_jax.workloads.icl_regression import (
@@ -23,6 +24,7 @@ from tasksurrogate_jax.workloads.icl_synthetic import (
 )
 from tasksurrogate_jax.workloads.modular import ModularWorkload, modular_workload
 from tasksurrogate_jax.workloads.rl import RLWorkload, rl_workload
+from tasksurrogate_jax.workloads.rl_estimation import ESTIMATORS as RL_METHODS
 
 
 class RegisteredWorkload(NamedTuple):
@@ -56,6 +58,9 @@ WORKLOADS: dict[str, RegisteredWorkload] = {
                                          ICLRegressionWorkload),
     "rl": RegisteredWorkload(rl_workload, RLWorkload),
 }
+
+# Every ``estimation_method`` a bundled workload takes (the CLI's choices).
+ESTIMATION_METHODS: tuple[str, ...] = SUPERVISED_METHODS + RL_METHODS
 
 
 def registered(name: str) -> RegisteredWorkload:
