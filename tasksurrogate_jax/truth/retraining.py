@@ -161,17 +161,36 @@ def train_on_weights(params, weights, key, data: TaskData, *, spec: TrainSpec):
     Returns:
       The trained parameters.
     """
+    return train_stepwise(params, weights, key, data, spec=spec,
+                          apply_at_step=lambda p, step, inputs: spec.apply_fn(
+                              p, inputs))[0]
+
+
+def train_stepwise(params, weights, key, data: TaskData, *, spec: TrainSpec,
+                   apply_at_step: Callable, record_every: int | None = None):
+    """:func:`train_on_weights` with a model that may change with the step.
+
+    ``apply_at_step(params, step, inputs)`` replaces ``spec.apply_fn`` (``step``:
+    the step's index, a traced int); everything else (loss, optimizer, the
+    batches of ``key``) is ``spec``'s program.
+
+    Returns:
+      ``(params, recorded)``: the trained parameters, and (``record_every``
+      given) the parameters before steps ``0, record_every, 2 record_every,
+      ...`` stacked on a leading axis (else ``None``).
+    """
     n = data.num_examples
     full_batch = spec.batch_size is None or spec.batch_size >= n
     opt_state = spec.optimizer.init(params)
 
-    def batch_loss(p, inputs, labels, w):
-        per_example = spec.loss_fn(spec.apply_fn(p, inputs), labels)
+    def batch_loss(p, step, inputs, labels, w):
+        per_example = spec.loss_fn(apply_at_step(p, step, inputs), labels)
         w = w.astype(per_example.dtype)
         return jnp.sum(w * per_example) / jnp.maximum(jnp.sum(w), 1e-30)
 
-    def step(carry, step_key):
+    def step_fn(carry, step_and_key):
         p, s = carry
+        step, step_key = step_and_key
         if full_batch:
             inputs, labels, w = data.inputs, data.labels, weights
         else:
@@ -179,13 +198,17 @@ def train_on_weights(params, weights, key, data: TaskData, *, spec: TrainSpec):
             score = jnp.where(weights > 0, gumbel, -jnp.inf)
             _, idx = jax.lax.top_k(score, spec.batch_size)
             inputs, labels, w = data.inputs[idx], data.labels[idx], weights[idx]
-        grads = jax.grad(batch_loss)(p, inputs, labels, w)
+        grads = jax.grad(batch_loss)(p, step, inputs, labels, w)
         updates, s = spec.optimizer.update(grads, s, p)
-        return (optax.apply_updates(p, updates), s), None
+        return (optax.apply_updates(p, updates), s), (
+            None if record_every is None else p)
 
     step_keys = jax.random.split(key, spec.num_steps)
-    (params, _), _ = jax.lax.scan(step, (params, opt_state), step_keys)
-    return params
+    (params, _), trajectory = jax.lax.scan(
+        step_fn, (params, opt_state), (jnp.arange(spec.num_steps), step_keys))
+    recorded = None if record_every is None else jax.tree.map(
+        lambda leaf: leaf[::record_every], trajectory)
+    return params, recorded
 
 
 def evaluate_targets(params, target: TargetData, *, spec: TrainSpec):

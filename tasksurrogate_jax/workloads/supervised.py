@@ -430,6 +430,7 @@ class SupervisedWorkload(LeaveOneOutWorkload):
                 self.apply_fn, params, self.data, self.target, rows, finetune=spec,
                 batch_key=key, preconditioner=settings.preconditioner,
                 projection=projection, batch_orders=settings.batch_orders,
+                linearization_points=settings.linearization_points,
                 store_dir=store_dir,
                 store_config=None if store_dir is None else {
                     **self.store_config("finetune"),
