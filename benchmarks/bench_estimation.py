@@ -11,9 +11,9 @@ On one supervised workload (``digits`` or ``modular``; ``--preset``), from
    (4) paired batch orders averaged. ``ceiling`` is ``pipeline.ceiling``: the
    agreement of two such truths (split-half reliability), per target and on
    the mean target.
-2. **Estimators** (:data:`ESTIMATORS`, ``--estimators``; by default the
-   library's default ``EstimationSettings()`` and the candidates of
-   :data:`DEFAULT_RUN`), each run on the LOO sets and the fitting subsets
+2. **Estimators** (:data:`ESTIMATORS`, ``--estimators``; by default
+   ``"default"``, the workload's own settings ``workload.estimation``, as the
+   pipeline runs it), each run on the LOO sets and the fitting subsets
    with batch orders other than the truth's (``key`` ``fold_in(seed, 11)``,
    as the pipeline's estimation stage has its own key). Linearized
    fine-tuning runs ``finetune.linearized_finetune_scores`` with the
@@ -94,7 +94,7 @@ from tasksurrogate_jax.workloads.modular import modular_workload
 WORKLOADS = {"digits": (digits_workload, 4), "modular": (modular_workload, 3)}
 
 ESTIMATORS = {
-    "default": EstimationSettings(),
+    "default": None,  # the workload's own (workload.estimation)
     "full space": EstimationSettings(proj_dim="full"),
     "dense, d=512": EstimationSettings(proj_dim=512, projection="dense"),
     "factored, d=1024": EstimationSettings(proj_dim=1024, projection="factored",
@@ -149,7 +149,8 @@ def estimate(workload, masks, settings: EstimationSettings, *, key, theta,
         finetune=workload.finetune_spec, key=jax.random.fold_in(key, 1),
         batch_key=key, proj_dim=proj_dim, output_mode=output_mode,
         projection=projection, preconditioner=settings.preconditioner,
-        batch_orders=settings.batch_orders, chunk_size=chunk_size)
+        batch_orders=settings.batch_orders, chunk_size=chunk_size,
+        linearization_points=settings.linearization_points)
     return np.asarray(jax.block_until_ready(result.scores)), result.seconds
 
 
@@ -194,7 +195,7 @@ def parse_args(argv=None):
                     metavar="NAME",
                     help="the estimator whose scores the methods table, the "
                          "paired interval and the speed use (default: 'default',"
-                         " the library's default settings)")
+                         " the workload's own settings)")
     ap.add_argument("--speed-subsets", type=int, default=None,
                     help="subsets the headline estimator is timed on (1024)")
     ap.add_argument("--speed-finetune", type=int, default=None,
@@ -287,7 +288,7 @@ def main(argv=None):
     adam = isinstance(spec.optimizer, Adam)
     rows, agreements = [], {}
     for name in args.estimators:
-        settings = ESTIMATORS[name]
+        settings = ESTIMATORS[name] or workload.estimation
         if settings.preconditioner == "adam" and not adam:
             print(f"  {name}: skipped (not an finetune.Adam fine-tuning)")
             continue
@@ -348,7 +349,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     finetune(speed_masks[:args.speed_finetune], 1)
     finetune_per_subset = (time.perf_counter() - t0) / args.speed_finetune
-    one_order = dataclasses.replace(ESTIMATORS[args.headline], batch_orders=1)
+    one_order = dataclasses.replace(ESTIMATORS[args.headline] or workload.estimation,
+                                    batch_orders=1)
     projection, output_mode, proj_dim = resolved(one_order, workload, theta)
     estimation_chunk = args.estimation_chunk_size or (
         SHARED_CHUNK_SIZE if projection == "factored" else VMAPPED_CHUNK_SIZE)
