@@ -309,3 +309,21 @@ def test_cli_options_are_the_config_fields_with_their_docstring_help():
         50, "bernoulli", 0.6, "full", ("influence",), (("num_steps", 3),), True)
     assert cli._config(parser.parse_args(["run", "rl"])) == pipeline.PipelineConfig(
         workload="rl")
+
+
+def test_estimation_overrides_leave_the_path_points_where_they_do_not_apply():
+    # The modular workload re-linearizes along the fine-tuning path (full
+    # space); an override to the convex solve or to a projection linearizes at
+    # θ* only, and one that keeps full-space fine-tuning keeps the points.
+    def points(**fields):
+        config = pipeline.PipelineConfig(workload="modular", preset="tiny", **fields)
+        workload = pipeline.make_workload(config)
+        config = pipeline.check_config(config, workload)
+        return pipeline.configured_workload(config, workload).estimation
+
+    assert points().linearization_points == 5
+    assert points(output_mode="logits").linearization_points == 5
+    solve = points(estimation_method="solve", proj_dim=32)
+    assert (solve.method, solve.proj_dim) == ("solve", 32)
+    assert solve.linearization_points == 1
+    assert points(proj_dim=64).linearization_points == 1

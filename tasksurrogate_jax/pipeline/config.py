@@ -287,7 +287,7 @@ def check_applies(config: PipelineConfig, workload: Workload | type[Workload],
                               f"its {type(settings).__name__} has no {setting!r}")
     if changes:
         try:
-            dataclasses.replace(settings, **changes)
+            dataclasses.replace(settings, **_path_points_reset(settings, changes))
         except (TypeError, ValueError) as err:
             fields = [f for f, s in ESTIMATION_FIELDS.items() if s in changes]
             raise ValueError(f"estimation settings ({', '.join(fields)}): "
@@ -361,13 +361,28 @@ def _check_design(config: PipelineConfig, defaults) -> PipelineConfig:
 
 def configured_workload(config: PipelineConfig, workload: Workload) -> Workload:
     """``workload`` with the config's estimation fields applied to its
-    estimation settings (:func:`check_applies` first)."""
+    estimation settings (:func:`check_applies` first). An
+    ``estimation_method`` or ``proj_dim`` that leaves full-space linearized
+    fine-tuning also sets ``linearization_points`` to 1 (``θ*`` only)."""
     check_applies(config, workload)
     changes = config.estimation_changes()
     if not changes:
         return workload
-    return workload.with_estimation(dataclasses.replace(workload.estimation,
-                                                        **changes))
+    return workload.with_estimation(dataclasses.replace(
+        workload.estimation, **_path_points_reset(workload.estimation, changes)))
+
+
+def _path_points_reset(settings, changes: dict) -> dict:
+    """``changes``, with ``linearization_points=1`` added where they take
+    ``settings`` (points on the fine-tuning path) out of full-space
+    linearized fine-tuning: another estimator linearizes at ``θ*`` only."""
+    if getattr(settings, "linearization_points", 1) == 1:
+        return changes
+    method = changes.get("method", settings.method)
+    proj_dim = changes.get("proj_dim", settings.proj_dim)
+    if method == "finetune" and not isinstance(proj_dim, int):
+        return changes
+    return {**changes, "linearization_points": 1}
 
 
 def _available(config: PipelineConfig, num_tasks: int) -> tuple[int, str]:
