@@ -79,9 +79,8 @@ from tasksurrogate_jax.downstream import attribution
 from tasksurrogate_jax.estimate import baselines
 from tasksurrogate_jax.estimate.estimation import EstimationSettings
 from tasksurrogate_jax.estimate.finetune import (
-    SHARED_CHUNK_SIZE,
-    VMAPPED_CHUNK_SIZE,
     Adam,
+    default_chunk_size,
     linearized_finetune_scores,
 )
 from tasksurrogate_jax.estimate.projection import num_parameters
@@ -352,8 +351,7 @@ def main(argv=None):
     one_order = dataclasses.replace(ESTIMATORS[args.headline] or workload.estimation,
                                     batch_orders=1)
     projection, output_mode, proj_dim = resolved(one_order, workload, theta)
-    estimation_chunk = args.estimation_chunk_size or (
-        SHARED_CHUNK_SIZE if projection == "factored" else VMAPPED_CHUNK_SIZE)
+    estimation_chunk = args.estimation_chunk_size or default_chunk_size(projection)
     estimate(workload, speed_masks[:min(estimation_chunk, args.speed_subsets)],
              one_order, key=estimation_key, theta=theta,
              chunk_size=estimation_chunk)  # compiles

@@ -88,6 +88,13 @@ SHARED_CHUNK_SIZE = 256
 VMAPPED_CHUNK_SIZE = 64
 
 
+def default_chunk_size(projection: str) -> int:
+    """Subsets per compiled call of :func:`linearized_finetune_scores` when
+    ``chunk_size=None``: :data:`SHARED_CHUNK_SIZE` for ``"factored"``,
+    :data:`VMAPPED_CHUNK_SIZE` otherwise."""
+    return SHARED_CHUNK_SIZE if projection == "factored" else VMAPPED_CHUNK_SIZE
+
+
 @dataclasses.dataclass(frozen=True)
 class Adam:
     """Adam(W) as an optax optimizer whose hyperparameters stay readable.
@@ -326,10 +333,9 @@ def linearized_finetune_scores(
     if projection not in PROJECTIONS[1:]:
         raise ValueError(f"projection must be 'dense' or 'factored', got "
                          f"{projection!r}.")
-    if chunk_size is None:
-        chunk_size = (SHARED_CHUNK_SIZE if projection == "factored"
-                      else VMAPPED_CHUNK_SIZE)
-    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    chunk_size = check_positive_int(
+        default_chunk_size(projection) if chunk_size is None else chunk_size,
+        "chunk_size")
     batch_orders = check_positive_int(batch_orders, "batch_orders")
     masks = check_nonempty_masks(masks, data)
     check_params_structure(apply_fn, params, data)

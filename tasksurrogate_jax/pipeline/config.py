@@ -11,6 +11,7 @@ from types import MappingProxyType
 import numpy as np
 
 from tasksurrogate_jax.estimate import baselines
+from tasksurrogate_jax.estimate.estimation import full_space_finetune
 from tasksurrogate_jax.workloads.base import REGIMES, Workload
 
 BASELINES = baselines.BASELINES
@@ -376,11 +377,9 @@ def _path_points_reset(settings, changes: dict) -> dict:
     """``changes``, with ``linearization_points=1`` added where they take
     ``settings`` (points on the fine-tuning path) out of full-space
     linearized fine-tuning: another estimator linearizes at ``θ*`` only."""
-    if getattr(settings, "linearization_points", 1) == 1:
-        return changes
-    method = changes.get("method", settings.method)
-    proj_dim = changes.get("proj_dim", settings.proj_dim)
-    if method == "finetune" and not isinstance(proj_dim, int):
+    if getattr(settings, "linearization_points", 1) == 1 or full_space_finetune(
+            changes.get("method", settings.method),
+            changes.get("proj_dim", settings.proj_dim), settings.projection):
         return changes
     return {**changes, "linearization_points": 1}
 

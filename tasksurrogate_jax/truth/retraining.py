@@ -177,7 +177,10 @@ def train_stepwise(params, weights, key, data: TaskData, *, spec: TrainSpec,
     Returns:
       ``(params, recorded)``: the trained parameters, and (``record_every``
       given) the parameters before steps ``0, record_every, 2 record_every,
-      ...`` stacked on a leading axis (else ``None``).
+      ...`` stacked on a leading axis (else ``None``). Recording holds every
+      step's parameters before keeping those (``num_steps`` copies of
+      ``params``: meant for the full-space models that are linearized
+      along the path).
     """
     n = data.num_examples
     full_batch = spec.batch_size is None or spec.batch_size >= n
